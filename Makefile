@@ -1,0 +1,50 @@
+# fmnist-service: the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# PyTorch is installed first and pinned here: on the reference machine this release is on disk,
+# and pinning it stops pip from choosing a newer multi-GB download. pyproject.toml keeps a range.
+TORCH_SPEC ?= torch==2.14.1
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck train evaluate bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml clients/python/pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev]" -e clients/python
+	touch $@
+
+## run: start the whole service (gateway + worker + embedded broker) on http://$(HOST):$(PORT)
+run: $(VENV)/.installed
+	$(BIN)/fmnist serve --host $(HOST) --port $(PORT)
+
+## test: install with dev extras and run the whole test suite
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+## train: retrain the shipped checkpoint (the exact command is in models/fmnist.md)
+train: $(VENV)/.installed
+	$(BIN)/fmnist train --out models/fmnist.safetensors
+
+evaluate: $(VENV)/.installed
+	$(BIN)/fmnist evaluate models/fmnist.safetensors
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Sub-commands of the `fmnist` CLI, one module each (see `app.cli`)."""

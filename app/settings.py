@@ -1,0 +1,114 @@
+"""The one settings class of the service: every knob, read from `FMNIST_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_PATH = Path("models/fmnist.safetensors")
+
+
+class Settings(BaseSettings):
+    """Service settings. Each field is read from the environment variable `FMNIST_<NAME>`.
+
+    The README's settings table is generated from this class (`python -m app.settings`).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FMNIST_", extra="ignore", frozen=True)
+
+    # --- broker -----------------------------------------------------------------------------
+    broker_url: str = Field(
+        "memory://",
+        description="Broker URL: `memory://` (embedded), `kafka://host:9092[,host2:9092]` or `gcp://PROJECT_ID`.",
+    )
+    requests_topic: str = Field("fmnist.requests", description="Topic the gateway publishes images to.")
+    results_topic: str = Field("fmnist.results", description="Topic the workers publish results to.")
+    deadletter_topic: str = Field(
+        "fmnist.deadletter", description="Topic for poison messages, with the error attached."
+    )
+    worker_group: str = Field("workers", description="Consumer group shared by all workers.")
+    broker_connect_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds to wait for the broker before raising `BrokerUnavailable`."
+    )
+    kafka_idempotence: bool = Field(
+        True,
+        description="Use Kafka's idempotent producer. Switch off for brokers that refuse `InitProducerId` (e.g. Tansu).",
+    )
+    kafka_partitions: int = Field(4, ge=1, description="Partitions for topics the service creates on Kafka.")
+
+    # --- model and batching -----------------------------------------------------------------
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="Checkpoint (`.safetensors`) the workers serve.")
+    data_dir: Path | None = Field(
+        None, description="Directory with the Fashion-MNIST IDX `.gz` files (default: search the usual places)."
+    )
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Largest batch the ModelRunner forms.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Longest a queued image waits for its batch to fill, from the oldest item."
+    )
+    max_queue: int = Field(4096, ge=1, description="Images a worker's ModelRunner may hold queued before refusing.")
+    max_attempts: int = Field(
+        3, ge=1, description="Deliveries of one request before a worker sends it to the dead-letter topic."
+    )
+
+    # --- gateway ----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface the HTTP server binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server listens on.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys. Empty (default): no auth. Set: every `/v1` route needs a key.",
+    )
+    max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest accepted image upload (413 above).")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest decoded image, width × height (decompression-bomb guard)."
+    )
+    max_batch_images: int = Field(256, ge=1, description="Most images in one `POST /v1/predictions:batch`.")
+    max_in_flight: int = Field(
+        10_000, ge=1, description="Requests accepted but not yet answered, per gateway, before it answers 429."
+    )
+    max_wait_s: float = Field(30.0, gt=0, description="Cap on `?wait=` for synchronous answers.")
+    request_deadline_s: float = Field(
+        60.0, gt=0, description="A request not computed within this many seconds is dropped as expired."
+    )
+    result_ttl_s: float = Field(600.0, gt=0, description="How long results stay retrievable.")
+    result_store_size: int = Field(100_000, ge=1, description="Most results kept in memory per gateway.")
+
+    # --- logging ----------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_topics(self) -> Settings:
+        for name in ("requests_topic", "results_topic", "deadletter_topic"):
+            if len(getattr(self, name)) < 3:
+                raise ValueError(f"FMNIST_{name.upper()} must have at least 3 characters (Pub/Sub requires it)")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
+
+
+def settings_table() -> str:
+    """A Markdown table of every setting, for the README."""
+    rows = ["| variable | default | description |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default is None or default == [] else f"`{default}`"
+        rows.append(f"| `FMNIST_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
