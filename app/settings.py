@@ -50,11 +50,17 @@ class Settings(BaseSettings):
         5.0, ge=0, le=10_000, description="Longest a queued image waits for its batch to fill, from the oldest item."
     )
     max_queue: int = Field(4096, ge=1, description="Images a worker's ModelRunner may hold queued before refusing.")
+    worker_id: str | None = Field(None, description="Id a worker stamps on its results (default: host-pid).")
     max_attempts: int = Field(
         3, ge=1, description="Deliveries of one request before a worker sends it to the dead-letter topic."
     )
 
     # --- gateway ----------------------------------------------------------------------------
+    gateway_id: str | None = Field(
+        None,
+        description="Stable id of this gateway instance; names its results consumer group "
+        "(`gateway-<id>`), so a restarted gateway resumes where it stopped. Default: random per start.",
+    )
     host: str = Field("127.0.0.1", description="Interface the HTTP server binds to.")
     port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server listens on.")
     api_keys: Annotated[list[str], NoDecode] = Field(
