@@ -1,0 +1,566 @@
+"""`ModelRunner`: dynamic batching of single-image asyncio submits into model forward passes.
+
+How a batch forms (one background task, `ModelRunner._batching_loop`):
+
+1. wait for the first queued image; its arrival time (monotonic) starts the batch's timer;
+2. keep taking images until the batch holds `max_batch_size`, or `max_wait_ms` has passed since
+   the OLDEST image in it arrived **and** the previous batch has finished computing (while the model
+   is busy, waiting costs nothing, so the batch keeps filling);
+3. drop the images whose deadline has passed (`DeadlineExceeded`) or whose caller gave up, stack the
+   rest into one uint8 N×C×H×W tensor and run the forward pass in a one-thread executor, so the
+   event loop keeps accepting submits and collects the next batch meanwhile (at most one batch
+   computes while one is being collected);
+4. check the model returned exactly one row per image, then resolve every caller's future.
+
+If a forward pass raises, the images are retried one at a time so that one poison image fails alone
+(`ModelError`) and the rest of its batch still gets answers.
+
+Errors (all subclasses of `RunnerError`, each with a stable `code`):
+
+    RunnerError
+    ├── InvalidInput        the image does not fit the model (shape, dtype); raised by `submit`
+    ├── DeadlineExceeded    the deadline passed before the image was computed
+    ├── Overloaded          the queue holds `max_queue` images; raised by `submit` at once
+    ├── ModelError          the forward pass failed for this image
+    └── RunnerClosed        `submit` after `close()` (or before `async with`)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BatchPredictor",
+    "DeadlineExceeded",
+    "InvalidInput",
+    "LatencySummary",
+    "ModelError",
+    "ModelRunner",
+    "Overloaded",
+    "Prediction",
+    "RunnerClosed",
+    "RunnerError",
+    "RunnerStats",
+]
+
+logger = logging.getLogger(__name__)
+
+# How many recent per-image timings the stats keep for percentiles.
+_TIMING_WINDOW = 8192
+
+
+@runtime_checkable
+class BatchPredictor(Protocol):
+    """What the runner needs from a model; `ml.ImageClassifier` satisfies it."""
+
+    @property
+    def class_names(self) -> Sequence[str]: ...
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def version(self) -> str: ...
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N×C×H×W → float32 N×K class probabilities."""
+        ...
+
+
+class RunnerError(Exception):
+    """Base of every error the runner gives a caller; `code` is stable and machine-readable."""
+
+    code = "runner_error"
+
+
+class InvalidInput(RunnerError, ValueError):
+    """The image cannot be fed to this model (wrong shape or dtype)."""
+
+    code = "invalid_input"
+
+
+class DeadlineExceeded(RunnerError):
+    """The image's deadline passed before it was computed; it was dropped without compute."""
+
+    code = "deadline_exceeded"
+
+
+class Overloaded(RunnerError):
+    """The runner's queue is full; retry later or raise `max_queue` / add workers."""
+
+    code = "overloaded"
+
+
+class ModelError(RunnerError):
+    """The model's forward pass failed for this image."""
+
+    code = "model_error"
+
+
+class RunnerClosed(RunnerError):
+    """The runner is not running (closed, or used outside `async with`)."""
+
+    code = "runner_closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The model's answer for one image, with the provenance of the batch that computed it."""
+
+    label: int
+    class_name: str
+    probabilities: list[float]
+    batch_id: str
+    batch_size: int
+    queue_ms: float
+    inference_ms: float
+    model_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """Percentiles over the most recent images (window of a few thousand)."""
+
+    count: int
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> LatencySummary:
+        if not samples:
+            return cls(0, 0.0, 0.0, 0.0, 0.0)
+        ordered = np.asarray(samples, dtype=np.float64)
+        p50, p90, p99 = np.percentile(ordered, [50, 90, 99])
+        return cls(len(samples), float(p50), float(p90), float(p99), float(ordered.max()))
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerStats:
+    """A snapshot of the runner for metrics and `/v1/stats`."""
+
+    queue_depth: int
+    """Images submitted and not yet handed to the model (includes the batch being collected)."""
+    computing: int
+    """Images in the forward pass running now."""
+    submitted: int
+    completed: int
+    failed: dict[str, int]
+    """Failed images by error code (`deadline_exceeded`, `model_error`, …)."""
+    batches: int
+    batch_sizes: dict[int, int]
+    """How many forward passes ran at each batch size."""
+    queue_ms: LatencySummary
+    """Time from `submit` to the start of the image's forward pass."""
+    inference_ms: LatencySummary
+    """Duration of the forward pass each image was part of."""
+
+
+@dataclass(slots=True)
+class _Queued:
+    image: torch.Tensor
+    future: asyncio.Future[Prediction]
+    arrived: float  # time.monotonic()
+    deadline: float | None  # unix seconds
+
+
+@dataclass(slots=True)
+class _Counters:
+    submitted: int = 0
+    completed: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+    queue_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_TIMING_WINDOW))
+    inference_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_TIMING_WINDOW))
+
+
+class ModelRunner:
+    """Batches concurrent `submit(image)` calls into forward passes of one model.
+
+    ```python
+    async with ModelRunner(classifier, max_batch_size=64, max_wait_ms=5) as runner:
+        prediction = await runner.submit(image)  # uint8 C×H×W tensor
+    ```
+
+    `executor`: where forward passes run. Default: a private one-thread executor (torch uses its
+    own intra-op threads inside it). A caller-supplied executor is not shut down by the runner.
+    """
+
+    def __init__(
+        self,
+        classifier: BatchPredictor,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 4096,
+        executor: Executor | None = None,
+    ) -> None:
+        _validate_settings(classifier, max_batch_size, max_wait_ms, max_queue)
+        self.classifier = classifier
+        self.max_batch_size = max_batch_size
+        self.max_wait_ms = float(max_wait_ms)
+        self.max_queue = max_queue
+        self._max_wait_s = self.max_wait_ms / 1000.0
+        self._input_shape = tuple(classifier.input_shape)
+        self._class_names = list(classifier.class_names)
+        self._model_version = str(classifier.version)
+        self._executor = executor
+        self._owns_executor = executor is None
+        self._batch_prefix = uuid.uuid4().hex[:8]
+        self._queue: deque[_Queued] = deque()
+        self._waiting = 0  # queued + being collected
+        self._computing = 0
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._compute_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._counters = _Counters()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ModelRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start the batching task (done by `async with`)."""
+        if self._loop_task is not None:
+            raise RuntimeError("ModelRunner already started; use one `async with` per runner")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmnist-runner")
+        self._loop_task = asyncio.get_running_loop().create_task(
+            self._batching_loop(), name="fmnist-model-runner"
+        )
+
+    async def close(self) -> None:
+        """Stop taking submits, finish every queued image, then stop. Idempotent."""
+        self._closing = True
+        self._wakeup.set()
+        if self._loop_task is not None:
+            try:
+                await self._loop_task
+            finally:
+                if self._owns_executor and self._executor is not None:
+                    self._executor.shutdown(wait=True)
+                    self._executor = None
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done() and not self._closing
+
+    # --- submitting -----------------------------------------------------------------------------
+
+    async def submit(
+        self, image: torch.Tensor | np.ndarray, deadline: float | None = None
+    ) -> Prediction:
+        """Classify one uint8 C×H×W image; waits for its batch and returns its `Prediction`.
+
+        `deadline`: unix seconds (`time.time()`) after which the image is dropped uncomputed with
+        `DeadlineExceeded`. Raises `InvalidInput` and `Overloaded` at once, without queueing.
+        """
+        return await self.submit_nowait(image, deadline)
+
+    def submit_nowait(
+        self, image: torch.Tensor | np.ndarray, deadline: float | None = None
+    ) -> asyncio.Future[Prediction]:
+        """Queue one image and return the future of its `Prediction` (for callers that batch awaits)."""
+        if not self.running:
+            raise RunnerClosed(
+                "ModelRunner is not running: use it inside `async with ModelRunner(...)`, before it closes"
+            )
+        tensor = self._checked_image(image)
+        if deadline is not None and time.time() >= deadline:
+            self._counters.failed[DeadlineExceeded.code] += 1
+            raise DeadlineExceeded("the request's deadline had passed before it was queued")
+        if self._waiting >= self.max_queue:
+            self._counters.failed[Overloaded.code] += 1
+            raise Overloaded(
+                f"model queue is full ({self.max_queue} images waiting); retry later, "
+                "raise FMNIST_MAX_QUEUE or add workers"
+            )
+        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(tensor, future, time.monotonic(), deadline))
+        self._waiting += 1
+        self._counters.submitted += 1
+        self._wakeup.set()
+        return future
+
+    def _checked_image(self, image: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(image)
+        if not isinstance(image, torch.Tensor):
+            raise InvalidInput(
+                f"expected a uint8 tensor of shape {self._input_shape}, got {type(image).__name__}"
+            )
+        if image.dtype != torch.uint8:
+            raise InvalidInput(f"expected dtype uint8 (pixels 0..255), got {image.dtype}")
+        if tuple(image.shape) != self._input_shape:
+            raise InvalidInput(
+                f"expected shape C×H×W = {self._input_shape} for model {self._model_version}, "
+                f"got {tuple(image.shape)}"
+            )
+        return image
+
+    # --- stats ----------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    def stats(self) -> RunnerStats:
+        counters = self._counters
+        return RunnerStats(
+            queue_depth=self._waiting,
+            computing=self._computing,
+            submitted=counters.submitted,
+            completed=counters.completed,
+            failed=dict(counters.failed),
+            batches=counters.batches,
+            batch_sizes=dict(sorted(counters.batch_sizes.items())),
+            queue_ms=LatencySummary.of(counters.queue_ms),
+            inference_ms=LatencySummary.of(counters.inference_ms),
+        )
+
+    # --- the batching loop ----------------------------------------------------------------------
+
+    async def _batching_loop(self) -> None:
+        try:
+            while True:
+                batch = await self._collect_batch()
+                if batch is None:
+                    break
+                # Pipelining: the previous batch has finished (see `_collect_batch`); launch this
+                # one and go straight back to collecting the next.
+                self._waiting -= len(batch)
+                self._compute_task = asyncio.get_running_loop().create_task(self._compute(batch))
+                self._compute_task.add_done_callback(lambda _task: self._wakeup.set())
+            if self._compute_task is not None:
+                await self._compute_task
+        except BaseException as exc:
+            self._fail_everything(exc)
+            raise
+
+    def _previous_batch_done(self) -> bool:
+        return self._compute_task is None or self._compute_task.done()
+
+    async def _collect_batch(self) -> list[_Queued] | None:
+        """Gather the next batch; None once closing and everything queued has been handed out."""
+        batch: list[_Queued] = []
+        timer: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                queue = self._queue
+                while queue and len(batch) < self.max_batch_size:
+                    batch.append(queue.popleft())
+                if batch and timer is None and self._max_wait_s > 0:
+                    # The timer runs from the OLDEST image's arrival, not from now: an image that
+                    # queued while the model was busy may already be due.
+                    due_in = batch[0].arrived + self._max_wait_s - time.monotonic()
+                    timer = loop.call_later(max(due_in, 0.0), self._wakeup.set)
+                if batch and self._previous_batch_done():
+                    if len(batch) >= self.max_batch_size or self._closing:
+                        return batch
+                    if time.monotonic() - batch[0].arrived >= self._max_wait_s:
+                        return batch
+                if not batch and self._closing:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+        except BaseException:
+            # Cancelled or crashed mid-collection: put the images back so they are answered.
+            self._queue.extendleft(reversed(batch))
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _compute(self, batch: list[_Queued]) -> None:
+        """Run one batch: drop expired and abandoned images, forward the rest, answer each."""
+        started = time.monotonic()
+        now_unix = time.time()
+        live: list[_Queued] = []
+        for item in batch:
+            if item.future.done():  # the caller gave up (cancelled)
+                continue
+            if item.deadline is not None and now_unix >= item.deadline:
+                waited_s = started - item.arrived
+                self._fail(
+                    item,
+                    DeadlineExceeded(
+                        f"request expired after waiting {waited_s * 1000:.0f} ms in the model queue"
+                    ),
+                )
+                continue
+            live.append(item)
+        if not live:
+            return
+        queue_ms = [(started - item.arrived) * 1000.0 for item in live]
+        self._computing = len(live)
+        try:
+            await self._forward_and_answer(live, queue_ms)
+        except asyncio.CancelledError:
+            for item in live:
+                self._fail(
+                    item, RunnerClosed("model runner was cancelled while computing this image")
+                )
+            raise
+        except Exception as exc:  # a bug here must not leave callers waiting forever
+            logger.exception("event=batch_crashed batch_size=%d", len(live))
+            for item in live:
+                self._fail(item, ModelError(f"model runner failed on this batch: {exc!r}"))
+        finally:
+            self._computing = 0
+
+    async def _forward_and_answer(self, live: list[_Queued], queue_ms: list[float]) -> None:
+        loop = asyncio.get_running_loop()
+        images = [item.image for item in live]
+        try:
+            labels, probabilities, inference_ms = await loop.run_in_executor(
+                self._executor, self._forward, images
+            )
+        except Exception as exc:
+            if len(live) == 1:
+                logger.warning("event=model_error batch_size=1 error=%r", exc)
+                self._fail(
+                    live[0], ModelError(f"model {self._model_version} failed on this image: {exc}")
+                )
+                return
+            # Find the poison image: one forward pass per image, so the others still get answers.
+            logger.warning(
+                "event=batch_failed batch_size=%d error=%r action=retry_one_by_one", len(live), exc
+            )
+            for item, waited_ms in zip(live, queue_ms, strict=True):
+                await self._forward_and_answer([item], [waited_ms])
+            return
+        self._answer(live, labels, probabilities, queue_ms, inference_ms)
+
+    def _forward(self, images: list[torch.Tensor]) -> tuple[list[int], list[list[float]], float]:
+        """Runs in the executor thread: one forward pass, converted to Python lists off the loop."""
+        started = time.perf_counter()
+        batch = torch.stack(images)
+        with torch.inference_mode():
+            probabilities = self.classifier.predict(batch)
+        expected = (len(images), len(self._class_names))
+        if tuple(probabilities.shape) != expected:
+            raise ModelError(
+                f"model returned probabilities of shape {tuple(probabilities.shape)} for "
+                f"{len(images)} images; expected {expected} (one row per image, one column per class)"
+            )
+        probabilities = probabilities.detach().to("cpu", torch.float32)
+        labels = probabilities.argmax(dim=1).tolist()
+        rows = probabilities.tolist()
+        inference_ms = (time.perf_counter() - started) * 1000.0
+        return labels, rows, inference_ms
+
+    def _answer(
+        self,
+        live: list[_Queued],
+        labels: list[int],
+        probabilities: list[list[float]],
+        queue_ms: list[float],
+        inference_ms: float,
+    ) -> None:
+        counters = self._counters
+        counters.batches += 1
+        batch_size = len(live)
+        counters.batch_sizes[batch_size] += 1
+        batch_id = f"{self._batch_prefix}-{counters.batches}"
+        class_names = self._class_names
+        version = self._model_version
+        answered = 0
+        for item, label, row, waited_ms in zip(live, labels, probabilities, queue_ms, strict=True):
+            if item.future.done():
+                continue
+            item.future.set_result(
+                Prediction(
+                    label,
+                    class_names[label],
+                    row,
+                    batch_id,
+                    batch_size,
+                    waited_ms,
+                    inference_ms,
+                    version,
+                )
+            )
+            answered += 1
+        counters.completed += answered
+        counters.queue_ms.extend(queue_ms)
+        counters.inference_ms.extend([inference_ms] * batch_size)
+
+    def _fail(self, item: _Queued, error: RunnerError) -> None:
+        if not item.future.done():
+            self._counters.failed[error.code] += 1
+            item.future.set_exception(error)
+
+    def _fail_everything(self, cause: BaseException) -> None:
+        """The batching task itself died: no caller may wait forever."""
+        self._closing = True
+        while self._queue:
+            item = self._queue.popleft()
+            error = RunnerClosed(f"model runner stopped: {cause!r}")
+            self._fail(item, error)
+        self._waiting = 0
+
+
+def _validate_settings(
+    classifier: Any, max_batch_size: int, max_wait_ms: float, max_queue: int
+) -> None:
+    """Reject settings that cannot work, naming the setting to change."""
+    if not isinstance(classifier, BatchPredictor):
+        raise TypeError(
+            "classifier must provide predict(images), class_names, input_shape and version "
+            f"(like ml.ImageClassifier); got {type(classifier).__name__}"
+        )
+    if (
+        isinstance(max_batch_size, bool)
+        or not isinstance(max_batch_size, int)
+        or max_batch_size < 1
+    ):
+        raise ValueError(
+            f"max_batch_size (FMNIST_MAX_BATCH_SIZE) must be an integer >= 1, got {max_batch_size!r}"
+        )
+    if (
+        isinstance(max_wait_ms, bool)
+        or not isinstance(max_wait_ms, int | float)
+        or not math.isfinite(max_wait_ms)
+        or max_wait_ms < 0
+    ):
+        raise ValueError(
+            f"max_wait_ms (FMNIST_MAX_WAIT_MS) must be a finite number >= 0, got {max_wait_ms!r}"
+        )
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < max_batch_size:
+        raise ValueError(
+            f"max_queue (FMNIST_MAX_QUEUE) must be an integer >= max_batch_size ({max_batch_size}) "
+            f"so a full batch can queue; got {max_queue!r}"
+        )
+    shape = tuple(classifier.input_shape)
+    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(
+            f"classifier.input_shape must be three positive ints (C, H, W), got {shape!r}"
+        )
+    if len(classifier.class_names) < 1:
+        raise ValueError("classifier.class_names is empty; the checkpoint must name its classes")
