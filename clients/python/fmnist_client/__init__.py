@@ -1,1 +1,47 @@
-"""Python SDK for fmnist-service."""
+"""fmnist-client: the Python SDK for fmnist-service (sync and async clients, websocket result stream).
+
+from fmnist_client import Client
+
+with Client("http://127.0.0.1:8000") as client:
+    prediction = client.predict("ankle-boot.png")
+    print(prediction.class_name, prediction.probabilities[prediction.label])
+"""
+
+from ._async_client import AsyncClient, AsyncPredictionHandle
+from ._client import Client, PredictionHandle, ProgressCallback
+from ._exceptions import (
+    BadRequest,
+    FmnistError,
+    NotFound,
+    Overloaded,
+    PredictionFailed,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+)
+from ._images import ImageInput, encode_png
+from ._models import ErrorDetail, Prediction, Status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "AsyncPredictionHandle",
+    "BadRequest",
+    "Client",
+    "ErrorDetail",
+    "FmnistError",
+    "ImageInput",
+    "NotFound",
+    "Overloaded",
+    "Prediction",
+    "PredictionFailed",
+    "PredictionHandle",
+    "ProgressCallback",
+    "Status",
+    "Timeout",
+    "Unauthorized",
+    "Unavailable",
+    "__version__",
+    "encode_png",
+]

@@ -1,0 +1,289 @@
+"""The asyncio client, `AsyncClient`, with the websocket result stream, and `AsyncPredictionHandle`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, overload
+
+import httpx
+
+from ._base import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_WAIT,
+    PREDICTIONS_PATH,
+    RetryPolicy,
+    build_submit_request,
+    client_headers,
+    is_finished,
+    poll_delays,
+    prediction_from_response,
+    resolve_api_key,
+    resolve_base_url,
+    result_timeout,
+    retry_delay,
+    transport_error,
+)
+from ._client import ProgressCallback
+from ._exceptions import FmnistError
+from ._images import ImageInput
+from ._models import Prediction
+from ._stream import stream_predictions
+
+logger = logging.getLogger("fmnist_client")
+
+
+@dataclass(frozen=True)
+class AsyncPredictionHandle:
+    """A submitted request: poll it with `await get()` or wait with `await result()`."""
+
+    request_id: str
+    client: AsyncClient = field(repr=False)
+
+    async def get(self) -> Prediction:
+        """The request's current state (pending, completed or failed)."""
+        return await self.client.get(self.request_id)
+
+    # `timeout` mirrors the sync API and `concurrent.futures.Future.result`; on expiry we raise our
+    # `Timeout` carrying the request id, which `asyncio.timeout` around the call could not do.
+    async def result(self, timeout: float = DEFAULT_WAIT) -> Prediction:  # noqa: ASYNC109
+        """Wait until the result arrives; raises `PredictionFailed` or `Timeout`."""
+        return await self.client.result(self.request_id, timeout=timeout)
+
+
+class AsyncClient:
+    """Asyncio client for fmnist-service; same API as `Client`, awaitable, plus `stream()`.
+
+    >>> async with AsyncClient() as client:  # doctest: +SKIP
+    ...     handle = await client.submit("shirt.png")
+    ...     async for result in client.stream(ids=[handle.request_id]):
+    ...         print(result.class_name)
+
+    `transport` is any async httpx transport, e.g. `httpx.ASGITransport(app)` in tests (the
+    websocket stream always uses a real socket to `base_url`).
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retries: int = 3,
+        backoff: float = 0.25,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base_url = resolve_base_url(base_url)
+        self.retry_policy = RetryPolicy(retries=retries, backoff=backoff)
+        self._api_key = resolve_api_key(api_key)
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=self._timeout,
+            transport=transport,
+            headers={**client_headers(self._api_key), **(headers or {})},
+        )
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- API -------------------------------------------------------------------------------
+
+    async def predict(
+        self,
+        image: ImageInput,
+        *,
+        wait: float = DEFAULT_WAIT,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Prediction:
+        """Classify one image and return the completed `Prediction` (see `Client.predict`)."""
+        deadline = time.monotonic() + wait
+        prediction = await self._submit(
+            image, wait=wait, metadata=metadata, idempotency_key=idempotency_key
+        )
+        return await self._finish(prediction, deadline, wait)
+
+    async def submit(
+        self,
+        image: ImageInput,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncPredictionHandle:
+        """Queue one image without waiting; follow it with `stream(ids=...)` or `handle.result()`."""
+        prediction = await self._submit(
+            image, wait=None, metadata=metadata, idempotency_key=idempotency_key
+        )
+        return AsyncPredictionHandle(prediction.request_id, self)
+
+    async def get(self, request_id: str) -> Prediction:
+        """The current state of a request; raises `NotFound` for unknown or expired ids."""
+        request = self._http.build_request("GET", f"{PREDICTIONS_PATH}/{request_id}")
+        return prediction_from_response(await self._send(request))
+
+    async def result(self, request_id: str, *, timeout: float = DEFAULT_WAIT) -> Prediction:  # noqa: ASYNC109
+        """Wait for a submitted request to finish (polling); raises `PredictionFailed` or `Timeout`."""
+        return await self._finish(await self.get(request_id), time.monotonic() + timeout, timeout)
+
+    @overload
+    async def predict_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        concurrency: int = ...,
+        wait: float = ...,
+        progress: ProgressCallback | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[Prediction]: ...
+
+    @overload
+    async def predict_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        concurrency: int = ...,
+        wait: float = ...,
+        progress: ProgressCallback | None = ...,
+        return_exceptions: Literal[True],
+    ) -> list[Prediction | FmnistError]: ...
+
+    async def predict_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        concurrency: int = 32,
+        wait: float = DEFAULT_WAIT,
+        progress: ProgressCallback | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Prediction] | list[Prediction | FmnistError]:
+        """Classify many images with up to `concurrency` in flight; results keep input order.
+
+        With `return_exceptions=True` a failed image yields its `FmnistError` in place; otherwise
+        the first error cancels the rest and is raised.
+        """
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        todo = list(images)
+        slots = asyncio.Semaphore(concurrency)
+        done = 0
+
+        async def predict_one(image: ImageInput) -> Prediction | FmnistError:
+            nonlocal done
+            async with slots:
+                try:
+                    outcome: Prediction | FmnistError = await self.predict(image, wait=wait)
+                except FmnistError as error:
+                    if not return_exceptions:
+                        raise
+                    outcome = error
+            done += 1
+            if progress is not None:
+                progress(done, len(todo))
+            return outcome
+
+        tasks = [asyncio.ensure_future(predict_one(image)) for image in todo]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def stream(
+        self,
+        ids: Collection[str] | None = None,
+        *,
+        after: int | None = None,
+        reconnects: int | None = 10,
+    ) -> AsyncIterator[Prediction]:
+        """Results as they complete, over the websocket.
+
+        Without `ids`: every result visible to this API key from now on (or, with `after`, from
+        that cursor on), until you stop iterating. With `ids`: only those, ending once each has
+        arrived (including ones already finished). A dropped connection is re-opened and resumed
+        after the last cursor; `reconnects` bounds consecutive failed attempts (None: unbounded).
+        """
+        return stream_predictions(
+            self.base_url,
+            api_key=self._api_key,
+            ids=ids,
+            after=after,
+            reconnects=reconnects,
+            retry_policy=self.retry_policy,
+            open_timeout=self._timeout.connect or 10.0,
+        )
+
+    # --- internals (mirror Client's; the two differ only in awaiting) ----------------------
+
+    async def _submit(
+        self,
+        image: ImageInput,
+        *,
+        wait: float | None,
+        metadata: Mapping[str, str] | None,
+        idempotency_key: str | None,
+    ) -> Prediction:
+        request = build_submit_request(
+            self._http, image, wait=wait, metadata=metadata, idempotency_key=idempotency_key
+        )
+        return prediction_from_response(await self._send(request))
+
+    async def _finish(
+        self, prediction: Prediction, deadline: float, allowed_s: float
+    ) -> Prediction:
+        for delay in poll_delays():
+            if is_finished(prediction):
+                return prediction
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise result_timeout(prediction.request_id, allowed_s)
+            await self._sleep(min(delay, remaining))
+            prediction = await self.get(prediction.request_id)
+        raise AssertionError("unreachable: poll_delays() never ends")
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as error:
+                delay = retry_delay(self.retry_policy, attempt, error=error)
+                if delay is None:
+                    raise transport_error(error, self.base_url) from error
+                reason = type(error).__name__
+            else:
+                delay = retry_delay(self.retry_policy, attempt, response=response)
+                if delay is None:
+                    return response
+                await response.aclose()
+                reason = f"HTTP {response.status_code}"
+            logger.info(
+                "event=retry method=%s path=%s reason=%r attempt=%d delay_s=%.3f",
+                request.method,
+                request.url.path,
+                reason,
+                attempt + 1,
+                delay,
+            )
+            await self._sleep(delay)
+            attempt += 1

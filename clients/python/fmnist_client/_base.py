@@ -1,0 +1,207 @@
+"""What the sync and async clients share: configuration, request building, retries, response parsing."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ._exceptions import FmnistError, PredictionFailed, Timeout, Unavailable, error_from_response
+from ._images import ImageInput, encode_image
+from ._models import Prediction
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+DEFAULT_WAIT = 30.0
+# Statuses that mean "not now, the request was not taken": safe to retry even for POST.
+RETRY_STATUSES = frozenset({429, 503})
+MAX_METADATA_BYTES = 1024
+PREDICTIONS_PATH = "/v1/predictions"
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    """The explicit URL, else `$FMNIST_URL`, else the local default."""
+    return (base_url or os.environ.get("FMNIST_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The explicit key, else `$FMNIST_API_KEY`, else none."""
+    return api_key or os.environ.get("FMNIST_API_KEY") or None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def client_headers(api_key: str | None) -> dict[str, str]:
+    from . import __version__
+
+    return {"User-Agent": f"fmnist-client/{__version__}", **auth_headers(api_key)}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff and full jitter; `Retry-After` wins when given."""
+
+    retries: int = 3
+    backoff: float = 0.25
+    max_delay: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff < 0 or self.max_delay < 0:
+            raise ValueError("retries, backoff and max_delay must be >= 0")
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to sleep before retry number `attempt` (0-based)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_delay)
+        return random.uniform(0, min(self.max_delay, self.backoff * 2**attempt))
+
+
+def retry_delay(
+    policy: RetryPolicy,
+    attempt: int,
+    *,
+    response: httpx.Response | None = None,
+    error: httpx.TransportError | None = None,
+) -> float | None:
+    """Seconds to wait before retrying, or None when this outcome must not be retried."""
+    if attempt >= policy.retries:
+        return None
+    if response is not None and response.status_code in RETRY_STATUSES:
+        return policy.delay(attempt, parse_retry_after(response.headers.get("Retry-After")))
+    # Connection failures happen before anything is sent, so retrying cannot duplicate work.
+    if error is not None and isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        return policy.delay(attempt, None)
+    return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """`Retry-After` as seconds: delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def metadata_header(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """The `X-Fmnist-Metadata` header, checked here so a bad value fails before any upload."""
+    if not metadata:
+        return {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("metadata must map str to str, e.g. {'label': '3'}")
+    text = json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"metadata is {len(text.encode())} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
+        )
+    # Header values must be latin-1; ensure_ascii=False above was only for measuring what the server sees.
+    return {"X-Fmnist-Metadata": json.dumps(dict(metadata), separators=(",", ":"))}
+
+
+def build_submit_request(
+    client: httpx.Client | httpx.AsyncClient,
+    image: ImageInput,
+    *,
+    wait: float | None,
+    metadata: Mapping[str, str] | None,
+    idempotency_key: str | None,
+) -> httpx.Request:
+    """The `POST /v1/predictions` request for one image (raw body, the image's own content type)."""
+    payload = encode_image(image)
+    headers = {
+        "Content-Type": payload.content_type,
+        # A key per call makes a retry after a lost response safe: the gateway answers the same id.
+        "Idempotency-Key": idempotency_key or uuid.uuid4().hex,
+        **metadata_header(metadata),
+    }
+    params = {"wait": _format_seconds(wait)} if wait else {}
+    return client.build_request(
+        "POST", PREDICTIONS_PATH, content=payload.content, headers=headers, params=params
+    )
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+def parse_json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """Raise the mapped `FmnistError` for any non-2xx response."""
+    if response.is_success:
+        return
+    raise error_from_response(
+        response.status_code,
+        parse_json(response),
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+    )
+
+
+def prediction_from_response(response: httpx.Response) -> Prediction:
+    raise_for_error(response)
+    body = parse_json(response)
+    if not isinstance(body, dict) or "request_id" not in body:
+        raise FmnistError(
+            f"unexpected response from {response.request.url}: {response.text[:200]!r}",
+            code="bad_response",
+            status_code=response.status_code,
+        )
+    return Prediction.from_json(body)
+
+
+def transport_error(error: httpx.TransportError, base_url: str) -> FmnistError:
+    """Map httpx's network errors to the SDK's tree, saying what to check."""
+    if isinstance(error, httpx.TimeoutException):
+        return Timeout(
+            f"no response from {base_url} in time ({type(error).__name__})", code="timeout"
+        )
+    return Unavailable(
+        f"cannot reach fmnist-service at {base_url}: {error or type(error).__name__}; "
+        "is it running (`fmnist serve`) and is the URL right?",
+        code="connection_error",
+    )
+
+
+def is_finished(prediction: Prediction) -> bool:
+    """True when completed; raises `PredictionFailed` when failed; False while pending."""
+    if prediction.status == "failed":
+        raise PredictionFailed(prediction)
+    return prediction.status == "completed"
+
+
+def poll_delays(first: float = 0.02, factor: float = 1.5, cap: float = 0.5) -> Iterator[float]:
+    """Gaps between polls of `GET /v1/predictions/{id}`: quick at first, then capped."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(cap, delay * factor)
+
+
+def result_timeout(request_id: str, timeout: float) -> Timeout:
+    return Timeout(
+        f"no result within {timeout:g} s; the request is still queued or running, "
+        f"fetch it later with get({request_id!r})",
+        code="result_timeout",
+        request_id=request_id,
+    )

@@ -1,0 +1,265 @@
+"""The synchronous client, `Client`, and the `PredictionHandle` that `submit()` returns."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, overload
+
+import httpx
+
+from ._base import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_WAIT,
+    PREDICTIONS_PATH,
+    RetryPolicy,
+    build_submit_request,
+    client_headers,
+    is_finished,
+    poll_delays,
+    prediction_from_response,
+    resolve_api_key,
+    resolve_base_url,
+    result_timeout,
+    retry_delay,
+    transport_error,
+)
+from ._exceptions import FmnistError
+from ._images import ImageInput
+from ._models import Prediction
+
+logger = logging.getLogger("fmnist_client")
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as `progress(done, total)` each time one image of `predict_many()` finishes."""
+
+
+@dataclass(frozen=True)
+class PredictionHandle:
+    """A submitted request: poll it with `get()` or block on `result()`."""
+
+    request_id: str
+    client: Client = field(repr=False)
+
+    def get(self) -> Prediction:
+        """The request's current state (pending, completed or failed)."""
+        return self.client.get(self.request_id)
+
+    def result(self, timeout: float = DEFAULT_WAIT) -> Prediction:
+        """Block until the result arrives; raises `PredictionFailed` or `Timeout`."""
+        return self.client.result(self.request_id, timeout=timeout)
+
+
+class Client:
+    """Synchronous client for fmnist-service; thread-safe, use one per process.
+
+    >>> with Client("http://127.0.0.1:8000") as client:  # doctest: +SKIP
+    ...     print(client.predict("shirt.png").class_name)
+
+    `base_url` defaults to `$FMNIST_URL` (else http://127.0.0.1:8000) and `api_key` to
+    `$FMNIST_API_KEY`. `retries` bounds the retries of 429/503 answers and failed connections,
+    with exponential backoff or the server's `Retry-After`. `transport` is any httpx transport,
+    e.g. `httpx.WSGITransport`/`httpx.MockTransport` in tests.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retries: int = 3,
+        backoff: float = 0.25,
+        transport: httpx.BaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base_url = resolve_base_url(base_url)
+        self.retry_policy = RetryPolicy(retries=retries, backoff=backoff)
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            transport=transport,
+            headers={**client_headers(resolve_api_key(api_key)), **(headers or {})},
+        )
+        self._sleep: Callable[[float], None] = time.sleep
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- API -------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        image: ImageInput,
+        *,
+        wait: float = DEFAULT_WAIT,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Prediction:
+        """Classify one image and return the completed `Prediction`.
+
+        Waits up to `wait` seconds in total; raises `Timeout` after that, `PredictionFailed` if
+        the service could not classify the image, `BadRequest` if it refused it.
+        """
+        deadline = time.monotonic() + wait
+        prediction = self._submit(
+            image, wait=wait, metadata=metadata, idempotency_key=idempotency_key
+        )
+        return self._finish(prediction, deadline, wait)
+
+    def submit(
+        self,
+        image: ImageInput,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> PredictionHandle:
+        """Queue one image without waiting; the handle's `result()` waits for it."""
+        prediction = self._submit(
+            image, wait=None, metadata=metadata, idempotency_key=idempotency_key
+        )
+        return PredictionHandle(prediction.request_id, self)
+
+    def get(self, request_id: str) -> Prediction:
+        """The current state of a request; raises `NotFound` for unknown or expired ids."""
+        return prediction_from_response(
+            self._send(self._http.build_request("GET", f"{PREDICTIONS_PATH}/{request_id}"))
+        )
+
+    def result(self, request_id: str, *, timeout: float = DEFAULT_WAIT) -> Prediction:
+        """Wait for a submitted request to finish (polling); raises `PredictionFailed` or `Timeout`."""
+        return self._finish(self.get(request_id), time.monotonic() + timeout, timeout)
+
+    @overload
+    def predict_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        concurrency: int = ...,
+        wait: float = ...,
+        progress: ProgressCallback | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[Prediction]: ...
+
+    @overload
+    def predict_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        concurrency: int = ...,
+        wait: float = ...,
+        progress: ProgressCallback | None = ...,
+        return_exceptions: Literal[True],
+    ) -> list[Prediction | FmnistError]: ...
+
+    def predict_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        concurrency: int = 8,
+        wait: float = DEFAULT_WAIT,
+        progress: ProgressCallback | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Prediction] | list[Prediction | FmnistError]:
+        """Classify many images with up to `concurrency` requests in flight; results keep input order.
+
+        The service batches concurrent requests together, so concurrency is what makes this fast.
+        With `return_exceptions=True` a failed image yields its `FmnistError` in place instead of
+        raising the first one.
+        """
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        todo = list(images)
+        done = 0
+        done_lock = threading.Lock()
+
+        def predict_one(image: ImageInput) -> Prediction | FmnistError:
+            nonlocal done
+            try:
+                outcome: Prediction | FmnistError = self.predict(image, wait=wait)
+            except FmnistError as error:
+                if not return_exceptions:
+                    raise
+                outcome = error
+            with done_lock:
+                done += 1
+                if progress is not None:
+                    progress(done, len(todo))
+            return outcome
+
+        with ThreadPoolExecutor(max_workers=min(concurrency, max(1, len(todo)))) as pool:
+            return list(pool.map(predict_one, todo))
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _submit(
+        self,
+        image: ImageInput,
+        *,
+        wait: float | None,
+        metadata: Mapping[str, str] | None,
+        idempotency_key: str | None,
+    ) -> Prediction:
+        request = build_submit_request(
+            self._http, image, wait=wait, metadata=metadata, idempotency_key=idempotency_key
+        )
+        return prediction_from_response(self._send(request))
+
+    def _finish(self, prediction: Prediction, deadline: float, allowed_s: float) -> Prediction:
+        """Poll until `prediction` is done or `deadline` passes."""
+        for delay in poll_delays():
+            if is_finished(prediction):
+                return prediction
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise result_timeout(prediction.request_id, allowed_s)
+            self._sleep(min(delay, remaining))
+            prediction = self.get(prediction.request_id)
+        raise AssertionError("unreachable: poll_delays() never ends")
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        """Send with bounded retries on 429/503 and connection failures."""
+        attempt = 0
+        while True:
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as error:
+                delay = retry_delay(self.retry_policy, attempt, error=error)
+                if delay is None:
+                    raise transport_error(error, self.base_url) from error
+                reason = type(error).__name__
+            else:
+                delay = retry_delay(self.retry_policy, attempt, response=response)
+                if delay is None:
+                    return response
+                response.close()
+                reason = f"HTTP {response.status_code}"
+            logger.info(
+                "event=retry method=%s path=%s reason=%r attempt=%d delay_s=%.3f",
+                request.method,
+                request.url.path,
+                reason,
+                attempt + 1,
+                delay,
+            )
+            self._sleep(delay)
+            attempt += 1
