@@ -1,0 +1,204 @@
+"""`fmnist listen`: stream results from a gateway and score them against the labels in their metadata."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from fmnist_client import Prediction
+
+STATUS_EVERY_S = 1.0  # how often the running accuracy line is refreshed
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "listen",
+        help="stream results and print a running accuracy; Ctrl-C prints the final figures",
+        description=(
+            "Stream every result visible to your API key over the websocket and score the ones whose "
+            "metadata carries a `label` (as `fmnist send-images` sends). Ctrl-C, or --count results, "
+            "prints the final accuracy, throughput and latency percentiles."
+        ),
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("FMNIST_URL", "http://127.0.0.1:8000"),
+        help="gateway URL (default: $FMNIST_URL or %(default)s)",
+    )
+    parser.add_argument("--api-key", default=None, help="API key (default: $FMNIST_API_KEY)")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="stop after this many results (default: run until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--after",
+        type=int,
+        default=None,
+        help="replay results stored after this cursor first (0: every result the gateway still holds)",
+    )
+    parser.set_defaults(func=run)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile `q` (0-100) of an ascending list; NaN when empty."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class ListenStats:
+    """Running tallies over the results received."""
+
+    results: int = 0
+    failed: int = 0
+    labelled: int = 0
+    correct: int = 0
+    first_at: float | None = None  # monotonic seconds of the first result
+    last_at: float | None = None
+    service_ms: list[float] = field(default_factory=list)
+    end_to_end_ms: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def add(self, prediction: Prediction, *, received_at: float, now_unix: float) -> None:
+        self.results += 1
+        self.first_at = received_at if self.first_at is None else self.first_at
+        self.last_at = received_at
+        if prediction.status == "failed":
+            self.failed += 1
+            return
+        true_label = prediction.metadata.get("label")
+        if true_label is not None and prediction.label is not None:
+            self.labelled += 1
+            self.correct += int(true_label == str(prediction.label))
+        if prediction.service_ms is not None:
+            self.service_ms.append(prediction.service_ms)
+        if prediction.batch_size is not None:
+            self.batch_sizes.append(prediction.batch_size)
+        sent_at = prediction.metadata.get("sent_at")
+        if sent_at:
+            # Only meaningful when sender and listener share a clock (same machine or NTP).
+            with contextlib.suppress(ValueError):
+                self.end_to_end_ms.append(max(0.0, (now_unix - float(sent_at)) * 1000))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.labelled if self.labelled else math.nan
+
+    @property
+    def throughput(self) -> float:
+        """Results per second between the first and the last result."""
+        if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
+            return math.nan
+        return (self.results - 1) / (self.last_at - self.first_at)
+
+    def status_line(self) -> str:
+        return (
+            f"results={self.results} failed={self.failed} "
+            f"accuracy={_percent(self.accuracy)} ({self.correct}/{self.labelled} labelled) "
+            f"throughput={self.throughput:.1f}/s"
+        )
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"results        {self.results} ({self.failed} failed), {self.throughput:.1f} results/s",
+            f"accuracy       {_percent(self.accuracy)} ({self.correct}/{self.labelled} labelled)",
+            _latency_line("service ms", self.service_ms, "queue + inference, from the results"),
+            _latency_line(
+                "end-to-end ms", self.end_to_end_ms, "from send-images' sent_at to arrival here"
+            ),
+        ]
+        if self.batch_sizes:
+            mean = sum(self.batch_sizes) / len(self.batch_sizes)
+            lines.append(f"batch size     mean {mean:.1f}, max {max(self.batch_sizes)}")
+        return lines
+
+
+def _percent(fraction: float) -> str:
+    return "n/a" if math.isnan(fraction) else f"{fraction:.2%}"
+
+
+def _latency_line(name: str, values: list[float], what: str) -> str:
+    if not values:
+        return f"{name:<15}n/a ({what})"
+    ordered = sorted(values)
+    figures = "  ".join(f"p{q} {percentile(ordered, q):.1f}" for q in (50, 90, 99))
+    return f"{name:<15}{figures}  ({what})"
+
+
+async def listen(
+    url: str,
+    api_key: str | None,
+    *,
+    count: int,
+    after: int | None,
+    stats: ListenStats,
+    out: TextIO,
+) -> None:
+    """Consume the stream into `stats`, printing a status line at most every STATUS_EVERY_S."""
+    from fmnist_client import AsyncClient
+
+    live = out.isatty()
+    last_print = 0.0
+    async with AsyncClient(url, api_key=api_key) as client:
+        async for prediction in client.stream(after=after, reconnects=None):
+            now = time.monotonic()
+            stats.add(prediction, received_at=now, now_unix=time.time())
+            done = bool(count) and stats.results >= count
+            if done or now - last_print >= STATUS_EVERY_S:
+                last_print = now
+                # On a terminal the line rewrites itself; in a log it is one line per refresh.
+                print(
+                    ("\r" if live else "") + stats.status_line(),
+                    end="" if live else "\n",
+                    file=out,
+                    flush=True,
+                )
+            if done:
+                break
+    if live:
+        print(file=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fmnist_client import FmnistError
+
+    stats = ListenStats()
+    failure: FmnistError | None = None
+    print(
+        f"listening to {args.url} ({'until ' + str(args.count) + ' results' if args.count else 'Ctrl-C to stop'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        asyncio.run(
+            listen(
+                args.url,
+                args.api_key,
+                count=args.count,
+                after=args.after,
+                stats=stats,
+                out=sys.stdout,
+            )
+        )
+    except KeyboardInterrupt:
+        print(file=sys.stdout)
+    except FmnistError as error:
+        failure = error
+    for line in stats.summary_lines():
+        print(line)
+    if failure is not None:
+        print(f"fmnist listen: {failure}", file=sys.stderr)
+        return 1
+    return 0
