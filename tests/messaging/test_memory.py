@@ -1,0 +1,111 @@
+"""memory:// specifics: one broker per name in a process, bounded backlogs, retention."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import messaging
+from messaging.memory import MemoryPubSub, shared_broker
+from tests.brokers import unique_name
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_connections_to_one_name_share_a_broker() -> None:
+    """A message published on one `memory://NAME` connection reaches a subscriber on another."""
+    url = f"memory://{unique_name('shared')}"
+    topic = unique_name("t")
+    async with (
+        messaging.connect(url) as gateway,
+        messaging.connect(url) as worker,
+        worker.subscribe(topic, group="workers") as messages,
+    ):
+        await gateway.publish(topic, b"hello")
+        message = await asyncio.wait_for(anext(messages), 5)
+        await message.ack()
+    assert message.data == b"hello"
+
+
+async def test_connections_to_different_names_are_isolated() -> None:
+    """`memory://a` and `memory://b` are separate brokers."""
+    topic = unique_name("t")
+    async with (
+        messaging.connect(f"memory://{unique_name('a')}") as first,
+        messaging.connect(f"memory://{unique_name('b')}") as second,
+        second.subscribe(topic, group="g") as messages,
+    ):
+        await first.publish(topic, b"elsewhere")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(messages), 0.3)
+
+
+async def test_publish_to_a_stuck_consumer_raises_backlog_full() -> None:
+    """With a consumer attached that never acks, publish waits, then raises BacklogFull naming the knob."""
+    url = f"memory://{unique_name('stuck')}?max_backlog=3&publish_timeout=0.2"
+    topic = unique_name("t")
+    async with messaging.connect(url) as pubsub, pubsub.subscribe(topic, group="slow") as messages:
+        for i in range(3):
+            await pubsub.publish(topic, b"%d" % i)
+        with pytest.raises(messaging.BacklogFull, match="max_backlog"):
+            await pubsub.publish(topic, b"one too many")
+        assert messages.max_in_flight == 256
+
+
+async def test_publish_resumes_when_the_consumer_acks() -> None:
+    """A publish waiting for room completes as soon as the consumer acknowledges a message."""
+    url = f"memory://{unique_name('resume')}?max_backlog=2&publish_timeout=5"
+    topic = unique_name("t")
+    async with messaging.connect(url) as pubsub, pubsub.subscribe(topic, group="g") as messages:
+        await pubsub.publish(topic, b"0")
+        await pubsub.publish(topic, b"1")
+        blocked = asyncio.create_task(pubsub.publish(topic, b"2"))
+        await asyncio.sleep(0.1)
+        assert not blocked.done()
+        first = await anext(messages)
+        await first.ack()
+        await asyncio.wait_for(blocked, 1)
+
+
+async def test_group_without_consumers_keeps_newest_and_never_blocks() -> None:
+    """A group whose consumers left keeps its newest `max_backlog` messages; publishers do not wait."""
+    name = unique_name("detached")
+    url = f"memory://{name}?max_backlog=3&publish_timeout=0.1"
+    topic = unique_name("t")
+    async with messaging.connect(url) as pubsub:
+        async with pubsub.subscribe(topic, group="g"):
+            pass  # the group now exists, with no consumer attached
+        for i in range(10):
+            await pubsub.publish(topic, b"%d" % i)
+        assert shared_broker(name).backlog(topic, "g") == 3
+        async with pubsub.subscribe(topic, group="g") as messages:
+            received = [await anext(messages) for _ in range(3)]
+    assert [m.data for m in received] == [b"7", b"8", b"9"]
+
+
+async def test_retention_bounds_what_a_new_group_replays() -> None:
+    """A new `earliest` group replays at most `retain` messages of the topic's history."""
+    url = f"memory://{unique_name('retain')}?retain=2"
+    topic = unique_name("t")
+    async with messaging.connect(url) as pubsub:
+        for i in range(5):
+            await pubsub.publish(topic, b"%d" % i)
+        async with pubsub.subscribe(topic, group="late") as messages:
+            received = [await asyncio.wait_for(anext(messages), 1) for _ in range(2)]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(messages), 0.2)
+    assert [m.data for m in received] == [b"3", b"4"]
+
+
+def test_default_url_uses_the_default_broker() -> None:
+    """`memory://` with no name is the broker called `default`."""
+    pubsub = messaging.connect("memory://")
+    assert isinstance(pubsub, MemoryPubSub)
+    assert pubsub.broker is shared_broker("default")
+
+
+def test_unknown_memory_option_is_rejected() -> None:
+    """A typo in a memory:// option is an error listing the accepted ones."""
+    with pytest.raises(ValueError, match="max_backlog"):
+        messaging.connect("memory://x?max_backlogg=3")
