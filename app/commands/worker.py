@@ -1,0 +1,130 @@
+"""`fmnist worker`: run one inference worker against a broker until SIGTERM/SIGINT, then drain and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from app.logs import configure_logging, kv
+from app.settings import Settings
+
+logger = logging.getLogger("app.worker")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="consume image requests from the broker, classify them in batches, publish results",
+        description=(
+            "Run one inference worker. Settings come from FMNIST_* environment variables; the flags "
+            "below override them. SIGTERM or Ctrl-C drains (in-flight requests are computed, published "
+            "and acked) and exits 0. Start several workers on one broker to share the load."
+        ),
+    )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="broker URL, kafka://host:9092 or gcp://PROJECT (FMNIST_BROKER_URL)",
+    )
+    parser.add_argument(
+        "--model", metavar="PATH", type=Path, help="checkpoint to serve (FMNIST_MODEL_PATH)"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, metavar="N", help="largest batch (FMNIST_MAX_BATCH_SIZE)"
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        metavar="MS",
+        help="longest wait for a batch to fill, from its oldest image (FMNIST_MAX_WAIT_MS)",
+    )
+    parser.add_argument(
+        "--worker-id",
+        metavar="ID",
+        help="id stamped on results (FMNIST_WORKER_ID; default host-pid)",
+    )
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Environment settings, overridden by the flags that were given."""
+    overrides = {
+        "broker_url": args.broker,
+        "model_path": args.model,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "worker_id": args.worker_id,
+    }
+    return Settings(**{name: value for name, value in overrides.items() if value is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:  # pydantic's ValidationError names the field and the limit
+        print(f"fmnist worker: invalid setting: {exc}")
+        return 2
+    configure_logging(settings.log_level)
+    if settings.broker_url.startswith("memory://"):
+        logger.error(
+            kv(
+                "worker_refused",
+                reason="memory:// lives inside one process; a separate worker cannot reach it",
+                fix="use `fmnist serve` (gateway and worker in one process) or --broker kafka://HOST:9092",
+            )
+        )
+        return 2
+    return asyncio.run(run_worker(settings))
+
+
+async def run_worker(settings: Settings) -> int:
+    """Connect, consume until a stop signal, drain. Returns the exit status."""
+    import messaging
+    from app.worker import Worker
+    from ml.checkpoint import CheckpointError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    pubsub = messaging.connect(
+        settings.broker_url,
+        connect_timeout=settings.broker_connect_timeout_s,
+        kafka_idempotence=settings.kafka_idempotence,
+        kafka_partitions=settings.kafka_partitions,
+    )
+    try:
+        async with pubsub, Worker(settings, pubsub) as worker:
+            stop_requested = asyncio.ensure_future(stop.wait())
+            consuming = asyncio.ensure_future(worker.wait())
+            await asyncio.wait({stop_requested, consuming}, return_when=asyncio.FIRST_COMPLETED)
+            stop_requested.cancel()
+            if consuming.done():
+                consuming.result()  # the subscription ended by itself: surface its error
+                logger.error(
+                    kv("worker_stopped", worker_id=worker.worker_id, reason="subscription ended")
+                )
+                return 1
+            logger.info(kv("worker_draining", worker_id=worker.worker_id))
+            await worker.drain()
+            consuming.cancel()
+    except messaging.MessagingError as exc:
+        logger.error(kv("worker_failed", error=exc))
+        return 1
+    except (CheckpointError, FileNotFoundError) as exc:
+        logger.error(
+            kv(
+                "worker_failed",
+                error=exc,
+                fix="pass --model PATH (FMNIST_MODEL_PATH) or run `make train`",
+            )
+        )
+        return 1
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return 0

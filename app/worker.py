@@ -1,0 +1,411 @@
+"""The worker: consumes image requests from the broker, batches them through a ModelRunner, publishes results.
+
+One request message in, one `ResultMessage` out, then the ack (at-least-once: a worker that dies
+before acking leaves the request to another worker of the group):
+
+    fmnist.requests ──subscribe (group `workers`)──▶ decode ──▶ ModelRunner.submit ──▶ publish result ──▶ ack
+                                                       │                                      (fmnist.results)
+                                                       └─ undecodable / failed `max_attempts` times ──▶ fmnist.deadletter ──▶ ack
+
+- An expired deadline answers a `failed` result with code `deadline_exceeded` (no compute).
+- A model error re-queues the request with its `attempt` attribute raised by one, so another try
+  (possibly on another worker) happens; at `max_attempts` it goes to the dead-letter topic and its
+  client gets a `failed` result with code `model_error`.
+- A full runner queue is backpressure: the handler waits for room; nothing is nacked in a loop.
+- A publish that fails (broker away) nacks the request so it is delivered again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import torch
+
+from app import protocol
+from app.logs import kv
+from app.protocol import ErrorInfo, ResultMessage
+from app.settings import Settings
+from messaging import Message, MessagingError, PubSub, Subscription
+from ml.runner import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelError,
+    ModelRunner,
+    Overloaded,
+    Prediction,
+    RunnerStats,
+)
+
+if TYPE_CHECKING:
+    from ml.runner import BatchPredictor
+
+logger = logging.getLogger(__name__)
+
+# Delivery attempt of a request (1 on first publish, raised by each model-error re-queue).
+# Proposed for app/protocol.py as ATTEMPT_ATTR.
+ATTEMPT_ATTR = "attempt"
+WORKER_ID_ATTR = "worker_id"
+
+# How long a handler waits before trying again when the runner's queue is full, and after a failed
+# publish before it gives the request back (so a broker outage does not become a nack storm).
+_OVERLOAD_BACKOFF_S = 0.005
+_PUBLISH_FAILURE_BACKOFF_S = 1.0
+
+
+class UndecodableRequest(ValueError):
+    """The request message cannot be turned into an image (missing or malformed attributes, wrong size)."""
+
+    code = "undecodable_request"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def decode_request(message: Message) -> tuple[str, torch.Tensor]:
+    """The request id and the uint8 C×H×W image of a request message; raises UndecodableRequest."""
+    attributes = message.attributes
+    request_id = attributes.get(protocol.REQUEST_ID_ATTR) or message.key
+    if not request_id:
+        raise UndecodableRequest(
+            f"message has no `{protocol.REQUEST_ID_ATTR}` attribute and no key"
+        )
+    try:
+        shape = protocol.decode_shape(attributes.get(protocol.SHAPE_ATTR, ""))
+    except ValueError as exc:
+        raise UndecodableRequest(f"bad `{protocol.SHAPE_ATTR}` attribute: {exc}") from None
+    expected_bytes = shape[0] * shape[1] * shape[2]
+    if len(message.data) != expected_bytes:
+        raise UndecodableRequest(
+            f"payload has {len(message.data)} bytes, but shape {shape} needs {expected_bytes} (uint8 C×H×W)"
+        )
+    # bytearray: torch.frombuffer needs a writable buffer to avoid sharing the message's bytes.
+    image = torch.frombuffer(bytearray(message.data), dtype=torch.uint8).reshape(shape)
+    return request_id, image
+
+
+def _float_attribute(attributes: Mapping[str, str], name: str) -> float | None:
+    text = attributes.get(name)
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UndecodableRequest(f"attribute `{name}` must be unix seconds, got {text!r}") from None
+
+
+class Worker:
+    """Consumes `settings.requests_topic` in `settings.worker_group` until drained.
+
+    ```python
+    async with messaging.connect(url) as pubsub, Worker(settings, pubsub) as worker:
+        await stop_requested.wait()
+        await worker.drain()   # also done when leaving the block
+    ```
+
+    `classifier=None` loads `settings.model_path` (in a thread, so the event loop stays free).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pubsub: PubSub,
+        classifier: BatchPredictor | None = None,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pubsub = pubsub
+        self.worker_id = worker_id or settings.worker_id or default_worker_id()
+        self._classifier = classifier
+        self._runner: ModelRunner | None = None
+        self._subscription: Subscription | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._drained = False
+        self.outcomes: Counter[str] = Counter()
+        """Requests handled, by outcome: completed, deadline_exceeded, requeued, deadlettered, …"""
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.drain()
+
+    async def start(self) -> None:
+        """Load the model, create the topics, join the group and start consuming."""
+        settings = self.settings
+        if self._classifier is None:
+            self._classifier = await asyncio.to_thread(_load_classifier, settings)
+        runner = ModelRunner(
+            self._classifier,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=max(settings.max_queue, settings.max_batch_size),
+        )
+        await runner.start()
+        self._runner = runner
+        try:
+            await self.pubsub.ensure_topics(
+                settings.requests_topic, settings.results_topic, settings.deadletter_topic
+            )
+            subscription = self.pubsub.subscribe(
+                settings.requests_topic,
+                group=settings.worker_group,
+                start="earliest",
+                max_in_flight=self.max_in_flight,
+            )
+            await subscription.start()
+        except BaseException:
+            await runner.close()
+            raise
+        self._subscription = subscription
+        self._consumer = asyncio.get_running_loop().create_task(
+            self._consume(subscription), name=f"fmnist-worker-{self.worker_id}"
+        )
+        logger.info(
+            kv(
+                "worker_ready",
+                worker_id=self.worker_id,
+                broker=self.pubsub.url,
+                topic=settings.requests_topic,
+                group=settings.worker_group,
+                model_version=runner.classifier.version,
+                max_batch_size=runner.max_batch_size,
+                max_wait_ms=runner.max_wait_ms,
+                max_in_flight=self.max_in_flight,
+            )
+        )
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests delivered and not yet acked: enough for one batch computing, one filling and
+        results being published, but never more than the runner may queue."""
+        return max(1, min(4 * self.settings.max_batch_size, self.settings.max_queue))
+
+    async def drain(self) -> None:
+        """Stop taking requests, finish the ones in flight (compute, publish, ack), then stop. Idempotent."""
+        if self._drained:
+            return
+        self._drained = True
+        started = time.monotonic()
+        if self._consumer is not None:
+            self._consumer.cancel()
+            await asyncio.gather(self._consumer, return_exceptions=True)
+        in_flight = len(self._handlers)
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        # Close the subscription only now: acks of the drained requests must reach the broker first.
+        if self._subscription is not None:
+            await self._subscription.aclose()
+        if self._runner is not None:
+            await self._runner.close()
+        logger.info(
+            kv(
+                "worker_drained",
+                worker_id=self.worker_id,
+                finished_in_flight=in_flight,
+                drain_ms=f"{(time.monotonic() - started) * 1000:.0f}",
+                **{f"total_{k}": v for k, v in sorted(self.outcomes.items())},
+            )
+        )
+
+    async def wait(self) -> None:
+        """Return when consuming stops (drained, or the subscription ended); re-raise its error."""
+        if self._consumer is None:
+            raise RuntimeError("Worker not started; use `async with Worker(...)`")
+        try:
+            await asyncio.shield(self._consumer)
+        except asyncio.CancelledError:
+            if not self._drained:
+                raise
+
+    @property
+    def stats(self) -> RunnerStats:
+        """The runner's batching stats (batch sizes, queue wait, inference time, queue depth)."""
+        if self._runner is None:
+            raise RuntimeError("Worker not started; use `async with Worker(...)`")
+        return self._runner.stats()
+
+    # --- consuming ------------------------------------------------------------------------------
+
+    async def _consume(self, subscription: Subscription) -> None:
+        loop = asyncio.get_running_loop()
+        async for message in subscription:
+            # One task per request: the runner batches concurrent submits; the subscription's
+            # max_in_flight bounds how many exist at once.
+            task = loop.create_task(self._handle(message))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        logger.info(kv("subscription_ended", worker_id=self.worker_id))
+
+    async def _handle(self, message: Message) -> None:
+        request_id = message.attributes.get(protocol.REQUEST_ID_ATTR) or message.key or ""
+        try:
+            await self._process(message)
+        except MessagingError as exc:
+            # Could not publish the outcome: give the request back for a later delivery.
+            self.outcomes["nacked"] += 1
+            logger.warning(kv("publish_failed", request_id=request_id, error=exc, action="nack"))
+            await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
+            await message.nack()
+        except asyncio.CancelledError:
+            await message.nack()
+            raise
+        except Exception as exc:  # a bug must not wedge the message: log loudly, give it back
+            self.outcomes["nacked"] += 1
+            logger.exception(kv("handler_crashed", request_id=request_id, error=repr(exc)))
+            await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
+            await message.nack()
+
+    async def _process(self, message: Message) -> None:
+        attributes = message.attributes
+        try:
+            request_id, image = decode_request(message)
+            deadline = _float_attribute(attributes, protocol.DEADLINE_ATTR)
+            submitted_at = _float_attribute(attributes, protocol.SUBMITTED_AT_ATTR)
+            metadata = protocol.decode_metadata(attributes.get(protocol.METADATA_ATTR))
+        except ValueError as exc:  # UndecodableRequest, bad metadata JSON
+            await self._dead_letter(message, "undecodable_request", str(exc))
+            if request_id := attributes.get(protocol.REQUEST_ID_ATTR) or message.key or "":
+                await self._publish_failure(message, request_id, {}, "invalid_request", str(exc))
+            await message.ack()
+            return
+
+        try:
+            prediction = await self._submit(image, deadline)
+        except DeadlineExceeded as exc:
+            await self._publish_failure(
+                message, request_id, metadata, DeadlineExceeded.code, str(exc)
+            )
+            self.outcomes[DeadlineExceeded.code] += 1
+        except InvalidInput as exc:
+            await self._dead_letter(message, InvalidInput.code, str(exc))
+            await self._publish_failure(message, request_id, metadata, InvalidInput.code, str(exc))
+        except ModelError as exc:
+            await self._retry_or_dead_letter(message, request_id, metadata, exc)
+        else:
+            await self._publish_result(message, request_id, metadata, prediction, submitted_at)
+            self.outcomes["completed"] += 1
+        await message.ack()
+
+    async def _submit(self, image: torch.Tensor, deadline: float | None) -> Prediction:
+        runner = self._runner
+        assert runner is not None
+        while True:
+            try:
+                return await runner.submit(image, deadline)
+            except Overloaded:
+                # Backpressure: the subscription stops delivering while handlers wait here.
+                await asyncio.sleep(_OVERLOAD_BACKOFF_S)
+
+    # --- publishing -----------------------------------------------------------------------------
+
+    async def _publish_result(
+        self,
+        message: Message,
+        request_id: str,
+        metadata: dict[str, str],
+        prediction: Prediction,
+        submitted_at: float | None,
+    ) -> None:
+        now = time.time()
+        # queue_ms counts from the gateway's acceptance when known (broker transit + model queue),
+        # never less than the time spent in this worker's queue.
+        queue_ms = prediction.queue_ms
+        if submitted_at is not None:
+            since_submit_ms = (now - submitted_at) * 1000.0 - prediction.inference_ms
+            queue_ms = max(queue_ms, since_submit_ms)
+        result = ResultMessage(
+            request_id=request_id,
+            status="completed",
+            label=prediction.label,
+            class_name=prediction.class_name,
+            probabilities=prediction.probabilities,
+            model_version=prediction.model_version,
+            batch_id=prediction.batch_id,
+            batch_size=prediction.batch_size,
+            queue_ms=round(queue_ms, 3),
+            inference_ms=round(prediction.inference_ms, 3),
+            worker_id=self.worker_id,
+            completed_at=now,
+            owner=message.attributes.get(protocol.OWNER_ATTR, ""),
+            metadata=metadata,
+        )
+        await self.pubsub.publish(self.settings.results_topic, result.to_bytes(), key=request_id)
+
+    async def _publish_failure(
+        self, message: Message, request_id: str, metadata: dict[str, str], code: str, text: str
+    ) -> None:
+        result = ResultMessage(
+            request_id=request_id,
+            status="failed",
+            worker_id=self.worker_id,
+            completed_at=time.time(),
+            owner=message.attributes.get(protocol.OWNER_ATTR, ""),
+            metadata=metadata,
+            error=ErrorInfo(code=code, message=text),
+        )
+        await self.pubsub.publish(self.settings.results_topic, result.to_bytes(), key=request_id)
+        logger.info(kv("request_failed", request_id=request_id, code=code, error=text))
+
+    async def _dead_letter(self, message: Message, code: str, text: str) -> None:
+        attributes = {
+            **message.attributes,
+            protocol.ERROR_CODE_ATTR: code,
+            protocol.ERROR_MESSAGE_ATTR: text[:1000],
+            WORKER_ID_ATTR: self.worker_id,
+        }
+        await self.pubsub.publish(
+            self.settings.deadletter_topic, message.data, key=message.key, attributes=attributes
+        )
+        self.outcomes["deadlettered"] += 1
+        request_id = message.attributes.get(protocol.REQUEST_ID_ATTR) or message.key or ""
+        logger.warning(kv("dead_lettered", request_id=request_id, code=code, error=text))
+
+    async def _retry_or_dead_letter(
+        self, message: Message, request_id: str, metadata: dict[str, str], error: ModelError
+    ) -> None:
+        try:
+            attempt = int(message.attributes.get(ATTEMPT_ATTR, "1"))
+        except ValueError:
+            attempt = 1
+        if attempt < self.settings.max_attempts:
+            # Re-queue rather than nack: the attempt count travels with the message, so the limit
+            # holds across workers and restarts (Kafka keeps no delivery count).
+            attributes = {**message.attributes, ATTEMPT_ATTR: str(attempt + 1)}
+            await self.pubsub.publish(
+                self.settings.requests_topic, message.data, key=message.key, attributes=attributes
+            )
+            self.outcomes["requeued"] += 1
+            logger.warning(
+                kv("model_error_requeued", request_id=request_id, attempt=attempt, error=error)
+            )
+            return
+        text = f"{error} (failed {attempt} of FMNIST_MAX_ATTEMPTS={self.settings.max_attempts} attempts)"
+        await self._dead_letter(message, ModelError.code, text)
+        await self._publish_failure(message, request_id, metadata, ModelError.code, text)
+
+
+def _load_classifier(settings: Settings) -> BatchPredictor:
+    """Load the checkpoint the worker serves (runs in a thread)."""
+    from ml import ImageClassifier
+
+    classifier: BatchPredictor = ImageClassifier.load(settings.model_path)
+    return classifier

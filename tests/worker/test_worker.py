@@ -1,0 +1,238 @@
+"""Worker in-process: round trip on every backend, failures, dead letters, ack-after-publish, drain."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+import messaging
+from app import protocol
+from app import worker as worker_module
+from app.worker import ATTEMPT_ATTR, Worker
+from messaging import BrokerUnavailable, PubSub
+from tests.brokers import connect_options
+from tests.runner.models import PoisonClassifier, TinyClassifier, image
+from tests.worker.helpers import (
+    nothing_more,
+    publish_request,
+    results_by_id,
+    take,
+    take_results,
+    worker_settings,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def open_broker(url: str) -> PubSub:
+    return messaging.connect(url, **connect_options(url))
+
+
+async def test_every_request_gets_its_result_on_every_backend(broker_url: str) -> None:
+    """Requests in → one completed result per request, with batch provenance, owner and metadata echoed."""
+    settings = worker_settings(broker_url)
+    model = TinyClassifier()
+    images = [image(seed=i) for i in range(24)]
+    expected = model.predict(torch.stack(images))
+    async with open_broker(broker_url) as pubsub:
+        await pubsub.ensure_topics(
+            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+        )
+        async with (
+            pubsub.subscribe(settings.results_topic, group="observer") as results,
+            Worker(settings, pubsub, model, worker_id="w1") as worker,
+        ):
+            await asyncio.gather(
+                *(
+                    publish_request(
+                        pubsub, settings, f"r{i}", img, owner="key-a", metadata={"label": str(i)}
+                    )
+                    for i, img in enumerate(images)
+                )
+            )
+            answers = results_by_id(await take_results(results, 24))
+            assert worker.stats.completed == 24
+    assert sorted(answers) == sorted(f"r{i}" for i in range(24))
+    for i, row in enumerate(expected):
+        result = answers[f"r{i}"]
+        assert result.status == "completed"
+        assert result.label == int(row.argmax())
+        assert result.probabilities == pytest.approx(row.tolist(), abs=1e-6)
+        assert (result.owner, result.metadata, result.worker_id) == (
+            "key-a",
+            {"label": str(i)},
+            "w1",
+        )
+        assert result.model_version == model.version
+        assert result.batch_id and result.batch_size and 1 <= result.batch_size <= 8
+        assert result.queue_ms is not None and result.inference_ms is not None
+
+
+async def test_an_undecodable_request_goes_to_the_dead_letter_topic_and_its_client_gets_a_failure() -> (
+    None
+):
+    """A payload of the wrong size is dead-lettered with the error, answered as failed, and the worker goes on."""
+    settings = worker_settings("memory://")
+    async with open_broker("memory://") as pubsub:
+        await pubsub.ensure_topics(
+            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+        )
+        async with (
+            pubsub.subscribe(settings.results_topic, group="observer") as results,
+            pubsub.subscribe(settings.deadletter_topic, group="observer") as dead,
+            Worker(settings, pubsub, TinyClassifier()),
+        ):
+            await pubsub.publish(
+                settings.requests_topic,
+                b"\x00" * 10,
+                key="bad",
+                attributes={protocol.REQUEST_ID_ATTR: "bad", protocol.SHAPE_ATTR: "1,28,28"},
+            )
+            await publish_request(pubsub, settings, "good", image(seed=1))
+            (letter,) = await take(dead, 1)
+            answers = results_by_id(await take_results(results, 2))
+    assert letter.attributes[protocol.ERROR_CODE_ATTR] == "undecodable_request"
+    assert "10 bytes" in letter.attributes[protocol.ERROR_MESSAGE_ATTR]
+    assert letter.data == b"\x00" * 10
+    assert answers["bad"].status == "failed" and answers["bad"].error is not None
+    assert answers["bad"].error.code == "invalid_request"
+    assert answers["good"].status == "completed"
+
+
+async def test_an_expired_request_is_answered_deadline_exceeded_without_compute() -> None:
+    """A request whose deadline passed gets a failed result with code deadline_exceeded."""
+    settings = worker_settings("memory://")
+    model = TinyClassifier()
+    async with open_broker("memory://") as pubsub:
+        await pubsub.ensure_topics(
+            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+        )
+        async with (
+            pubsub.subscribe(settings.results_topic, group="observer") as results,
+            Worker(settings, pubsub, model),
+        ):
+            await publish_request(pubsub, settings, "late", image(1), deadline_in_s=-1.0)
+            (answer,) = await take_results(results, 1)
+    assert answer.status == "failed" and answer.error is not None
+    assert answer.error.code == "deadline_exceeded"
+    assert model.calls == []
+
+
+async def test_a_request_that_keeps_failing_is_retried_then_dead_lettered() -> None:
+    """A model error re-queues the request; after max_attempts it is dead-lettered and answered as failed."""
+    settings = worker_settings("memory://", max_attempts=3)
+    async with open_broker("memory://") as pubsub:
+        await pubsub.ensure_topics(
+            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+        )
+        async with (
+            pubsub.subscribe(settings.results_topic, group="observer") as results,
+            pubsub.subscribe(settings.deadletter_topic, group="observer") as dead,
+            Worker(settings, pubsub, PoisonClassifier()) as worker,
+        ):
+            await publish_request(pubsub, settings, "poison", image(255))
+            await publish_request(pubsub, settings, "fine", image(seed=2))
+            (letter,) = await take(dead, 1)
+            answers = results_by_id(await take_results(results, 2))
+            assert worker.outcomes["requeued"] == 2
+    assert letter.attributes[protocol.ERROR_CODE_ATTR] == "model_error"
+    assert letter.attributes[ATTEMPT_ATTR] == "3"
+    assert "poison pixel" in letter.attributes[protocol.ERROR_MESSAGE_ATTR]
+    assert answers["poison"].error is not None and answers["poison"].error.code == "model_error"
+    assert answers["fine"].status == "completed"
+
+
+class ResultsPublishFailsOnce:
+    """Fault injection: the first publish to the results topic fails as if the broker dropped."""
+
+    def __init__(self, pubsub: PubSub, results_topic: str) -> None:
+        self._pubsub = pubsub
+        self._results_topic = results_topic
+        self.failed = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._pubsub, name)
+
+    async def publish(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+    ) -> None:
+        if topic == self._results_topic and not self.failed:
+            self.failed += 1
+            raise BrokerUnavailable("injected: broker went away")
+        await self._pubsub.publish(topic, data, key=key, attributes=attributes)
+
+
+async def test_a_request_is_acked_only_after_its_result_is_published(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When publishing the result fails, the request is not acked: it comes back and is answered."""
+    monkeypatch.setattr(worker_module, "_PUBLISH_FAILURE_BACKOFF_S", 0.01)
+    settings = worker_settings("memory://")
+    model = TinyClassifier()
+    async with open_broker("memory://") as pubsub:
+        await pubsub.ensure_topics(
+            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+        )
+        flaky = ResultsPublishFailsOnce(pubsub, settings.results_topic)
+        async with (
+            pubsub.subscribe(settings.results_topic, group="observer") as results,
+            Worker(settings, flaky, model) as worker,  # type: ignore[arg-type]
+        ):
+            await publish_request(pubsub, settings, "r1", image(seed=3))
+            (answer,) = await take_results(results, 1)
+            assert worker.outcomes["nacked"] == 1
+    assert flaky.failed == 1
+    assert answer.request_id == "r1" and answer.status == "completed"
+    assert model.calls == [1, 1]  # computed twice: the first answer never reached the broker
+
+
+async def test_drain_answers_in_flight_requests_and_leaves_the_rest_to_the_next_worker() -> None:
+    """A drained worker answers what it took; a second worker of the group finishes the others, none twice."""
+    settings = worker_settings("memory://", max_batch_size=4, max_wait_ms=20.0)
+    total = 60
+    async with open_broker("memory://") as pubsub:
+        await pubsub.ensure_topics(
+            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+        )
+        for i in range(total):
+            await publish_request(pubsub, settings, f"r{i}", image(seed=i))
+        async with pubsub.subscribe(settings.results_topic, group="observer") as results:
+            first = Worker(settings, pubsub, TinyClassifier(), worker_id="first")
+            async with first:
+                collected = await take_results(results, 1)
+                await first.drain()
+            assert 1 <= first.outcomes["completed"] < total
+            async with Worker(settings, pubsub, TinyClassifier(), worker_id="second"):
+                collected += await take_results(results, total - 1)
+                assert await nothing_more(results, wait=0.3)
+    assert sorted(r.request_id for r in collected) == sorted(f"r{i}" for i in range(total))
+    assert {r.worker_id for r in collected} == {"first", "second"}
+
+
+async def test_worker_stats_before_start_say_how_to_start_it() -> None:
+    """Reading stats of a worker that never started is a clear error."""
+    async with open_broker("memory://") as pubsub:
+        with pytest.raises(RuntimeError, match="async with"):
+            _ = Worker(worker_settings("memory://"), pubsub, TinyClassifier()).stats
+
+
+def test_decoded_request_carries_the_pixels_and_shape() -> None:
+    """decode_request rebuilds the uint8 C×H×W image from payload and `shape`."""
+    pixels = image(seed=5)
+    message = messaging.Message(
+        "t",
+        pixels.numpy().tobytes(),
+        "k",
+        {protocol.SHAPE_ATTR: "1,28,28", protocol.REQUEST_ID_ATTR: "id"},
+    )
+    request_id, decoded = worker_module.decode_request(message)
+    assert request_id == "id"
+    assert torch.equal(decoded, pixels)
