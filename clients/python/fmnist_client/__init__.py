@@ -19,7 +19,7 @@ from ._exceptions import (
     Unauthorized,
     Unavailable,
 )
-from ._images import ImageInput, encode_png
+from ._images import ImageInput
 from ._models import ErrorDetail, Prediction, Status
 
 __version__ = "0.1.0"
@@ -43,5 +43,4 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "__version__",
-    "encode_png",
 ]
