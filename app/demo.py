@@ -1,0 +1,287 @@
+"""The demo page at `/`: its static files, and the real Fashion-MNIST test images it sends (no torch)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import logging
+import struct
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from app.deps import OwnerDep, SettingsDep
+from app.errors import ApiError, error_responses
+from app.logs import kv
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Only these files are served; any other name is a 404 before a path is built, so nothing else on
+# disk is reachable through /static.
+STATIC_FILES = {
+    "demo.css": "text/css; charset=utf-8",
+    "demo.js": "text/javascript; charset=utf-8",
+}
+# The page loads only its own files and talks only to its own origin ('self' covers ws:// there).
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+        "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+# Where Debian's `dataset-fashion-mnist` package puts the files; FMNIST_DATA_DIR overrides it.
+DEFAULT_DATA_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
+TEST_IMAGES_FILE = "t10k-images-idx3-ubyte.gz"
+TEST_LABELS_FILE = "t10k-labels-idx1-ubyte.gz"
+IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+MAX_TEST_IMAGES = 2000
+HOW_TO_GET_DATA = (
+    "run `apt-get install dataset-fashion-mnist`, or set FMNIST_DATA_DIR to a directory holding "
+    f"{TEST_IMAGES_FILE} and {TEST_LABELS_FILE}"
+)
+# Checkpoints are safetensors files whose header metadata holds the classifier's JSON under this
+# key (see ml/checkpoint.py); only the header is read here, never the weights.
+CHECKPOINT_METADATA_KEY = "fmnist"
+MAX_CHECKPOINT_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class TestImagesAvailability(BaseModel):
+    """Whether the load button can work, and if not, how to make it work."""
+
+    available: bool
+    total: int | None = Field(default=None, description="Images in the test set, when available.")
+    message: str | None = Field(default=None, description="How to install the data, when missing.")
+
+
+class DemoConfig(BaseModel):
+    """What the page needs before its first `/v1` call, so that it never makes one bound to fail."""
+
+    auth_required: bool = Field(
+        description="True when FMNIST_API_KEYS is set: the page asks for a key."
+    )
+    test_images: TestImagesAvailability
+
+
+class TestImage(BaseModel):
+    """One Fashion-MNIST test image as a 28×28 grayscale PNG, with its true label."""
+
+    index: int = Field(description="Position in the 10,000-image test set.", examples=[0])
+    label: int = Field(description="The true label.", examples=[9])
+    png: str = Field(description="The image as a base64-encoded PNG (28×28, grayscale).")
+
+
+class TestImages(BaseModel):
+    """A slice of the real Fashion-MNIST test set, for the demo page's load button."""
+
+    dataset: str = Field(default="fashion-mnist", examples=["fashion-mnist"])
+    split: str = Field(default="test", examples=["test"])
+    total: int = Field(description="Images in the whole test set.", examples=[10_000])
+    images: list[TestImage]
+
+
+class ModelInfo(BaseModel):
+    """What the gateway's configured checkpoint says about itself (read from its header only).
+
+    With separate `fmnist worker` processes the workers may serve another file; each result's own
+    `class_name` and `model_version` are authoritative.
+    """
+
+    class_names: list[str] | None = Field(
+        default=None, examples=[["T-shirt/top", "Trouser", "Pullover"]]
+    )
+    version: str | None = Field(default=None, examples=["3f2a9c0d1b7e"])
+    input_shape: list[int] | None = Field(default=None, examples=[[1, 28, 28]])
+
+
+def find_test_data(data_dir: Path | None) -> tuple[Path, Path]:
+    """The test images and labels files: in `data_dir` if given, else the usual places."""
+    candidates = [data_dir] if data_dir is not None else list(DEFAULT_DATA_DIRS)
+    for directory in candidates:
+        images, labels = directory / TEST_IMAGES_FILE, directory / TEST_LABELS_FILE
+        if images.is_file() and labels.is_file():
+            return images, labels
+    looked = ", ".join(str(d) for d in candidates)
+    raise ApiError(
+        404,
+        "test_data_missing",
+        f"the Fashion-MNIST test set is not on this machine (looked in {looked}): {HOW_TO_GET_DATA}",
+    )
+
+
+def count_idx_items(path: Path) -> int:
+    """The item count in an IDX file's header, without reading its data."""
+    with gzip.open(path, "rb") as handle:
+        header = handle.read(8)
+    if len(header) < 8:
+        raise ValueError(f"{path} is truncated")
+    (count,) = struct.unpack(">I", header[4:8])
+    return int(count)
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """One gzipped IDX file as a uint8 array shaped by its header."""
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or struct.unpack(">I", raw[:4])[0] != magic:
+        raise ValueError(f"{path} is not an IDX file with magic number {magic}")
+    ndim = magic & 0xFF
+    header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise ValueError(f"{path} is truncated inside its header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header_size])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=header_size)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: its header says {dims}, it holds {body.size} bytes")
+    return body.reshape(dims)
+
+
+@lru_cache(maxsize=2)
+def load_test_set(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The test images (N×28×28 uint8) and labels (N), read once per process."""
+    try:
+        images = _read_idx(images_path, IDX_IMAGES_MAGIC)
+        labels = _read_idx(labels_path, IDX_LABELS_MAGIC)
+    except (OSError, EOFError, ValueError) as exc:
+        raise ApiError(
+            503,
+            "test_data_unreadable",
+            f"cannot read the Fashion-MNIST test set ({exc}); reinstall it: {HOW_TO_GET_DATA}",
+        ) from exc
+    if images.shape[0] != labels.shape[0]:
+        raise ApiError(
+            503,
+            "test_data_unreadable",
+            f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
+            f"{labels.shape[0]} labels; reinstall them: {HOW_TO_GET_DATA}",
+        )
+    return images, labels
+
+
+def encode_png(pixels: np.ndarray) -> str:
+    """A 2-D uint8 array as a base64 PNG string."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def read_checkpoint_metadata(path: Path) -> dict[str, Any]:
+    """The classifier metadata in a checkpoint's safetensors header (raises OSError/ValueError)."""
+    with path.open("rb") as handle:
+        size_field = handle.read(8)
+        if len(size_field) < 8:
+            raise ValueError(f"{path} is too short to be a safetensors file")
+        (header_size,) = struct.unpack("<Q", size_field)
+        if header_size > MAX_CHECKPOINT_HEADER_BYTES:
+            raise ValueError(f"{path} has a {header_size}-byte header; not a checkpoint")
+        header = json.loads(handle.read(header_size))
+    metadata = json.loads(header["__metadata__"][CHECKPOINT_METADATA_KEY])
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: classifier metadata is not a JSON object")
+    return metadata
+
+
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def demo_page() -> FileResponse:
+    """The demo page: upload or draw an image, watch results and batching live."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def demo_static(name: str) -> FileResponse:
+    """One of the demo page's own files."""
+    media_type = STATIC_FILES.get(name)
+    if media_type is None:
+        raise ApiError(404, "not_found", f"no static file named {name!r}")
+    return FileResponse(
+        STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "no-cache"}
+    )
+
+
+@router.get("/demo/config", include_in_schema=False)
+def demo_config(settings: SettingsDep) -> DemoConfig:
+    """Open to everyone: it says only whether a key is needed and whether the test set is here."""
+    try:
+        images_path, _ = find_test_data(settings.data_dir)
+        availability = TestImagesAvailability(available=True, total=count_idx_items(images_path))
+    except ApiError as exc:
+        availability = TestImagesAvailability(available=False, message=exc.message)
+    except (OSError, EOFError, ValueError) as exc:
+        availability = TestImagesAvailability(
+            available=False, message=f"cannot read the test set ({exc}): {HOW_TO_GET_DATA}"
+        )
+    return DemoConfig(auth_required=bool(settings.api_keys), test_images=availability)
+
+
+@router.get(
+    "/v1/demo/test-images",
+    response_model=TestImages,
+    tags=["demo"],
+    summary="Real Fashion-MNIST test images, for the demo page",
+    responses=error_responses(401, 403, 404, 422, 503),
+)
+def demo_test_images(
+    settings: SettingsDep,
+    _owner: OwnerDep,
+    count: Annotated[int, Query(ge=1, le=MAX_TEST_IMAGES, description="How many images.")] = 500,
+    offset: Annotated[
+        int, Query(ge=0, description="Index of the first image; the slice wraps past the end.")
+    ] = 0,
+) -> TestImages:
+    """`count` consecutive test images from `offset`, as 28×28 PNGs with their true labels.
+
+    Read from the IDX files with numpy and encoded with Pillow: the gateway never imports torch.
+    404 when the data is not installed (the message says how to install it).
+    """
+    try:
+        images, labels = load_test_set(*find_test_data(settings.data_dir))
+    except ApiError as exc:
+        logger.warning(kv("demo_test_images_unavailable", code=exc.code, reason=exc.message))
+        raise
+    total = int(images.shape[0])
+    indices = [(offset + i) % total for i in range(min(count, total))]
+    return TestImages(
+        total=total,
+        images=[
+            TestImage(index=i, label=int(labels[i]), png=encode_png(images[i])) for i in indices
+        ],
+    )
+
+
+@router.get(
+    "/v1/demo/model",
+    response_model=ModelInfo,
+    tags=["demo"],
+    summary="Class names and version of the configured checkpoint, for the demo page",
+    responses=error_responses(401, 403),
+)
+def demo_model(settings: SettingsDep, _owner: OwnerDep) -> ModelInfo:
+    """Class names, version and input shape from `FMNIST_MODEL_PATH`'s header; nulls when unreadable."""
+    try:
+        metadata = read_checkpoint_metadata(settings.model_path)
+        class_names = metadata.get("class_names")
+        input_shape = metadata.get("input_shape")
+        version = metadata.get("version")
+        return ModelInfo(
+            class_names=[str(n) for n in class_names] if isinstance(class_names, list) else None,
+            version=str(version) if version is not None else None,
+            input_shape=[int(d) for d in input_shape] if isinstance(input_shape, list) else None,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.info(kv("demo_model_info_unavailable", path=settings.model_path, reason=exc))
+        return ModelInfo()
