@@ -14,7 +14,9 @@ def _isort_key(name: str) -> tuple[int, str]:
 
 def test_all_is_sorted_and_complete() -> None:
     """`__all__` lists exactly the public names of `fmnist_client`, in ruff's sorted order."""
-    public = [name for name in vars(fmnist_client) if not name.startswith("_") or name == "__version__"]
+    public = [
+        name for name in vars(fmnist_client) if not name.startswith("_") or name == "__version__"
+    ]
     assert fmnist_client.__all__ == sorted(public, key=_isort_key)
 
 

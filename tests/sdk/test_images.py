@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from fmnist_client._images import encode_image, encode_png, sniff_content_type
+from PIL import Image
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -31,12 +30,16 @@ def test_path_is_read_and_typed_from_its_bytes(tmp_path: Path) -> None:
     path = tmp_path / "shirt.jpg"  # misleading suffix: the bytes are PNG
     path.write_bytes(_png(GRADIENT))
     payload = encode_image(path)
-    assert (payload.content, payload.content_type, payload.filename) == (path.read_bytes(), "image/png", "shirt.jpg")
+    assert (payload.content, payload.content_type, payload.filename) == (
+        path.read_bytes(),
+        "image/png",
+        "shirt.jpg",
+    )
 
 
 def test_missing_path_names_the_file(tmp_path: Path) -> None:
     """A path that does not exist fails before any request, naming the path."""
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.png"):
         encode_image(tmp_path / "nope.png")
 
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-
 from fmnist_client import AsyncClient, BadRequest, Client, Overloaded, Unavailable
 from fmnist_client._base import RetryPolicy, parse_retry_after
 
@@ -19,11 +18,19 @@ PNG = b"\x89PNG\r\n\x1a\nnot really a png"
 
 def _overloaded(retry_after: str | None = "2") -> httpx.Response:
     headers = {"Retry-After": retry_after} if retry_after is not None else {}
-    body = {"error": {"code": "too_many_requests", "message": "10000 requests in flight", "request_id": None}}
+    body = {
+        "error": {
+            "code": "too_many_requests",
+            "message": "10000 requests in flight",
+            "request_id": None,
+        }
+    }
     return httpx.Response(429, headers=headers, json=body)
 
 
-def _script(*responses: httpx.Response | Exception) -> tuple[httpx.MockTransport, list[httpx.Request]]:
+def _script(
+    *responses: httpx.Response | Exception,
+) -> tuple[httpx.MockTransport, list[httpx.Request]]:
     """A transport answering with `responses` in order, recording every request."""
     seen: list[httpx.Request] = []
     queue = list(responses)
@@ -62,7 +69,11 @@ def test_retries_are_bounded_and_then_raise_overloaded() -> None:
     with _client(transport, sleeps, retries=2) as client, pytest.raises(Overloaded) as caught:
         client.submit(PNG)
     assert len(seen) == 3 and sleeps == [1.0, 1.0]
-    assert (caught.value.status_code, caught.value.code, caught.value.retry_after) == (429, "too_many_requests", 1.0)
+    assert (caught.value.status_code, caught.value.code, caught.value.retry_after) == (
+        429,
+        "too_many_requests",
+        1.0,
+    )
     assert "too_many_requests" in str(caught.value)
 
 
@@ -81,17 +92,25 @@ def test_refused_connections_are_retried_then_reported() -> None:
     refused = httpx.ConnectError("Connection refused")
     transport, seen = _script(refused, refused, refused)
     sleeps: list[float] = []
-    with _client(transport, sleeps, retries=2) as client, pytest.raises(Unavailable, match="fmnist.test"):
+    with (
+        _client(transport, sleeps, retries=2) as client,
+        pytest.raises(Unavailable, match=r"fmnist\.test"),
+    ):
         client.get("r-1")
     assert len(seen) == 3 and len(sleeps) == 2
 
 
 def test_client_errors_are_not_retried() -> None:
     """A 415 is the caller's mistake: raised at once as `BadRequest`, no retry."""
-    body = {"error": {"code": "unsupported_media_type", "message": "not an image", "request_id": None}}
+    body = {
+        "error": {"code": "unsupported_media_type", "message": "not an image", "request_id": None}
+    }
     transport, seen = _script(httpx.Response(415, json=body))
     sleeps: list[float] = []
-    with _client(transport, sleeps) as client, pytest.raises(BadRequest, match="unsupported_media_type"):
+    with (
+        _client(transport, sleeps) as client,
+        pytest.raises(BadRequest, match="unsupported_media_type"),
+    ):
         client.submit(b"hello")
     assert len(seen) == 1 and sleeps == []
 
@@ -103,9 +122,16 @@ def test_retry_after_is_capped() -> None:
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [("3", lambda s: s == 3.0), ("0.5", lambda s: s == 0.5), ("soon", lambda s: s is None), (None, lambda s: s is None)],
+    [
+        ("3", lambda s: s == 3.0),
+        ("0.5", lambda s: s == 0.5),
+        ("soon", lambda s: s is None),
+        (None, lambda s: s is None),
+    ],
 )
-def test_retry_after_seconds_are_parsed(header: str | None, expected: Callable[[float | None], bool]) -> None:
+def test_retry_after_seconds_are_parsed(
+    header: str | None, expected: Callable[[float | None], bool]
+) -> None:
     """`Retry-After` delta-seconds parse; garbage is ignored."""
     assert expected(parse_retry_after(header))
 
