@@ -1,0 +1,165 @@
+# syntax=docker/dockerfile:1
+# fmnist-service images, one build, three targets (see docs/deployment.md):
+#
+#   docker build --target gateway -t fmnist-service:gateway .   # HTTP gateway only, without torch
+#   docker build --target worker  -t fmnist-service:worker  .   # batched CPU inference, consumes the broker
+#   docker build                  -t fmnist-service:serve   .   # everything in one container (`fmnist serve`)
+#
+# Every download happens in `builder`; the runtime stages install offline from its wheels, which are
+# bind-mounted only while a RUN installs them, so no wheel ever lands in an image layer.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Keep in step with TORCH_SPEC in the Makefile (tests/test_deploy.py checks it).
+ARG TORCH_VERSION=2.14.1
+
+# ---------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS builder
+
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Broker backends every image carries, so one image serves memory://, kafka:// and gcp:// URLs.
+ARG EXTRAS=kafka,gcp
+# Distributions only the model code needs. The gateway image leaves them out: its code path never
+# imports torch. A name here that is no longer a project dependency fails the build.
+ARG MODEL_ONLY="torch safetensors tqdm matplotlib"
+
+# The requirement lists are derived from pyproject.toml, never copied by hand, so a dependency added
+# there reaches both images; the only hand-kept list is MODEL_ONLY above.
+COPY <<'PY' /build/requirements_for_image.py
+"""Print one image's requirements: pyproject's dependencies plus EXTRAS, minus EXCLUDED names.
+
+usage: requirements_for_image.py PYPROJECT EXTRAS [EXCLUDED ...]   (EXTRAS comma-separated)
+"""
+
+import re
+import sys
+import tomllib
+
+
+def canonical_name(requirement: str) -> str:
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if match is None:
+        sys.exit(f"cannot read a distribution name from requirement {requirement!r}")
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
+
+
+pyproject_path, extras, *excluded = sys.argv[1:]
+with open(pyproject_path, "rb") as file:
+    project = tomllib.load(file)["project"]
+requirements = list(project["dependencies"])
+for extra in filter(None, extras.split(",")):
+    requirements += project["optional-dependencies"][extra]
+declared = {canonical_name(requirement) for requirement in requirements}
+skipped = {canonical_name(name) for name in excluded}
+if stale := skipped - declared:
+    sys.exit(f"excluded names are not dependencies in {pyproject_path}: {sorted(stale)}")
+for requirement in requirements:
+    if canonical_name(requirement) not in skipped:
+        print(requirement)
+PY
+
+WORKDIR /src
+# Dependencies first, from pyproject.toml alone: editing the code does not download them again.
+COPY pyproject.toml ./
+RUN set -eux; \
+    mkdir -p /wheels/deps /wheels/torch /wheels/app; \
+    python /build/requirements_for_image.py pyproject.toml "${EXTRAS}" torch > /wheels/deps/worker.txt; \
+    python /build/requirements_for_image.py pyproject.toml "${EXTRAS}" ${MODEL_ONLY} > /wheels/deps/gateway.txt; \
+    pip wheel --no-cache-dir --prefer-binary --wheel-dir /wheels/deps -r /wheels/deps/worker.txt; \
+    pip wheel --no-cache-dir --wheel-dir /wheels/torch --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+COPY README.md ./
+COPY app/ app/
+COPY ml/ ml/
+COPY messaging/ messaging/
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/app .
+
+# ---------------------------------------------------------------------------------------------------
+# What both images share: a non-root user, tini, a virtualenv owned by root (read-only to the service).
+FROM ${PYTHON_IMAGE} AS runtime
+
+LABEL org.opencontainers.image.title="fmnist-service" \
+      org.opencontainers.image.description="FastAPI gateway and batched PyTorch workers behind a pub/sub broker" \
+      org.opencontainers.image.licenses="MIT"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# tini as PID 1 forwards SIGTERM to fmnist (workers drain in-flight batches on it) and reaps zombies.
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends tini; \
+    apt-get clean; \
+    rm -rf /var/lib/apt/lists/*; \
+    groupadd --system --gid 10001 fmnist; \
+    useradd --system --uid 10001 --gid fmnist --home-dir /home/fmnist --create-home \
+        --shell /usr/sbin/nologin fmnist; \
+    python -m venv "${VIRTUAL_ENV}"
+
+WORKDIR /app
+# Settings are read from FMNIST_* variables (app/settings.py); these are the image's defaults.
+ENV FMNIST_PORT=8000 \
+    FMNIST_LOG_LEVEL=INFO
+ENTRYPOINT ["tini", "--"]
+# Liveness of the HTTP targets, with the interpreter the image already has (no curl). The worker
+# target, which serves no HTTP, switches it off.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('FMNIST_PORT', '8000'), timeout=4)"]
+
+# ---------------------------------------------------------------------------------------------------
+# The HTTP gateway without torch: dependencies from gateway.txt (pyproject's list minus MODEL_ONLY),
+# then the project itself with --no-deps. The last two commands fail the build if the CLI or the
+# gateway code path ever needs torch.
+FROM runtime AS gateway
+
+RUN --mount=type=bind,from=builder,source=/wheels/deps,target=/wheels/deps \
+    pip install --no-cache-dir --no-index --find-links=/wheels/deps -r /wheels/deps/gateway.txt
+RUN --mount=type=bind,from=builder,source=/wheels/app,target=/wheels/app \
+    set -eux; \
+    pip install --no-cache-dir --no-index --no-deps --find-links=/wheels/app fmnist-service; \
+    fmnist --help > /dev/null; \
+    python -c "import sys, app.main; assert 'torch' not in sys.modules, 'the gateway imported torch'"
+
+USER 10001:10001
+EXPOSE 8000
+CMD ["fmnist", "gateway", "--host", "0.0.0.0"]
+
+# ---------------------------------------------------------------------------------------------------
+# Everything the model needs: CPU-only torch, the full dependency set (`pip check` verifies it) and
+# the shipped checkpoint. The worker and serve targets differ only in their command.
+FROM runtime AS torch-runtime
+ARG TORCH_VERSION
+
+RUN --mount=type=bind,from=builder,source=/wheels/deps,target=/wheels/deps \
+    --mount=type=bind,from=builder,source=/wheels/torch,target=/wheels/torch \
+    set -eux; \
+    pip install --no-cache-dir --no-index --find-links=/wheels/torch --find-links=/wheels/deps \
+        "torch==${TORCH_VERSION}" -r /wheels/deps/worker.txt; \
+    python -c "import torch; assert torch.version.cuda is None, 'expected the CPU-only torch build'"
+RUN --mount=type=bind,from=builder,source=/wheels/app,target=/wheels/app \
+    set -eux; \
+    pip install --no-cache-dir --no-index --no-deps --find-links=/wheels/app fmnist-service; \
+    pip check; \
+    fmnist --help > /dev/null
+
+COPY models/ /app/models/
+ENV FMNIST_MODEL_PATH=/app/models/fmnist.safetensors
+USER 10001:10001
+
+# ---------------------------------------------------------------------------------------------------
+FROM torch-runtime AS worker
+
+# On SIGTERM (forwarded by tini) a worker drains: it stops taking messages, finishes its batch,
+# publishes and acks. Give it the time to (compose: stop_grace_period).
+HEALTHCHECK NONE
+CMD ["fmnist", "worker"]
+
+# ---------------------------------------------------------------------------------------------------
+# The default target: gateway + worker + embedded broker in one process, like `make run`.
+FROM torch-runtime AS serve
+
+EXPOSE 8000
+CMD ["fmnist", "serve", "--host", "0.0.0.0"]
