@@ -1,0 +1,1 @@
+"""The gateway's HTTP and websocket routes, and the runtime (`Gateway`) they share."""

@@ -1,0 +1,391 @@
+"""The gateway runtime behind the routes: broker link (connect, reconnect, results consumer), limits, publishing.
+
+One `Gateway` per app, created by `create_app` and reached by routes through `app.deps`. It survives a
+broker that is down at start or goes away later: routes answer 503 + Retry-After meanwhile, a background
+loop reconnects, and the gateway serves again without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from app.auth import ApiKeys
+from app.errors import ApiError
+from app.images import ImagePolicy
+from app.logs import kv
+from app.metrics import GatewayMetrics
+from app.protocol import (
+    DEADLINE_ATTR,
+    METADATA_ATTR,
+    OWNER_ATTR,
+    REQUEST_ID_ATTR,
+    SHAPE_ATTR,
+    SUBMITTED_AT_ATTR,
+    ResultMessage,
+    encode_metadata,
+    encode_shape,
+)
+from app.results import ResultStore, Submission
+from app.settings import Settings
+from messaging import BacklogFull, MessagingError, PubSub, Subscription, connect, parse_broker_url
+
+log = logging.getLogger(__name__)
+
+PubSubFactory = Callable[[Settings], PubSub]
+
+RETRY_AFTER_BROKER_S = 2
+RETRY_AFTER_OVERLOAD_S = 1
+_PING_INTERVAL_S = 2.0
+_SWEEP_INTERVAL_S = 1.0
+_MAX_BACKOFF_S = 5.0
+
+
+def default_pubsub_factory(settings: Settings) -> PubSub:
+    return connect(
+        settings.broker_url,
+        connect_timeout=settings.broker_connect_timeout_s,
+        kafka_idempotence=settings.kafka_idempotence,
+        kafka_partitions=settings.kafka_partitions,
+    )
+
+
+def input_shape_of(settings: Settings) -> tuple[int, int, int]:
+    """The model's input shape (C, H, W) from settings; 1×28×28 until a setting exists."""
+    value = getattr(settings, "input_shape", None) or (1, 28, 28)
+    if isinstance(value, str):
+        value = tuple(int(part) for part in value.split(","))
+    channels, height, width = (int(v) for v in value)
+    return channels, height, width
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """One image taken in: its request id, and whether it repeats an earlier submit (idempotency)."""
+
+    request_id: str
+    repeated: bool = False
+
+
+class Gateway:
+    """Settings, result store, metrics, auth and the broker link of one gateway app."""
+
+    def __init__(self, settings: Settings, pubsub_factory: PubSubFactory | None = None) -> None:
+        self.settings = settings
+        self.gateway_id = getattr(settings, "gateway_id", None) or secrets.token_hex(4)
+        self.results_group = f"gateway-{self.gateway_id}"
+        self.broker_url = parse_broker_url(settings.broker_url).redacted
+        self.store = ResultStore(
+            max_results=settings.result_store_size, ttl_s=settings.result_ttl_s
+        )
+        self.metrics = GatewayMetrics(in_flight=lambda: self.store.pending_count)
+        self.api_keys = ApiKeys(settings.api_keys)
+        channels, height, width = input_shape_of(settings)
+        self.policy = ImagePolicy(
+            channels=channels,
+            height=height,
+            width=width,
+            max_upload_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_image_pixels,
+            auto_invert=bool(getattr(settings, "auto_invert", True)),
+        )
+        self.shape_attr = encode_shape(self.policy.shape)
+        self._factory = pubsub_factory or default_pubsub_factory
+        self._pubsub: PubSub | None = None
+        self._broker_reachable = False
+        self._consuming = False
+        self._last_broker_error = "not connected yet"
+        self._connected = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Broker reachable and results consumer running: the gateway can accept work."""
+        return self._pubsub is not None and self._consuming and self._broker_reachable
+
+    @property
+    def broker_status(self) -> str:
+        return "ok" if self.ready else self._last_broker_error
+
+    async def start(self, wait_s: float) -> None:
+        """Start the broker link in the background; wait up to `wait_s` for the first connection."""
+        self._tasks = [
+            asyncio.create_task(self._maintain_link(), name="fmnist-broker-link"),
+            asyncio.create_task(self._sweep(), name="fmnist-result-sweeper"),
+        ]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await self._connected.wait()
+        if not self.ready:
+            log.warning(
+                kv(
+                    "broker_unavailable_at_start",
+                    broker=self.broker_url,
+                    error=self._last_broker_error,
+                )
+            )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def _maintain_link(self) -> None:
+        backoff = 0.2
+        while not self._stopping:
+            pubsub = self._factory(self.settings)
+            try:
+                await pubsub.connect()
+                await pubsub.ensure_topics(
+                    self.settings.requests_topic,
+                    self.settings.results_topic,
+                    self.settings.deadletter_topic,
+                )
+                subscription = pubsub.subscribe(
+                    self.settings.results_topic,
+                    group=self.results_group,
+                    start="latest",
+                    max_in_flight=4096,
+                )
+                await subscription.start()
+            except asyncio.CancelledError:
+                await _close_quietly(pubsub)
+                raise
+            except (
+                Exception
+            ) as exc:  # any failure to connect means: retry later, never crash the app
+                self._last_broker_error = f"broker {self.broker_url} unavailable: {exc}"
+                log.warning(
+                    kv("broker_connect_failed", broker=self.broker_url, error=exc, retry_s=backoff)
+                )
+                await _close_quietly(pubsub)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                continue
+            backoff = 0.2
+            self._pubsub = pubsub
+            self._broker_reachable = True
+            self._consuming = True
+            self.metrics.broker_up.set(1)
+            self._connected.set()
+            log.info(kv("broker_connected", broker=self.broker_url, group=self.results_group))
+            monitor = asyncio.create_task(self._monitor(pubsub), name="fmnist-broker-ping")
+            try:
+                await self._consume(subscription)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._last_broker_error = f"results consumer stopped: {exc}"
+                log.warning(kv("results_consumer_failed", broker=self.broker_url, error=exc))
+            finally:
+                self._consuming = False
+                self._pubsub = None
+                self.metrics.broker_up.set(0)
+                monitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitor
+                await _close_quietly(pubsub)
+            if not self._stopping:
+                await asyncio.sleep(backoff)
+
+    async def _consume(self, subscription: Subscription) -> None:
+        store = self.store
+        metrics = self.metrics
+        async for message in subscription:
+            try:
+                result = ResultMessage.from_bytes(message.data)
+            except ValueError as exc:
+                # A malformed result can never become valid: drop it, loudly.
+                log.warning(kv("malformed_result", key=message.key, error=exc))
+                metrics.errors.labels("malformed_result").inc()
+                await message.ack()
+                continue
+            if store.add_result(result) is None:
+                metrics.duplicate_results.inc()
+            else:
+                metrics.record_result(result)
+            await message.ack()
+        if not self._stopping:
+            raise MessagingError("the results subscription ended")
+
+    async def _monitor(self, pubsub: PubSub) -> None:
+        while True:
+            await asyncio.sleep(_PING_INTERVAL_S)
+            try:
+                await pubsub.ping()
+            except Exception as exc:
+                if self._broker_reachable:
+                    log.warning(kv("broker_unreachable", broker=self.broker_url, error=exc))
+                self._last_broker_error = f"broker {self.broker_url} unreachable: {exc}"
+                self._broker_reachable = False
+                self.metrics.broker_up.set(0)
+            else:
+                if not self._broker_reachable:
+                    log.info(kv("broker_reachable_again", broker=self.broker_url))
+                self._broker_reachable = True
+                self.metrics.broker_up.set(1)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL_S)
+            for stored in self.store.expire():
+                self.metrics.record_result(stored.result)
+                log.info(kv("request_expired", request_id=stored.result.request_id))
+
+    # --- submitting ------------------------------------------------------------------------
+    def require_ready(self) -> PubSub:
+        pubsub = self._pubsub
+        if pubsub is None or not self.ready:
+            raise ApiError(
+                503,
+                "broker_unavailable",
+                f"{self._last_broker_error}; the gateway reconnects by itself, retry later",
+                headers={"Retry-After": str(RETRY_AFTER_BROKER_S)},
+            )
+        return pubsub
+
+    def check_capacity(self, count: int) -> None:
+        in_flight = self.store.pending_count
+        limit = self.settings.max_in_flight
+        if in_flight + count > limit:
+            raise ApiError(
+                429,
+                "too_many_requests",
+                f"{in_flight} requests in flight, {count} more would exceed the limit of {limit} "
+                "(FMNIST_MAX_IN_FLIGHT); retry later",
+                headers={"Retry-After": str(RETRY_AFTER_OVERLOAD_S)},
+            )
+
+    async def submit(
+        self,
+        owner: str,
+        payloads: Sequence[bytes],
+        *,
+        metadata: dict[str, str] | None = None,
+        idempotency: Sequence[tuple[str, str] | None] | None = None,
+        request_ids: Sequence[str] | None = None,
+    ) -> list[Accepted | ApiError]:
+        """Publish normalised images; one `Accepted` (or the error that refused it) per payload, in order.
+
+        `idempotency[i]` is `(key, fingerprint)` or None; a key seen before (for this owner) returns the
+        earlier request id without publishing, or 422 when the earlier request had another body.
+        `request_ids` lets a caller choose the ids (the websocket must know them before publishing).
+        Raises 503 when the broker is down and 429 when the in-flight cap would be exceeded.
+        """
+        pubsub = self.require_ready()
+        store = self.store
+        outcomes: list[Accepted | ApiError] = []
+        fresh: list[tuple[int, str, bytes, tuple[str, str] | None]] = []
+        for index, payload in enumerate(payloads):
+            request_id = request_ids[index] if request_ids else secrets.token_hex(16)
+            claim = idempotency[index] if idempotency else None
+            if claim is not None:
+                earlier = store.claim_idempotency_key(owner, claim[0], claim[1], request_id)
+                if earlier is not None:
+                    earlier_id, earlier_fingerprint = earlier
+                    if earlier_fingerprint != claim[1]:
+                        outcomes.append(
+                            ApiError(
+                                422,
+                                "idempotency_key_reused",
+                                "this Idempotency-Key was already used with a different request body; "
+                                "use a new key for a new request",
+                                request_id=earlier_id,
+                            )
+                        )
+                    else:
+                        outcomes.append(Accepted(earlier_id, repeated=True))
+                    continue
+            outcomes.append(Accepted(request_id))
+            fresh.append((index, request_id, payload, claim))
+        if not fresh:
+            return outcomes
+        try:
+            self.check_capacity(len(fresh))
+        except ApiError:
+            for _, request_id, _, claim in fresh:
+                if claim is not None:
+                    store.release_idempotency_key(owner, claim[0], request_id)
+            raise
+
+        submitted_at = time.time()
+        deadline = submitted_at + self.settings.request_deadline_s
+        common = {
+            SHAPE_ATTR: self.shape_attr,
+            SUBMITTED_AT_ATTR: repr(submitted_at),
+            DEADLINE_ATTR: repr(deadline),
+            OWNER_ATTR: owner,
+        }
+        if metadata:
+            common[METADATA_ATTR] = encode_metadata(metadata)
+        meta = metadata or {}
+        topic = self.settings.requests_topic
+        for _, request_id, _, _ in fresh:
+            store.add_pending(Submission(request_id, owner, deadline, meta))
+        sends = [
+            pubsub.publish(
+                topic, payload, key=request_id, attributes={**common, REQUEST_ID_ATTR: request_id}
+            )
+            for _, request_id, payload, _ in fresh
+        ]
+        # Concurrently: the broker batches them and one slow ack does not serialise the rest.
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        failures = 0
+        for (index, request_id, _, claim), outcome in zip(fresh, results, strict=True):
+            if isinstance(outcome, BaseException):
+                failures += 1
+                store.discard_pending(request_id)
+                if claim is not None:
+                    store.release_idempotency_key(owner, claim[0], request_id)
+                outcomes[index] = self._publish_error(outcome, request_id)
+        if failures:
+            log.warning(
+                kv(
+                    "publish_failed",
+                    broker=self.broker_url,
+                    count=failures,
+                    error=outcomes[fresh[0][0]],
+                )
+            )
+        self.metrics.record_accepted(len(fresh) - failures)
+        return outcomes
+
+    def _publish_error(self, exc: BaseException, request_id: str) -> ApiError:
+        if isinstance(exc, BacklogFull):
+            return ApiError(
+                429,
+                "too_many_requests",
+                f"the workers' backlog is full ({exc}); retry later",
+                request_id=request_id,
+                headers={"Retry-After": str(RETRY_AFTER_OVERLOAD_S)},
+            )
+        if isinstance(exc, MessagingError | OSError | TimeoutError):
+            self._broker_reachable = False
+            self._last_broker_error = f"publishing to {self.broker_url} failed: {exc}"
+            self.metrics.broker_up.set(0)
+            return ApiError(
+                503,
+                "broker_unavailable",
+                f"the broker did not accept the request ({exc}); retry later",
+                request_id=request_id,
+                headers={"Retry-After": str(RETRY_AFTER_BROKER_S)},
+            )
+        raise exc
+
+
+async def _close_quietly(pubsub: PubSub) -> None:
+    try:
+        await pubsub.close()
+    except Exception as exc:  # closing a broken connection may fail in many ways; we drop it anyway
+        log.debug(kv("broker_close_failed", error=exc))

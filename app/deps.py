@@ -1,0 +1,33 @@
+"""FastAPI dependencies as `Annotated` aliases: settings, the gateway runtime, and the caller's identity."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from app.api.gateway import Gateway
+from app.settings import Settings
+
+
+def get_gateway(connection: HTTPConnection) -> Gateway:
+    """The app's gateway runtime (created by `create_app`, started by its lifespan)."""
+    gateway: Gateway = connection.app.state.gateway
+    return gateway
+
+
+def get_app_settings(connection: HTTPConnection) -> Settings:
+    """The settings the app was created with (tests pass their own to `create_app`)."""
+    settings: Settings = connection.app.state.settings
+    return settings
+
+
+def get_owner(connection: HTTPConnection) -> str:
+    """The caller's owner fingerprint ("" with auth off); 401/403 when a key is required."""
+    return get_gateway(connection).api_keys.owner_of(connection)
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+OwnerDep = Annotated[str, Depends(get_owner)]

@@ -1,0 +1,306 @@
+"""Image intake at the edge: sniff, decode and validate uploads, normalise them to the model's uint8 C×H×W input.
+
+Pillow and numpy only (the gateway never imports torch). The policy, documented in docs/api.md:
+
+1. The format is sniffed from the bytes (PNG, JPEG, GIF, BMP, WebP). A declared `image/*` type must match
+   them (else 415); `application/octet-stream` is sniffed; anything else is 415.
+2. Width × height is checked from the header before a pixel is decoded (413 above the limit), and
+   Pillow opens the file with that one format's plugin only. Undecodable data is 422.
+3. Animated images: the first frame. EXIF orientation is applied.
+4. Transparent pixels are composited on the background that contrasts with the visible pixels.
+5. Single-channel models (Fashion-MNIST: a light object on a black background): convert to 8-bit
+   grayscale ("L"); if the border is mostly light the image is inverted, so dark-on-light photos and
+   drawings work; the object is trimmed to its bounding box. Multi-channel models: RGB, no inversion or trim.
+6. Fit inside the model's H×W keeping the aspect ratio, centred, padded with black.
+A grayscale image already at the model's size skips steps 4-6 except the inversion check.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib import format as npy_format
+from PIL import Image, ImageOps
+
+from app.errors import ApiError
+
+# Magic bytes of the formats we accept, and the Pillow plugin for each.
+_FORMAT_BY_CONTENT_TYPE = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/jpg": "JPEG",
+    "image/pjpeg": "JPEG",
+    "image/gif": "GIF",
+    "image/bmp": "BMP",
+    "image/x-bmp": "BMP",
+    "image/x-ms-bmp": "BMP",
+    "image/webp": "WEBP",
+}
+SUPPORTED_IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp")
+SNIFFED_TYPES = ("application/octet-stream", "")
+NPY_TYPES = ("application/x-npy", "application/npy")
+
+# Background levels: above this mean border brightness a grayscale image is treated as dark-on-light.
+_LIGHT_BORDER = 127.5
+# A pixel belongs to the object when it is this much brighter than the (dark) background.
+_TRIM_THRESHOLD = 24
+# Large images are first reduced (cheaply) to at most this multiple of the model's size.
+_PRESHRINK_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePolicy:
+    """The model's input shape and the limits that uploads must respect."""
+
+    channels: int = 1
+    height: int = 28
+    width: int = 28
+    max_upload_bytes: int = 5 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    auto_invert: bool = True
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def item_bytes(self) -> int:
+        return self.channels * self.height * self.width
+
+
+def media_type(content_type: str | None) -> str:
+    """The bare, lower-case media type of a Content-Type header (`image/png; x=y` → `image/png`)."""
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format name the bytes start with, or None when it is not one we accept."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def resolve_format(content_type: str | None, data: bytes) -> str:
+    """The format to decode `data` with; 415 when it is unsupported or the declared type lies."""
+    declared = media_type(content_type)
+    sniffed = sniff_format(data)
+    if declared in SNIFFED_TYPES:
+        if sniffed is None:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"the bytes are not a supported image; send one of {', '.join(SUPPORTED_IMAGE_TYPES)}",
+            )
+        return sniffed
+    expected = _FORMAT_BY_CONTENT_TYPE.get(declared)
+    if expected is None:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"content type {declared!r} is not supported; send one of {', '.join(SUPPORTED_IMAGE_TYPES)}, "
+            "application/octet-stream (sniffed) or multipart/form-data",
+        )
+    if sniffed != expected:
+        actual = sniffed or "not a supported image format"
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"content type {declared} does not match the bytes, which are {actual}",
+        )
+    return expected
+
+
+def decode_image(data: bytes, content_type: str | None, policy: ImagePolicy) -> bytes:
+    """Validate one uploaded image and return the model's input: uint8 C×H×W, row-major bytes."""
+    if not data:
+        raise ApiError(422, "empty_image", "the upload is empty; send the image bytes")
+    if len(data) > policy.max_upload_bytes:
+        raise _too_large(len(data), policy.max_upload_bytes)
+    image_format = resolve_format(content_type, data)
+    try:
+        image = Image.open(io.BytesIO(data), formats=[image_format])
+        width, height = image.size
+        if width * height > policy.max_pixels:
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"the image is {width}×{height} = {width * height} pixels; the limit is "
+                f"{policy.max_pixels} (FMNIST_MAX_IMAGE_PIXELS)",
+            )
+        if image_format == "JPEG" and min(width, height) > policy.height * _PRESHRINK_FACTOR:
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale for free: much faster than a full decode.
+            image.draft(
+                "RGB", (policy.width * _PRESHRINK_FACTOR, policy.height * _PRESHRINK_FACTOR)
+            )
+        image.load()
+        return normalise(image, policy)
+    except ApiError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, "image_too_large", f"decompression bomb refused: {exc}") from exc
+    except Exception as exc:
+        # Untrusted bytes can make any decoder raise almost anything (OSError, SyntaxError,
+        # ValueError, struct.error, ...): every one of them means "this upload is not a valid image".
+        raise ApiError(
+            422, "invalid_image", f"the {image_format} image could not be decoded: {exc}"
+        ) from exc
+
+
+def normalise(image: Image.Image, policy: ImagePolicy) -> bytes:
+    """Turn a decoded Pillow image into the model's uint8 C×H×W bytes (see the module docstring)."""
+    grayscale = policy.channels == 1
+    if grayscale and image.mode == "L" and image.size == (policy.width, policy.height):
+        pixels = np.asarray(image)
+        if policy.auto_invert and _border_is_light(pixels):
+            pixels = 255 - pixels
+        return pixels.tobytes()
+
+    if "exif" in image.info:
+        image = ImageOps.exif_transpose(image)
+    _preshrink(image, policy)
+    target_mode = "L" if grayscale else "RGB"
+    image = _flatten_alpha(image, target_mode)
+    pixels = np.asarray(image)
+    if grayscale:
+        if policy.auto_invert and _border_is_light(pixels):
+            pixels = 255 - pixels
+        pixels = _trim(pixels)
+    fitted = _fit(Image.fromarray(np.ascontiguousarray(pixels)), policy)
+    array = np.asarray(fitted)
+    if not grayscale:
+        array = array.transpose(2, 0, 1)  # H×W×C → C×H×W
+    return np.ascontiguousarray(array).tobytes()
+
+
+def _preshrink(image: Image.Image, policy: ImagePolicy) -> None:
+    """Reduce huge images by an integer factor first: trimming and fitting then touch few pixels."""
+    limit = (policy.width * _PRESHRINK_FACTOR, policy.height * _PRESHRINK_FACTOR)
+    if image.width > 2 * limit[0] and image.height > 2 * limit[1]:
+        image.thumbnail(limit, Image.Resampling.BOX, reducing_gap=None)
+
+
+def _flatten_alpha(image: Image.Image, mode: str) -> Image.Image:
+    """Convert to `mode`, compositing transparency on a background that contrasts with the object."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert(mode) if image.mode != mode else image
+    rgba = image.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"))
+    luminance = np.asarray(rgba.convert("L"))
+    visible = alpha > 0
+    object_is_dark = bool(visible.any()) and float(luminance[visible].mean()) < _LIGHT_BORDER
+    background = Image.new(
+        "RGBA", rgba.size, (255, 255, 255, 255) if object_is_dark else (0, 0, 0, 255)
+    )
+    return Image.alpha_composite(background, rgba).convert(mode)
+
+
+def _border_is_light(pixels: np.ndarray) -> bool:
+    """True when the one-pixel frame of a grayscale image is mostly light (dark object on light)."""
+    frame_sum = (
+        int(pixels[0].sum())
+        + int(pixels[-1].sum())
+        + int(pixels[1:-1, 0].sum())
+        + int(pixels[1:-1, -1].sum())
+    )
+    frame_len = 2 * pixels.shape[1] + 2 * max(pixels.shape[0] - 2, 0)
+    return frame_sum / max(frame_len, 1) > _LIGHT_BORDER
+
+
+def _trim(pixels: np.ndarray) -> np.ndarray:
+    """Crop a light-on-dark grayscale image to the bounding box of its object (Fashion-MNIST's framing)."""
+    background = int(
+        np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))
+    )
+    mask = pixels > background + _TRIM_THRESHOLD
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return pixels
+    cols = np.flatnonzero(mask.any(axis=0))
+    return pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def _fit(image: Image.Image, policy: ImagePolicy) -> Image.Image:
+    """Resize to fit inside H×W keeping the aspect ratio, centred on a black canvas."""
+    scale = min(policy.width / image.width, policy.height / image.height)
+    size = (
+        max(1, min(policy.width, round(image.width * scale))),
+        max(1, min(policy.height, round(image.height * scale))),
+    )
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    if size == (policy.width, policy.height):
+        return image
+    canvas = Image.new(image.mode, (policy.width, policy.height), 0)
+    canvas.paste(image, ((policy.width - size[0]) // 2, (policy.height - size[1]) // 2))
+    return canvas
+
+
+def decode_array_batch(data: bytes, policy: ImagePolicy, max_images: int) -> list[bytes]:
+    """Split a `.npy` uint8 array, N×H×W (one channel) or N×C×H×W, into per-image model inputs.
+
+    The header is parsed and checked before any allocation, so a lying shape cannot exhaust memory.
+    Arrays are taken as is: no resize, no inversion (they are already the model's input).
+    """
+    stream = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_1_0(
+                stream, max_header_size=1024
+            )
+        else:
+            shape, fortran_order, dtype = npy_format.read_array_header_2_0(
+                stream, max_header_size=1024
+            )
+    except Exception as exc:
+        raise ApiError(422, "invalid_array", f"the body is not a valid .npy array: {exc}") from exc
+    if dtype != np.uint8 or fortran_order:
+        raise ApiError(
+            422, "invalid_array", f"the array must be C-ordered uint8 (0..255), got {dtype}"
+        )
+    accepted: set[tuple[int, ...]] = {(policy.channels, policy.height, policy.width)}
+    if policy.channels == 1:
+        accepted.add((policy.height, policy.width))
+    if len(shape) not in (3, 4) or tuple(shape[1:]) not in accepted:
+        wanted = " or ".join(f"N×{'×'.join(map(str, s))}" for s in sorted(accepted, key=len))
+        raise ApiError(422, "invalid_array", f"the array's shape is {shape}; expected {wanted}")
+    count = int(shape[0])
+    if count < 1:
+        raise ApiError(422, "invalid_array", "the array holds no image")
+    if count > max_images:
+        raise ApiError(
+            413,
+            "too_many_images",
+            f"{count} images in one request; the limit is {max_images} (FMNIST_MAX_BATCH_IMAGES)",
+        )
+    offset = stream.tell()
+    size = policy.item_bytes
+    if len(data) - offset != count * size:
+        raise ApiError(
+            422,
+            "invalid_array",
+            f"the array's data is {len(data) - offset} bytes; its header promises {count * size}",
+        )
+    view = memoryview(data)
+    return [bytes(view[offset + i * size : offset + (i + 1) * size]) for i in range(count)]
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"the upload is {size} bytes; the limit is {limit} (FMNIST_MAX_UPLOAD_BYTES)",
+    )

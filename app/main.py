@@ -1,0 +1,170 @@
+"""The gateway application: `create_app(settings)` wires routes, errors, edge limits and the broker lifespan.
+
+    uvicorn --factory app.main:create_app      # or `fmnist gateway` / `fmnist serve`
+
+Nothing here (nor anything it imports) imports torch: images are decoded with Pillow and numpy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api import ops, predictions, stream
+from app.api.gateway import Gateway, PubSubFactory
+from app.errors import error_body, install_error_handlers
+from app.logs import kv
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# Request headers above these sizes are refused with 431 (servers have their own, looser limits).
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADER_VALUE_BYTES = 8 * 1024
+# At most this long is spent waiting for the broker at startup; the gateway then serves 503s and
+# keeps reconnecting in the background.
+MAX_STARTUP_WAIT_S = 15.0
+
+DESCRIPTION = """
+Image classification behind a pub/sub broker with dynamic batching.
+
+Submit an image (`POST /v1/predictions`), get a request id at once (202), then poll
+`GET /v1/predictions/{id}`, wait for it with `?wait=SECONDS`, or have it pushed over
+`WS /v1/predictions/stream`. Errors are `{"error": {"code", "message", "request_id"}}`.
+When `FMNIST_API_KEYS` is set, `/v1` routes need `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Connect to the broker and start the results consumer; a broker that is down does not stop startup."""
+    gateway: Gateway = app.state.gateway
+    wait_s = min(gateway.settings.broker_connect_timeout_s + 1.0, MAX_STARTUP_WAIT_S)
+    await gateway.start(wait_s=wait_s)
+    log.info(
+        kv(
+            "gateway_started",
+            gateway_id=gateway.gateway_id,
+            broker=gateway.broker_url,
+            ready=gateway.ready,
+            auth="on" if gateway.api_keys.enabled else "off",
+        )
+    )
+    try:
+        yield
+    finally:
+        await gateway.stop()
+        log.info(kv("gateway_stopped", gateway_id=gateway.gateway_id))
+
+
+class EdgeMiddleware:
+    """Refuses oversized headers (431) and records every HTTP request's route, status and latency."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.metrics = gateway.metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        oversized = _oversized_header(scope["headers"])
+        if oversized is not None:
+            await _refuse_headers(scope, send, oversized)
+            return
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.http_requests.labels(template, method, str(status)).inc()
+            self.metrics.http_latency.labels(template, method).observe(
+                time.perf_counter() - started
+            )
+
+
+def _oversized_header(headers: list[tuple[bytes, bytes]]) -> str | None:
+    total = 0
+    for name, value in headers:
+        if len(value) > MAX_HEADER_VALUE_BYTES:
+            return f"header {name.decode('latin-1')} is {len(value)} bytes; the limit is {MAX_HEADER_VALUE_BYTES}"
+        total += len(name) + len(value)
+    if total > MAX_HEADER_BYTES:
+        return f"request headers are {total} bytes; the limit is {MAX_HEADER_BYTES}"
+    return None
+
+
+async def _refuse_headers(scope: Scope, send: Send, reason: str) -> None:
+    body = json.dumps(error_body("header_too_large", reason)).encode()
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": "header too large"})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 431,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    settings: Settings | None = None, *, pubsub_factory: PubSubFactory | None = None
+) -> FastAPI:
+    """The gateway ASGI app. `pubsub_factory` replaces `messaging.connect` (tests inject broker faults)."""
+    settings = settings or get_settings()
+    gateway = Gateway(settings, pubsub_factory)
+    app = FastAPI(
+        title="fmnist-service",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "predictions", "description": "Submit images, read and stream results."},
+            {"name": "operations", "description": "Health, readiness and metrics."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.gateway = gateway
+    install_error_handlers(app)
+    app.include_router(predictions.router)
+    app.include_router(stream.router)
+    app.include_router(ops.router)
+    if importlib.util.find_spec("app.demo") is not None:
+        app.include_router(importlib.import_module("app.demo").router)
+    app.add_middleware(EdgeMiddleware, gateway=gateway)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fmnist-service")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -1,0 +1,237 @@
+"""The gateway's result store: pending submissions, a bounded TTL map of results with resume cursors, waiters.
+
+Every gateway instance sees every result (its own consumer group on the results topic), so any instance
+answers GET for any id once the result arrived; `pending` is known only to the instance that accepted it.
+Workers may publish a request's result twice after a redelivery: the first one wins, later ones are dropped.
+All methods run on the event loop thread; each result costs O(1) plus one call per live listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from app.protocol import ErrorInfo, ResultMessage
+
+# A request without a result this long after its deadline is answered `failed` by the gateway:
+# the worker drops expired requests, so it can no longer succeed.
+EXPIRY_GRACE_S = 5.0
+
+
+@dataclass(slots=True)
+class Submission:
+    """A request this gateway accepted and published, still waiting for its result."""
+
+    request_id: str
+    owner: str
+    deadline: float  # unix seconds
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StoredResult:
+    """A result and its cursor: an increasing integer (the store time in µs) that streams resume after."""
+
+    cursor: int
+    result: ResultMessage
+    stored_at: float  # monotonic seconds
+
+
+ResultListener = Callable[[StoredResult], None]
+
+
+@dataclass(slots=True)
+class _IdempotencyRecord:
+    request_id: str
+    fingerprint: str
+    created: float  # monotonic seconds
+
+
+class ResultStore:
+    """Pending submissions, results (bounded by count and age), idempotency keys and live listeners."""
+
+    def __init__(
+        self,
+        *,
+        max_results: int,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_results = max_results
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._pending: dict[str, Submission] = {}
+        self._results: dict[str, StoredResult] = {}
+        self._order: deque[StoredResult] = deque()  # cursor order == insertion order
+        self._waiters: dict[str, list[asyncio.Future[StoredResult]]] = {}
+        self._listeners: list[ResultListener] = []
+        self._idempotency: OrderedDict[tuple[str, str], _IdempotencyRecord] = OrderedDict()
+        self._last_cursor = 0
+        self.duplicates = 0
+
+    # --- submissions -----------------------------------------------------------------------
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def add_pending(self, submission: Submission) -> None:
+        self._pending[submission.request_id] = submission
+
+    def discard_pending(self, request_id: str) -> None:
+        """Forget a submission that was never published (the broker refused it)."""
+        self._pending.pop(request_id, None)
+
+    # --- results ---------------------------------------------------------------------------
+    def add_result(self, result: ResultMessage) -> StoredResult | None:
+        """Store a result, wake its waiters and listeners; None (and nothing else) for a duplicate."""
+        request_id = result.request_id
+        if request_id in self._results:
+            self.duplicates += 1
+            return None
+        self._pending.pop(request_id, None)
+        now = self._clock()
+        cursor = max(self._last_cursor + 1, int(self._wall_clock() * 1_000_000))
+        self._last_cursor = cursor
+        stored = StoredResult(cursor, result, now)
+        self._results[request_id] = stored
+        self._order.append(stored)
+        self._evict(now)
+        waiters = self._waiters.pop(request_id, None)
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(stored)
+        for listener in self._listeners:
+            listener(stored)
+        return stored
+
+    def get_result(self, request_id: str) -> StoredResult | None:
+        stored = self._results.get(request_id)
+        if stored is not None and self._clock() - stored.stored_at > self.ttl_s:
+            return None
+        return stored
+
+    def get_pending(self, request_id: str) -> Submission | None:
+        return self._pending.get(request_id)
+
+    async def wait_for(self, request_id: str, wait_s: float) -> StoredResult | None:
+        """The result of `request_id`, waiting up to `wait_s` seconds for it; None if it did not come."""
+        stored = self.get_result(request_id)
+        if stored is not None or wait_s <= 0:
+            return stored
+        await self.wait_for_all([request_id], wait_s)
+        return self.get_result(request_id)
+
+    async def wait_for_all(self, request_ids: list[str], wait_s: float) -> None:
+        """Return once every id has a result, or after `wait_s` seconds."""
+        loop = asyncio.get_running_loop()
+        waiting: list[tuple[str, asyncio.Future[StoredResult]]] = []
+        for request_id in request_ids:
+            if request_id in self._results:
+                continue
+            waiter: asyncio.Future[StoredResult] = loop.create_future()
+            self._waiters.setdefault(request_id, []).append(waiter)
+            waiting.append((request_id, waiter))
+        if not waiting:
+            return
+        try:
+            # Plain futures, no task per id: a batch of hundreds waits cheaply.
+            await asyncio.wait([waiter for _, waiter in waiting], timeout=wait_s)
+        finally:
+            for request_id, waiter in waiting:
+                waiters = self._waiters.get(request_id)
+                if waiters is not None and waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._waiters[request_id]
+
+    def results_after(self, cursor: int) -> Iterator[StoredResult]:
+        """Stored results with a cursor greater than `cursor`, oldest first (for stream resume)."""
+        start = len(self._order)
+        # Resuming clients are usually close to the newest result: scan back from the end.
+        while start > 0 and self._order[start - 1].cursor > cursor:
+            start -= 1
+        horizon = self._clock() - self.ttl_s
+        for index in range(start, len(self._order)):
+            stored = self._order[index]
+            if stored.stored_at >= horizon:
+                yield stored
+
+    @property
+    def last_cursor(self) -> int:
+        return self._last_cursor
+
+    def add_listener(self, listener: ResultListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ResultListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    # --- idempotency -----------------------------------------------------------------------
+    def claim_idempotency_key(
+        self, owner: str, key: str, fingerprint: str, request_id: str
+    ) -> tuple[str, str] | None:
+        """Bind (owner, key) to `request_id`; if already bound, return the earlier (request_id, fingerprint)."""
+        scope = (owner, key)
+        record = self._idempotency.get(scope)
+        now = self._clock()
+        if record is not None and now - record.created <= self.ttl_s:
+            return record.request_id, record.fingerprint
+        self._idempotency[scope] = _IdempotencyRecord(request_id, fingerprint, now)
+        self._idempotency.move_to_end(scope)
+        while len(self._idempotency) > self.max_results:
+            self._idempotency.popitem(last=False)
+        return None
+
+    def release_idempotency_key(self, owner: str, key: str, request_id: str) -> None:
+        """Undo a claim whose request was never published."""
+        record = self._idempotency.get((owner, key))
+        if record is not None and record.request_id == request_id:
+            del self._idempotency[(owner, key)]
+
+    # --- housekeeping ----------------------------------------------------------------------
+    def expire(self) -> list[StoredResult]:
+        """Drop old results; answer `failed` for submissions past deadline + grace. Returns those failures."""
+        now = self._clock()
+        self._evict(now)
+        while self._idempotency:
+            oldest = next(iter(self._idempotency.values()))
+            if now - oldest.created <= self.ttl_s:
+                break
+            self._idempotency.popitem(last=False)
+        wall_now = self._wall_clock()
+        overdue = [
+            sub for sub in self._pending.values() if sub.deadline + EXPIRY_GRACE_S < wall_now
+        ]
+        failures = []
+        for submission in overdue:
+            result = ResultMessage(
+                request_id=submission.request_id,
+                status="failed",
+                completed_at=wall_now,
+                owner=submission.owner,
+                metadata=submission.metadata,
+                error=ErrorInfo(
+                    code="deadline_exceeded",
+                    message="no worker answered before the request's deadline "
+                    "(FMNIST_REQUEST_DEADLINE_S); are workers running?",
+                ),
+            )
+            stored = self.add_result(result)
+            if stored is not None:
+                failures.append(stored)
+        return failures
+
+    def _evict(self, now: float) -> None:
+        order = self._order
+        horizon = now - self.ttl_s
+        while order and (len(order) > self.max_results or order[0].stored_at < horizon):
+            oldest = order.popleft()
+            if self._results.get(oldest.result.request_id) is oldest:
+                del self._results[oldest.result.request_id]
