@@ -122,7 +122,7 @@ async def _read_single_image(request: Request, gateway: Gateway) -> tuple[bytes,
     content_type = request.headers.get("content-type")
     kind = media_type(content_type)
     if kind == "multipart/form-data":
-        (upload,) = await parse_multipart_files(request, body, "file", max_files=1)
+        (upload,) = parse_multipart_files(content_type or "", body, "file", max_files=1)
     elif kind in NPY_TYPES:
         (payload,) = decode_array_batch(body, gateway.policy, max_images=1)
         return body, payload
@@ -210,10 +210,11 @@ async def create_predictions_batch(
     limit = int(getattr(settings, "max_batch_upload_bytes", 0) or DEFAULT_MAX_BATCH_UPLOAD_BYTES)
     try:
         body = await read_body(request, limit, "FMNIST_MAX_BATCH_UPLOAD_BYTES")
-        kind = media_type(request.headers.get("content-type"))
+        content_type = request.headers.get("content-type") or ""
+        kind = media_type(content_type)
         decoded: list[bytes | ApiError]
         if kind == "multipart/form-data":
-            uploads = await parse_multipart_files(request, body, "files", max_files=max_images)
+            uploads = parse_multipart_files(content_type, body, "files", max_files=max_images)
             raws = [upload.data for upload in uploads]
             decoded = await decode_uploads(uploads, gateway.policy)
         elif kind in NPY_TYPES:
