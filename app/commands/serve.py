@@ -1,0 +1,72 @@
+"""`fmnist serve`: gateway + worker + embedded broker in one process, the zero-setup way to run the service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.commands.gateway import add_http_arguments, serve_http, settings_from_args
+from app.logs import configure_logging, kv
+from app.settings import Settings
+
+logger = logging.getLogger("app.serve")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run gateway + worker + embedded broker in one process (the quick start)",
+        description=(
+            "Run everything in one process: the HTTP gateway, one inference worker and, by default, the "
+            "embedded memory:// broker. Open http://127.0.0.1:8000/ for the demo page and /docs for the "
+            "API. Settings come from FMNIST_* environment variables; the flags override them. SIGTERM "
+            "or Ctrl-C stops the server, then the worker drains."
+        ),
+    )
+    add_http_arguments(parser)
+    parser.add_argument(
+        "--model", metavar="PATH", type=Path, help="checkpoint to serve (FMNIST_MODEL_PATH)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args, model_path=args.model)
+    except ValueError as exc:  # pydantic's ValidationError names the field and the limit
+        print(f"fmnist serve: invalid setting: {exc}")
+        return 2
+    configure_logging(settings.log_level)
+    return asyncio.run(serve_all(settings))
+
+
+async def serve_all(settings: Settings) -> int:
+    """Start the worker (it loads the model), then the gateway on the same broker; stop in reverse."""
+    import messaging
+    from app.worker import Worker
+    from ml.checkpoint import CheckpointError
+
+    pubsub = messaging.connect(
+        settings.broker_url,
+        connect_timeout=settings.broker_connect_timeout_s,
+        kafka_idempotence=settings.kafka_idempotence,
+        kafka_partitions=settings.kafka_partitions,
+    )
+    try:
+        async with pubsub, Worker(settings, pubsub):
+            return await serve_http(settings)
+    except messaging.MessagingError as exc:
+        logger.error(kv("serve_failed", error=exc))
+        return 1
+    except (CheckpointError, FileNotFoundError) as exc:
+        logger.error(
+            kv(
+                "serve_failed",
+                error=exc,
+                fix="pass --model PATH (FMNIST_MODEL_PATH) or run `make train`",
+            )
+        )
+        return 1
