@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from app.deps import OwnerDep, SettingsDep
+from app.deps import SettingsDep, get_owner
 from app.errors import ApiError, error_responses
 from app.logs import kv
 
@@ -234,10 +234,10 @@ def demo_config(settings: SettingsDep) -> DemoConfig:
     tags=["demo"],
     summary="Real Fashion-MNIST test images, for the demo page",
     responses=error_responses(401, 403, 404, 422, 503),
+    dependencies=[Depends(get_owner)],
 )
 def demo_test_images(
     settings: SettingsDep,
-    _owner: OwnerDep,
     count: Annotated[int, Query(ge=1, le=MAX_TEST_IMAGES, description="How many images.")] = 500,
     offset: Annotated[
         int, Query(ge=0, description="Index of the first image; the slice wraps past the end.")
@@ -269,8 +269,9 @@ def demo_test_images(
     tags=["demo"],
     summary="Class names and version of the configured checkpoint, for the demo page",
     responses=error_responses(401, 403),
+    dependencies=[Depends(get_owner)],
 )
-def demo_model(settings: SettingsDep, _owner: OwnerDep) -> ModelInfo:
+def demo_model(settings: SettingsDep) -> ModelInfo:
     """Class names, version and input shape from `FMNIST_MODEL_PATH`'s header; nulls when unreadable."""
     try:
         metadata = read_checkpoint_metadata(settings.model_path)

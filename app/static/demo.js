@@ -556,45 +556,49 @@ function drawThroughput() {
   canvas.setAttribute("aria-label", `Throughput over the last minute, now ${(values.at(-1) ?? 0).toFixed(1)} images per second, peak ${peak.toFixed(0)}`);
 }
 
-// Sizes as the server reports them; many distinct sizes are grouped by powers of two to stay legible.
+// The server counts batches per size; weighting each size by the images it carried shows what a
+// typical request experienced. Many distinct sizes are grouped by powers of two to stay legible.
 function histogramBuckets(batchSizes) {
   const entries = Object.entries(batchSizes)
-    .map(([size, count]) => [Number(size), Number(count)])
-    .filter(([size, count]) => Number.isFinite(size) && count > 0)
+    .map(([size, batches]) => [Number(size), Number(batches)])
+    .filter(([size, batches]) => Number.isFinite(size) && size > 0 && batches > 0)
     .sort((a, b) => a[0] - b[0]);
-  if (entries.length <= 16) return entries.map(([size, count]) => ({ label: String(size), count }));
+  const grouped = entries.length > 16;
   const buckets = new Map();
-  for (const [size, count] of entries) {
-    const low = 2 ** Math.floor(Math.log2(Math.max(1, size)));
-    const label = low === 1 ? "1" : `${low}–${2 * low - 1}`;
-    buckets.set(label, (buckets.get(label) ?? 0) + count);
+  for (const [size, batches] of entries) {
+    const low = grouped ? 2 ** Math.floor(Math.log2(size)) : size;
+    const label = !grouped || low === 1 ? String(low) : `${low}–${2 * low - 1}`;
+    const bucket = buckets.get(label) ?? { label, batches: 0, images: 0 };
+    bucket.batches += batches;
+    bucket.images += batches * size;
+    buckets.set(label, bucket);
   }
-  return [...buckets].map(([label, count]) => ({ label, count }));
+  return [...buckets.values()];
 }
 
 function renderHistogram(batchSizes) {
   const buckets = histogramBuckets(batchSizes);
   const box = $("batch-histogram");
   $("batch-empty").hidden = buckets.length > 0;
-  const peak = Math.max(1, ...buckets.map((b) => b.count));
+  const total = buckets.reduce((sum, b) => sum + b.images, 0);
+  const peak = Math.max(1, ...buckets.map((b) => b.images));
+  const describeBucket = (b) =>
+    `batch size ${b.label}: ${b.batches.toLocaleString()} batches, ${b.images.toLocaleString()} images (${percent(b.images / total)})`;
   box.replaceChildren(
-    ...buckets.map(({ label, count }) => {
+    ...buckets.map((bucket) => {
       const bar = document.createElement("div");
       bar.className = "hist-bar";
-      bar.style.height = `${Math.max(2, (count / peak) * 100)}%`;
-      bar.title = `size ${label}: ${count.toLocaleString()} batches`;
-      bar.dataset.size = label;
-      bar.dataset.count = String(count);
+      bar.style.height = `${Math.max(2, (bucket.images / peak) * 100)}%`;
+      bar.title = describeBucket(bucket);
+      bar.dataset.size = bucket.label;
+      bar.dataset.batches = String(bucket.batches);
       const tick = document.createElement("span");
-      tick.textContent = label;
+      tick.textContent = bucket.label;
       bar.append(tick);
       return bar;
     }),
   );
-  box.setAttribute(
-    "aria-label",
-    buckets.length ? buckets.map((b) => `size ${b.label}: ${b.count} batches`).join(", ") : "No batches yet",
-  );
+  box.setAttribute("aria-label", buckets.length ? buckets.map(describeBucket).join("; ") : "No batches yet");
 }
 
 async function pollStats() {

@@ -1,0 +1,338 @@
+"""The demo page in headless Chromium against a real `fmnist serve`: upload, drawing, live batching, API keys."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+
+from tests.conftest import REPO_ROOT, missing_service
+
+pytestmark = [pytest.mark.browser, pytest.mark.data]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+API_KEY = "browser-test-key"
+ARTIFACTS = REPO_ROOT / "artifacts" / "browser"
+SERVER_START_TIMEOUT_S = 90.0
+UI_TIMEOUT_MS = 20_000
+LOAD_TEST_TIMEOUT_MS = 40_000
+
+
+@dataclass
+class Server:
+    """A running `fmnist serve` subprocess."""
+
+    url: str
+    api_key: str | None
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.api_key} if self.api_key else {}
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_server(log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str | None) -> Server:
+    """Start `fmnist serve` on a free port and wait until /readyz says the worker can take work."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "FMNIST_MODEL_PATH": str(checkpoint),
+        "FMNIST_DATA_DIR": str(data_dir),
+        "FMNIST_API_KEYS": api_key or "",
+        "FMNIST_LOG_LEVEL": "WARNING",
+    }
+    log_path = log_dir / f"serve-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", api_key, process, log_path)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"fmnist serve exited with {process.returncode}:\n{server.log_tail()}"
+            )
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise AssertionError(
+        f"fmnist serve not ready in {SERVER_START_TIMEOUT_S} s:\n{server.log_tail()}"
+    )
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    tmp_path_factory: pytest.TempPathFactory, shipped_checkpoint: Path, fashion_mnist_dir: Path
+) -> Iterator[Server]:
+    """`fmnist serve` with the shipped checkpoint, the real data and FMNIST_API_KEYS set."""
+    server = start_server(
+        tmp_path_factory.mktemp("serve"), shipped_checkpoint, fashion_mnist_dir, API_KEY
+    )
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def open_server(
+    tmp_path_factory: pytest.TempPathFactory, shipped_checkpoint: Path, fashion_mnist_dir: Path
+) -> Iterator[Server]:
+    """`fmnist serve` with auth off (module-scoped, so pages close before it stops)."""
+    server = start_server(
+        tmp_path_factory.mktemp("serve"), shipped_checkpoint, fashion_mnist_dir, None
+    )
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
+    if not os.access(CHROMIUM, os.X_OK):
+        missing_service(f"{CHROMIUM} not found; run `apt-get install chromium`")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class WatchedPage:
+    """A page whose console errors and uncaught exceptions are collected for the test to fail on."""
+
+    page: Page
+    errors: list[str] = field(default_factory=list)
+    allowed: list[re.Pattern[str]] = field(default_factory=list)
+
+    def allow(self, pattern: str) -> None:
+        """Tolerate console errors matching `pattern` (for a test that provokes them on purpose)."""
+        self.allowed.append(re.compile(pattern))
+
+    def unexpected_errors(self) -> list[str]:
+        return [e for e in self.errors if not any(p.search(e) for p in self.allowed)]
+
+
+@pytest.fixture
+def watched(browser: Browser, request: pytest.FixtureRequest) -> Iterator[WatchedPage]:
+    """A fresh browser context (empty localStorage) and page; saves a screenshot under artifacts/."""
+    context = browser.new_context(viewport={"width": 1360, "height": 1000})
+    page = context.new_page()
+    watched = WatchedPage(page)
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            watched.errors.append(f"console: {message.text}")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: watched.errors.append(f"pageerror: {error}"))
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    yield watched
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+    assert watched.unexpected_errors() == [], "JavaScript errors on the page"
+
+
+def open_page(watched: WatchedPage, server: Server) -> Page:
+    """Open `/`, enter the server's key in the key field if it has one, and wait for the live link."""
+    page = watched.page
+    page.goto(server.url + "/")
+    if server.api_key:
+        page.fill("#api-key", server.api_key)
+        page.click("#key-form button[type=submit]")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    return page
+
+
+def first_test_images(data_dir: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` real test images and labels."""
+    raw_images = gzip.decompress((data_dir / "t10k-images-idx3-ubyte.gz").read_bytes())
+    raw_labels = gzip.decompress((data_dir / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    images = np.frombuffer(raw_images, np.uint8, offset=16)[: count * 784].reshape(count, 28, 28)
+    return images, np.frombuffer(raw_labels, np.uint8, offset=8)[:count]
+
+
+def png_bytes(pixels: np.ndarray, path: Path) -> Path:
+    Image.fromarray(pixels).save(path, format="PNG")
+    return path
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_page_asks_for_a_key_before_calling_the_api(
+    watched: WatchedPage, keyed_server: Server
+) -> None:
+    """With keys on and none stored, the page shows it needs a key and makes no failing call."""
+    page = watched.page
+    page.goto(keyed_server.url + "/")
+    expect(page.locator("#connection")).to_have_text("API key needed")
+    expect(page.locator("#key-form")).to_have_class(re.compile("needs-key"))
+    page.wait_for_timeout(1500)  # long enough for a stats poll, had the page made one
+
+
+def test_a_wrong_key_is_reported_on_the_page(watched: WatchedPage, keyed_server: Server) -> None:
+    """A refused key turns the status to 'Key refused' and shows what to check."""
+    # The browser itself logs each refused request and websocket handshake; those are expected here.
+    watched.allow(r"status of 403|WebSocket connection to .* failed")
+    page = watched.page
+    page.goto(keyed_server.url + "/")
+    page.fill("#api-key", "not-the-key")
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#connection")).to_have_text("Key refused")
+    expect(page.locator("#errors")).to_contain_text("FMNIST_API_KEYS")
+
+
+def test_uploaded_test_image_shows_its_true_class(
+    watched: WatchedPage, keyed_server: Server, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """A real test image put into the file input comes back with its true class name and 10 bars."""
+    from ml import CLASS_NAMES
+
+    images, labels = first_test_images(fashion_mnist_dir, 20)
+    # Use the first image the shipped model classifies correctly (asked through the same server).
+    chosen = None
+    for pixels, label in zip(images, labels, strict=True):
+        path = png_bytes(pixels, tmp_path / "image.png")
+        answer = httpx.post(
+            f"{keyed_server.url}/v1/predictions",
+            params={"wait": 10},
+            content=path.read_bytes(),
+            headers={"Content-Type": "image/png", **keyed_server.headers()},
+            timeout=15,
+        ).json()
+        if answer.get("label") == int(label):
+            chosen = (path, int(label))
+            break
+    assert chosen is not None, "the shipped model got none of the first 20 test images right"
+    path, label = chosen
+
+    page = open_page(watched, keyed_server)
+    page.set_input_files("#file-input", str(path))
+    card = page.locator(".result").first
+    expect(card).to_have_attribute("data-status", "completed")
+    expect(card.locator(".class-name")).to_have_text(CLASS_NAMES[label])
+    expect(card.locator(".bar")).to_have_count(len(CLASS_NAMES))
+    expect(card.locator(".bar.top .bar-label")).to_have_text(CLASS_NAMES[label])
+    expect(card.locator(".result-meta")).to_contain_text("batch of")
+
+
+def test_drawing_on_the_canvas_gets_a_prediction(
+    watched: WatchedPage, keyed_server: Server
+) -> None:
+    """Strokes drawn with the mouse are sent as a 28×28 image and come back classified."""
+    from ml import CLASS_NAMES
+
+    page = open_page(watched, keyed_server)
+    box = page.locator("#sketch").bounding_box()
+    mouse = page.mouse
+
+    def stroke(points: list[tuple[float, float]]) -> None:
+        mouse.move(box["x"] + points[0][0] * box["width"], box["y"] + points[0][1] * box["height"])
+        mouse.down()
+        for x, y in points[1:]:
+            mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=8)
+        mouse.up()
+
+    # A pair of trousers: a waistband and two legs.
+    stroke([(0.3, 0.15), (0.7, 0.15)])
+    stroke([(0.32, 0.15), (0.3, 0.9)])
+    stroke([(0.68, 0.15), (0.7, 0.9)])
+    stroke([(0.5, 0.2), (0.42, 0.9)])
+    stroke([(0.5, 0.2), (0.58, 0.9)])
+    page.click("#classify-drawing")
+    card = page.locator(".result").first
+    expect(card).to_have_attribute("data-status", "completed")
+    expect(card.locator(".thumb")).to_have_attribute("alt", re.compile("Your drawing"))
+    assert card.locator(".class-name").inner_text() in CLASS_NAMES
+    expect(card.locator(".bar")).to_have_count(len(CLASS_NAMES))
+
+
+def test_live_panel_shows_batching_for_500_test_images(
+    watched: WatchedPage, keyed_server: Server
+) -> None:
+    """'Send 500 test images' answers all 500, mostly right, and the panel shows batches above 1."""
+    page = open_page(watched, keyed_server)
+    page.click("#send-test-images")
+    expect(page.locator("#load-done")).to_have_text("500 / 500", timeout=LOAD_TEST_TIMEOUT_MS)
+    expect(page.locator("#load-status")).to_contain_text("Done: 500 classified")
+    accuracy = float(page.locator("#load-accuracy").inner_text().rstrip("%"))
+    assert accuracy >= 85.0, f"accuracy on 500 test images shown as {accuracy}%"
+    expect(page.locator("#load-gallery li")).not_to_have_count(0)
+
+    def completed_on_panel() -> int:
+        return int(re.sub(r"\D", "", page.locator("#stat-completed").inner_text()) or 0)
+
+    wait_until(lambda: completed_on_panel() >= 500, 5, "the stats panel to count 500 results")
+    sizes = page.locator("#batch-histogram .hist-bar").evaluate_all(
+        "bars => bars.map(bar => bar.dataset.size)"
+    )
+    assert any(size != "1" for size in sizes), f"no batch above 1 shown: {sizes}"
+    assert float(page.locator("#stat-throughput").inner_text()) > 0
+    assert int(page.locator("#stream-count").inner_text().replace(",", "")) >= 500
+
+
+def test_page_works_with_auth_off(
+    open_server: Server, watched: WatchedPage, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """Without FMNIST_API_KEYS the page goes live with no key and classifies an upload."""
+    page = open_page(watched, open_server)
+    images, _ = first_test_images(fashion_mnist_dir, 1)
+    page.set_input_files("#file-input", str(png_bytes(images[0], tmp_path / "0.png")))
+    card = page.locator(".result").first
+    expect(card).to_have_attribute("data-status", "completed")
+    expect(card.locator(".bar")).to_have_count(10)
