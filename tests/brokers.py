@@ -150,10 +150,15 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         broker.stop()
 
 
+# Tansu makes a joining consumer wait half the session timeout, and answers fetches only when
+# `fetch_max_wait_ms` expires; short values keep group joins at ~1 s and deliveries prompt in tests.
+KAFKA_TEST_TUNING = "session_timeout_ms=2000&heartbeat_interval_ms=200&fetch_max_wait_ms=50"
+
+
 @pytest.fixture(scope="session")
 def kafka_url(kafka_bootstrap: str) -> str:
-    """`kafka://` URL of the session's Kafka-protocol broker."""
-    return f"kafka://{kafka_bootstrap}"
+    """`kafka://` URL of the session's Kafka-protocol broker, with consumer timings tuned for tests."""
+    return f"kafka://{kafka_bootstrap}?{KAFKA_TEST_TUNING}"
 
 
 @pytest.fixture(scope="session")
