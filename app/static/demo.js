@@ -356,6 +356,13 @@ function bindUploads() {
     if (files.length === 0) showError("Drop image files (PNG, JPEG, GIF, WebP, BMP).");
     classifyFiles(files);
   });
+  window.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData?.files ?? [])].filter((f) => f.type.startsWith("image/"));
+    if (files.length > 0) {
+      event.preventDefault();
+      classifyFiles(files);
+    }
+  });
   // A file dropped outside the zone must not navigate away from the page.
   window.addEventListener("dragover", (event) => event.preventDefault());
   window.addEventListener("drop", (event) => event.preventDefault());

@@ -271,6 +271,29 @@ def test_uploaded_test_image_shows_its_true_class(
     expect(card.locator(".result-meta")).to_contain_text("batch of")
 
 
+def test_dropped_image_is_classified(
+    watched: WatchedPage, keyed_server: Server, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """An image file dropped on the drop zone is uploaded and classified."""
+    images, _ = first_test_images(fashion_mnist_dir, 2)
+    data = png_bytes(images[1], tmp_path / "dropped.png").read_bytes()
+    page = open_page(watched, keyed_server)
+    transfer = page.evaluate_handle(
+        """(bytes) => {
+            const transfer = new DataTransfer();
+            const file = new File([new Uint8Array(bytes)], "dropped.png", { type: "image/png" });
+            transfer.items.add(file);
+            return transfer;
+        }""",
+        list(data),
+    )
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    card = page.locator(".result").first
+    expect(card).to_have_attribute("data-status", "completed")
+    expect(card.locator(".thumb")).to_have_attribute("alt", "Uploaded image dropped.png")
+    expect(card.locator(".bar")).to_have_count(10)
+
+
 def test_drawing_on_the_canvas_gets_a_prediction(
     watched: WatchedPage, keyed_server: Server
 ) -> None:
