@@ -63,11 +63,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str | None) -> Server:
-    """Start `fmnist serve` on a free port and wait until /readyz says the worker can take work."""
+def start_server(
+    log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str | None, command: str = "serve"
+) -> Server:
+    """Start `fmnist serve` (or `gateway`) on a free port and wait until /readyz says it is ready."""
     port = free_port()
     env = {
         **os.environ,
+        "FMNIST_BROKER_URL": "memory://",
         "FMNIST_MODEL_PATH": str(checkpoint),
         "FMNIST_DATA_DIR": str(data_dir),
         "FMNIST_API_KEYS": api_key or "",
@@ -76,7 +79,7 @@ def start_server(log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str |
     log_path = log_dir / f"serve-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "app", command, "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO_ROOT,
             env=env,
             stdout=log,
@@ -87,7 +90,7 @@ def start_server(log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str |
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(
-                f"fmnist serve exited with {process.returncode}:\n{server.log_tail()}"
+                f"fmnist {command} exited with {process.returncode}:\n{server.log_tail()}"
             )
         try:
             if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
@@ -97,7 +100,7 @@ def start_server(log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str |
         time.sleep(0.2)
     stop_server(server)
     raise AssertionError(
-        f"fmnist serve not ready in {SERVER_START_TIMEOUT_S} s:\n{server.log_tail()}"
+        f"fmnist {command} not ready in {SERVER_START_TIMEOUT_S} s:\n{server.log_tail()}"
     )
 
 
@@ -130,6 +133,16 @@ def open_server(
     server = start_server(
         tmp_path_factory.mktemp("serve"), shipped_checkpoint, fashion_mnist_dir, None
     )
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture
+def dataless_gateway(tmp_path: Path, shipped_checkpoint: Path) -> Iterator[Server]:
+    """`fmnist gateway` alone (no worker, no torch) whose FMNIST_DATA_DIR is an empty directory."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    server = start_server(tmp_path, shipped_checkpoint, empty, None, command="gateway")
     yield server
     stop_server(server)
 
@@ -359,3 +372,14 @@ def test_page_works_with_auth_off(
     card = page.locator(".result").first
     expect(card).to_have_attribute("data-status", "completed")
     expect(card.locator(".bar")).to_have_count(10)
+
+
+def test_load_button_says_how_to_get_missing_test_data(
+    dataless_gateway: Server, watched: WatchedPage
+) -> None:
+    """Without the Fashion-MNIST files the button is disabled and says how to install them."""
+    page = open_page(watched, dataless_gateway)
+    expect(page.locator("#send-test-images")).to_be_disabled()
+    expect(page.locator("#send-test-images")).to_have_text("Test images not installed")
+    expect(page.locator("#load-status")).to_contain_text("apt-get install dataset-fashion-mnist")
+    expect(page.locator("#load-status")).to_contain_text("FMNIST_DATA_DIR")
