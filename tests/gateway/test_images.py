@@ -1,0 +1,140 @@
+"""The image policy: sniffing, decoding and normalising uploads to the model's uint8 C×H×W input."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.errors import ApiError
+from app.images import ImagePolicy, decode_array_batch, decode_image, sniff_format
+from tests.gateway.helpers import encode, fashion_like, npy_bytes
+
+POLICY = ImagePolicy()
+
+
+def as_array(payload: bytes, shape: tuple[int, ...] = (28, 28)) -> np.ndarray:
+    return np.frombuffer(payload, np.uint8).reshape(shape)
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_every_supported_format_is_sniffed(image_format: str) -> None:
+    """The five accepted formats are recognised from their bytes."""
+    assert sniff_format(encode(Image.new("L", (8, 8)), image_format)) == image_format
+
+
+def test_model_sized_grayscale_png_passes_through_unchanged() -> None:
+    """A 28×28 Fashion-MNIST-like PNG arrives at the model bit for bit."""
+    pixels = fashion_like(3)
+    assert (
+        as_array(decode_image(encode(Image.fromarray(pixels), "PNG"), "image/png", POLICY)).tolist()
+        == pixels.tolist()
+    )
+
+
+@pytest.mark.data
+def test_real_fashion_mnist_images_pass_through_unchanged(fashion_mnist_dir: Path) -> None:
+    """Real test-set images survive PNG encoding and our policy exactly (no inversion, no resize)."""
+    with gzip.open(fashion_mnist_dir / "t10k-images-idx3-ubyte.gz") as stream:
+        raw = stream.read()
+    images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:200]
+    for pixels in images:
+        assert (
+            decode_image(encode(Image.fromarray(pixels), "PNG"), None, POLICY) == pixels.tobytes()
+        )
+
+
+def test_dark_object_on_light_background_is_inverted() -> None:
+    """A drawing or photo of a dark object on white becomes light-on-black, like Fashion-MNIST."""
+    pixels = np.full((28, 28), 250, np.uint8)
+    pixels[6:22, 8:20] = 10
+    result = as_array(decode_image(encode(Image.fromarray(pixels), "PNG"), "image/png", POLICY))
+    assert result[0, 0] == 5 and result[14, 14] == 245
+
+
+def test_large_photo_is_trimmed_fitted_and_centred() -> None:
+    """A big RGB photo becomes 28×28 grayscale: object trimmed, longest side fitted, padded with black."""
+    photo = np.full((600, 400, 3), 240, np.uint8)
+    photo[100:500, 150:250] = (20, 30, 40)  # a dark 400×100 object on a light background
+    result = as_array(
+        decode_image(encode(Image.fromarray(photo), "JPEG", quality=95), "image/jpeg", POLICY)
+    )
+    assert result[:, 14].min() > 200  # the object spans the full height after trimming
+    assert (
+        result[:, :7].max() < 30 and result[:, -7:].max() < 30
+    )  # padded left and right with black
+
+
+def test_transparent_dark_object_is_composited_to_contrast() -> None:
+    """A dark object on transparency is composited on white, then inverted: light object on black."""
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[10:30, 15:25] = (30, 30, 30, 255)  # 20 tall, 10 wide
+    result = as_array(
+        decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), "image/png", POLICY)
+    )
+    assert result[14, 14] > 200 and result[14, 0] < 30
+
+
+def test_first_frame_of_an_animated_gif_is_used() -> None:
+    """Animated images contribute their first frame only."""
+    first = Image.fromarray(fashion_like(1))
+    second = Image.fromarray(np.full((28, 28), 128, np.uint8))
+    gif = encode(first, "GIF", save_all=True, append_images=[second])
+    assert as_array(decode_image(gif, "image/gif", POLICY))[0, 1] == 0
+
+
+def test_exif_orientation_is_applied() -> None:
+    """A JPEG tagged "rotate 90°" is decoded upright."""
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[:, :20] = 255  # light left half, wide image
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    upright = as_array(
+        decode_image(encode(image, "JPEG", exif=exif.tobytes(), quality=100), "image/jpeg", POLICY)
+    )
+    assert upright[2:10, 10:18].mean() > 200  # the light half is now at the top
+
+
+def test_rgb_model_gets_three_channels_without_inversion() -> None:
+    """For a 3-channel model the output is C×H×W RGB and light backgrounds are kept."""
+    policy = ImagePolicy(channels=3, height=16, width=16)
+    image = Image.new("RGB", (16, 16), (250, 10, 10))
+    result = as_array(decode_image(encode(image, "PNG"), "image/png", policy), (3, 16, 16))
+    assert result[0].min() == 250 and result[1].max() == 10
+
+
+def test_npy_batch_is_split_into_model_inputs() -> None:
+    """An N×28×28 uint8 array becomes N payloads of 784 bytes."""
+    array = np.stack([fashion_like(i) for i in range(3)])
+    payloads = decode_array_batch(npy_bytes(array), POLICY, max_images=8)
+    assert payloads == [image.tobytes() for image in array]
+
+
+@pytest.mark.parametrize(
+    ("array", "code"),
+    [
+        (np.zeros((2, 28, 28), np.float32), "invalid_array"),
+        (np.zeros((2, 27, 28), np.uint8), "invalid_array"),
+        (np.zeros((9, 28, 28), np.uint8), "too_many_images"),
+    ],
+    ids=["float", "wrong-shape", "too-many"],
+)
+def test_bad_npy_arrays_are_refused(array: np.ndarray, code: str) -> None:
+    """Wrong dtype, shape or count is a client error naming what was expected."""
+    with pytest.raises(ApiError) as refused:
+        decode_array_batch(npy_bytes(array), POLICY, max_images=8)
+    assert refused.value.code == code
+
+
+def test_npy_header_promising_more_data_than_sent_is_refused_without_allocating() -> None:
+    """A header claiming 10⁹ images with a few bytes of data is refused before any allocation."""
+    header = npy_bytes(np.zeros((1, 28, 28), np.uint8)).replace(
+        b"(1, 28, 28)", b"(1000000000, 28, 28)"
+    )
+    with pytest.raises(ApiError) as refused:
+        decode_array_batch(header, POLICY, max_images=10**10)
+    assert refused.value.code == "invalid_array"

@@ -1,0 +1,123 @@
+"""The result store: first result wins, bounded by size and age, resume cursors, waiters, idempotency, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app.protocol import ResultMessage
+from app.results import EXPIRY_GRACE_S, ResultStore, Submission
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def result(request_id: str, label: int = 1) -> ResultMessage:
+    return ResultMessage(request_id=request_id, status="completed", label=label, completed_at=0.0)
+
+
+def test_first_result_wins() -> None:
+    """A second result for the same id is dropped and counted."""
+    store = ResultStore(max_results=10, ttl_s=60)
+    assert store.add_result(result("a", 1)) is not None
+    assert store.add_result(result("a", 2)) is None
+    stored = store.get_result("a")
+    assert stored is not None and stored.result.label == 1
+    assert store.duplicates == 1
+
+
+def test_store_is_bounded_by_count() -> None:
+    """Past `max_results` the oldest results are evicted."""
+    store = ResultStore(max_results=3, ttl_s=60)
+    for i in range(5):
+        store.add_result(result(f"r{i}"))
+    assert [store.get_result(f"r{i}") is not None for i in range(5)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
+def test_results_expire_after_the_ttl() -> None:
+    """A result older than the TTL is no longer served."""
+    clock = Clock()
+    store = ResultStore(max_results=10, ttl_s=60, clock=clock)
+    store.add_result(result("a"))
+    clock.now += 61
+    assert store.get_result("a") is None
+
+
+def test_cursors_increase_and_replay_after_a_cursor() -> None:
+    """`results_after(c)` replays exactly the results stored after cursor c, in order."""
+    store = ResultStore(max_results=100, ttl_s=60)
+    stored = [store.add_result(result(f"r{i}")) for i in range(6)]
+    cursors = [s.cursor for s in stored if s is not None]
+    assert cursors == sorted(cursors) and len(set(cursors)) == 6
+    replay = [s.result.request_id for s in store.results_after(cursors[2])]
+    assert replay == ["r3", "r4", "r5"]
+    assert list(store.results_after(cursors[-1])) == []
+
+
+async def test_wait_for_wakes_when_the_result_arrives() -> None:
+    """`wait_for` returns the result as soon as it is stored, and None after its wait."""
+    store = ResultStore(max_results=10, ttl_s=60)
+    waiter = asyncio.create_task(store.wait_for("a", 5))
+    await asyncio.sleep(0)
+    store.add_result(result("a"))
+    found = await waiter
+    assert found is not None and found.result.request_id == "a"
+    assert await store.wait_for("never", 0.01) is None
+
+
+async def test_wait_for_all_returns_when_every_result_is_in() -> None:
+    """`wait_for_all` waits for a set of ids at once."""
+    store = ResultStore(max_results=10, ttl_s=60)
+    waiter = asyncio.create_task(store.wait_for_all(["a", "b"], 5))
+    await asyncio.sleep(0)
+    store.add_result(result("a"))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    store.add_result(result("b"))
+    await asyncio.wait_for(waiter, 1)
+
+
+def test_idempotency_key_is_scoped_per_owner() -> None:
+    """The same key from two owners binds two requests; the same owner gets the first one back."""
+    store = ResultStore(max_results=10, ttl_s=60)
+    assert store.claim_idempotency_key("alice", "k", "fp", "r1") is None
+    assert store.claim_idempotency_key("bob", "k", "fp", "r2") is None
+    assert store.claim_idempotency_key("alice", "k", "fp", "r3") == ("r1", "fp")
+
+
+def test_overdue_submission_is_answered_failed() -> None:
+    """A submission past its deadline + grace gets a `deadline_exceeded` failure, freeing its slot."""
+    store = ResultStore(max_results=10, ttl_s=60, wall_clock=lambda: 500.0)
+    store.add_pending(
+        Submission("late", "", deadline=500.0 - EXPIRY_GRACE_S - 1, metadata={"k": "v"})
+    )
+    store.add_pending(Submission("on-time", "", deadline=600.0))
+    failures = store.expire()
+    assert [f.result.request_id for f in failures] == ["late"]
+    assert (
+        failures[0].result.error is not None
+        and failures[0].result.error.code == "deadline_exceeded"
+    )
+    assert failures[0].result.metadata == {"k": "v"}
+    assert store.pending_count == 1
+
+
+def test_listeners_see_each_new_result_once() -> None:
+    """Listeners are called for new results, not for duplicates."""
+    store = ResultStore(max_results=10, ttl_s=60)
+    seen: list[str] = []
+    store.add_listener(lambda stored: seen.append(stored.result.request_id))
+    store.add_result(result("a"))
+    store.add_result(result("a"))
+    store.add_result(result("b"))
+    assert seen == ["a", "b"]
