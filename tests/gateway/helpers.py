@@ -153,3 +153,27 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, **app_options: Any) -> AsyncIterator[tuple[FastAPI, str]]:
+    """The real app behind a real uvicorn on a free port (for websockets); yields (app, "127.0.0.1:PORT")."""
+    import uvicorn
+
+    app = create_app(settings, **app_options)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", access_log=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(15):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield app, f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -1,0 +1,178 @@
+"""`WS /v1/predictions/stream` on a real uvicorn: pushes, submits, id filters, resume, at-most-once, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+import messaging
+from app.protocol import ResultMessage
+from tests.gateway.helpers import fashion_like, gateway_settings, png_bytes, serving, worker_running
+
+pytestmark = pytest.mark.timeout(30)
+
+PNG = {"Content-Type": "image/png"}
+
+
+async def receive(socket: ClientConnection, within: float = 5.0) -> dict[str, Any]:
+    message = json.loads(await asyncio.wait_for(socket.recv(), within))
+    assert isinstance(message, dict)
+    return message
+
+
+async def nothing_more(socket: ClientConnection, within: float = 0.3) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(socket.recv(), within)
+
+
+async def submit_http(base: str, seed: int, headers: dict[str, str] | None = None) -> str:
+    async with httpx.AsyncClient(base_url=f"http://{base}") as client:
+        response = await client.post(
+            "/v1/predictions",
+            content=png_bytes(fashion_like(seed)),
+            headers={**PNG, **(headers or {})},
+        )
+    assert response.status_code in (200, 202), response.text
+    return str(response.json()["request_id"])
+
+
+async def test_results_are_pushed_as_they_arrive() -> None:
+    """A connected client receives every new result, with a cursor and the full prediction."""
+    settings = gateway_settings()
+    async with (
+        serving(settings) as (_, base),
+        worker_running(settings),
+        connect(f"ws://{base}/v1/predictions/stream") as socket,
+    ):
+        ids = [await submit_http(base, seed) for seed in (1, 2)]
+        pushed = [await receive(socket), await receive(socket)]
+    assert sorted(m["request_id"] for m in pushed) == sorted(ids)
+    assert all(m["type"] == "result" and m["status"] == "completed" for m in pushed)
+    assert {m["request_id"]: m["label"] for m in pushed} == {ids[0]: 1, ids[1]: 2}
+    assert pushed[0]["cursor"] < pushed[1]["cursor"]
+
+
+async def test_submit_over_the_socket_is_accepted_then_answered() -> None:
+    """A `submit` message gets `accepted` (with its client_ref) before the `result` of that request."""
+    settings = gateway_settings()
+    async with (
+        serving(settings) as (_, base),
+        worker_running(settings),
+        connect(f"ws://{base}/v1/predictions/stream?ids=") as socket,
+    ):
+        image = base64.b64encode(png_bytes(fashion_like(6))).decode()
+        await socket.send(
+            json.dumps(
+                {"type": "submit", "image": image, "client_ref": "c-1", "metadata": {"a": "b"}}
+            )
+        )
+        accepted = await receive(socket)
+        result = await receive(socket)
+    assert accepted["type"] == "accepted" and accepted["client_ref"] == "c-1"
+    assert result["type"] == "result" and result["request_id"] == accepted["request_id"]
+    assert (result["label"], result["metadata"]) == (6, {"a": "b"})
+
+
+async def test_bad_messages_get_errors_and_the_socket_stays_open() -> None:
+    """Malformed messages and undecodable images answer `error` messages; the connection keeps working."""
+    settings = gateway_settings()
+    async with (
+        serving(settings) as (_, base),
+        connect(f"ws://{base}/v1/predictions/stream") as socket,
+    ):
+        await socket.send("not json")
+        not_json = await receive(socket)
+        await socket.send(
+            json.dumps(
+                {
+                    "type": "submit",
+                    "image": base64.b64encode(b"nope").decode(),
+                    "client_ref": "x",
+                }
+            )
+        )
+        bad_image = await receive(socket)
+        await socket.send(json.dumps({"type": "dance"}))
+        unknown = await receive(socket)
+    assert not_json["error"]["code"] == "invalid_message"
+    assert bad_image["error"]["code"] == "unsupported_media_type" and bad_image["client_ref"] == "x"
+    assert unknown["type"] == "error"
+
+
+async def test_ids_filter_limits_the_stream() -> None:
+    """With `ids=`, only those requests are pushed; `subscribe` adds ids and pushes stored results at once."""
+    settings = gateway_settings()
+    async with serving(settings) as (app, base), worker_running(settings):
+        first, second = await submit_http(base, 1), await submit_http(base, 2)
+        store = app.state.gateway.store
+        await store.wait_for_all([first, second], 5)
+        async with connect(f"ws://{base}/v1/predictions/stream?ids={first}") as socket:
+            replayed = await receive(socket)
+            await nothing_more(socket)
+            await socket.send(json.dumps({"type": "subscribe", "ids": [second, first]}))
+            subscribed = await receive(socket)
+            await nothing_more(socket)  # `first` was already pushed on this connection
+    assert (replayed["request_id"], subscribed["request_id"]) == (first, second)
+
+
+async def test_resume_after_a_cursor_loses_nothing() -> None:
+    """Results that arrive while a client is away are replayed when it reconnects with `after=`."""
+    settings = gateway_settings()
+    async with (
+        serving(settings) as (app, base),
+        worker_running(settings),
+        connect(f"ws://{base}/v1/predictions/stream") as socket,
+    ):
+        await submit_http(base, 1)
+        last = await receive(socket)
+        missed = [await submit_http(base, seed) for seed in (2, 3)]
+        await app.state.gateway.store.wait_for_all(missed, 5)
+        async with connect(f"ws://{base}/v1/predictions/stream?after={last['cursor']}") as socket:
+            replayed = [await receive(socket), await receive(socket)]
+            await nothing_more(socket)
+    assert [m["request_id"] for m in replayed] == missed
+
+
+async def test_a_republished_result_is_pushed_once() -> None:
+    """A worker publishing the same request id twice (redelivery) reaches the socket once."""
+    settings = gateway_settings()
+    async with (
+        serving(settings) as (_, base),
+        connect(f"ws://{base}/v1/predictions/stream") as socket,
+    ):
+        async with messaging.connect(settings.broker_url) as pubsub:
+            for _ in range(2):
+                duplicate = ResultMessage(
+                    request_id="dup-1", status="completed", label=1, completed_at=time.time()
+                )
+                await pubsub.publish(settings.results_topic, duplicate.to_bytes(), key="dup-1")
+        assert (await receive(socket))["request_id"] == "dup-1"
+        await nothing_more(socket)
+
+
+async def test_stream_needs_a_key_and_shows_only_the_keys_results() -> None:
+    """With API keys: no key is 401, a wrong key 403; `?api_key=` streams only that key's results."""
+    settings = gateway_settings(api_keys=["alice-key", "bob-key"])
+    async with serving(settings) as (_, base), worker_running(settings):
+        with pytest.raises(InvalidStatus) as missing:
+            async with connect(f"ws://{base}/v1/predictions/stream"):
+                pass
+        with pytest.raises(InvalidStatus) as wrong:
+            async with connect(f"ws://{base}/v1/predictions/stream?api_key=eve"):
+                pass
+        async with connect(f"ws://{base}/v1/predictions/stream?api_key=alice-key") as socket:
+            await submit_http(base, 1, {"X-API-Key": "bob-key"})
+            alices = await submit_http(base, 2, {"Authorization": "Bearer alice-key"})
+            pushed = await receive(socket)
+            await nothing_more(socket)
+    assert missing.value.response.status_code == 401
+    assert wrong.value.response.status_code == 403
+    assert pushed["request_id"] == alices
