@@ -91,12 +91,16 @@ async def run_worker(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    pubsub = messaging.connect(
-        settings.broker_url,
-        connect_timeout=settings.broker_connect_timeout_s,
-        kafka_idempotence=settings.kafka_idempotence,
-        kafka_partitions=settings.kafka_partitions,
-    )
+    try:
+        pubsub = messaging.connect(
+            settings.broker_url,
+            connect_timeout=settings.broker_connect_timeout_s,
+            kafka_idempotence=settings.kafka_idempotence,
+            kafka_partitions=settings.kafka_partitions,
+        )
+    except (ValueError, messaging.MissingDependency) as exc:  # bad URL or missing extra: say which
+        logger.error(kv("worker_failed", error=exc, setting="--broker / FMNIST_BROKER_URL"))
+        return 2
     try:
         async with pubsub, Worker(settings, pubsub) as worker:
             stop_requested = asyncio.ensure_future(stop.wait())

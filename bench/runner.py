@@ -1,0 +1,199 @@
+"""Benchmark: ModelRunner under saturation vs the classifier called directly at its best batch size.
+
+    .venv/bin/python bench/runner.py [--model models/fmnist.safetensors] [--requests 4096] [--rounds 3]
+
+Same process, same checkpoint, same real Fashion-MNIST test images, measured in alternating rounds
+so that machine noise hits both sides alike:
+
+1. direct: `classifier.predict` over the images in chunks of each candidate batch size; the best
+   batch size (highest images/s) is the baseline;
+2. saturated runner: N concurrent `await runner.submit(image)` (one asyncio task per image, as
+   callers do), `max_batch_size` = the direct best; the ratio runner/direct is the claim (goal >= 0.9);
+3. light load: one caller, one image at a time; p50 latency vs the goal
+   `max_wait_ms + one batch-of-1 forward pass`.
+
+Results are checked: every runner prediction must equal the direct prediction for its image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ml import ImageClassifier, load_fashion_mnist
+from ml.runner import ModelRunner
+
+CANDIDATE_BATCH_SIZES = (1, 8, 16, 32, 64, 128, 256, 512)
+
+
+def direct_throughput(classifier: ImageClassifier, images: torch.Tensor, batch_size: int) -> float:
+    """Images per second of `predict` over slices of an already stacked N×C×H×W tensor.
+
+    The strictest baseline: no per-image work at all, not even the stack a server must do."""
+    started = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        classifier.predict(images[start : start + batch_size])
+    return len(images) / (time.perf_counter() - started)
+
+
+async def runner_throughput(
+    classifier: ImageClassifier, images: list[torch.Tensor], max_batch_size: int, max_wait_ms: float
+) -> tuple[float, list[int], dict[int, int]]:
+    """Images per second of N concurrent submits; also the labels and the batch size histogram."""
+    async with ModelRunner(
+        classifier,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_queue=max(len(images), max_batch_size),
+    ) as runner:
+        started = time.perf_counter()
+        predictions = await asyncio.gather(*(runner.submit(image) for image in images))
+        elapsed = time.perf_counter() - started
+        histogram = runner.stats().batch_sizes
+    return len(images) / elapsed, [p.label for p in predictions], histogram
+
+
+async def light_load_latencies(
+    classifier: ImageClassifier, images: list[torch.Tensor], max_batch_size: int, max_wait_ms: float
+) -> tuple[list[float], list[float]]:
+    """Milliseconds per request for one caller sending one image at a time, and each one's forward pass."""
+    latencies, inference = [], []
+    async with ModelRunner(
+        classifier, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms
+    ) as runner:
+        for image in images:
+            started = time.perf_counter()
+            prediction = await runner.submit(image)
+            latencies.append((time.perf_counter() - started) * 1000.0)
+            inference.append(prediction.inference_ms)
+    return latencies, inference
+
+
+def forward_ms(classifier: ImageClassifier, batch: torch.Tensor, repeats: int = 100) -> float:
+    """Median milliseconds of one forward pass over `batch` (N×C×H×W)."""
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        classifier.predict(batch)
+        timings.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(timings)
+
+
+def load_classifier(args: argparse.Namespace) -> ImageClassifier:
+    if args.untrained:
+        return ImageClassifier(device=args.device)
+    if not args.model.is_file():
+        sys.exit(
+            f"{args.model} not found: train it (`make train`), pass --model PATH, or use --untrained"
+        )
+    return ImageClassifier.load(args.model, device=args.device)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=Path("models/fmnist.safetensors"))
+    parser.add_argument(
+        "--untrained", action="store_true", help="use a fresh untrained ImageClassifier"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu / cuda (default: the classifier's default)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=4096, help="concurrent submits per saturated round"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating direct/runner rounds; best of each"
+    )
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--max-batch-size", type=int, default=None, help="default: the direct best batch size"
+    )
+    parser.add_argument("--light-requests", type=int, default=200)
+    args = parser.parse_args()
+
+    classifier = load_classifier(args)
+    test = load_fashion_mnist("test")
+    count = min(args.requests, len(test))
+    images = test.images[:count]
+    image_list = list(images)
+    print(
+        f"model={classifier.version} device={classifier.device} torch_threads={torch.get_num_threads()} "
+        f"images={count} (Fashion-MNIST test set)"
+    )
+
+    # Warm up (first calls build the fused inference model and allocator caches).
+    for batch_size in CANDIDATE_BATCH_SIZES:
+        direct_throughput(classifier, images[: 4 * batch_size], batch_size)
+
+    sweep = {bs: direct_throughput(classifier, images, bs) for bs in CANDIDATE_BATCH_SIZES}
+    print(
+        "direct sweep (images/s): " + ", ".join(f"bs{bs}={ips:,.0f}" for bs, ips in sweep.items())
+    )
+    best_batch = max(sweep, key=lambda bs: sweep[bs])
+    max_batch_size = args.max_batch_size or best_batch
+
+    direct_rounds: list[float] = []
+    runner_rounds: list[float] = []
+    histogram: dict[int, int] = {}
+    expected = classifier.predict(images).argmax(dim=1).tolist()
+    for _ in range(args.rounds):
+        direct_rounds.append(direct_throughput(classifier, images, best_batch))
+        throughput, labels, histogram = asyncio.run(
+            runner_throughput(classifier, image_list, max_batch_size, args.max_wait_ms)
+        )
+        runner_rounds.append(throughput)
+        mismatches = sum(a != b for a, b in zip(labels, expected, strict=True))
+        if mismatches:
+            print(f"FAIL: {mismatches} runner predictions differ from direct predict")
+            return 1
+
+    direct_best, runner_best = max(direct_rounds), max(runner_rounds)
+    ratio = runner_best / direct_best
+    print(
+        f"direct best: batch_size={best_batch} {direct_best:,.0f} images/s "
+        f"(rounds: {', '.join(f'{x:,.0f}' for x in direct_rounds)})"
+    )
+    print(
+        f"runner saturated: max_batch_size={max_batch_size} max_wait_ms={args.max_wait_ms:g} "
+        f"{runner_best:,.0f} images/s (rounds: {', '.join(f'{x:,.0f}' for x in runner_rounds)}); "
+        f"batch sizes of the last round: {histogram}"
+    )
+    print(
+        f"ratio runner/direct = {ratio:.3f} (goal >= 0.9) {'OK' if ratio >= 0.9 else 'BELOW GOAL'}"
+    )
+
+    one_forward = forward_ms(classifier, images[:1])
+    full_batch_forward = forward_ms(classifier, images[:max_batch_size], 30)
+    latencies, inference = asyncio.run(
+        light_load_latencies(
+            classifier, image_list[: args.light_requests], max_batch_size, args.max_wait_ms
+        )
+    )
+    p50 = statistics.median(latencies)
+    goal = args.max_wait_ms + full_batch_forward
+    print(
+        f"light load (1 caller, 1 image at a time, {len(latencies)} requests): p50={p50:.2f} ms, "
+        f"p99={sorted(latencies)[int(0.99 * (len(latencies) - 1))]:.2f} ms, runner-measured forward p50="
+        f"{statistics.median(inference):.2f} ms; forward(1)={one_forward:.2f} ms, "
+        f"forward({max_batch_size})={full_batch_forward:.2f} ms"
+    )
+    print(
+        f"goal p50 <= max_wait_ms + one batch's forward = {args.max_wait_ms:g} + {full_batch_forward:.2f} = "
+        f"{goal:.2f} ms {'OK' if p50 <= goal else 'ABOVE GOAL'}; overhead beyond max_wait_ms + forward(1): "
+        f"{p50 - args.max_wait_ms - one_forward:.2f} ms"
+    )
+    return 0 if ratio >= 0.9 and p50 <= goal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
