@@ -12,7 +12,7 @@ const GALLERY_SIZE = 36;
 const TEST_IMAGE_COUNT = 500;
 const LOAD_TEST_TIMEOUT_MS = 60_000;
 const SKETCH_INPUT = 28; // the drawing is sent as a 28×28 PNG, the model's input size
-const BRUSH_WIDTH = 24; // on the 280×280 canvas: about 2.4 input pixels, like the data set's strokes
+const BRUSH_WIDTH = 24; // on the 280×280 canvas: solid shapes, not hairlines, once scaled to 28 px
 const AUTH_CLOSE_CODES = new Set([1008, 4401, 4403]);
 
 const $ = (id) => document.getElementById(id);
@@ -194,6 +194,8 @@ async function loadModelInfo() {
 function addResultCard(thumbnailUrl, altText) {
   const card = $("result-template").content.firstElementChild.cloneNode(true);
   const thumb = card.querySelector(".thumb");
+  // Model-sized images are enlarged with hard pixel edges; photos are scaled smoothly.
+  thumb.addEventListener("load", () => thumb.classList.toggle("tiny", thumb.naturalWidth <= 64), { once: true });
   thumb.src = thumbnailUrl;
   thumb.alt = altText;
   const list = $("results");
@@ -249,7 +251,6 @@ function renderResult(card, result) {
       track.setAttribute("aria-hidden", "true");
       const fill = document.createElement("span");
       fill.className = "bar-fill";
-      fill.style.display = "block";
       fill.style.width = `${Math.max(0, Math.min(1, p)) * 100}%`;
       track.append(fill);
       const value = document.createElement("span");
