@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import re
 import shutil
 import struct
 from collections.abc import AsyncIterator
@@ -70,6 +71,17 @@ async def test_page_is_served_with_a_strict_content_security_policy(
     assert 'src="/static/demo.js"' in response.text
     policy = response.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "connect-src 'self'" in policy
+
+
+async def test_page_loads_nothing_from_other_origins(client: httpx.AsyncClient) -> None:
+    """Every script, stylesheet and icon the page references is its own (it works offline)."""
+    page = (await client.get("/")).text
+    references = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert references, "the page references no assets at all"
+    for reference in references:
+        assert reference.startswith(("/", "#", "data:")), f"external reference {reference!r}"
+    script = (await client.get("/static/demo.js")).text
+    assert not re.search(r"https?://", script), "the script talks to another origin"
 
 
 @pytest.mark.parametrize(
