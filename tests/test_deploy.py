@@ -511,7 +511,8 @@ def healthz_server(request: pytest.FixtureRequest) -> Iterator[HealthzServer]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits up to one interval.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield HealthzServer(port=server.server_address[1], status=status)
