@@ -115,7 +115,13 @@ class Gateway:
         return "ok" if self.ready else self._last_broker_error
 
     async def start(self, wait_s: float) -> None:
-        """Start the broker link in the background; wait up to `wait_s` for the first connection."""
+        """Start the broker link in the background; wait up to `wait_s` for the first connection.
+
+        A stopped gateway can be started again (an app may run its lifespan more than once).
+        """
+        self._stopping = False
+        self._connected.clear()
+        self._last_broker_error = "not connected yet"
         self._tasks = [
             asyncio.create_task(self._maintain_link(), name="fmnist-broker-link"),
             asyncio.create_task(self._sweep(), name="fmnist-result-sweeper"),
