@@ -21,6 +21,8 @@ logger = logging.getLogger("fmnist_client")
 STREAM_PATH = "/v1/predictions/stream"
 # Handshake answers worth another try: the gateway is starting, full, or behind a restarting proxy.
 _RETRY_HANDSHAKE_STATUSES = frozenset({429, 500, 502, 503, 504})
+CLOSE_POLICY_VIOLATION = 1008  # the gateway refused this stream (auth, bad query)
+CLOSE_TRY_AGAIN_LATER = 1013  # the gateway shed a slow reader; resume with `after`
 
 
 def stream_url(base_url: str, *, ids: Collection[str] | None, after: int | None) -> str:
@@ -88,7 +90,16 @@ async def stream_predictions(
             if status not in _RETRY_HANDSHAKE_STATUSES:
                 raise error_from_response(status, _json_or_none(error.response.body)) from error
             reason = f"HTTP {status}"
-        except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as error:
+        except ConnectionClosed as error:
+            close = error.rcvd
+            if close is not None and close.code == CLOSE_POLICY_VIOLATION:
+                # The gateway refused the stream itself (bad key, bad `ids`): retrying cannot help.
+                raise _refusal(close.reason) from error
+            if close is not None and close.code == CLOSE_TRY_AGAIN_LATER:
+                # We fell behind and the gateway shed us; resuming from the cursor loses nothing.
+                failures = 0
+            reason = f"connection closed ({close.code if close else 'no close frame'})"
+        except (InvalidHandshake, OSError, TimeoutError) as error:
             reason = f"{type(error).__name__}: {error}"
         if reconnects is not None and failures >= reconnects:
             raise Unavailable(
@@ -115,6 +126,16 @@ def _json_or_none(body: bytes | bytearray | None) -> Any:
         return json.loads(body or b"")
     except ValueError:
         return None
+
+
+def _refusal(reason: str) -> FmnistError:
+    """The error for a 1008 close, whose reason reads "STATUS CODE: message"."""
+    status_text, _, rest = reason.partition(" ")
+    code, _, message = rest.partition(": ")
+    status = int(status_text) if status_text.isdigit() else 400
+    return error_from_response(
+        status, {"error": {"code": code or "stream_refused", "message": message or reason}}
+    )
 
 
 def _stream_error(message: dict[str, Any]) -> FmnistError:
