@@ -92,10 +92,10 @@ def e2e_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def e2e_checkpoint(shipped_checkpoint: Path) -> Path:
+def e2e_checkpoint(request: pytest.FixtureRequest) -> Path:
     """The checkpoint the workers serve: the shipped one, or `FMNIST_E2E_CHECKPOINT` while developing."""
     override = os.environ.get("FMNIST_E2E_CHECKPOINT")
-    return Path(override) if override else shipped_checkpoint
+    return Path(override) if override else Path(request.getfixturevalue("shipped_checkpoint"))
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ async def test_sigkill_of_a_worker_mid_stream_loses_and_duplicates_nothing(
         # Kill once the victim has answered some requests, so it dies holding unacked work.
         await stream.wait_for(
             lambda d: sum(1 for r in d.results if r.worker_id == "worker-1") >= 50,
-            timeout=30,
+            within_s=30,
             what="worker-1 to answer 50 requests",
         )
         victim.signal(signal.SIGKILL)
