@@ -57,7 +57,7 @@ def free_port() -> int:
 def start_server(
     log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str | None, command: str = "serve"
 ) -> Server:
-    """Start `fmnist serve` (or `gateway`) on a free port and wait until /readyz says it is ready."""
+    """Start `fmnist serve` (or another sub-command) on a free port; wait until /readyz says ready."""
     port = free_port()
     env = {
         **os.environ,

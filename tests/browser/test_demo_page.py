@@ -48,22 +48,13 @@ def keyed_server(
 
 @pytest.fixture(scope="module")
 def open_server(
-    tmp_path_factory: pytest.TempPathFactory, shipped_checkpoint: Path, fashion_mnist_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, shipped_checkpoint: Path
 ) -> Iterator[Server]:
-    """`fmnist serve` with auth off (module-scoped, so pages close before it stops)."""
-    server = start_server(
-        tmp_path_factory.mktemp("serve"), shipped_checkpoint, fashion_mnist_dir, None
-    )
-    yield server
-    stop_server(server)
-
-
-@pytest.fixture
-def dataless_gateway(tmp_path: Path, shipped_checkpoint: Path) -> Iterator[Server]:
-    """`fmnist gateway` alone (no worker, no torch) whose FMNIST_DATA_DIR is an empty directory."""
-    empty = tmp_path / "no-data"
+    """`fmnist serve` with auth off and an empty FMNIST_DATA_DIR (module-scoped: pages close first)."""
+    log_dir = tmp_path_factory.mktemp("serve")
+    empty = log_dir / "no-data"
     empty.mkdir()
-    server = start_server(tmp_path, shipped_checkpoint, empty, None, command="gateway")
+    server = start_server(log_dir, shipped_checkpoint, empty, api_key=None)
     yield server
     stop_server(server)
 
@@ -259,6 +250,7 @@ def test_page_works_with_auth_off(
     open_server: Server, watched: WatchedPage, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
     """Without FMNIST_API_KEYS the page goes live with no key and classifies an upload."""
+    # The test reads its image itself: this server has no data directory.
     page = open_page(watched, open_server)
     images, _ = first_test_images(fashion_mnist_dir, 1)
     page.set_input_files("#file-input", str(png_bytes(images[0], tmp_path / "0.png")))
@@ -268,10 +260,10 @@ def test_page_works_with_auth_off(
 
 
 def test_load_button_says_how_to_get_missing_test_data(
-    dataless_gateway: Server, watched: WatchedPage
+    open_server: Server, watched: WatchedPage
 ) -> None:
     """Without the Fashion-MNIST files the button is disabled and says how to install them."""
-    page = open_page(watched, dataless_gateway)
+    page = open_page(watched, open_server)
     expect(page.locator("#send-test-images")).to_be_disabled()
     expect(page.locator("#send-test-images")).to_have_text("Test images not installed")
     expect(page.locator("#load-status")).to_contain_text("apt-get install dataset-fashion-mnist")
