@@ -70,7 +70,7 @@ def test_predict_many_from_threads(server: LiveServer) -> None:
 
 def test_unreachable_gateway_raises_unavailable_after_retries() -> None:
     """A port nobody listens on: connection refused, retried, then Unavailable telling what to check."""
-    with Client(f"http://127.0.0.1:{free_port()}", retries=1, backoff=0.01) as client:
-        with pytest.raises(Unavailable, match="fmnist serve") as caught:
-            client.get("x")
+    client = Client(f"http://127.0.0.1:{free_port()}", retries=1, backoff=0.01)
+    with client, pytest.raises(Unavailable, match="fmnist serve") as caught:
+        client.get("x")
     assert caught.value.code == "connection_error" and caught.value.status_code is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, overload
@@ -215,7 +215,7 @@ class AsyncClient:
         *,
         after: int | None = None,
         reconnects: int | None = 10,
-    ) -> AsyncIterator[Prediction]:
+    ) -> AsyncGenerator[Prediction, None]:
         """Results as they complete, over the websocket.
 
         Without `ids`: every result visible to this API key from now on (or, with `after`, from

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, Collection
 from typing import Any
 from urllib.parse import urlencode
 
@@ -47,7 +47,7 @@ async def stream_predictions(
     reconnects: int | None,
     retry_policy: RetryPolicy,
     open_timeout: float,
-) -> AsyncIterator[Prediction]:
+) -> AsyncGenerator[Prediction, None]:
     """Yield results as they arrive; on a dropped connection, reconnect and resume after the
     last cursor seen. With `ids`, end once each of them has been yielded.
 
