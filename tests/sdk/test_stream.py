@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-
 from fmnist_client import AsyncClient, Prediction, Unauthorized
+
 from tests.sdk.conftest import LiveServer, TcpProxy
 
 pytestmark = pytest.mark.timeout(60)
