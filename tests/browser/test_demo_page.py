@@ -137,6 +137,14 @@ def test_page_asks_for_a_key_before_calling_the_api(
     page.wait_for_timeout(1500)  # long enough for a stats poll, had the page made one
 
 
+def test_key_is_remembered_across_reloads(watched: WatchedPage, keyed_server: Server) -> None:
+    """A key entered once is kept in localStorage: after a reload the page goes live by itself."""
+    page = open_page(watched, keyed_server)
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    expect(page.locator("#api-key")).to_have_value(API_KEY)
+
+
 def test_a_wrong_key_is_reported_on_the_page(watched: WatchedPage, keyed_server: Server) -> None:
     """A refused key turns the status to 'Key refused' and shows what to check."""
     # The browser itself logs each refused request and websocket handshake; those are expected here.
