@@ -893,6 +893,7 @@ function renderRun() {
         img.alt = item.correct
           ? `Predicted ${item.predicted}, correct`
           : `Predicted ${item.predicted}, actually ${className(item.expected)}`;
+        li.title = img.alt;
         const caption = document.createElement("span");
         caption.textContent = item.predicted;
         li.append(img, caption);
