@@ -152,7 +152,7 @@ class Worker:
         """Load the model, create the topics, join the group and start consuming."""
         settings = self.settings
         if self._classifier is None:
-            self._classifier = await asyncio.to_thread(_load_classifier, settings)
+            self._classifier = await asyncio.to_thread(load_classifier, settings)
         runner = ModelRunner(
             self._classifier,
             max_batch_size=settings.max_batch_size,
@@ -403,8 +403,8 @@ class Worker:
         await self._publish_failure(message, request_id, metadata, ModelError.code, text)
 
 
-def _load_classifier(settings: Settings) -> BatchPredictor:
-    """Load the checkpoint the worker serves (runs in a thread)."""
+def load_classifier(settings: Settings) -> BatchPredictor:
+    """Load the checkpoint the worker serves, `settings.model_path` (blocking: call it in a thread)."""
     from ml import ImageClassifier
 
     classifier: BatchPredictor = ImageClassifier.load(settings.model_path)

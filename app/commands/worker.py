@@ -6,11 +6,15 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.logs import configure_logging, kv
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.worker import Worker
 
 logger = logging.getLogger("app.worker")
 
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValueError as exc:  # pydantic's ValidationError names the field and the limit
-        print(f"fmnist worker: invalid setting: {exc}")
+        print(f"fmnist worker: invalid setting: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     if settings.broker_url.startswith("memory://"):
@@ -82,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def run_worker(settings: Settings) -> int:
-    """Connect, consume until a stop signal, drain. Returns the exit status."""
+    """Load the model, connect, consume until a stop signal, drain. Returns the exit status."""
     import messaging
-    from app.worker import Worker
+    from app.worker import Worker, load_classifier
     from ml.checkpoint import CheckpointError
 
     stop = asyncio.Event()
@@ -92,43 +96,49 @@ async def run_worker(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        pubsub = messaging.connect(
-            settings.broker_url,
-            connect_timeout=settings.broker_connect_timeout_s,
-            kafka_idempotence=settings.kafka_idempotence,
-            kafka_partitions=settings.kafka_partitions,
-        )
-    except (ValueError, messaging.MissingDependency) as exc:  # bad URL or missing extra: say which
-        logger.error(kv("worker_failed", error=exc, setting="--broker / FMNIST_BROKER_URL"))
-        return 2
-    try:
-        async with pubsub, Worker(settings, pubsub) as worker:
-            stop_requested = asyncio.ensure_future(stop.wait())
-            consuming = asyncio.ensure_future(worker.wait())
-            await asyncio.wait({stop_requested, consuming}, return_when=asyncio.FIRST_COMPLETED)
-            stop_requested.cancel()
-            if consuming.done():
-                consuming.result()  # the subscription ended by itself: surface its error
-                logger.error(
-                    kv("worker_stopped", worker_id=worker.worker_id, reason="subscription ended")
+        # The model first: a wrong path fails in a second instead of after the broker's timeout.
+        try:
+            classifier = await asyncio.to_thread(load_classifier, settings)
+        except (CheckpointError, FileNotFoundError) as exc:
+            logger.error(
+                kv(
+                    "worker_failed",
+                    error=exc,
+                    fix="pass --model PATH (FMNIST_MODEL_PATH) or run `make train`",
                 )
-                return 1
-            logger.info(kv("worker_draining", worker_id=worker.worker_id))
-            await worker.drain()
-            consuming.cancel()
-    except messaging.MessagingError as exc:
-        logger.error(kv("worker_failed", error=exc))
-        return 1
-    except (CheckpointError, FileNotFoundError) as exc:
-        logger.error(
-            kv(
-                "worker_failed",
-                error=exc,
-                fix="pass --model PATH (FMNIST_MODEL_PATH) or run `make train`",
             )
-        )
-        return 1
+            return 1
+        try:
+            pubsub = messaging.connect(
+                settings.broker_url,
+                connect_timeout=settings.broker_connect_timeout_s,
+                kafka_idempotence=settings.kafka_idempotence,
+                kafka_partitions=settings.kafka_partitions,
+            )
+        except (ValueError, messaging.MissingDependency) as exc:  # bad URL or missing extra
+            logger.error(kv("worker_failed", error=exc, setting="--broker / FMNIST_BROKER_URL"))
+            return 2
+        try:
+            async with pubsub, Worker(settings, pubsub, classifier) as worker:
+                return await _serve_until_stopped(worker, stop)
+        except messaging.MessagingError as exc:
+            logger.error(kv("worker_failed", error=exc))
+            return 1
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+async def _serve_until_stopped(worker: Worker, stop: asyncio.Event) -> int:
+    stop_requested = asyncio.ensure_future(stop.wait())
+    consuming = asyncio.ensure_future(worker.wait())
+    await asyncio.wait({stop_requested, consuming}, return_when=asyncio.FIRST_COMPLETED)
+    stop_requested.cancel()
+    if consuming.done():
+        consuming.result()  # the subscription ended by itself: surface its error
+        logger.error(kv("worker_stopped", worker_id=worker.worker_id, reason="subscription ended"))
+        return 1
+    logger.info(kv("worker_draining", worker_id=worker.worker_id))
+    await worker.drain()
+    consuming.cancel()
     return 0
