@@ -103,6 +103,11 @@ class GatewayMetrics:
             "Results dropped because the request id already had one.",
             registry=r,
         )
+        # Bound children, resolved once: `labels()` costs more than the increment itself.
+        self._completed = self.predictions.labels("completed")
+        self._failed = self.predictions.labels("failed")
+        self._accepted = self.predictions.labels("accepted")
+        self._rejected = self.predictions.labels("rejected")
         # For /v1/stats.
         self.completed = 0
         self.failed = 0
@@ -117,10 +122,10 @@ class GatewayMetrics:
         """Count one stored (first) result."""
         if result.status == "completed":
             self.completed += 1
-            self.predictions.labels("completed").inc()
+            self._completed.inc()
         else:
             self.failed += 1
-            self.predictions.labels("failed").inc()
+            self._failed.inc()
             if result.error is not None:
                 self.errors.labels(result.error.code).inc()
         if result.queue_ms is not None:
@@ -147,11 +152,11 @@ class GatewayMetrics:
             self._per_second.append([second, 1])
 
     def record_rejection(self, code: str) -> None:
-        self.predictions.labels("rejected").inc()
+        self._rejected.inc()
         self.errors.labels(code).inc()
 
     def record_accepted(self, count: int = 1) -> None:
-        self.predictions.labels("accepted").inc(count)
+        self._accepted.inc(count)
 
     def throughput_per_s(self) -> float:
         now = int(self._clock())

@@ -96,6 +96,9 @@ class Gateway:
         )
         self.shape_attr = encode_shape(self.policy.shape)
         self._factory = pubsub_factory or default_pubsub_factory
+        # The in-process broker never waits on the network: awaiting each publish in turn is
+        # cheaper than a task per message. Remote brokers get concurrent publishes instead.
+        self._publish_in_turn = settings.broker_url.startswith("memory://")
         self._pubsub: PubSub | None = None
         self._broker_reachable = False
         self._consuming = False
@@ -345,8 +348,19 @@ class Gateway:
             )
             for _, request_id, payload, _ in fresh
         ]
-        # Concurrently: the broker batches them and one slow ack does not serialise the rest.
-        results = await asyncio.gather(*sends, return_exceptions=True)
+        results: list[object]
+        if self._publish_in_turn:
+            results = []
+            for send in sends:
+                try:
+                    await send
+                except Exception as exc:
+                    results.append(exc)
+                else:
+                    results.append(None)
+        else:
+            # Concurrently: the broker batches them and one slow ack does not serialise the rest.
+            results = await asyncio.gather(*sends, return_exceptions=True)
         failures = 0
         for (index, request_id, _, claim), outcome in zip(fresh, results, strict=True):
             if isinstance(outcome, BaseException):
