@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.sdk.serving import fmnist_serve
+from tests.sdk.serving import fmnist_serve, served_checkpoint
 
 pytestmark = [pytest.mark.e2e]
 
@@ -71,10 +71,10 @@ def _runnable_blocks() -> list[CodeBlock]:
 
 @pytest.fixture(scope="module")
 def service_url(
-    tmp_path_factory: pytest.TempPathFactory, shipped_checkpoint: Path
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[str]:
     """A real `fmnist serve` with the shipped checkpoint, shared by this module's tests."""
-    with fmnist_serve(tmp_path_factory.mktemp("readme-serve"), shipped_checkpoint) as url:
+    with fmnist_serve(tmp_path_factory.mktemp("readme-serve"), served_checkpoint(request)) as url:
         yield url
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -107,12 +108,12 @@ class ListenStats:
         return (
             f"results={self.results} failed={self.failed} "
             f"accuracy={_percent(self.accuracy)} ({self.correct}/{self.labelled} labelled) "
-            f"throughput={self.throughput:.1f}/s"
+            f"throughput={_rate(self.throughput)}"
         )
 
     def summary_lines(self) -> list[str]:
         lines = [
-            f"results        {self.results} ({self.failed} failed), {self.throughput:.1f} results/s",
+            f"results        {self.results} ({self.failed} failed), {_rate(self.throughput)}",
             f"accuracy       {_percent(self.accuracy)} ({self.correct}/{self.labelled} labelled)",
             _latency_line("service ms", self.service_ms, "queue + inference, from the results"),
             _latency_line(
@@ -123,6 +124,10 @@ class ListenStats:
             mean = sum(self.batch_sizes) / len(self.batch_sizes)
             lines.append(f"batch size     mean {mean:.1f}, max {max(self.batch_sizes)}")
         return lines
+
+
+def _rate(per_second: float) -> str:
+    return "n/a" if math.isnan(per_second) else f"{per_second:.1f} results/s"
 
 
 def _percent(fraction: float) -> str:
@@ -146,7 +151,37 @@ async def listen(
     stats: ListenStats,
     out: TextIO,
 ) -> None:
-    """Consume the stream into `stats`, printing a status line at most every STATUS_EVERY_S."""
+    """Consume the stream into `stats` until `count` results, Ctrl-C or SIGTERM.
+
+    A status line is printed at most every STATUS_EVERY_S. The signals are handled here rather
+    than left to KeyboardInterrupt so that SIGTERM (and SIGINT where a shell ignored it for a
+    background job) also ends in the final summary.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        consume = asyncio.create_task(
+            _consume(url, api_key, count=count, after=after, stats=stats, out=out)
+        )
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({consume, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (consume, stopped):
+            task.cancel()
+        await asyncio.gather(stopped, return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await consume  # re-raises the stream's error, if that is what ended it
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    if out.isatty():
+        print(file=out)
+
+
+async def _consume(
+    url: str, api_key: str | None, *, count: int, after: int | None, stats: ListenStats, out: TextIO
+) -> None:
     from fmnist_client import AsyncClient
 
     live = out.isatty()
@@ -166,9 +201,7 @@ async def listen(
                     flush=True,
                 )
             if done:
-                break
-    if live:
-        print(file=out)
+                return
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,8 +225,6 @@ def run(args: argparse.Namespace) -> int:
                 out=sys.stdout,
             )
         )
-    except KeyboardInterrupt:
-        print(file=sys.stdout)
     except FmnistError as error:
         failure = error
     for line in stats.summary_lines():

@@ -80,10 +80,12 @@ def _positive_int(text: str) -> int:
 
 def find_test_set(data_dir: Path | None) -> Path:
     """The directory holding the Fashion-MNIST test IDX files; SystemExit says where it looked."""
-    candidates = [data_dir] if data_dir else []
-    if os.environ.get("FMNIST_DATA_DIR"):
-        candidates.append(Path(os.environ["FMNIST_DATA_DIR"]))
-    candidates.append(DEBIAN_DATA_DIR)
+    if data_dir is not None:
+        candidates = [data_dir]  # asked for explicitly: do not silently fall back to another copy
+    else:
+        from_env = os.environ.get("FMNIST_DATA_DIR")
+        candidates = [Path(from_env)] if from_env else []
+        candidates.append(DEBIAN_DATA_DIR)
     for directory in candidates:
         if (directory / TEST_IMAGES).is_file() and (directory / TEST_LABELS).is_file():
             return directory

@@ -94,9 +94,9 @@ class LiveServer:
     def __init__(self, app: FastAPI) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        # Plain asyncio, not uvloop: uvloop timers can fire up to ~1 ms early, which (at the time of
-        # writing) strands a partial batch in ml/runner.py until the next image arrives. `fmnist serve`
-        # tests (test_cli.py) run the production loop and catch that; these check the SDK.
+        # Plain asyncio, as `fmnist serve` runs (asyncio.run): under uvloop, whose timers can fire up
+        # to ~1 ms early, ml/runner.py (at the time of writing) may strand a partial batch until the
+        # next image arrives.
         config = uvicorn.Config(
             app,
             host="127.0.0.1",

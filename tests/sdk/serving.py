@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.e2e import processes
 
 SERVE_START_TIMEOUT_S = 90.0  # torch import and model load on a busy 2-core machine
+
+
+def served_checkpoint(request: pytest.FixtureRequest) -> Path:
+    """The shipped checkpoint, or `FMNIST_E2E_CHECKPOINT` while developing (as tests/e2e does)."""
+    override = os.environ.get("FMNIST_E2E_CHECKPOINT")
+    return Path(override) if override else Path(request.getfixturevalue("shipped_checkpoint"))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,193 @@
+"""`fmnist send-images` and `fmnist listen`: the original three-terminal demo against a real `fmnist serve`."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fmnist_client import Client, Prediction
+
+from app.commands.listen import ListenStats, percentile
+from app.commands.send_images import IDX_IMAGES_MAGIC, read_idx
+from tests.conftest import REPO_ROOT
+from tests.e2e.processes import free_port
+from tests.sdk.serving import fmnist_serve, served_checkpoint
+
+pytestmark = pytest.mark.timeout(120)
+
+CLI_TIMEOUT_S = 60
+
+
+def fmnist(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run `fmnist ARGS` to completion, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def start_listen(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "app", "listen", *args],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def finish(process: subprocess.Popen[str], timeout: float = CLI_TIMEOUT_S) -> tuple[int, str, str]:
+    """Wait for a started command; kill it (by PID) if it overstays. Returns (exit code, stdout, stderr)."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"command did not finish within {timeout} s\n{out}\n{err}")
+    return process.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def service_url(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """One `fmnist serve` with the shipped checkpoint for this module."""
+    with fmnist_serve(tmp_path_factory.mktemp("cli-serve"), served_checkpoint(request)) as url:
+        yield url
+
+
+@pytest.mark.e2e
+@pytest.mark.data
+def test_send_images_and_listen_score_the_shipped_model(
+    service_url: str, fashion_mnist_dir: Path
+) -> None:
+    """200 real test images sent by send-images are all scored by listen, which exits by itself at
+    --count with accuracy, throughput and p50/p90/p99 latencies (service and end-to-end)."""
+    listener = start_listen("--url", service_url, "--count", "200", "--after", "0")
+    try:
+        sent = fmnist(
+            "send-images", "--url", service_url, "--count", "200", "--concurrency", "16",
+            "--data-dir", str(fashion_mnist_dir), "--no-progress",
+        )  # fmt: skip
+        code, out, err = finish(listener)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert "accepted 200, failed 0" in sent.stdout
+    assert code == 0, out + err
+    accuracy = re.search(r"^accuracy\s+([\d.]+)% \((\d+)/(\d+) labelled\)", out, re.M)
+    assert accuracy is not None, out
+    assert int(accuracy[3]) == 200 and float(accuracy[1]) >= 80.0  # the shipped model scores ~90 %
+    assert re.search(r"^results\s+200 \(0 failed\), [\d.]+ results/s", out, re.M), out
+    for name in ("service ms", "end-to-end ms"):
+        assert re.search(rf"^{name}\s+p50 [\d.]+\s+p90 [\d.]+\s+p99 [\d.]+", out, re.M), out
+
+
+@pytest.mark.e2e
+def test_listen_prints_the_final_figures_on_ctrl_c(service_url: str) -> None:
+    """Ctrl-C (SIGINT) ends listen with exit 0 and the final summary, after it showed a running line."""
+    listener = start_listen("--url", service_url)
+    try:
+        assert listener.stderr is not None
+        assert "listening to" in listener.stderr.readline()
+        time.sleep(0.5)  # let it connect: without --after it sees results from now on
+        with Client(service_url) as client:
+            for name in ("ankle-boot", "trouser", "sneaker"):
+                client.predict(REPO_ROOT / "clients" / "python" / "examples" / f"{name}.png")
+        time.sleep(0.3)
+        listener.send_signal(signal.SIGINT)
+        code, out, err = finish(listener, timeout=20)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    assert code == 0, out + err
+    assert re.search(r"^results=\d failed=0 accuracy=", out, re.M), out  # the running line
+    assert re.search(r"^results\s+3 \(0 failed\)", out, re.M), out
+    assert re.search(r"^accuracy\s+n/a \(0/0 labelled\)", out, re.M), out  # no labels in metadata
+
+
+@pytest.mark.data
+def test_send_images_reports_an_unreachable_gateway(fashion_mnist_dir: Path) -> None:
+    """Nothing listening: every image fails with connection_error, exit 1, the summary says what to check."""
+    result = fmnist(
+        "send-images", "--url", f"http://127.0.0.1:{free_port()}", "--count", "2",
+        "--data-dir", str(fashion_mnist_dir), "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "accepted 0, failed 2" in result.stdout
+    assert "connection_error=2" in result.stdout and "fmnist serve" in result.stdout
+
+
+def test_send_images_explains_missing_data(tmp_path: Path) -> None:
+    """An explicit --data-dir without the files fails, saying where it looked and how to get them."""
+    result = fmnist("send-images", "--data-dir", str(tmp_path), "--count", "1")
+    assert result.returncode != 0
+    assert (
+        str(tmp_path) in result.stderr and "apt-get install dataset-fashion-mnist" in result.stderr
+    )
+
+
+def test_idx_reader_refuses_other_files(tmp_path: Path) -> None:
+    """A gzip file that is not an IDX image file is refused with a clear message, not misread."""
+    bogus = tmp_path / "t10k-images-idx3-ubyte.gz"
+    bogus.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 12))
+    with pytest.raises(SystemExit, match="not an IDX file"):
+        read_idx(bogus, IDX_IMAGES_MAGIC)
+
+
+@pytest.mark.data
+def test_idx_reader_reads_the_real_test_set(fashion_mnist_dir: Path) -> None:
+    """The real test images read as 10000×28×28 uint8."""
+    images = read_idx(fashion_mnist_dir / "t10k-images-idx3-ubyte.gz", IDX_IMAGES_MAGIC)
+    assert images.shape == (10000, 28, 28) and str(images.dtype) == "uint8"
+
+
+def test_percentile_is_nearest_rank() -> None:
+    """p50/p90/p99 of 1..100 are 50/90/99; an empty list gives NaN."""
+    values = [float(v) for v in range(1, 101)]
+    assert [percentile(values, q) for q in (50, 90, 99)] == [50.0, 90.0, 99.0]
+    assert math.isnan(percentile([], 50))
+
+
+def _result(label: int, true_label: str | None, status: str = "completed") -> Prediction:
+    metadata = (
+        {"label": true_label, "sent_at": f"{time.time() - 0.05:.6f}"}
+        if true_label is not None
+        else {}
+    )
+    return Prediction(
+        request_id="r", status=status,  # type: ignore[arg-type]
+        label=label if status == "completed" else None,
+        queue_ms=1.0, inference_ms=2.0, batch_size=4, metadata=metadata,
+    )  # fmt: skip
+
+
+def test_listen_stats_score_only_labelled_results() -> None:
+    """Accuracy counts results whose metadata has a label; failures and unlabelled ones are not scored."""
+    stats = ListenStats()
+    for prediction in [
+        _result(3, "3"),
+        _result(1, "2"),
+        _result(5, None),
+        _result(0, "0", status="failed"),
+    ]:
+        stats.add(prediction, received_at=time.monotonic(), now_unix=time.time())
+    assert (stats.results, stats.failed, stats.labelled, stats.correct) == (4, 1, 2, 1)
+    assert stats.accuracy == 0.5
+    assert stats.service_ms == [3.0, 3.0, 3.0]
+    assert len(stats.end_to_end_ms) == 2 and all(40 <= ms <= 1000 for ms in stats.end_to_end_ms)
