@@ -206,9 +206,12 @@ class ResultStore:
                 break
             self._idempotency.popitem(last=False)
         wall_now = self._wall_clock()
-        overdue = [
-            sub for sub in self._pending.values() if sub.deadline + EXPIRY_GRACE_S < wall_now
-        ]
+        overdue = []
+        # Deadlines are submit time + one constant, so insertion order is deadline order.
+        for submission in self._pending.values():
+            if submission.deadline + EXPIRY_GRACE_S >= wall_now:
+                break
+            overdue.append(submission)
         failures = []
         for submission in overdue:
             result = ResultMessage(

@@ -17,9 +17,10 @@ from app.images import ImagePolicy, decode_image
 
 MAX_METADATA_BYTES = 1024
 MAX_IDEMPOTENCY_KEY_CHARS = 255
-# Uploads bigger than this (in total) are decoded on a worker thread: Pillow releases the GIL while
-# decoding, and the event loop keeps serving. Small images (the hot path) stay on the loop: cheaper.
-_THREAD_DECODE_BYTES = 64 * 1024
+# Big images are decoded on a worker thread: Pillow releases the GIL while decoding, and the event
+# loop keeps serving. Small images (the hot path) stay on the loop: a thread hop would cost more.
+_THREAD_DECODE_IMAGE_BYTES = 64 * 1024
+_THREAD_DECODE_TOTAL_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +215,7 @@ async def decode_uploads(uploads: Sequence[Upload], policy: ImagePolicy) -> list
                 decoded.append(exc)
         return decoded
 
-    if sum(len(upload.data) for upload in uploads) > _THREAD_DECODE_BYTES:
+    sizes = [len(upload.data) for upload in uploads]
+    if max(sizes) > _THREAD_DECODE_IMAGE_BYTES or sum(sizes) > _THREAD_DECODE_TOTAL_BYTES:
         return await to_thread.run_sync(decode_all)
     return decode_all()

@@ -160,8 +160,12 @@ class StreamSession:
             store.remove_listener(self._offer)
             metrics.websockets.dec()
             sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+            try:
                 await sender
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # the client went away mid-send: nothing left to tell it
+                log.debug(kv("stream_send_failed", owner=self.owner, error=exc))
 
     async def _send_loop(self) -> None:
         websocket = self.websocket
