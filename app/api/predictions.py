@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
 from app.api.gateway import Accepted, Gateway
 from app.api.intake import (
@@ -115,6 +116,32 @@ def _check_wait(wait: float | None, gateway: Gateway) -> float:
     return wait
 
 
+@dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """The parsed options of a submit: checked before the body is read."""
+
+    idempotency_key: str | None
+    metadata: dict[str, str] | None
+    wait_s: float
+
+
+def submit_options(
+    gateway: GatewayDep,
+    wait: WaitQuery = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+    metadata: MetadataHeader = None,
+) -> SubmitOptions:
+    """Validate `wait`, `Idempotency-Key` and `X-Fmnist-Metadata`, and refuse early (503) without a broker."""
+    options = SubmitOptions(
+        check_idempotency_key(idempotency_key), parse_metadata(metadata), _check_wait(wait, gateway)
+    )
+    gateway.require_ready()
+    return options
+
+
+SubmitOptionsDep = Annotated[SubmitOptions, Depends(submit_options)]
+
+
 async def _read_single_image(request: Request, gateway: Gateway) -> tuple[bytes, bytes]:
     """(the upload's bytes, the model input) for the single-image route."""
     limit = gateway.settings.max_upload_bytes
@@ -152,18 +179,10 @@ async def _read_single_image(request: Request, gateway: Gateway) -> tuple[bytes,
     openapi_extra=_SINGLE_BODY,
 )
 async def create_prediction(
-    request: Request,
-    gateway: GatewayDep,
-    owner: OwnerDep,
-    wait: WaitQuery = None,
-    idempotency_key: IdempotencyKeyHeader = None,
-    metadata: MetadataHeader = None,
+    request: Request, gateway: GatewayDep, owner: OwnerDep, options: SubmitOptionsDep
 ) -> Response:
     """Decode and validate the image, publish it to the workers, answer 202 (or 200 within `wait`)."""
-    key = check_idempotency_key(idempotency_key)
-    meta = parse_metadata(metadata)
-    wait_s = _check_wait(wait, gateway)
-    gateway.require_ready()
+    key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
     try:
         raw, payload = await _read_single_image(request, gateway)
         claim = [(key, fingerprint(raw, meta))] if key is not None else None
@@ -193,18 +212,10 @@ async def create_prediction(
     openapi_extra=_BATCH_BODY,
 )
 async def create_predictions_batch(
-    request: Request,
-    gateway: GatewayDep,
-    owner: OwnerDep,
-    wait: WaitQuery = None,
-    idempotency_key: IdempotencyKeyHeader = None,
-    metadata: MetadataHeader = None,
+    request: Request, gateway: GatewayDep, owner: OwnerDep, options: SubmitOptionsDep
 ) -> Response:
     """One item per image, in order: a pending/completed prediction, or `{index, error}` for a bad image."""
-    key = check_idempotency_key(idempotency_key)
-    meta = parse_metadata(metadata)
-    wait_s = _check_wait(wait, gateway)
-    gateway.require_ready()
+    key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
     settings = gateway.settings
     max_images = settings.max_batch_images
     limit = int(getattr(settings, "max_batch_upload_bytes", 0) or DEFAULT_MAX_BATCH_UPLOAD_BYTES)

@@ -44,7 +44,7 @@ async def test_submit_then_poll_returns_the_completed_result() -> None:
     result = polled.json()
     assert result["status"] == "completed"
     assert result["label"] == 7  # the stand-in worker saw exactly our pixels
-    assert result["class_name"] == "Sneaker"
+    assert result["class_name"] == "class-7"
     assert result["model_version"] == "standin00000"
 
 
