@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +63,12 @@ def input_shape_of(settings: Settings) -> tuple[int, int, int]:
         value = tuple(int(part) for part in value.split(","))
     channels, height, width = (int(v) for v in value)
     return channels, height, width
+
+
+def new_request_ids(count: int) -> list[str]:
+    """`count` random 128-bit ids as 32 hex characters, from one read of the OS's random source."""
+    pool = os.urandom(16 * count).hex()
+    return [pool[i : i + 32] for i in range(0, 32 * count, 32)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +303,9 @@ class Gateway:
         store = self.store
         outcomes: list[Accepted | ApiError] = []
         fresh: list[tuple[int, str, bytes, tuple[str, str] | None]] = []
+        ids = request_ids or new_request_ids(len(payloads))
         for index, payload in enumerate(payloads):
-            request_id = request_ids[index] if request_ids else secrets.token_hex(16)
+            request_id = ids[index]
             claim = idempotency[index] if idempotency else None
             if claim is not None:
                 earlier = store.claim_idempotency_key(owner, claim[0], claim[1], request_id)

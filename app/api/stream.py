@@ -15,7 +15,6 @@ import binascii
 import contextlib
 import json
 import logging
-import secrets
 from collections import OrderedDict
 from typing import Any
 
@@ -23,7 +22,7 @@ from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app.api.gateway import Gateway
+from app.api.gateway import Gateway, new_request_ids
 from app.api.intake import Upload, check_metadata, decode_uploads
 from app.api.models import result_body
 from app.deps import GatewayDep
@@ -278,7 +277,7 @@ class StreamSession:
         (decoded,) = await decode_uploads([Upload(data, None)], gateway.policy)
         if isinstance(decoded, ApiError):
             raise decoded
-        request_id = secrets.token_hex(16)
+        (request_id,) = new_request_ids(1)
         if self.ids is not None:
             self.ids.add(request_id)  # before publishing: the result may come back at once
         self._held[request_id] = []
