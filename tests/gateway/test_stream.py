@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import messaging
+from app.api import stream
 from app.protocol import ResultMessage
 from tests.gateway.helpers import fashion_like, gateway_settings, png_bytes, serving, worker_running
 
@@ -176,3 +177,30 @@ async def test_stream_needs_a_key_and_shows_only_the_keys_results() -> None:
     assert missing.value.response.status_code == 401
     assert wrong.value.response.status_code == 403
     assert pushed["request_id"] == alices
+
+
+async def test_a_client_that_falls_behind_is_closed_with_a_resume_cursor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the per-socket queue bound the socket gets what was queued, then close 1013 naming `after=`."""
+
+
+    monkeypatch.setattr(stream, "MAX_QUEUED_MESSAGES", 5)
+    settings = gateway_settings()
+    async with (
+        serving(settings) as (app, base),
+        connect(f"ws://{base}/v1/predictions/stream") as socket,
+    ):
+        await asyncio.sleep(0.1)  # the session is listening
+        store = app.state.gateway.store
+        for i in range(20):  # in one go: faster than any socket drains
+            store.add_result(
+                ResultMessage(request_id=f"burst-{i}", status="completed", completed_at=time.time())
+            )
+        received = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                received.append(await receive(socket))
+    assert [m["request_id"] for m in received] == [f"burst-{i}" for i in range(5)]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+    assert f"after={received[-1]['cursor']}" in closed.value.rcvd.reason
