@@ -108,13 +108,14 @@ def metadata_header(metadata: Mapping[str, str] | None) -> dict[str, str]:
         return {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map str to str, e.g. {'label': '3'}")
-    text = json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False)
-    if len(text.encode()) > MAX_METADATA_BYTES:
+    # ASCII-only JSON (non-ASCII escaped as \uXXXX): header values must be latin-1, and the
+    # gateway's limit applies to exactly these bytes.
+    value = json.dumps(dict(metadata), separators=(",", ":"))
+    if len(value) > MAX_METADATA_BYTES:
         raise ValueError(
-            f"metadata is {len(text.encode())} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
+            f"metadata is {len(value)} bytes as JSON; the gateway's limit is {MAX_METADATA_BYTES}"
         )
-    # Header values must be latin-1; ensure_ascii=False above was only for measuring what the server sees.
-    return {"X-Fmnist-Metadata": json.dumps(dict(metadata), separators=(",", ":"))}
+    return {"X-Fmnist-Metadata": value}
 
 
 def build_submit_request(

@@ -3,7 +3,7 @@
 Every exception the SDK raises on purpose derives from `FmnistError`:
 
     FmnistError                 anything that went wrong talking to fmnist-service
-    ├── BadRequest              400 / 413 / 415 / 422: the image or a parameter was refused
+    ├── BadRequest              400 / 413 / 415 / 422 / 431: the image, a header or a parameter was refused
     ├── Unauthorized            401 / 403: API key missing or wrong
     ├── NotFound                404: unknown (or expired) request id
     ├── Overloaded              429: the gateway is full; retried, then raised
@@ -99,6 +99,7 @@ _ERROR_FOR_STATUS: dict[int, type[FmnistError]] = {
     413: BadRequest,
     415: BadRequest,
     422: BadRequest,
+    431: BadRequest,
     429: Overloaded,
     502: Unavailable,
     503: Unavailable,
