@@ -1,0 +1,209 @@
+"""`fmnist train`: train the classifier on Fashion-MNIST, save the checkpoint and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from app.logs import configure_logging, kv
+
+logger = logging.getLogger("fmnist.train")
+
+DEFAULT_OUT = Path("models/fmnist.safetensors")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 16,32,64, got {text!r}"
+        ) from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the classifier on Fashion-MNIST and write checkpoint + model card",
+        description=(
+            "Train on the Fashion-MNIST training set (minus a seeded validation split), evaluate once "
+            "on the 10k test set, save a .safetensors checkpoint and write a report beside it: "
+            "loss/accuracy curves, confusion matrix and a model card with CPU throughput."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="directory with the IDX .gz files (default: FMNIST_DATA_DIR, then /usr/share/datasets/fashion-mnist, then a torchvision download)",
+    )
+    data.add_argument(
+        "--val-size",
+        type=int,
+        default=5000,
+        help="training images held out for validation (0: train on all 60k)",
+    )
+    data.add_argument(
+        "--subset", type=int, default=None, help="use only this many training images (quick runs)"
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--widths", type=_int_list, default=(16, 32, 64), help="channels per stage")
+    model.add_argument("--convs", type=_int_list, default=(1, 2, 2), help="3×3 convs per stage")
+    model.add_argument("--head", choices=("avg", "flatten"), default="avg", help="classifier head")
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=20)
+    optim.add_argument("--batch-size", type=int, default=256)
+    optim.add_argument("--lr", type=float, default=0.2, help="peak one-cycle learning rate")
+    optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    optim.add_argument("--weight-decay", type=float, default=5e-4)
+    optim.add_argument("--label-smoothing", type=float, default=0.1)
+    optim.add_argument(
+        "--warmup", type=float, default=0.25, help="fraction of steps warming up to the peak lr"
+    )
+    optim.add_argument(
+        "--crop-padding", type=int, default=2, help="random-crop padding in pixels (0: off)"
+    )
+    optim.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
+    optim.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: autocast convs to bfloat16 while training (faster where the CPU/GPU supports it)",
+    )
+    optim.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint path (.safetensors)")
+    run.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)"
+    )
+    run.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
+    run.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        help="markdown appended to the model card (e.g. what was tried)",
+    )
+    run.add_argument(
+        "--throughput-seconds",
+        type=float,
+        default=2.0,
+        help="time spent measuring CPU throughput per batch size for the card",
+    )
+    run.add_argument(
+        "--no-report", action="store_true", help="skip plots, card and throughput measurement"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_train, command_line=lambda args: canonical_command(parser, args))
+
+
+def canonical_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """`fmnist train` plus every option whose value differs from its default: the run, reproducibly."""
+    words = ["fmnist", "train"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        option = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            words.append(option)
+        elif isinstance(value, tuple):
+            words += [option, ",".join(str(v) for v in value)]
+        else:
+            words += [option, str(value)]
+    return shlex.join(words)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    configure_logging()
+    import torch
+
+    from ml import DataError, ImageClassifier, TrainConfig, fashion_mnist_splits
+    from ml.report import measure_throughput, write_model_card
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = args.command_line(args)
+    try:
+        splits = fashion_mnist_splits(
+            args.data_dir, val_size=args.val_size, seed=args.seed, subset=args.subset
+        )
+    except DataError as exc:
+        print(f"fmnist train: {exc}", file=sys.stderr)
+        return 2
+    logger.info(
+        kv(
+            "train_start",
+            data_dir=splits.data_dir,
+            train=len(splits.train),
+            val=len(splits.val),
+            test=len(splits.test),
+            threads=torch.get_num_threads(),
+        )
+    )
+    classifier = ImageClassifier(
+        num_channels=1,
+        num_classes=len(splits.train.class_names),
+        image_size=(28, 28),
+        class_names=splits.train.class_names,
+        widths=args.widths,
+        convs_per_stage=args.convs,
+        head=args.head,
+        dropout=args.dropout,
+        seed=args.seed,
+        device=args.device,
+    )
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        warmup_fraction=args.warmup,
+        label_smoothing=args.label_smoothing,
+        crop_padding=args.crop_padding,
+        horizontal_flip=not args.no_flip,
+        precision=args.precision,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    history = classifier.fit(splits.train, splits.val if len(splits.val) else None, config=config)
+    test = classifier.evaluate(splits.test)
+    classifier.metrics["test_accuracy"] = test.accuracy
+    classifier.metrics["test_loss"] = test.loss
+    classifier.training["command"] = command
+    classifier.save(args.out)
+    logger.info(
+        kv(
+            "train_done",
+            out=args.out,
+            version=classifier.version,
+            test_accuracy=f"{test.accuracy:.4f}",
+            seconds=f"{history.seconds:.1f}",
+        )
+    )
+    print(
+        f"test accuracy {100 * test.accuracy:.2f}% ({test.num_samples} images), trained in {history.seconds / 60:.1f} min -> {args.out}"
+    )
+    if not args.no_report:
+        throughput = measure_throughput(
+            ImageClassifier.load(args.out, device="cpu"), seconds=args.throughput_seconds
+        )
+        notes = args.notes.read_text() if args.notes else ""
+        paths = write_model_card(classifier, args.out, test, throughput, command, notes)
+        for t in throughput:
+            print(f"cpu predict batch={t.batch_size}: {t.images_per_second:,.0f} images/s")
+        print("report: " + ", ".join(str(p) for p in paths.values()))
+    return 0

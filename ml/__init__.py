@@ -1,0 +1,46 @@
+"""Model side of fmnist-service: data sets, the `ImageClassifier`, training, checkpoints, batched inference.
+
+Exceptions:
+
+    CheckpointError                 (ml.checkpoint) a checkpoint could not be loaded
+    ├── CheckpointNotFoundError
+    ├── CorruptCheckpointError
+    └── IncompatibleCheckpointError
+    DataError                       (ml.data) Fashion-MNIST files missing or corrupt
+"""
+
+from ml.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+)
+from ml.classifier import ImageClassifier
+from ml.data import (
+    CLASS_NAMES,
+    DataError,
+    FashionMNISTSplits,
+    TensorImageDataset,
+    fashion_mnist_splits,
+    load_fashion_mnist,
+)
+from ml.model import ArchitectureConfig
+from ml.training import EvaluationResult, TrainConfig, TrainingHistory
+
+__all__ = [
+    "CLASS_NAMES",
+    "ArchitectureConfig",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "DataError",
+    "EvaluationResult",
+    "FashionMNISTSplits",
+    "ImageClassifier",
+    "IncompatibleCheckpointError",
+    "TensorImageDataset",
+    "TrainConfig",
+    "TrainingHistory",
+    "fashion_mnist_splits",
+    "load_fashion_mnist",
+]

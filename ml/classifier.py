@@ -1,0 +1,267 @@
+"""`ImageClassifier`: build, train, evaluate, predict, save and load one image classification model."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ml.checkpoint import (
+    IncompatibleCheckpointError,
+    read_checkpoint,
+    weights_version,
+    write_checkpoint,
+)
+from ml.model import ArchitectureConfig, ConvNet, count_parameters, fused_for_inference
+from ml.training import (
+    EvaluationResult,
+    TrainConfig,
+    TrainingHistory,
+    channel_statistics,
+    fingerprint,
+    materialise,
+)
+from ml.training import evaluate as evaluate_network
+from ml.training import fit as fit_network
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ImageClassifier:
+    """A CNN image classifier for C×H×W images, with its class names and input normalisation built in.
+
+    >>> clf = ImageClassifier(num_channels=3, num_classes=4, image_size=(16, 16))
+    >>> history = clf.fit(train_set, val_set, epochs=5)      # any Dataset of (C×H×W image, label)
+    >>> clf.predict(images)                                   # uint8 or float N×C×H×W → N×4 probabilities
+    >>> clf.save("model.safetensors"); ImageClassifier.load("model.safetensors")
+
+    `predict` is safe for one caller at a time (the worker's runner serialises calls).
+    """
+
+    def __init__(
+        self,
+        num_channels: int = 1,
+        num_classes: int = 10,
+        image_size: tuple[int, int] = (28, 28),
+        class_names: Sequence[str] | None = None,
+        *,
+        widths: Sequence[int] = (16, 32, 64),
+        convs_per_stage: Sequence[int] = (1, 2, 2),
+        head: str = "avg",
+        dropout: float = 0.0,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ) -> None:
+        config = ArchitectureConfig(
+            num_channels=num_channels,
+            num_classes=num_classes,
+            image_size=(int(image_size[0]), int(image_size[1])),
+            widths=tuple(int(w) for w in widths),
+            convs_per_stage=tuple(int(c) for c in convs_per_stage),
+            head=head,
+            dropout=dropout,
+        )
+        names = (
+            [str(n) for n in class_names]
+            if class_names is not None
+            else [str(i) for i in range(num_classes)]
+        )
+        self._setup(config, names, seed, device)
+
+    def _setup(
+        self,
+        config: ArchitectureConfig,
+        class_names: list[str],
+        seed: int,
+        device: str | torch.device | None,
+    ) -> None:
+        if len(class_names) != config.num_classes:
+            raise ValueError(f"got {len(class_names)} class names for {config.num_classes} classes")
+        self.config = config
+        self.class_names = class_names
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else default_device()
+        # Initialise from `seed` without disturbing the caller's global random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.network = ConvNet(config)
+        self.network.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.metrics: dict[str, float] = {}
+        self.training: dict[str, Any] = {}
+        self._inference: ConvNet | None = None
+        self._version: str | None = None
+
+    # --- the shared interface -------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images `predict` takes."""
+        return (self.config.num_channels, *self.config.image_size)
+
+    @property
+    def version(self) -> str:
+        """First 12 hex chars of the sha256 of the weights: changes exactly when the weights do."""
+        if self._version is None:
+            self._version = weights_version(self.network.state_dict())
+        return self._version
+
+    @property
+    def num_parameters(self) -> int:
+        return count_parameters(self.network)
+
+    @property
+    def normalization(self) -> dict[str, list[float]]:
+        mean, std = self.network.normalize.statistics()
+        return {"mean": mean, "std": std}
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N×C×H×W (0..255) or float (0..1) images → float32 N×num_classes probabilities on the CPU."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+            c, h, w = self.input_shape
+            raise ValueError(f"images must be N×{c}×{h}×{w}, got shape {tuple(images.shape)}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
+        if images.is_floating_point() and images.dtype != torch.float32:
+            images = images.float()
+        if self._inference is None:
+            self._inference = fused_for_inference(self.network)
+        with torch.inference_mode():
+            batch = images.to(self.device).contiguous(memory_format=torch.channels_last)
+            probabilities = torch.softmax(self._inference(batch), dim=1)
+        return probabilities.float().cpu()
+
+    # --- training and evaluation ----------------------------------------------------------------
+    def fit(
+        self,
+        train_dataset: Dataset[Any],
+        val_dataset: Dataset[Any] | None = None,
+        *,
+        epochs: int = 20,
+        config: TrainConfig | None = None,
+        **overrides: Any,
+    ) -> TrainingHistory:
+        """Train on `train_dataset` (items `(C×H×W image, label)`, uint8 or float [0, 1] images).
+
+        Reports validation accuracy after every epoch when `val_dataset` is given. Hyperparameters come
+        from `config` (a `TrainConfig`) or keyword overrides such as `lr=0.1, batch_size=128`.
+        Deterministic for a given seed on a given device and thread count.
+        """
+        settings = config or TrainConfig(epochs=epochs, seed=self.seed, **overrides)
+        train_images, train_labels = materialise(train_dataset, self.input_shape, self.num_classes)
+        val_images = val_labels = None
+        if val_dataset is not None:
+            val_images, val_labels = materialise(val_dataset, self.input_shape, self.num_classes)
+        mean, std = channel_statistics(train_images)
+        self.network.normalize.set_statistics(mean, std)
+        self._inference = None
+        self._version = None
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(settings.seed)
+            history = fit_network(
+                self.network,
+                train_images,
+                train_labels,
+                val_images,
+                val_labels,
+                self.num_classes,
+                settings,
+                self.device,
+            )
+        history.data_hash = fingerprint(train_images, train_labels)
+        self.training = {
+            "config": {k: v for k, v in vars(settings).items() if k != "progress"},
+            "history": history.to_json(),
+            "seed": settings.seed,
+            "data_hash": history.data_hash,
+            "device": self._hardware(),
+            "threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        if history.epochs and history.epochs[-1].val_accuracy is not None:
+            self.metrics["val_accuracy"] = float(history.epochs[-1].val_accuracy)
+        return history
+
+    def evaluate(self, dataset: Dataset[Any], batch_size: int = 1024) -> EvaluationResult:
+        """Accuracy, loss, per-class accuracy and confusion matrix on a labelled dataset."""
+        images, labels = materialise(dataset, self.input_shape, self.num_classes)
+        return evaluate_network(
+            self.network, images, labels, self.num_classes, self.device, batch_size
+        )
+
+    def _hardware(self) -> str:
+        if self.device.type == "cuda":
+            return f"cuda: {torch.cuda.get_device_name(self.device)}"
+        return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+
+    # --- persistence ----------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        """Everything stored beside the weights in a checkpoint."""
+        return {
+            "version": self.version,
+            "architecture": self.config.to_json(),
+            "input_shape": list(self.input_shape),
+            "class_names": self.class_names,
+            "normalization": {**self.normalization, "input": "uint8 0..255 or float 0..1, N×C×H×W"},
+            "metrics": self.metrics,
+            "training": self.training,
+            "seed": self.seed,
+            "data_hash": self.training.get("data_hash"),
+            "num_parameters": self.num_parameters,
+            "multiply_accumulates": self.config.multiply_accumulates(),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a `.safetensors` checkpoint (weights + JSON metadata), atomically."""
+        self.network.eval()
+        write_checkpoint(path, self.network.state_dict(), self.metadata())
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], device: str | torch.device | None = None
+    ) -> ImageClassifier:
+        """Read a checkpoint written by `save`; raises a `CheckpointError` subclass for a bad file."""
+        tensors, metadata = read_checkpoint(path)
+        try:
+            config = ArchitectureConfig.from_json(metadata["architecture"])
+            class_names = [str(n) for n in metadata["class_names"]]
+            seed = int(metadata.get("seed", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IncompatibleCheckpointError(
+                f"{path}: the architecture metadata is missing or invalid ({exc}); retrain with `fmnist train`"
+            ) from exc
+        classifier = cls.__new__(cls)
+        try:
+            classifier._setup(config, class_names, seed, device)
+        except ValueError as exc:
+            raise IncompatibleCheckpointError(f"{path}: {exc}") from exc
+        try:
+            classifier.network.load_state_dict(tensors, strict=True)
+        except RuntimeError as exc:
+            raise IncompatibleCheckpointError(
+                f"{path}: the weights do not fit the architecture recorded in the same file: {exc}"
+            ) from exc
+        classifier.network.to(classifier.device).to(memory_format=torch.channels_last).eval()
+        classifier.metrics = {k: float(v) for k, v in (metadata.get("metrics") or {}).items()}
+        classifier.training = dict(metadata.get("training") or {})
+        classifier._version = metadata["version"]
+        return classifier
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageClassifier(input_shape={self.input_shape}, num_classes={self.num_classes}, "
+            f"version={self.version!r}, device={self.device})"
+        )

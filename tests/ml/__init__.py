@@ -1,0 +1,1 @@
+"""Tests of the model package: data, ImageClassifier, checkpoints, the train/evaluate commands."""
