@@ -110,7 +110,9 @@ class Gateway:
         self._broker_reachable = False
         self._consuming = False
         self._last_broker_error = "not connected yet"
-        self._connected = asyncio.Event()
+        self._first_attempt = (
+            asyncio.Event()
+        )  # set once the first connection attempt ended, either way
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -125,12 +127,12 @@ class Gateway:
         return "ok" if self.ready else self._last_broker_error
 
     async def start(self, wait_s: float) -> None:
-        """Start the broker link in the background; wait up to `wait_s` for the first connection.
+        """Start the broker link in the background; wait up to `wait_s` for the first attempt to end.
 
         A stopped gateway can be started again (an app may run its lifespan more than once).
         """
         self._stopping = False
-        self._connected.clear()
+        self._first_attempt.clear()
         self._last_broker_error = "not connected yet"
         self._tasks = [
             asyncio.create_task(self._maintain_link(), name="fmnist-broker-link"),
@@ -138,7 +140,7 @@ class Gateway:
         ]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
-                await self._connected.wait()
+                await self._first_attempt.wait()
         if not self.ready:
             log.warning(
                 kv(
@@ -178,14 +180,13 @@ class Gateway:
             except asyncio.CancelledError:
                 await _close_quietly(pubsub)
                 raise
-            except (
-                Exception
-            ) as exc:  # any failure to connect means: retry later, never crash the app
+            except Exception as exc:  # any failure to connect means: retry later, never crash
                 self._last_broker_error = f"broker {self.broker_url} unavailable: {exc}"
                 log.warning(
                     kv("broker_connect_failed", broker=self.broker_url, error=exc, retry_s=backoff)
                 )
                 await _close_quietly(pubsub)
+                self._first_attempt.set()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
@@ -194,7 +195,7 @@ class Gateway:
             self._broker_reachable = True
             self._consuming = True
             self.metrics.broker_up.set(1)
-            self._connected.set()
+            self._first_attempt.set()
             log.info(kv("broker_connected", broker=self.broker_url, group=self.results_group))
             monitor = asyncio.create_task(self._monitor(pubsub), name="fmnist-broker-ping")
             try:
