@@ -184,7 +184,6 @@ async def test_a_client_that_falls_behind_is_closed_with_a_resume_cursor(
 ) -> None:
     """Past the per-socket queue bound the socket gets what was queued, then close 1013 naming `after=`."""
 
-
     monkeypatch.setattr(stream, "MAX_QUEUED_MESSAGES", 5)
     settings = gateway_settings()
     async with (
