@@ -256,9 +256,14 @@ class Gateway:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
-            for stored in self.store.expire():
+            expired = self.store.expire()
+            for stored in expired:
                 self.metrics.record_result(stored.result)
-                log.info(kv("request_expired", request_id=stored.result.request_id))
+            if expired:
+                # One line per sweep, not per request: an outage can expire thousands at once.
+                log.warning(
+                    kv("requests_expired", count=len(expired), first=expired[0].result.request_id)
+                )
 
     # --- submitting ------------------------------------------------------------------------
     def require_ready(self) -> PubSub:
