@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
+
+from app.commands.send_images import add_gateway_arguments
 
 if TYPE_CHECKING:
     from fmnist_client import Prediction
@@ -29,12 +30,7 @@ def register(subparsers: Any) -> None:
             "prints the final accuracy, throughput and latency percentiles."
         ),
     )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("FMNIST_URL", "http://127.0.0.1:8000"),
-        help="gateway URL (default: $FMNIST_URL or %(default)s)",
-    )
-    parser.add_argument("--api-key", default=None, help="API key (default: $FMNIST_API_KEY)")
+    add_gateway_arguments(parser)
     parser.add_argument(
         "--count",
         type=int,

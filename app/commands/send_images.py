@@ -35,12 +35,7 @@ def register(subparsers: Any) -> None:
             "`fmnist listen` can score the results."
         ),
     )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("FMNIST_URL", "http://127.0.0.1:8000"),
-        help="gateway URL (default: $FMNIST_URL or %(default)s)",
-    )
-    parser.add_argument("--api-key", default=None, help="API key (default: $FMNIST_API_KEY)")
+    add_gateway_arguments(parser)
     parser.add_argument(
         "--count", type=_positive_int, default=1000, help="images to send (default: %(default)s)"
     )
@@ -69,6 +64,16 @@ def register(subparsers: Any) -> None:
         "--no-progress", action="store_true", help="no progress bar (for logs and CI)"
     )
     parser.set_defaults(func=run)
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--url` and `--api-key`, shared with `fmnist listen` (the SDK reads the same variables)."""
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("FMNIST_URL", "http://127.0.0.1:8000"),
+        help="gateway URL (default: $FMNIST_URL, else %(default)s)",
+    )
+    parser.add_argument("--api-key", default=None, help="API key (default: $FMNIST_API_KEY)")
 
 
 def _positive_int(text: str) -> int:

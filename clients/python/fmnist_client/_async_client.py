@@ -16,14 +16,11 @@ from ._base import (
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
     PREDICTIONS_PATH,
-    RetryPolicy,
+    ClientConfig,
     build_submit_request,
-    client_headers,
     is_finished,
     poll_delays,
     prediction_from_response,
-    resolve_api_key,
-    resolve_base_url,
     result_timeout,
     retry_delay,
     transport_error,
@@ -78,16 +75,17 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.base_url = resolve_base_url(base_url)
-        self.retry_policy = RetryPolicy(retries=retries, backoff=backoff)
-        self._api_key = resolve_api_key(api_key)
-        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=self._timeout,
-            transport=transport,
-            headers={**client_headers(self._api_key), **(headers or {})},
+        self._config = ClientConfig.resolve(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            headers=headers,
         )
+        self.base_url = self._config.base_url
+        self.retry_policy = self._config.retry_policy
+        self._http = httpx.AsyncClient(transport=transport, **self._config.httpx_options())
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -225,12 +223,12 @@ class AsyncClient:
         """
         return stream_predictions(
             self.base_url,
-            api_key=self._api_key,
+            api_key=self._config.api_key,
             ids=ids,
             after=after,
             reconnects=reconnects,
             retry_policy=self.retry_policy,
-            open_timeout=self._timeout.connect or 10.0,
+            open_timeout=self._config.timeout.connect or 10.0,
         )
 
     # --- internals (mirror Client's; the two differ only in awaiting) ----------------------

@@ -30,24 +30,49 @@ MAX_METADATA_BYTES = 1024
 PREDICTIONS_PATH = "/v1/predictions"
 
 
-def resolve_base_url(base_url: str | None) -> str:
-    """The explicit URL, else `$FMNIST_URL`, else the local default."""
-    return (base_url or os.environ.get("FMNIST_URL") or DEFAULT_BASE_URL).rstrip("/")
-
-
-def resolve_api_key(api_key: str | None) -> str | None:
-    """The explicit key, else `$FMNIST_API_KEY`, else none."""
-    return api_key or os.environ.get("FMNIST_API_KEY") or None
-
-
 def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def client_headers(api_key: str | None) -> dict[str, str]:
-    from . import __version__
+@dataclass(frozen=True)
+class ClientConfig:
+    """A client's resolved settings (constructor arguments over `$FMNIST_URL` / `$FMNIST_API_KEY`)."""
 
-    return {"User-Agent": f"fmnist-client/{__version__}", **auth_headers(api_key)}
+    base_url: str
+    api_key: str | None
+    timeout: httpx.Timeout
+    retry_policy: RetryPolicy
+    headers: dict[str, str]
+
+    @classmethod
+    def resolve(
+        cls,
+        base_url: str | None,
+        *,
+        api_key: str | None,
+        timeout: float | httpx.Timeout,
+        retries: int,
+        backoff: float,
+        headers: Mapping[str, str] | None,
+    ) -> ClientConfig:
+        from . import __version__
+
+        key = api_key or os.environ.get("FMNIST_API_KEY") or None
+        return cls(
+            base_url=(base_url or os.environ.get("FMNIST_URL") or DEFAULT_BASE_URL).rstrip("/"),
+            api_key=key,
+            timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
+            retry_policy=RetryPolicy(retries=retries, backoff=backoff),
+            headers={
+                "User-Agent": f"fmnist-client/{__version__}",
+                **auth_headers(key),
+                **(headers or {}),
+            },
+        )
+
+    def httpx_options(self) -> dict[str, Any]:
+        """Keyword arguments for `httpx.Client` / `httpx.AsyncClient`."""
+        return {"base_url": self.base_url, "timeout": self.timeout, "headers": self.headers}
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,11 @@ from ._base import (
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
     PREDICTIONS_PATH,
-    RetryPolicy,
+    ClientConfig,
     build_submit_request,
-    client_headers,
     is_finished,
     poll_delays,
     prediction_from_response,
-    resolve_api_key,
-    resolve_base_url,
     result_timeout,
     retry_delay,
     transport_error,
@@ -78,14 +75,17 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.base_url = resolve_base_url(base_url)
-        self.retry_policy = RetryPolicy(retries=retries, backoff=backoff)
-        self._http = httpx.Client(
-            base_url=self.base_url,
+        config = ClientConfig.resolve(
+            base_url,
+            api_key=api_key,
             timeout=timeout,
-            transport=transport,
-            headers={**client_headers(resolve_api_key(api_key)), **(headers or {})},
+            retries=retries,
+            backoff=backoff,
+            headers=headers,
         )
+        self.base_url = config.base_url
+        self.retry_policy = config.retry_policy
+        self._http = httpx.Client(transport=transport, **config.httpx_options())
         self._sleep: Callable[[float], None] = time.sleep
 
     # --- lifecycle -------------------------------------------------------------------------
