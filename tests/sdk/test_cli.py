@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import io
+import json
 import math
 import os
 import re
@@ -14,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fmnist_client import Client, Prediction
+from fmnist_client import AsyncClient, Client, Prediction
+from PIL import Image
 
 from app.commands.listen import ListenStats, percentile
-from app.commands.send_images import IDX_IMAGES_MAGIC, read_idx
+from app.commands.send_images import IDX_IMAGES_MAGIC, SendSummary, read_idx, send_images
 from tests.conftest import REPO_ROOT
 from tests.e2e.processes import free_port
 from tests.sdk.serving import fmnist_serve, served_checkpoint
@@ -191,3 +194,40 @@ def test_listen_stats_score_only_labelled_results() -> None:
     assert stats.accuracy == 0.5
     assert stats.service_ms == [3.0, 3.0, 3.0]
     assert len(stats.end_to_end_ms) == 2 and all(40 <= ms <= 1000 for ms in stats.end_to_end_ms)
+
+
+async def test_send_images_paces_and_labels_every_request() -> None:
+    """send_images() submits each chosen image once, at no more than --rate per second, with
+    {"label", "index", "sent_at"} metadata matching the image it carries."""
+
+    import httpx
+    import numpy as np
+
+    images = np.stack([np.full((28, 28), i, dtype=np.uint8) for i in range(30)])
+    labels = np.arange(30) % 10
+    seen: list[tuple[dict[str, str], int]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        pixels = np.asarray(Image.open(io.BytesIO(request.content)))
+        seen.append((json.loads(request.headers["X-Fmnist-Metadata"]), int(pixels[0, 0])))
+        return httpx.Response(202, json={"request_id": f"r{len(seen)}", "status": "pending"})
+
+    summary = SendSummary()
+    started = time.monotonic()
+    async with AsyncClient("http://fmnist.test", transport=httpx.MockTransport(answer)) as client:
+        await send_images(
+            client,
+            images,
+            labels,
+            [5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
+            rate=100,
+            concurrency=4,
+            summary=summary,
+        )
+    elapsed = time.monotonic() - started
+    assert (summary.sent, summary.accepted, sum(summary.failures.values())) == (10, 10, 0)
+    assert elapsed >= 0.09  # 10 images at 100/s: the last leaves 90 ms after the first
+    assert sorted(int(meta["index"]) for meta, _ in seen) == list(range(5, 15))
+    for meta, pixel in seen:
+        assert int(meta["index"]) == pixel and meta["label"] == str(pixel % 10)
+        assert abs(float(meta["sent_at"]) - time.time()) < 10
