@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 from fmnist_client import AsyncClient, Client, Prediction
 from PIL import Image
@@ -199,10 +201,6 @@ def test_listen_stats_score_only_labelled_results() -> None:
 async def test_send_images_paces_and_labels_every_request() -> None:
     """send_images() submits each chosen image once, at no more than --rate per second, with
     {"label", "index", "sent_at"} metadata matching the image it carries."""
-
-    import httpx
-    import numpy as np
-
     images = np.stack([np.full((28, 28), i, dtype=np.uint8) for i in range(30)])
     labels = np.arange(30) % 10
     seen: list[tuple[dict[str, str], int]] = []
