@@ -6,11 +6,13 @@ How a batch forms (one background task, `ModelRunner._batching_loop`):
 2. keep taking images until the batch holds `max_batch_size`, or `max_wait_ms` has passed since
    the OLDEST image in it arrived **and** the previous batch has finished computing (while the model
    is busy, waiting costs nothing, so the batch keeps filling);
-3. drop the images whose deadline has passed (`DeadlineExceeded`) or whose caller gave up, stack the
-   rest into one uint8 N×C×H×W tensor and run the forward pass in a one-thread executor, so the
-   event loop keeps accepting submits and collects the next batch meanwhile (at most one batch
-   computes while one is being collected);
-4. check the model returned exactly one row per image, then resolve every caller's future.
+3. drop the images whose deadline has passed (`DeadlineExceeded`) or whose caller gave up, and
+   start the forward pass of the rest (stacked into one uint8 N×C×H×W tensor) in a one-thread
+   executor; the event loop keeps accepting submits and collects the next batch meanwhile (at most
+   one batch computes while one is being collected);
+4. when a pass returns, the next batch starts at once, and only then are this batch's callers
+   answered (the model never waits for Python bookkeeping); the model must return exactly one row
+   per image, or every image of the batch fails.
 
 If a forward pass raises, the images are retried one at a time so that one poison image fails alone
 (`ModelError`) and the rest of its batch still gets answers.
@@ -18,9 +20,9 @@ If a forward pass raises, the images are retried one at a time so that one poiso
 Errors (all subclasses of `RunnerError`, each with a stable `code`):
 
     RunnerError
-    ├── InvalidInput        the image does not fit the model (shape, dtype); raised by `submit`
+    ├── InvalidInput        the image does not fit the model (shape, dtype); at `submit`
     ├── DeadlineExceeded    the deadline passed before the image was computed
-    ├── Overloaded          the queue holds `max_queue` images; raised by `submit` at once
+    ├── Overloaded          the queue holds `max_queue` images; at `submit`, at once
     ├── ModelError          the forward pass failed for this image
     └── RunnerClosed        `submit` after `close()` (or before `async with`)
 """
@@ -37,7 +39,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -116,9 +118,10 @@ class RunnerClosed(RunnerError):
     code = "runner_closed"
 
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    """The model's answer for one image, with the provenance of the batch that computed it."""
+class Prediction(NamedTuple):
+    """The model's answer for one image, with the provenance of the batch that computed it.
+
+    A NamedTuple: immutable, and the cheapest record to build once per image on the hot path."""
 
     label: int
     class_name: str
@@ -168,6 +171,10 @@ class RunnerStats:
     """Time from `submit` to the start of the image's forward pass."""
     inference_ms: LatencySummary
     """Duration of the forward pass each image was part of."""
+
+
+# What one forward pass returns to the loop: labels, probability rows, milliseconds it took.
+_ForwardResult = tuple[list[int], list[list[float]], float]
 
 
 @dataclass(slots=True)
@@ -226,7 +233,8 @@ class ModelRunner:
         self._computing = 0
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._compute_task: asyncio.Task[None] | None = None
+        self._forward_in_flight: asyncio.Future[_ForwardResult] | None = None
+        self._answering: set[asyncio.Task[None]] = set()
         self._closing = False
         self._counters = _Counters()
 
@@ -272,40 +280,47 @@ class ModelRunner:
 
     # --- submitting -----------------------------------------------------------------------------
 
-    async def submit(
-        self, image: torch.Tensor | np.ndarray, deadline: float | None = None
-    ) -> Prediction:
-        """Classify one uint8 C×H×W image; waits for its batch and returns its `Prediction`.
-
-        `deadline`: unix seconds (`time.time()`) after which the image is dropped uncomputed with
-        `DeadlineExceeded`. Raises `InvalidInput` and `Overloaded` at once, without queueing.
-        """
-        return await self.submit_nowait(image, deadline)
-
-    def submit_nowait(
+    def submit(
         self, image: torch.Tensor | np.ndarray, deadline: float | None = None
     ) -> asyncio.Future[Prediction]:
-        """Queue one image and return the future of its `Prediction` (for callers that batch awaits)."""
+        """Queue one uint8 C×H×W image; `await` the returned future for its `Prediction`.
+
+        `deadline`: unix seconds (`time.time()`) after which the image is dropped uncomputed with
+        `DeadlineExceeded`. What is wrong at once (`InvalidInput`, `Overloaded`, an expired
+        deadline, `RunnerClosed`) comes back as an already-failed future, without queueing.
+
+        A future rather than a coroutine: `await runner.submit(image)` reads the same, and
+        `asyncio.gather(*(runner.submit(image) for image in images))` then needs no task per image,
+        which was a third of the runner's per-image cost.
+        """
+        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        try:
+            tensor = self._admit(image, deadline)
+        except RunnerError as exc:
+            self._counters.failed[exc.code] += 1
+            future.set_exception(exc)
+            return future
+        self._queue.append(_Queued(tensor, future, time.monotonic(), deadline))
+        self._waiting += 1
+        self._counters.submitted += 1
+        self._wakeup.set()
+        return future
+
+    def _admit(self, image: torch.Tensor | np.ndarray, deadline: float | None) -> torch.Tensor:
+        """The image as a tensor, or the error that keeps it out of the queue."""
         if not self.running:
             raise RunnerClosed(
                 "ModelRunner is not running: use it inside `async with ModelRunner(...)`, before it closes"
             )
         tensor = self._checked_image(image)
         if deadline is not None and time.time() >= deadline:
-            self._counters.failed[DeadlineExceeded.code] += 1
             raise DeadlineExceeded("the request's deadline had passed before it was queued")
         if self._waiting >= self.max_queue:
-            self._counters.failed[Overloaded.code] += 1
             raise Overloaded(
                 f"model queue is full ({self.max_queue} images waiting); retry later, "
                 "raise FMNIST_MAX_QUEUE or add workers"
             )
-        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(tensor, future, time.monotonic(), deadline))
-        self._waiting += 1
-        self._counters.submitted += 1
-        self._wakeup.set()
-        return future
+        return tensor
 
     def _checked_image(self, image: torch.Tensor | np.ndarray) -> torch.Tensor:
         if isinstance(image, np.ndarray):
@@ -316,7 +331,7 @@ class ModelRunner:
             )
         if image.dtype != torch.uint8:
             raise InvalidInput(f"expected dtype uint8 (pixels 0..255), got {image.dtype}")
-        if tuple(image.shape) != self._input_shape:
+        if image.shape != self._input_shape:
             raise InvalidInput(
                 f"expected shape C×H×W = {self._input_shape} for model {self._model_version}, "
                 f"got {tuple(image.shape)}"
@@ -346,24 +361,22 @@ class ModelRunner:
     # --- the batching loop ----------------------------------------------------------------------
 
     async def _batching_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 batch = await self._collect_batch()
                 if batch is None:
                     break
-                # Pipelining: the previous batch has finished (see `_collect_batch`); launch this
-                # one and go straight back to collecting the next.
                 self._waiting -= len(batch)
-                self._compute_task = asyncio.get_running_loop().create_task(self._compute(batch))
-                self._compute_task.add_done_callback(lambda _task: self._wakeup.set())
-            if self._compute_task is not None:
-                await self._compute_task
+                self._launch(batch, loop)
+            while self._answering:
+                await asyncio.gather(*self._answering)
         except BaseException as exc:
             self._fail_everything(exc)
             raise
 
     def _previous_batch_done(self) -> bool:
-        return self._compute_task is None or self._compute_task.done()
+        return self._forward_in_flight is None or self._forward_in_flight.done()
 
     async def _collect_batch(self) -> list[_Queued] | None:
         """Gather the next batch; None once closing and everything queued has been handed out."""
@@ -397,30 +410,57 @@ class ModelRunner:
             if timer is not None:
                 timer.cancel()
 
-    async def _compute(self, batch: list[_Queued]) -> None:
-        """Run one batch: drop expired and abandoned images, forward the rest, answer each."""
+    def _launch(self, batch: list[_Queued], loop: asyncio.AbstractEventLoop) -> None:
+        """Start one batch's forward pass now; a task answers its callers once it returns."""
         started = time.monotonic()
+        live = self._drop_expired_and_abandoned(batch, started)
+        if not live:
+            return
+        queue_ms = [(started - item.arrived) * 1000.0 for item in live]
+        self._computing = len(live)
+        forward = loop.run_in_executor(self._executor, self._forward, [item.image for item in live])
+        # This callback is registered before the answering task's: when the pass returns, the
+        # collector hears "model free" first and starts the next pass before this batch's callers
+        # are answered, so the model never waits for Python bookkeeping.
+        forward.add_done_callback(self._forward_finished)
+        self._forward_in_flight = forward
+        answering = loop.create_task(self._answer_when_done(live, queue_ms, forward))
+        self._answering.add(answering)
+        answering.add_done_callback(self._answering.discard)
+
+    def _forward_finished(self, _forward: asyncio.Future[Any]) -> None:
+        self._computing = 0
+        self._wakeup.set()
+
+    def _drop_expired_and_abandoned(self, batch: list[_Queued], now: float) -> list[_Queued]:
+        """The images still worth computing: not cancelled by their caller, deadline not passed."""
         now_unix = time.time()
         live: list[_Queued] = []
         for item in batch:
             if item.future.done():  # the caller gave up (cancelled)
                 continue
             if item.deadline is not None and now_unix >= item.deadline:
-                waited_s = started - item.arrived
+                waited_ms = (now - item.arrived) * 1000.0
                 self._fail(
                     item,
                     DeadlineExceeded(
-                        f"request expired after waiting {waited_s * 1000:.0f} ms in the model queue"
+                        f"request expired after waiting {waited_ms:.0f} ms in the model queue"
                     ),
                 )
                 continue
             live.append(item)
-        if not live:
-            return
-        queue_ms = [(started - item.arrived) * 1000.0 for item in live]
-        self._computing = len(live)
+        return live
+
+    async def _answer_when_done(
+        self, live: list[_Queued], queue_ms: list[float], forward: asyncio.Future[_ForwardResult]
+    ) -> None:
         try:
-            await self._forward_and_answer(live, queue_ms)
+            try:
+                labels, rows, inference_ms = await forward
+            except Exception as exc:
+                await self._retry_one_by_one(live, queue_ms, exc)
+                return
+            self._answer(live, labels, rows, queue_ms, inference_ms)
         except asyncio.CancelledError:
             for item in live:
                 self._fail(
@@ -431,33 +471,37 @@ class ModelRunner:
             logger.exception("event=batch_crashed batch_size=%d", len(live))
             for item in live:
                 self._fail(item, ModelError(f"model runner failed on this batch: {exc!r}"))
-        finally:
-            self._computing = 0
 
-    async def _forward_and_answer(self, live: list[_Queued], queue_ms: list[float]) -> None:
-        loop = asyncio.get_running_loop()
-        images = [item.image for item in live]
-        try:
-            labels, probabilities, inference_ms = await loop.run_in_executor(
-                self._executor, self._forward, images
+    async def _retry_one_by_one(
+        self, live: list[_Queued], queue_ms: list[float], error: Exception
+    ) -> None:
+        """A batch's forward pass raised: find the poison image, so the others still get answers."""
+        if len(live) == 1:
+            logger.warning("event=model_error batch_size=1 error=%r", error)
+            self._fail(
+                live[0], ModelError(f"model {self._model_version} failed on this image: {error}")
             )
-        except Exception as exc:
-            if len(live) == 1:
+            return
+        logger.warning(
+            "event=batch_failed batch_size=%d error=%r action=retry_one_by_one", len(live), error
+        )
+        loop = asyncio.get_running_loop()
+        for item, waited_ms in zip(live, queue_ms, strict=True):
+            if item.future.done():
+                continue
+            try:
+                labels, rows, inference_ms = await loop.run_in_executor(
+                    self._executor, self._forward, [item.image]
+                )
+            except Exception as exc:
                 logger.warning("event=model_error batch_size=1 error=%r", exc)
                 self._fail(
-                    live[0], ModelError(f"model {self._model_version} failed on this image: {exc}")
+                    item, ModelError(f"model {self._model_version} failed on this image: {exc}")
                 )
-                return
-            # Find the poison image: one forward pass per image, so the others still get answers.
-            logger.warning(
-                "event=batch_failed batch_size=%d error=%r action=retry_one_by_one", len(live), exc
-            )
-            for item, waited_ms in zip(live, queue_ms, strict=True):
-                await self._forward_and_answer([item], [waited_ms])
-            return
-        self._answer(live, labels, probabilities, queue_ms, inference_ms)
+            else:
+                self._answer([item], labels, rows, [waited_ms], inference_ms)
 
-    def _forward(self, images: list[torch.Tensor]) -> tuple[list[int], list[list[float]], float]:
+    def _forward(self, images: list[torch.Tensor]) -> _ForwardResult:
         """Runs in the executor thread: one forward pass, converted to Python lists off the loop."""
         started = time.perf_counter()
         batch = torch.stack(images)
