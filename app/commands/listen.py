@@ -223,8 +223,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except FmnistError as error:
         failure = error
-    for line in stats.summary_lines():
-        print(line)
+    if stats.results or failure is None:
+        for line in stats.summary_lines():
+            print(line)
     if failure is not None:
         print(f"fmnist listen: {failure}", file=sys.stderr)
         return 1
