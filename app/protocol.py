@@ -83,7 +83,7 @@ def decode_shape(text: str) -> tuple[int, int, int]:
     parts = tuple(int(p) for p in text.split(","))
     if len(parts) != 3 or any(p <= 0 for p in parts):
         raise ValueError(f"shape must be three positive integers C,H,W, got {text!r}")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def encode_metadata(metadata: dict[str, str]) -> str:

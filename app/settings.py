@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Largest decoded image, width × height (decompression-bomb guard)."
     )
+    max_batch_upload_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Largest `POST /v1/predictions:batch` body (413 above)."
+    )
+    input_shape: str = Field(
+        "1,28,28",
+        description="The model's input `C,H,W`; the gateway fits uploads to it (workers reject other shapes).",
+    )
+    auto_invert: bool = Field(
+        True,
+        description="Single-channel models: invert uploads whose border is mostly light, so dark-on-white "
+        "photos and drawings look like Fashion-MNIST.",
+    )
     max_batch_images: int = Field(256, ge=1, description="Most images in one `POST /v1/predictions:batch`.")
     max_in_flight: int = Field(
         10_000, ge=1, description="Requests accepted but not yet answered, per gateway, before it answers 429."
@@ -90,6 +102,14 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("input_shape")
+    @classmethod
+    def _check_shape(cls, value: str) -> str:
+        parts = value.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"input_shape must be three positive integers C,H,W, got {value!r}")
         return value
 
     @model_validator(mode="after")
