@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,7 @@ from app.commands.listen import ListenStats, percentile
 from app.commands.send_images import IDX_IMAGES_MAGIC, SendSummary, read_idx, send_images
 from tests.conftest import REPO_ROOT
 from tests.e2e.processes import free_port
+from tests.sdk.conftest import LiveServer
 from tests.sdk.serving import fmnist_serve, served_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
@@ -229,3 +230,14 @@ async def test_send_images_paces_and_labels_every_request() -> None:
     for meta, pixel in seen:
         assert int(meta["index"]) == pixel and meta["label"] == str(pixel % 10)
         assert abs(float(meta["sent_at"]) - time.time()) < 10
+
+
+def test_listen_with_a_wrong_key_exits_1_with_the_reason(
+    live_server: Callable[..., LiveServer],
+) -> None:
+    """A refused stream ends listen at once with exit 1 and the server's error, not a retry loop."""
+    server = live_server(api_keys="right")
+    result = fmnist("listen", "--url", server.url, "--api-key", "wrong")
+    assert result.returncode == 1
+    assert "invalid API key" in result.stderr and "code=forbidden" in result.stderr
+    assert result.stdout == ""
