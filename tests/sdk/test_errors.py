@@ -134,3 +134,23 @@ def test_non_ascii_metadata_is_sent_escaped() -> None:
     with Client("http://fmnist.test", transport=httpx.MockTransport(answer)) as client:
         client.submit(PNG, metadata={"note": "größe ✓"})
     assert seen == ['{"note":"gr\\u00f6\\u00dfe \\u2713"}']
+
+
+@pytest.mark.parametrize(
+    ("timeout", "wait", "expected"), [(30.0, 60.0, "10"), (2.0, 60.0, "1.6"), (30.0, 0.5, "0.5")]
+)
+def test_the_gateway_never_holds_a_request_past_our_timeout(
+    timeout: float, wait: float, expected: str
+) -> None:
+    """predict() asks for `?wait=` of at most 10 s and 80 % of the read timeout (then polls)."""
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.params["wait"])
+        return httpx.Response(200, json={"request_id": "r", "status": "completed", "label": 0})
+
+    with Client(
+        "http://fmnist.test", timeout=timeout, transport=httpx.MockTransport(answer)
+    ) as client:
+        client.predict(PNG, wait=wait)
+    assert seen == [expected]

@@ -21,8 +21,7 @@ from ._exceptions import (
 )
 from ._images import ImageInput
 from ._models import ErrorDetail, Prediction, Status
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AsyncClient",

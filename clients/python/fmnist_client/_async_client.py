@@ -118,7 +118,10 @@ class AsyncClient:
         """Classify one image and return the completed `Prediction` (see `Client.predict`)."""
         deadline = time.monotonic() + wait
         prediction = await self._submit(
-            image, wait=wait, metadata=metadata, idempotency_key=idempotency_key
+            image,
+            wait=min(wait, self._config.longest_hold_s),
+            metadata=metadata,
+            idempotency_key=idempotency_key,
         )
         return await self._finish(prediction, deadline, wait)
 

@@ -17,6 +17,7 @@ import httpx
 from ._exceptions import FmnistError, PredictionFailed, Timeout, Unavailable, error_from_response
 from ._images import ImageInput, encode_image
 from ._models import Prediction
+from ._version import __version__
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
@@ -55,8 +56,6 @@ class ClientConfig:
         backoff: float,
         headers: Mapping[str, str] | None,
     ) -> ClientConfig:
-        from . import __version__
-
         key = api_key or os.environ.get("FMNIST_API_KEY") or None
         return cls(
             base_url=(base_url or os.environ.get("FMNIST_URL") or DEFAULT_BASE_URL).rstrip("/"),
@@ -69,6 +68,13 @@ class ClientConfig:
                 **(headers or {}),
             },
         )
+
+    @property
+    def longest_hold_s(self) -> float:
+        """Longest `?wait=` to ask for: under SERVER_WAIT_S, and well under the read timeout so a
+        request the gateway holds open is never cut off by our own timeout."""
+        read = self.timeout.read
+        return SERVER_WAIT_S if read is None else min(SERVER_WAIT_S, 0.8 * read)
 
     def httpx_options(self) -> dict[str, Any]:
         """Keyword arguments for `httpx.Client` / `httpx.AsyncClient`."""
@@ -151,7 +157,8 @@ def build_submit_request(
     metadata: Mapping[str, str] | None,
     idempotency_key: str | None,
 ) -> httpx.Request:
-    """The `POST /v1/predictions` request for one image (raw body, the image's own content type)."""
+    """The `POST /v1/predictions` request for one image (raw body, the image's own content type);
+    `wait` is how long the gateway may hold the request open for the result."""
     payload = encode_image(image)
     headers = {
         "Content-Type": payload.content_type,
@@ -159,7 +166,7 @@ def build_submit_request(
         "Idempotency-Key": idempotency_key or uuid.uuid4().hex,
         **metadata_header(metadata),
     }
-    params = {"wait": _format_seconds(min(wait, SERVER_WAIT_S))} if wait else {}
+    params = {"wait": _format_seconds(wait)} if wait else {}
     return client.build_request(
         "POST", PREDICTIONS_PATH, content=payload.content, headers=headers, params=params
     )

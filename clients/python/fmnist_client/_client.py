@@ -60,8 +60,8 @@ class Client:
 
     `base_url` defaults to `$FMNIST_URL` (else http://127.0.0.1:8000) and `api_key` to
     `$FMNIST_API_KEY`. `retries` bounds the retries of 429/503 answers and failed connections,
-    with exponential backoff or the server's `Retry-After`. `transport` is any httpx transport,
-    e.g. `httpx.WSGITransport`/`httpx.MockTransport` in tests.
+    with exponential backoff or the server's `Retry-After`. `transport` is any sync httpx
+    transport, e.g. `httpx.MockTransport` in tests (`AsyncClient` takes `httpx.ASGITransport`).
     """
 
     def __init__(
@@ -83,6 +83,7 @@ class Client:
             backoff=backoff,
             headers=headers,
         )
+        self._config = config
         self.base_url = config.base_url
         self.retry_policy = config.retry_policy
         self._http = httpx.Client(transport=transport, **config.httpx_options())
@@ -122,7 +123,10 @@ class Client:
         """
         deadline = time.monotonic() + wait
         prediction = self._submit(
-            image, wait=wait, metadata=metadata, idempotency_key=idempotency_key
+            image,
+            wait=min(wait, self._config.longest_hold_s),
+            metadata=metadata,
+            idempotency_key=idempotency_key,
         )
         return self._finish(prediction, deadline, wait)
 
