@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from app.commands.send_images import add_gateway_arguments
+from app.commands.send_images import add_gateway_arguments, require_sdk
 
 if TYPE_CHECKING:
     from fmnist_client import Prediction
@@ -201,6 +201,7 @@ async def _consume(
 
 
 def run(args: argparse.Namespace) -> int:
+    require_sdk("listen")
     from fmnist_client import FmnistError
 
     stats = ListenStats()

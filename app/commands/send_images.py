@@ -76,6 +76,17 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="API key (default: $FMNIST_API_KEY)")
 
 
+def require_sdk(command: str) -> None:
+    """Exit with the install command when the SDK (a separate distribution) is missing."""
+    try:
+        import fmnist_client  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            f"fmnist {command} needs the Python SDK: run `pip install ./clients/python` "
+            "from the repository root (`make test` installs it too)"
+        ) from None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -189,6 +200,7 @@ async def send_images(
 
 
 def run(args: argparse.Namespace) -> int:
+    require_sdk("send-images")
     from fmnist_client import AsyncClient
     from tqdm import tqdm
 

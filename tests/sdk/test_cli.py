@@ -241,3 +241,26 @@ def test_listen_with_a_wrong_key_exits_1_with_the_reason(
     assert result.returncode == 1
     assert "invalid API key" in result.stderr and "code=forbidden" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["send-images", "listen"])
+def test_commands_without_the_sdk_say_how_to_install_it(command: str) -> None:
+    """With `fmnist_client` missing (a `make run` install), the command exits with the pip command."""
+    code = (
+        "import sys\n"
+        "sys.modules['fmnist_client'] = None  # as if not installed\n"
+        "from app.cli import main\n"
+        f"sys.exit(main([{command!r}]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+    assert result.returncode == 1
+    assert (
+        f"fmnist {command} needs the Python SDK: run `pip install ./clients/python`"
+        in result.stderr
+    )
