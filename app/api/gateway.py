@@ -29,6 +29,7 @@ from app.protocol import (
     SHAPE_ATTR,
     SUBMITTED_AT_ATTR,
     ResultMessage,
+    decode_shape,
     encode_metadata,
     encode_shape,
 )
@@ -57,12 +58,8 @@ def default_pubsub_factory(settings: Settings) -> PubSub:
 
 
 def input_shape_of(settings: Settings) -> tuple[int, int, int]:
-    """The model's input shape (C, H, W) from settings; 1×28×28 until a setting exists."""
-    value = getattr(settings, "input_shape", None) or (1, 28, 28)
-    if isinstance(value, str):
-        value = tuple(int(part) for part in value.split(","))
-    channels, height, width = (int(v) for v in value)
-    return channels, height, width
+    """The model's input shape (C, H, W) from `FMNIST_INPUT_SHAPE`."""
+    return decode_shape(settings.input_shape)
 
 
 def new_request_ids(count: int) -> list[str]:
@@ -84,7 +81,7 @@ class Gateway:
 
     def __init__(self, settings: Settings, pubsub_factory: PubSubFactory | None = None) -> None:
         self.settings = settings
-        self.gateway_id = getattr(settings, "gateway_id", None) or secrets.token_hex(4)
+        self.gateway_id = settings.gateway_id or secrets.token_hex(4)
         self.results_group = f"gateway-{self.gateway_id}"
         self.broker_url = parse_broker_url(settings.broker_url).redacted
         self.store = ResultStore(
@@ -99,7 +96,7 @@ class Gateway:
             width=width,
             max_upload_bytes=settings.max_upload_bytes,
             max_pixels=settings.max_image_pixels,
-            auto_invert=bool(getattr(settings, "auto_invert", True)),
+            auto_invert=settings.auto_invert,
         )
         self.shape_attr = encode_shape(self.policy.shape)
         self._factory = pubsub_factory or default_pubsub_factory

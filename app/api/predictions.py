@@ -26,7 +26,6 @@ from app.images import NPY_TYPES, SUPPORTED_IMAGE_TYPES, decode_array_batch, med
 router = APIRouter(prefix="/v1", tags=["predictions"])
 
 # The batch endpoint reads at most this much (many files of up to FMNIST_MAX_UPLOAD_BYTES each).
-DEFAULT_MAX_BATCH_UPLOAD_BYTES = 64 * 1024 * 1024
 
 WaitQuery = Annotated[
     float | None,
@@ -218,7 +217,7 @@ async def create_predictions_batch(
     key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
     settings = gateway.settings
     max_images = settings.max_batch_images
-    limit = int(getattr(settings, "max_batch_upload_bytes", 0) or DEFAULT_MAX_BATCH_UPLOAD_BYTES)
+    limit = settings.max_batch_upload_bytes
     try:
         body = await read_body(request, limit, "FMNIST_MAX_BATCH_UPLOAD_BYTES")
         content_type = request.headers.get("content-type") or ""
