@@ -154,3 +154,21 @@ def test_the_gateway_never_holds_a_request_past_our_timeout(
     ) as client:
         client.predict(PNG, wait=wait)
     assert seen == [expected]
+
+
+def test_request_ids_are_quoted_into_the_path() -> None:
+    """An id with '/' or '?' stays one path segment: it cannot reach another route."""
+    paths: list[bytes] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.raw_path)
+        return httpx.Response(
+            404, json={"error": {"code": "not_found", "message": "no", "request_id": None}}
+        )
+
+    with (
+        Client("http://fmnist.test", transport=httpx.MockTransport(answer)) as client,
+        pytest.raises(NotFound),
+    ):
+        client.get("../stats?x=1")
+    assert paths == [b"/v1/predictions/..%2Fstats%3Fx%3D1"]

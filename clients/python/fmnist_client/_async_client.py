@@ -15,12 +15,12 @@ import httpx
 from ._base import (
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
-    PREDICTIONS_PATH,
     ClientConfig,
     build_submit_request,
     is_finished,
     poll_delays,
     prediction_from_response,
+    prediction_path,
     result_timeout,
     retry_delay,
     transport_error,
@@ -140,7 +140,7 @@ class AsyncClient:
 
     async def get(self, request_id: str) -> Prediction:
         """The current state of a request; raises `NotFound` for unknown or expired ids."""
-        request = self._http.build_request("GET", f"{PREDICTIONS_PATH}/{request_id}")
+        request = self._http.build_request("GET", prediction_path(request_id))
         return prediction_from_response(await self._send(request))
 
     async def result(self, request_id: str, *, timeout: float = DEFAULT_WAIT) -> Prediction:  # noqa: ASYNC109

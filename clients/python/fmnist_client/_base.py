@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -147,6 +148,11 @@ def metadata_header(metadata: Mapping[str, str] | None) -> dict[str, str]:
             f"metadata is {len(value)} bytes as JSON; the gateway's limit is {MAX_METADATA_BYTES}"
         )
     return {"X-Fmnist-Metadata": value}
+
+
+def prediction_path(request_id: str) -> str:
+    """`/v1/predictions/{id}`, the id quoted so that no id can reach another route."""
+    return f"{PREDICTIONS_PATH}/{quote(request_id, safe='')}"
 
 
 def build_submit_request(

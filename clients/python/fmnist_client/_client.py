@@ -16,12 +16,12 @@ import httpx
 from ._base import (
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
-    PREDICTIONS_PATH,
     ClientConfig,
     build_submit_request,
     is_finished,
     poll_delays,
     prediction_from_response,
+    prediction_path,
     result_timeout,
     retry_delay,
     transport_error,
@@ -146,7 +146,7 @@ class Client:
     def get(self, request_id: str) -> Prediction:
         """The current state of a request; raises `NotFound` for unknown or expired ids."""
         return prediction_from_response(
-            self._send(self._http.build_request("GET", f"{PREDICTIONS_PATH}/{request_id}"))
+            self._send(self._http.build_request("GET", prediction_path(request_id)))
         )
 
     def result(self, request_id: str, *, timeout: float = DEFAULT_WAIT) -> Prediction:
