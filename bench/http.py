@@ -21,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,10 @@ PEERS = Path(__file__).with_name("peers")
 BOUNDARY = "fmnistbenchboundary7d93a"
 DATA_DIR = Path(os.environ.get("FMNIST_DATA_DIR", "/usr/share/datasets/fashion-mnist"))
 START_TIMEOUT_S = 120.0
+# Tansu answers a long-polling fetch late: one message every 50 ms reached an aiokafka consumer after
+# 137 ms (p50) with the default fetch_max_wait_ms=500, after 5 ms with 20. Every request crosses the
+# broker twice, so the default caps ours-kafka; docs/benchmarks.md has the figures with both.
+DEFAULT_KAFKA_OPTIONS = "fetch_max_wait_ms=20"
 
 
 # --- request bodies ------------------------------------------------------------------------------
@@ -243,11 +247,20 @@ def ours_memory(checkpoint: Path, log_dir: Path, **env: str) -> Iterator[Server]
 
 @contextmanager
 def ours_kafka(
-    checkpoint: Path, log_dir: Path, *, workers: int = 1, partitions: int = 4, **env: str
+    checkpoint: Path,
+    log_dir: Path,
+    *,
+    workers: int = 1,
+    partitions: int = 4,
+    options: str = "",
+    **env: str,
 ) -> Iterator[Server]:
-    """Tansu + `fmnist worker` × `workers` + `fmnist gateway`, each its own process."""
+    """Tansu + `fmnist worker` × `workers` + `fmnist gateway`, each its own process.
+
+    `options` is the broker URL's query string (e.g. `fetch_max_wait_ms=20`), see messaging/kafka.py.
+    """
     broker_port, port = processes.free_port(), processes.free_port()
-    broker_url = f"kafka://127.0.0.1:{broker_port}"
+    broker_url = f"kafka://127.0.0.1:{broker_port}" + (f"?{options}" if options else "")
     settings = {
         **processes.broker_env(broker_url),
         "FMNIST_MODEL_PATH": str(checkpoint),
@@ -325,12 +338,22 @@ def peer(script: str, checkpoint: Path, log_dir: Path, health: str) -> Iterator[
         yield Server(f"http://127.0.0.1:{port}", "/predict", [proc])
 
 
-SERVERS: dict[str, Callable[[Path, Path], contextmanager[Server]]] = {  # type: ignore[type-arg]
-    "ours-memory": lambda ckpt, logs: ours_memory(ckpt, logs),
-    "ours-kafka": lambda ckpt, logs: ours_kafka(ckpt, logs),
-    "litserve": lambda ckpt, logs: peer("litserve_server.py", ckpt, logs, "/health"),
-    "plain-fastapi": lambda ckpt, logs: peer("fastapi_server.py", ckpt, logs, "/health"),
-}
+def server_under_test(
+    name: str, checkpoint: Path, log_dir: Path, kafka_options: str
+) -> AbstractContextManager[Server]:
+    """Start the named server (see `--only`); leaving the context stops it and everything it spawned."""
+    if name == "ours-memory":
+        return ours_memory(checkpoint, log_dir)
+    if name == "ours-kafka":
+        return ours_kafka(checkpoint, log_dir, options=kafka_options)
+    if name == "litserve":
+        return peer("litserve_server.py", checkpoint, log_dir, "/health")
+    if name == "plain-fastapi":
+        return peer("fastapi_server.py", checkpoint, log_dir, "/health")
+    raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVER_NAMES)}")
+
+
+SERVER_NAMES = ("ours-memory", "ours-kafka", "litserve", "plain-fastapi")
 
 
 def machine_context() -> str:
@@ -343,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint", type=Path, default=REPO_ROOT / "models" / "fmnist.safetensors"
     )
-    parser.add_argument("--only", nargs="+", choices=list(SERVERS), default=list(SERVERS))
+    parser.add_argument("--only", nargs="+", choices=SERVER_NAMES, default=list(SERVER_NAMES))
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per server")
     parser.add_argument(
@@ -356,6 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds", type=int, default=1, help="repeat the whole sequence (noisy machines)"
     )
     parser.add_argument("--logs", type=Path, default=None, help="keep server logs here")
+    parser.add_argument(
+        "--kafka-options",
+        default=DEFAULT_KAFKA_OPTIONS,
+        help="query string of the Kafka broker URL for ours-kafka ('' for the backend's defaults)",
+    )
     args = parser.parse_args(argv)
 
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="fmnist-bench-"))
@@ -368,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[LoadResult] = []
     for round_index in range(args.rounds):
         for name in args.only:
-            with SERVERS[name](args.checkpoint, log_dir) as server:
+            with server_under_test(name, args.checkpoint, log_dir, args.kafka_options) as server:
                 result = measure(
                     name,
                     server,

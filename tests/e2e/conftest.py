@@ -18,6 +18,9 @@ from tests.e2e.processes import ManagedProcess
 # A worker logs this once it has loaded the model and joined the consumer group.
 WORKER_READY = r"event=worker_ready"
 PROCESS_START_TIMEOUT_S = 60.0  # torch import + model load on a busy 2-core machine
+# Tansu answers a long-polling fetch late (p50 137 ms per hop with the default fetch_max_wait_ms=500,
+# 5 ms with 20); a short session timeout lets the group notice a SIGKILLed worker in 4 s, not 10 s.
+KAFKA_E2E_OPTIONS = "fetch_max_wait_ms=20&session_timeout_ms=4000&heartbeat_interval_ms=500"
 
 
 @dataclass
@@ -80,6 +83,11 @@ class Stack:
         for worker in started:
             worker.wait_for_log(WORKER_READY, timeout=PROCESS_START_TIMEOUT_S)
 
+    def ensure_some_worker(self) -> None:
+        """Resume every paused worker; start one only if none is running (restarts cost seconds of CPU)."""
+        running = [name for name, worker in self.workers.items() if worker.running()]
+        self.ensure_workers(*(running or ["worker-1"]))
+
     def stop(self) -> None:
         for process in [*self.gateways.values(), *self.workers.values()]:
             process.stop()
@@ -119,11 +127,12 @@ def _tansu_or_skip(log_dir: Path, name: str) -> tuple[ManagedProcess, int]:
 def kafka_stack(e2e_log_dir: Path, e2e_checkpoint: Path) -> Iterator[Stack]:
     """Tansu, one gateway and two workers, shared by the tests of one module."""
     broker, port = _tansu_or_skip(e2e_log_dir, "tansu")
+    broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}"
     stack = Stack(
         log_dir=e2e_log_dir,
-        broker_url=f"kafka://127.0.0.1:{port}",
+        broker_url=broker_url,
         checkpoint=e2e_checkpoint,
-        base_env=processes.broker_env(f"kafka://127.0.0.1:{port}"),
+        base_env=processes.broker_env(broker_url),
     )
     try:
         # Workers first: each needs seconds of CPU for torch, the gateway starts in one.
