@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from fmnist_client import AsyncClient, Prediction, Unauthorized
+from fmnist_client._stream import ids_fit_in_url
 
 from tests.sdk.conftest import LiveServer, TcpProxy
 
@@ -111,3 +112,17 @@ async def test_stream_with_the_right_key_sees_only_its_own_results(
             first = await anext(bobs)
         await bobs.aclose()
     assert first.request_id == mine.request_id
+
+
+async def test_stream_with_more_ids_than_fit_a_url_subscribes_over_the_socket(
+    live_server: Callable[..., LiveServer],
+) -> None:
+    """80 ids (too long for the URL) are sent as `subscribe` messages; every result still arrives once."""
+    server = live_server()
+    async with AsyncClient(server.url) as client:
+        handles = await asyncio.gather(*(client.submit(image(seed)) for seed in range(80)))
+        ids = {handle.request_id for handle in handles}
+        assert not ids_fit_in_url(ids)
+        async with asyncio.timeout(30):
+            received = [result.request_id async for result in client.stream(ids=ids)]
+    assert sorted(received) == sorted(ids)

@@ -23,6 +23,9 @@ STREAM_PATH = "/v1/predictions/stream"
 _RETRY_HANDSHAKE_STATUSES = frozenset({429, 500, 502, 503, 504})
 CLOSE_POLICY_VIOLATION = 1008  # the gateway refused this stream (auth, bad query)
 CLOSE_TRY_AGAIN_LATER = 1013  # the gateway shed a slow reader; resume with `after`
+# Ids beyond what fits comfortably in a URL are sent in `subscribe` messages after connecting.
+MAX_IDS_IN_URL_CHARS = 2000
+SUBSCRIBE_CHUNK = 1000
 
 
 def stream_url(base_url: str, *, ids: Collection[str] | None, after: int | None) -> str:
@@ -31,11 +34,17 @@ def stream_url(base_url: str, *, ids: Collection[str] | None, after: int | None)
     ws_scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
     params: dict[str, str] = {}
     if ids is not None:
-        params["ids"] = ",".join(sorted(ids))
+        # Too many for the URL: filter on nothing yet, `subscribe` messages add them (no gap: the
+        # gateway replays an id's stored result when it is subscribed).
+        params["ids"] = ",".join(sorted(ids)) if ids_fit_in_url(ids) else ""
     if after is not None:
         params["after"] = str(after)
     query = f"?{urlencode(params)}" if params else ""
     return f"{ws_scheme}://{rest}{STREAM_PATH}{query}"
+
+
+def ids_fit_in_url(ids: Collection[str]) -> bool:
+    return sum(len(request_id) + 1 for request_id in ids) <= MAX_IDS_IN_URL_CHARS
 
 
 async def stream_predictions(
@@ -66,6 +75,11 @@ async def stream_predictions(
                 url, additional_headers=auth_headers(api_key), open_timeout=open_timeout
             ) as websocket:
                 logger.debug("event=stream_connected url=%s", url.split("?")[0])
+                if remaining and not ids_fit_in_url(remaining):
+                    pending = sorted(remaining)
+                    for start in range(0, len(pending), SUBSCRIBE_CHUNK):
+                        chunk = pending[start : start + SUBSCRIBE_CHUNK]
+                        await websocket.send(json.dumps({"type": "subscribe", "ids": chunk}))
                 async for raw in websocket:
                     message = _decode(raw)
                     kind = message.get("type")
