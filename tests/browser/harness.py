@@ -1,22 +1,16 @@
-"""Test harness for the demo page: `fmnist serve`/`fmnist gateway` subprocesses and Debian's Chromium."""
+"""Test harness for the demo page: `fmnist serve` subprocesses, Debian's Chromium, real test images."""
 
 from __future__ import annotations
 
 import gzip
-import os
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 from playwright.sync_api import Page
 
-from tests.conftest import REPO_ROOT
+from tests.e2e.processes import ManagedProcess, fmnist, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -34,74 +28,40 @@ SERVER_START_TIMEOUT_S = 90.0
 
 @dataclass
 class Server:
-    """A running `fmnist serve` subprocess."""
+    """A running `fmnist` HTTP server subprocess and the key it was started with."""
 
     url: str
     api_key: str | None
-    process: subprocess.Popen[bytes]
-    log_path: Path
+    process: ManagedProcess
 
     def headers(self) -> dict[str, str]:
         return {"X-API-Key": self.api_key} if self.api_key else {}
 
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def start_server(
-    log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str | None, command: str = "serve"
-) -> Server:
-    """Start `fmnist serve` (or another sub-command) on a free port; wait until /readyz says ready."""
+def start_server(log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str | None) -> Server:
+    """Start `fmnist serve` (gateway + worker + memory broker) on a free port; wait for /readyz."""
     port = free_port()
     env = {
-        **os.environ,
         "FMNIST_BROKER_URL": "memory://",
         "FMNIST_MODEL_PATH": str(checkpoint),
         "FMNIST_DATA_DIR": str(data_dir),
         "FMNIST_API_KEYS": api_key or "",
         "FMNIST_LOG_LEVEL": "WARNING",
     }
-    log_path = log_dir / f"serve-{port}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app", command, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(f"http://127.0.0.1:{port}", api_key, process, log_path)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(
-                f"fmnist {command} exited with {process.returncode}:\n{server.log_tail()}"
-            )
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_server(server)
-    raise AssertionError(
-        f"fmnist {command} not ready in {SERVER_START_TIMEOUT_S} s:\n{server.log_tail()}"
-    )
+    args = ("--host", "127.0.0.1", "--port", str(port))
+    process = fmnist(f"serve-{port}", "serve", log_dir, env, *args).start()
+    server = Server(f"http://127.0.0.1:{port}", api_key, process)
+    try:
+        process.wait_for_http(f"{server.url}/readyz", timeout=SERVER_START_TIMEOUT_S)
+    except BaseException:
+        process.stop()
+        raise
+    return server
 
 
 def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(timeout=5)
+    """SIGTERM the server (SIGKILL if it lingers), by its PID."""
+    server.process.stop()
 
 
 def first_test_images(data_dir: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
