@@ -111,18 +111,24 @@ class LoadResult:
     def images_per_s(self) -> float:
         return self.completed * self.images_per_request / self.seconds
 
+    @property
+    def images_per_cpu_s(self) -> float:
+        """Images per CPU-second the server's processes used: robust to other load on the machine."""
+        return self.completed * self.images_per_request / max(self.server_cpu_s, 1e-9)
+
     def row(self) -> str:
         cores = 2.0
         return (
             f"| {self.name} | {self.images_per_s:,.0f} | {self.p50_ms:.1f} | {self.p99_ms:.1f} | "
             f"{self.not_completed} | {self.server_cpu_s / self.seconds / cores:.0%} | "
-            f"{self.client_cpu_s / self.seconds / cores:.0%} |"
+            f"{self.images_per_cpu_s:,.0f} | {self.client_cpu_s / self.seconds / cores:.0%} |"
         )
 
 
 TABLE_HEADER = (
-    "| server | images/s | p50 ms | p99 ms | non-200 | server CPU (of 2 cores) | wrk CPU (of 2 cores) |\n"
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    "| server | images/s | p50 ms | p99 ms | non-200 | server CPU (of 2 cores) "
+    "| images per server CPU-s | wrk CPU (of 2 cores) |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 )
 
 
@@ -174,8 +180,13 @@ def measure(
     duration_s: float,
     warmup_s: float,
     images_per_request: int = 1,
+    profile_to: Path | None = None,
 ) -> LoadResult:
-    """Warm the server up, then one measured wrk run with CPU accounting on both sides."""
+    """Warm the server up, then one measured wrk run with CPU accounting on both sides.
+
+    With `profile_to`, py-spy samples the server's last process (the gateway, or `fmnist serve`)
+    during the measured run and writes collapsed stacks there.
+    """
     if warmup_s > 0:
         run_wrk(
             server.url,
@@ -186,10 +197,15 @@ def measure(
             duration_s=warmup_s,
         )
     groups = {p.pid for p in server.processes if p.running()}
+    profiler = (
+        start_profiler(server.processes[-1].pid, duration_s, profile_to) if profile_to else None
+    )
     cpu_before = group_cpu_seconds(groups)
     summary, client_cpu = run_wrk(
         server.url, server.path, bodies, body_count, connections=connections, duration_s=duration_s
     )
+    if profiler is not None:
+        profiler.wait(timeout=60)
     server_cpu = group_cpu_seconds(groups) - cpu_before
     seconds = summary["duration_us"] / 1e6
     not_completed = summary["requests"] - summary["completed"] + summary["socket_errors"]
@@ -206,6 +222,41 @@ def measure(
         server_cpu_s=server_cpu,
         client_cpu_s=client_cpu,
     )
+
+
+def start_profiler(pid: int, duration_s: float, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy record (collapsed stacks, 200 Hz) of `pid` for `duration_s` seconds."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [py_spy, "record", "--pid", str(pid), "--duration", f"{duration_s:.0f}", "--rate", "200"]
+    argv += ["--format", "raw", "--output", str(out), "--nonblocking"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarize_profile(collapsed: Path, top: int = 25) -> str:
+    """The functions holding the most samples, inclusive (anywhere on the stack) and exclusive (on top)."""
+    inclusive: dict[str, int] = {}
+    exclusive: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        count = int(count_text)
+        total += count
+        frames = [_frame_name(frame) for frame in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+        exclusive[frames[-1]] = exclusive.get(frames[-1], 0) + count
+    lines = [f"# {total} samples"]
+    for title, table in (("inclusive", inclusive), ("exclusive", exclusive)):
+        lines.append(f"## {title}")
+        for frame, count in sorted(table.items(), key=lambda item: -item[1])[:top]:
+            lines.append(f"{count / max(total, 1):6.1%}  {frame}")
+    return "\n".join(lines)
+
+
+def _frame_name(frame: str) -> str:
+    """`func (path/to/module.py:12)` → `func (module.py)`: lines split one function into many rows."""
+    function, _, where = frame.partition(" (")
+    return f"{function} ({where.rsplit('/', 1)[-1].split(':')[0]})" if where else function
 
 
 # --- the servers ---------------------------------------------------------------------------------
@@ -380,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--logs", type=Path, default=None, help="keep server logs here")
     parser.add_argument(
+        "--profile", action="store_true", help="py-spy each server's main process during its run"
+    )
+    parser.add_argument(
         "--kafka-options",
         default=DEFAULT_KAFKA_OPTIONS,
         help="query string of the Kafka broker URL for ours-kafka ('' for the backend's defaults)",
@@ -396,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[LoadResult] = []
     for round_index in range(args.rounds):
         for name in args.only:
+            profile = log_dir / f"{name}-{round_index + 1}.collapsed" if args.profile else None
             with server_under_test(name, args.checkpoint, log_dir, args.kafka_options) as server:
                 result = measure(
                     name,
@@ -405,9 +460,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     connections=args.connections,
                     duration_s=args.duration,
                     warmup_s=args.warmup,
+                    profile_to=profile,
                 )
             results.append(result)
             print(f"# round {round_index + 1}: {result.row()}", flush=True)
+            if profile is not None and profile.exists():
+                summary = profile.with_suffix(".txt")
+                summary.write_text(summarize_profile(profile))
+                print(f"# profile of {name}: {summary}")
     print(TABLE_HEADER)
     for result in results:
         print(result.row())
