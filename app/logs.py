@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
+
+# Browsers cannot set headers on a websocket, so API keys arrive as `?api_key=`; uvicorn logs
+# the full path of each connection. Keys must never reach a log line.
+_SECRET_QUERY = re.compile(r"((?:api_key|apikey|token)=)[^&\s\"']+", re.IGNORECASE)
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites `api_key=...` (and similar) in a record's message to `api_key=***`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _SECRET_QUERY.sub(r"\1***", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -15,6 +31,7 @@ def configure_logging(level: str = "INFO") -> None:
         handler.setFormatter(
             logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
         )
+        handler.addFilter(RedactSecrets())
         handler._fmnist = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
