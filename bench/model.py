@@ -1,6 +1,6 @@
 """Model compute ceiling: `ImageClassifier.predict` images/s at several batch sizes on this CPU.
 
-    .venv/bin/python bench/model.py [--checkpoint models/fmnist.safetensors] [--threads 2]
+    .venv/bin/python -m bench.model [--checkpoint models/fmnist.safetensors] [--threads 2]
 
 Prints a markdown table: the shipped path (BatchNorm fused into the convs, channels_last) and, for
 comparison, the same weights run unfused in the default memory format, so the effect of those two

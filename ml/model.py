@@ -19,12 +19,12 @@ class ArchitectureConfig:
     num_classes: int = 10
     image_size: tuple[int, int] = (28, 28)
     # One entry per stage; a 2×2 max-pool sits between stages, so stage s runs at size / 2**s.
-    widths: tuple[int, ...] = (16, 32, 64)
+    widths: tuple[int, ...] = (16, 32, 64, 128)
     # Convs per stage: the first changes the width, the rest are residual (x + conv(x)).
-    convs_per_stage: tuple[int, ...] = (1, 2, 2)
+    convs_per_stage: tuple[int, ...] = (2, 2, 2, 1)
     # "avg": global average pool then linear; "flatten": linear over the whole last feature map
     # (keeps where things are, which helps on centred images like Fashion-MNIST, at a small cost).
-    head: str = "avg"
+    head: str = "flatten"
     dropout: float = 0.0
 
     def __post_init__(self) -> None:

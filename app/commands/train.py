@@ -55,12 +55,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--subset", type=int, default=None, help="use only this many training images (quick runs)"
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--widths", type=_int_list, default=(16, 32, 64), help="channels per stage")
-    model.add_argument("--convs", type=_int_list, default=(1, 2, 2), help="3×3 convs per stage")
-    model.add_argument("--head", choices=("avg", "flatten"), default="avg", help="classifier head")
+    model.add_argument(
+        "--widths", type=_int_list, default=(16, 32, 64, 128), help="channels per stage"
+    )
+    model.add_argument("--convs", type=_int_list, default=(2, 2, 2, 1), help="3×3 convs per stage")
+    model.add_argument(
+        "--head", choices=("avg", "flatten"), default="flatten", help="classifier head"
+    )
     model.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=20)
+    optim.add_argument("--epochs", type=int, default=35)
     optim.add_argument("--batch-size", type=int, default=256)
     optim.add_argument("--lr", type=float, default=0.2, help="peak one-cycle learning rate")
     optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
