@@ -188,6 +188,8 @@ class PubSub(ABC):
         self._state: Literal["new", "connected", "closed"] = "new"
         self._subscriptions: set[Subscription] = set()
         self._checked_topics: set[str] = set()
+        self._known_topics: set[str] = set()  # exist on the broker (backends add to it)
+        self._creating: dict[str, asyncio.Task[None]] = {}
 
     @property
     def connected(self) -> bool:
@@ -224,6 +226,8 @@ class PubSub(ABC):
         self._state = "closed"
         for subscription in list(self._subscriptions):
             await subscription.aclose()
+        for task in self._creating.values():
+            task.cancel()
         if was_connected:
             await self._close()
 
@@ -254,6 +258,19 @@ class PubSub(ABC):
         if topic not in self._checked_topics:
             check_topic_name(topic)
             self._checked_topics.add(topic)
+
+    async def _ensure_topic_once(self, topic: str) -> None:
+        """Create `topic` unless known; concurrent first publishes share one creation."""
+        if topic in self._known_topics:
+            return
+        task = self._creating.get(topic)
+        if task is None:
+            task = self._creating[topic] = asyncio.create_task(self._ensure_topics((topic,)))
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._creating.pop(topic, None)
 
     def _forget(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)

@@ -404,8 +404,6 @@ class KafkaPubSub(PubSub):
         self.partitions = partitions
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
-        self._known_topics: set[str] = set()
-        self._creating: dict[str, asyncio.Task[None]] = {}
         self._replication_factor = 1
 
     async def _connect(self) -> None:
@@ -448,8 +446,6 @@ class KafkaPubSub(PubSub):
             ) from exc
 
     async def _close(self) -> None:
-        for task in self._creating.values():
-            task.cancel()
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
@@ -483,18 +479,6 @@ class KafkaPubSub(PubSub):
             raise BrokerUnavailable(
                 f"publishing to {topic!r} on {self.url} failed: {exc!r}"
             ) from exc
-
-    async def _ensure_topic_once(self, topic: str) -> None:
-        if topic in self._known_topics:
-            return
-        task = self._creating.get(topic)
-        if task is None:
-            task = self._creating[topic] = asyncio.create_task(self._ensure_topics((topic,)))
-        try:
-            await asyncio.shield(task)
-        finally:
-            if task.done():
-                self._creating.pop(topic, None)
 
     def _subscription(
         self, topic: str, *, group: str, start: StartPosition, max_in_flight: int

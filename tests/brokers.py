@@ -3,7 +3,7 @@
 Fixtures for every test module (registered from tests/conftest.py):
 
 * `kafka_bootstrap` -> "127.0.0.1:PORT", `kafka_url` -> "kafka://127.0.0.1:PORT" (session: one Tansu);
-* `pubsub_emulator_host` -> "127.0.0.1:PORT", `gcp_url` -> "gcp://fmnist-test?emulator=127.0.0.1:PORT";
+* `pubsub_emulator_host` -> "127.0.0.1:PORT", `gcp_url` -> "gcp://fmnist-test?emulator=127.0.0.1:PORT&ack_deadline_s=10";
 * `broker_url`: parametrized over memory / kafka / gcp (marked `kafka` / `gcp`); memory URLs are fresh
   per test. Give each test fresh topics and groups with `unique_name(prefix)`.
 
@@ -192,8 +192,12 @@ def pubsub_emulator_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
 
 @pytest.fixture(scope="session")
 def gcp_url(pubsub_emulator_host: str) -> str:
-    """`gcp://` URL that talks to the session's emulator (no credentials needed)."""
-    return f"gcp://{GCP_TEST_PROJECT}?emulator={pubsub_emulator_host}"
+    """`gcp://` URL that talks to the session's emulator (no credentials needed).
+
+    The ack deadline is Pub/Sub's minimum: the emulator redelivers a message whose consumer went
+    away only when its deadline expires (an explicit nack from another client does not hurry it).
+    """
+    return f"gcp://{GCP_TEST_PROJECT}?emulator={pubsub_emulator_host}&ack_deadline_s=10"
 
 
 @pytest.fixture(

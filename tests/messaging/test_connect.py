@@ -1,0 +1,81 @@
+"""messaging.connect(): URL schemes and options, missing extras, unreachable brokers."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+import messaging
+from tests.brokers import connect_options, free_port
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_unknown_scheme_lists_the_supported_ones() -> None:
+    """An unsupported scheme is a ValueError naming memory://, kafka:// and gcp://."""
+    with pytest.raises(ValueError, match=r"memory://, kafka://, gcp://"):
+        messaging.connect("redis://localhost:6379")
+
+
+def test_url_without_scheme_is_rejected() -> None:
+    """A bare host:port is a ValueError showing the URL forms."""
+    with pytest.raises(ValueError, match="has no scheme"):
+        messaging.connect("localhost:9092")
+
+
+def test_invalid_topic_name_is_rejected_before_any_io() -> None:
+    """A topic name that some backend would refuse fails on every backend."""
+    pubsub = messaging.connect("memory://")
+    pubsub._state = "connected"
+    with pytest.raises(ValueError, match="invalid topic name"):
+        pubsub.subscribe("ab", group="g")
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "extra"),
+    [
+        ("kafka://127.0.0.1:9", "aiokafka", "kafka"),
+        ("gcp://project", "google.cloud.pubsub_v1", "gcp"),
+    ],
+)
+def test_missing_client_library_names_the_pip_command(
+    monkeypatch: pytest.MonkeyPatch, url: str, module: str, extra: str
+) -> None:
+    """Without the backend's library, connect() raises MissingDependency with the exact pip install."""
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    monkeypatch.delitem(sys.modules, f"messaging.{url.split(':')[0]}", raising=False)
+    with pytest.raises(
+        messaging.MissingDependency, match=rf"pip install 'fmnist-service\[{extra}\]'"
+    ):
+        messaging.connect(url)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [pytest.param("kafka", marks=pytest.mark.kafka), pytest.param("gcp", marks=pytest.mark.gcp)],
+)
+async def test_unreachable_broker_raises_broker_unavailable_in_time(scheme: str) -> None:
+    """Connecting to a closed port raises BrokerUnavailable naming the URL, within the connect timeout."""
+    port = free_port()  # nothing listens there
+    url = (
+        f"kafka://127.0.0.1:{port}"
+        if scheme == "kafka"
+        else f"gcp://fmnist-test?emulator=127.0.0.1:{port}"
+    )
+    started = time.monotonic()
+    with pytest.raises(messaging.BrokerUnavailable, match=f"127.0.0.1:{port}|fmnist-test"):
+        async with messaging.connect(url, connect_timeout=2.0, kafka_idempotence=False):
+            pass
+    assert time.monotonic() - started < 4.0
+
+
+@pytest.mark.kafka
+async def test_tansu_without_idempotence_setting_names_the_setting(kafka_url: str) -> None:
+    """A broker that refuses InitProducerId gives an error naming FMNIST_KAFKA_IDEMPOTENCE."""
+    if connect_options(kafka_url)["kafka_idempotence"]:
+        pytest.skip("the external test broker supports the idempotent producer")
+    with pytest.raises(messaging.BrokerUnavailable, match="FMNIST_KAFKA_IDEMPOTENCE=false"):
+        async with messaging.connect(kafka_url, connect_timeout=5.0, kafka_idempotence=True):
+            pass
