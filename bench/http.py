@@ -303,7 +303,7 @@ def ours_kafka(
     *,
     workers: int = 1,
     partitions: int = 4,
-    options: str = "",
+    options: str = DEFAULT_KAFKA_OPTIONS,
     **env: str,
 ) -> Iterator[Server]:
     """Tansu + `fmnist worker` × `workers` + `fmnist gateway`, each its own process.

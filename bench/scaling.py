@@ -23,6 +23,7 @@ sys.path.insert(
 
 from bench.http import (
     DATA_DIR,
+    DEFAULT_KAFKA_OPTIONS,
     REPO_ROOT,
     group_cpu_seconds,
     machine_context,
@@ -46,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--logs", type=Path, default=None)
+    parser.add_argument(
+        "--kafka-options", default=DEFAULT_KAFKA_OPTIONS, help="broker URL query string"
+    )
     args = parser.parse_args(argv)
 
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="fmnist-bench-scaling-"))
@@ -56,7 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for workers in args.workers:
         partitions = args.partitions or workers
-        with ours_kafka(args.checkpoint, log_dir, workers=workers, partitions=partitions) as server:
+        with ours_kafka(
+            args.checkpoint,
+            log_dir,
+            workers=workers,
+            partitions=partitions,
+            options=args.kafka_options,
+        ) as server:
             server.path = "/v1/predictions:batch?wait=30"
             run_wrk(
                 server.url,
