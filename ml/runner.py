@@ -414,6 +414,11 @@ class ModelRunner:
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                if timer is not None and timer.when() <= loop.time():
+                    # The timer has fired. Some loops (uvloop: millisecond clock) fire up to 1 ms
+                    # early; if the batch is not due yet, the next pass sets a timer for the rest.
+                    timer.cancel()
+                    timer = None
         except BaseException:
             # Cancelled or crashed mid-collection: put the images back so they are answered.
             self._queue.extendleft(reversed(batch))

@@ -306,3 +306,22 @@ async def test_a_saturated_runner_uses_full_batches() -> None:
         await asyncio.gather(*(runner.submit(img) for img in images))
     assert sum(model.calls) == 512
     assert model.calls.count(64) >= 7
+
+
+class EarlyTimerLoop(asyncio.SelectorEventLoop):
+    """An event loop whose timers fire 3 ms early, as millisecond-clock loops (uvloop) can."""
+
+    def call_later(self, delay: float, callback, *args, context=None):  # type: ignore[no-untyped-def, override]
+        return super().call_later(max(0.0, delay - 0.003), callback, *args, context=context)
+
+
+def test_a_timer_that_fires_early_does_not_strand_the_batch() -> None:
+    """A lone image is still computed about max_wait_ms after arrival when the loop's timer fires early."""
+
+    async def lone_image() -> Prediction:
+        async with ModelRunner(TinyClassifier(), max_batch_size=64, max_wait_ms=20) as runner:
+            return await asyncio.wait_for(runner.submit(image(1)), timeout=2.0)
+
+    with asyncio.Runner(loop_factory=EarlyTimerLoop) as loop_runner:
+        prediction = loop_runner.run(lone_image())
+    assert 20 <= prediction.queue_ms < 300
