@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -311,7 +314,13 @@ async def test_a_saturated_runner_uses_full_batches() -> None:
 class EarlyTimerLoop(asyncio.SelectorEventLoop):
     """An event loop whose timers fire 3 ms early, as millisecond-clock loops (uvloop) can."""
 
-    def call_later(self, delay: float, callback, *args, context=None):  # type: ignore[no-untyped-def, override]
+    def call_later(  # type: ignore[override]
+        self,
+        delay: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
         return super().call_later(max(0.0, delay - 0.003), callback, *args, context=context)
 
 
