@@ -29,6 +29,8 @@ from ml.training import (
 from ml.training import evaluate as evaluate_network
 from ml.training import fit as fit_network
 
+PRECISIONS = ("fp32", "bf16")
+
 
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
@@ -59,6 +61,7 @@ class ImageClassifier:
         dropout: float = 0.0,
         seed: int = 0,
         device: str | torch.device | None = None,
+        precision: str = "fp32",
     ) -> None:
         config = ArchitectureConfig(
             num_channels=num_channels,
@@ -75,6 +78,7 @@ class ImageClassifier:
             else [str(i) for i in range(num_classes)]
         )
         self._setup(config, names, seed, device)
+        self.precision = precision
 
     def _setup(
         self,
@@ -98,6 +102,7 @@ class ImageClassifier:
         self.training: dict[str, Any] = {}
         self._inference: ConvNet | None = None
         self._version: str | None = None
+        self._precision = "fp32"
 
     # --- the shared interface -------------------------------------------------------------------
     @property
@@ -125,6 +130,26 @@ class ImageClassifier:
         mean, std = self.network.normalize.statistics()
         return {"mean": mean, "std": std}
 
+    @property
+    def precision(self) -> str:
+        """Arithmetic of `predict` and `evaluate`: "fp32", or "bf16" (convs and matmuls in bfloat16).
+
+        bf16 is several times faster on CPUs with AVX512-BF16/AMX (and on recent GPUs); probabilities
+        move by < 0.01 and test accuracy by a few hundredths of a point (the model card gives both).
+        """
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+        self._precision = value
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self._precision == "bf16"
+        )
+
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N×C×H×W (0..255) or float (0..1) images → float32 N×num_classes probabilities on the CPU."""
         if not isinstance(images, torch.Tensor):
@@ -138,9 +163,9 @@ class ImageClassifier:
             images = images.float()
         if self._inference is None:
             self._inference = fused_for_inference(self.network)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             batch = images.to(self.device).contiguous(memory_format=torch.channels_last)
-            probabilities = torch.softmax(self._inference(batch), dim=1)
+            probabilities = torch.softmax(self._inference(batch).float(), dim=1)
         return probabilities.float().cpu()
 
     # --- training and evaluation ----------------------------------------------------------------
@@ -198,9 +223,10 @@ class ImageClassifier:
     def evaluate(self, dataset: Dataset[Any], batch_size: int = 1024) -> EvaluationResult:
         """Accuracy, loss, per-class accuracy and confusion matrix on a labelled dataset."""
         images, labels = materialise(dataset, self.input_shape, self.num_classes)
-        return evaluate_network(
-            self.network, images, labels, self.num_classes, self.device, batch_size
-        )
+        with self._autocast():
+            return evaluate_network(
+                self.network, images, labels, self.num_classes, self.device, batch_size
+            )
 
     def _hardware(self) -> str:
         if self.device.type == "cuda":
@@ -231,9 +257,15 @@ class ImageClassifier:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], device: str | torch.device | None = None
+        cls,
+        path: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
     ) -> ImageClassifier:
-        """Read a checkpoint written by `save`; raises a `CheckpointError` subclass for a bad file."""
+        """Read a checkpoint written by `save`; raises a `CheckpointError` subclass for a bad file.
+
+        `precision="bf16"` makes `predict` and `evaluate` compute in bfloat16 (see `precision`).
+        """
         tensors, metadata = read_checkpoint(path)
         try:
             config = ArchitectureConfig.from_json(metadata["architecture"])
@@ -258,6 +290,7 @@ class ImageClassifier:
         classifier.metrics = {k: float(v) for k, v in (metadata.get("metrics") or {}).items()}
         classifier.training = dict(metadata.get("training") or {})
         classifier._version = metadata["version"]
+        classifier.precision = precision
         return classifier
 
     def __repr__(self) -> str:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
-from ml.classifier import ImageClassifier
+from ml.classifier import PRECISIONS, ImageClassifier
 from ml.training import EvaluationResult
 
 
@@ -24,6 +25,7 @@ class Throughput:
     images_per_second: float
     ms_per_batch: float
     threads: int
+    precision: str = "fp32"
 
 
 def measure_throughput(
@@ -62,10 +64,37 @@ def measure_throughput(
                     classifier.predict(images)
                     calls += 1
                 best = max(best, calls * batch_size / elapsed)
-            results.append(Throughput(batch_size, best, 1000.0 * batch_size / best, threads))
+            results.append(
+                Throughput(
+                    batch_size, best, 1000.0 * batch_size / best, threads, classifier.precision
+                )
+            )
         return results
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def measure_precisions(
+    checkpoint: Path, batch_sizes: Sequence[int] = (1, 32, 64), *, seconds: float = 2.0
+) -> list[Throughput]:
+    """`measure_throughput` of the checkpoint on the CPU in fp32, then in bf16."""
+    results: list[Throughput] = []
+    for precision in PRECISIONS:
+        classifier = ImageClassifier.load(checkpoint, device="cpu", precision=precision)
+        results += measure_throughput(classifier, batch_sizes, seconds=seconds)
+    return results
+
+
+def evaluate_bf16(classifier: ImageClassifier, dataset: Dataset[Any]) -> EvaluationResult:
+    """The same evaluation with bf16 inference, recorded as `metrics["test_accuracy_bf16"]`."""
+    previous = classifier.precision
+    classifier.precision = "bf16"
+    try:
+        result = classifier.evaluate(dataset)
+    finally:
+        classifier.precision = previous
+    classifier.metrics["test_accuracy_bf16"] = result.accuracy
+    return result
 
 
 def cpu_description() -> str:
@@ -157,6 +186,13 @@ def report_paths(checkpoint: Path, suffix: str = "") -> dict[str, Path]:
     }
 
 
+def _now_load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "n/a"
+
+
 def _load(history: dict[str, Any]) -> str:
     start, end = history.get("load_average") or (0.0, 0.0)
     return f"{start:.1f} at start, {end:.1f} at end"
@@ -201,6 +237,7 @@ def write_model_card(
         "| | |",
         "|---|---|",
         f"| **test accuracy** | **{_percent(test_result.accuracy)}** ({test_result.num_samples} images) |",
+        f"| test accuracy, bf16 inference | {_percent(classifier.metrics.get('test_accuracy_bf16'))} |",
         f"| validation accuracy (last epoch) | {_percent(classifier.metrics.get('val_accuracy'))} |",
         f"| test loss | {test_result.loss:.4f} |",
         f"| version (weights sha256[:12]) | `{classifier.version}` |",
@@ -229,13 +266,16 @@ def write_model_card(
         "",
         "## Inference throughput (CPU)",
         "",
-        f"`ImageClassifier.predict` on uint8 input, BatchNorm fused into the convs, channels_last, "
-        f"{throughput[0].threads if throughput else '?'} intra-op threads, best of 3 windows on {cpu_description()}:",
+        f"`ImageClassifier.predict` on random uint8 images, BatchNorm fused into the convs, channels_last, "
+        f"{throughput[0].threads if throughput else '?'} intra-op threads, best of 3 timed windows, on "
+        f"{cpu_description()}; 1-minute load average {_now_load()} when measured (other processes "
+        "share the machine, so these are lower bounds). `bf16` is `ImageClassifier.load(path, "
+        'precision="bf16")`: convs in bfloat16, probabilities still float32.',
         "",
-        "| batch size | images/s | ms per batch |",
-        "|---:|---:|---:|",
+        "| precision | batch size | images/s | ms per batch |",
+        "|---|---:|---:|---:|",
         *(
-            f"| {t.batch_size} | {t.images_per_second:,.0f} | {t.ms_per_batch:.3f} |"
+            f"| {t.precision} | {t.batch_size} | {t.images_per_second:,.0f} | {t.ms_per_batch:.3f} |"
             for t in throughput
         ),
         "",

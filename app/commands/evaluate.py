@@ -39,16 +39,36 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--no-report", action="store_true", help="print only, write no files")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="inference arithmetic"
+    )
+    parser.add_argument(
+        "--card",
+        action="store_true",
+        help="also (re)write the model card beside the checkpoint from its stored training record, "
+        "this evaluation (fp32 and bf16) and a fresh CPU throughput measurement",
+    )
+    parser.add_argument(
+        "--notes", type=Path, default=None, help="with --card: markdown appended to the card"
+    )
+    parser.add_argument(
+        "--throughput-seconds",
+        type=float,
+        default=2.0,
+        help="with --card: seconds of CPU throughput measurement per batch size and precision",
+    )
     parser.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     configure_logging()
     from ml import CheckpointError, DataError, ImageClassifier, load_fashion_mnist
-    from ml.report import evaluation_report
+    from ml.report import evaluate_bf16, evaluation_report, measure_precisions, write_model_card
 
     try:
-        classifier = ImageClassifier.load(args.checkpoint, device=args.device)
+        classifier = ImageClassifier.load(
+            args.checkpoint, device=args.device, precision=args.precision
+        )
         test = load_fashion_mnist("test", args.data_dir)
     except (CheckpointError, DataError) as exc:
         print(f"fmnist evaluate: {exc}", file=sys.stderr)
@@ -91,6 +111,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
         width = max(len(n) for n in classifier.class_names)
         for name, accuracy in zip(classifier.class_names, result.per_class_accuracy, strict=True):
             print(f"  {name:<{width}}  {100 * accuracy:6.2f}%")
+    if args.card:
+        if args.precision != "fp32":
+            print(
+                "fmnist evaluate: --card needs --precision fp32 (it reports both)", file=sys.stderr
+            )
+            return 2
+        evaluate_bf16(classifier, test)
+        command = str(classifier.training.get("command", "(not recorded)"))
+        notes = args.notes.read_text() if args.notes else ""
+        throughput = measure_precisions(args.checkpoint, seconds=args.throughput_seconds)
+        card = write_model_card(classifier, args.checkpoint, result, throughput, command, notes)
+        print("model card: " + ", ".join(str(p) for p in card.values()), file=sys.stderr)
     if not args.no_report:
         paths = evaluation_report(classifier, args.checkpoint, result, args.report_dir)
         print(

@@ -135,7 +135,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from ml import DataError, ImageClassifier, TrainConfig, fashion_mnist_splits
-    from ml.report import measure_throughput, write_model_card
+    from ml.report import evaluate_bf16, measure_precisions, write_model_card
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,6 +187,7 @@ def run_train(args: argparse.Namespace) -> int:
     test = classifier.evaluate(splits.test)
     classifier.metrics["test_accuracy"] = test.accuracy
     classifier.metrics["test_loss"] = test.loss
+    evaluate_bf16(classifier, splits.test)
     classifier.training["command"] = command
     classifier.save(args.out)
     logger.info(
@@ -202,12 +203,12 @@ def run_train(args: argparse.Namespace) -> int:
         f"test accuracy {100 * test.accuracy:.2f}% ({test.num_samples} images), trained in {history.seconds / 60:.1f} min -> {args.out}"
     )
     if not args.no_report:
-        throughput = measure_throughput(
-            ImageClassifier.load(args.out, device="cpu"), seconds=args.throughput_seconds
-        )
+        throughput = measure_precisions(args.out, seconds=args.throughput_seconds)
         notes = args.notes.read_text() if args.notes else ""
         paths = write_model_card(classifier, args.out, test, throughput, command, notes)
         for t in throughput:
-            print(f"cpu predict batch={t.batch_size}: {t.images_per_second:,.0f} images/s")
+            print(
+                f"cpu predict {t.precision} batch={t.batch_size}: {t.images_per_second:,.0f} images/s"
+            )
         print("report: " + ", ".join(str(p) for p in paths.values()))
     return 0

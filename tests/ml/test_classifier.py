@@ -148,3 +148,21 @@ def test_fit_rejects_labels_outside_the_classes() -> None:
     )
     with pytest.raises(ValueError, match="labels"):
         small_classifier(num_classes=2).fit(dataset, epochs=1, progress=False)
+
+
+def test_bf16_inference_returns_float32_probabilities_close_to_fp32() -> None:
+    """precision="bf16" keeps the output contract (float32 rows summing to 1) and stays near fp32."""
+    classifier = small_classifier()
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    exact = classifier.predict(images)
+    classifier.precision = "bf16"
+    approximate = classifier.predict(images)
+    assert approximate.dtype == torch.float32
+    torch.testing.assert_close(approximate.sum(1), torch.ones(8))
+    assert (approximate - exact).abs().max() < 0.05
+
+
+def test_unknown_precision_is_refused() -> None:
+    """A typo in precision fails at once with the allowed values."""
+    with pytest.raises(ValueError, match="fp32"):
+        small_classifier(precision="fp16")

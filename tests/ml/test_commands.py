@@ -55,6 +55,40 @@ def test_train_then_evaluate_writes_checkpoint_and_reports(
     assert (tmp_path / "tiny-evaluation.md").is_file()
 
 
+def test_evaluate_card_rewrites_the_model_card_from_the_checkpoint(
+    fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """`evaluate --card` rebuilds the card (command, bf16 accuracy, both throughputs) from the file."""
+    out = tmp_path / "tiny.safetensors"
+    common = ["--data-dir", str(fashion_mnist_dir)]
+    train = ["train", *common, "--subset", "300", "--val-size", "100", "--epochs", "1"]
+    assert (
+        main(
+            [
+                *train,
+                "--widths",
+                "8,16",
+                "--convs",
+                "1,1",
+                "--no-report",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert not (tmp_path / "tiny.md").exists()
+    code = main(
+        ["evaluate", str(out), *common, "--card", "--no-report", "--throughput-seconds", "0.1"]
+    )
+    assert code == 0
+    card = (tmp_path / "tiny.md").read_text()
+    assert "fmnist train --data-dir" in card
+    assert "| bf16 | 64 |" in card and "| fp32 | 64 |" in card
+    assert "test accuracy, bf16 inference | n/a" not in card
+
+
 def test_evaluate_reports_a_bad_checkpoint_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
