@@ -269,7 +269,7 @@ class GooglePubSub(PubSub):
         if topic not in self._known_topics:
             await self._ensure_topic_once(topic)
         path = self.publisher.topic_path(self.project, topic)
-        ordering_key = key or "" if self.options.ordering else ""
+        ordering_key = (key or "") if self.options.ordering else ""
         try:
             future = self.publisher.publish(
                 path, data, ordering_key=ordering_key, **(attributes or {})
