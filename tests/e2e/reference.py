@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,3 +22,12 @@ def checkpoint_accuracy(checkpoint: Path, pngs: Sequence[bytes], labels: Sequenc
     images = torch.from_numpy(pixels).unsqueeze(1)  # N×1×28×28 uint8, as the gateway publishes them
     predicted = torch.cat([classifier.predict(chunk).argmax(dim=1) for chunk in images.split(500)])
     return float((predicted == torch.tensor(list(labels))).float().mean())
+
+
+def card_accuracy(checkpoint: Path) -> float:
+    """The test accuracy the model card beside the checkpoint (`NAME.md`) states, as a fraction."""
+    card = checkpoint.with_suffix(".md")
+    match = re.search(r"test accuracy\**\s*\|\s*\**([0-9.]+)\s*%", card.read_text())
+    if match is None:
+        raise ValueError(f"{card} states no '| test accuracy | NN.NN% |' row")
+    return float(match.group(1)) / 100

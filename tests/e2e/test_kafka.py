@@ -14,7 +14,7 @@ from fmnist_client import AsyncClient
 
 from tests.e2e.conftest import Stack
 from tests.e2e.load import post_all
-from tests.e2e.reference import checkpoint_accuracy
+from tests.e2e.reference import card_accuracy, checkpoint_accuracy
 from tests.e2e.streams import StreamCollector, accuracy, submit_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.data, pytest.mark.timeout(120)]
@@ -35,9 +35,9 @@ async def test_two_thousand_images_complete_once_each_with_the_checkpoints_accur
     assert not delivered.duplicated(ids)
     results = delivered.of(ids)
     assert all(r.status == "completed" for r in results.values())
-    offline = checkpoint_accuracy(e2e_checkpoint, images, labels)
-    assert accuracy(results) >= offline - 0.005
-    assert accuracy(results) >= 0.93
+    # The card's figure is over all 10,000 test images; these are the first 2000 (94.45% offline).
+    assert accuracy(results) >= card_accuracy(e2e_checkpoint) - 0.005
+    assert accuracy(results) >= checkpoint_accuracy(e2e_checkpoint, images, labels) - 0.005
 
 
 async def test_sigkill_of_a_worker_mid_stream_loses_and_duplicates_nothing(
