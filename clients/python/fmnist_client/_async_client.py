@@ -5,7 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, overload
@@ -13,10 +21,17 @@ from typing import Literal, overload
 import httpx
 
 from ._base import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
     ClientConfig,
+    ProgressTracker,
+    batch_outcomes,
+    build_batch_request,
     build_submit_request,
+    check_many_arguments,
+    chunks,
+    in_order_or_raise,
     is_finished,
     poll_delays,
     prediction_from_response,
@@ -152,6 +167,7 @@ class AsyncClient:
         self,
         images: Iterable[ImageInput],
         *,
+        batch_size: int = ...,
         concurrency: int = ...,
         wait: float = ...,
         progress: ProgressCallback | None = ...,
@@ -163,6 +179,7 @@ class AsyncClient:
         self,
         images: Iterable[ImageInput],
         *,
+        batch_size: int = ...,
         concurrency: int = ...,
         wait: float = ...,
         progress: ProgressCallback | None = ...,
@@ -173,42 +190,44 @@ class AsyncClient:
         self,
         images: Iterable[ImageInput],
         *,
-        concurrency: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int = 4,
         wait: float = DEFAULT_WAIT,
         progress: ProgressCallback | None = None,
         return_exceptions: bool = False,
     ) -> list[Prediction] | list[Prediction | FmnistError]:
-        """Classify many images with up to `concurrency` in flight; results keep input order.
-
-        With `return_exceptions=True` a failed image yields its `FmnistError` in place; otherwise
-        the first error cancels the rest and is raised.
-        """
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        """Classify many images, `batch_size` per batch request, `concurrency` requests at a time;
+        results keep input order (see `Client.predict_many`)."""
+        check_many_arguments(batch_size, concurrency)
         todo = list(images)
+        deadline = time.monotonic() + wait
+        tracker = ProgressTracker(len(todo), progress)
         slots = asyncio.Semaphore(concurrency)
-        done = 0
 
-        async def predict_one(image: ImageInput) -> Prediction | FmnistError:
-            nonlocal done
-            async with slots:
+        async def settle(outcome: Prediction | FmnistError) -> Prediction | FmnistError:
+            if isinstance(outcome, Prediction):
                 try:
-                    outcome: Prediction | FmnistError = await self.predict(image, wait=wait)
+                    outcome = await self._finish(outcome, deadline, wait)
                 except FmnistError as error:
-                    if not return_exceptions:
-                        raise
                     outcome = error
-            done += 1
-            if progress is not None:
-                progress(done, len(todo))
+            tracker.advance()
             return outcome
 
-        tasks = [asyncio.ensure_future(predict_one(image)) for image in todo]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for task in tasks:
-                task.cancel()
+        async def run_chunk(chunk: Sequence[ImageInput]) -> list[Prediction | FmnistError]:
+            async with slots:
+                request = build_batch_request(
+                    self._http, chunk, wait=min(wait, self._config.longest_hold_s)
+                )
+                try:
+                    outcomes = batch_outcomes(await self._send(request), len(chunk))
+                except FmnistError as error:
+                    outcomes = [error] * len(chunk)
+            # Polling stragglers happens outside the slot: the next batch is already on its way.
+            return list(await asyncio.gather(*(settle(outcome) for outcome in outcomes)))
+
+        results = await asyncio.gather(*(run_chunk(chunk) for chunk in chunks(todo, batch_size)))
+        outcomes = [outcome for chunk in results for outcome in chunk]
+        return in_order_or_raise(outcomes, return_exceptions=return_exceptions)
 
     def stream(
         self,

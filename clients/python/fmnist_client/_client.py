@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -14,10 +13,17 @@ from typing import Literal, overload
 import httpx
 
 from ._base import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
     ClientConfig,
+    ProgressTracker,
+    batch_outcomes,
+    build_batch_request,
     build_submit_request,
+    check_many_arguments,
+    chunks,
+    in_order_or_raise,
     is_finished,
     poll_delays,
     prediction_from_response,
@@ -158,6 +164,7 @@ class Client:
         self,
         images: Iterable[ImageInput],
         *,
+        batch_size: int = ...,
         concurrency: int = ...,
         wait: float = ...,
         progress: ProgressCallback | None = ...,
@@ -169,6 +176,7 @@ class Client:
         self,
         images: Iterable[ImageInput],
         *,
+        batch_size: int = ...,
         concurrency: int = ...,
         wait: float = ...,
         progress: ProgressCallback | None = ...,
@@ -179,39 +187,47 @@ class Client:
         self,
         images: Iterable[ImageInput],
         *,
-        concurrency: int = 8,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int = 4,
         wait: float = DEFAULT_WAIT,
         progress: ProgressCallback | None = None,
         return_exceptions: bool = False,
     ) -> list[Prediction] | list[Prediction | FmnistError]:
-        """Classify many images with up to `concurrency` requests in flight; results keep input order.
+        """Classify many images; results keep input order.
 
-        The service batches concurrent requests together, so concurrency is what makes this fast.
-        With `return_exceptions=True` a failed image yields its `FmnistError` in place instead of
-        raising the first one.
+        Images go `batch_size` per `POST /v1/predictions:batch`, `concurrency` such requests at a
+        time (threads), so thousands of images cost a few dozen requests. `wait` bounds the whole
+        call. A bad image does not stop the others: with `return_exceptions=True` its `FmnistError`
+        takes its place, otherwise the first error is raised once all are done.
         """
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        check_many_arguments(batch_size, concurrency)
         todo = list(images)
-        done = 0
-        done_lock = threading.Lock()
+        deadline = time.monotonic() + wait
+        tracker = ProgressTracker(len(todo), progress)
 
-        def predict_one(image: ImageInput) -> Prediction | FmnistError:
-            nonlocal done
+        def run_chunk(chunk: Sequence[ImageInput]) -> list[Prediction | FmnistError]:
+            request = build_batch_request(
+                self._http, chunk, wait=min(wait, self._config.longest_hold_s)
+            )
             try:
-                outcome: Prediction | FmnistError = self.predict(image, wait=wait)
+                outcomes = batch_outcomes(self._send(request), len(chunk))
             except FmnistError as error:
-                if not return_exceptions:
-                    raise
-                outcome = error
-            with done_lock:
-                done += 1
-                if progress is not None:
-                    progress(done, len(todo))
-            return outcome
+                outcomes = [error] * len(chunk)
+            settled: list[Prediction | FmnistError] = []
+            for outcome in outcomes:
+                if isinstance(outcome, Prediction):
+                    try:
+                        outcome = self._finish(outcome, deadline, wait)
+                    except FmnistError as error:
+                        outcome = error
+                tracker.advance()
+                settled.append(outcome)
+            return settled
 
-        with ThreadPoolExecutor(max_workers=min(concurrency, max(1, len(todo)))) as pool:
-            return list(pool.map(predict_one, todo))
+        batches = chunks(todo, batch_size)
+        with ThreadPoolExecutor(max_workers=min(concurrency, max(1, len(batches)))) as pool:
+            outcomes = [outcome for chunk in pool.map(run_chunk, batches) for outcome in chunk]
+        return in_order_or_raise(outcomes, return_exceptions=return_exceptions)
 
     # --- internals -------------------------------------------------------------------------
 
