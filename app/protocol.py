@@ -12,6 +12,8 @@ everything else (all values are strings, as every broker allows):
 | `deadline`     | unix seconds after which a worker drops the request as expired  |
 | `owner`        | fingerprint of the API key that submitted it (`""` without auth) |
 | `metadata`     | JSON object of client strings echoed in the result (optional)   |
+| `attempt`      | try number, 1 on first publish; a worker re-queues a request    |
+|                | with it raised by one after a model error                       |
 
 Results (`fmnist.results`, key = request id): one JSON `ResultMessage` per request. A worker may
 publish the same request id twice after a redelivery; consumers keep the first.
@@ -32,6 +34,7 @@ SUBMITTED_AT_ATTR = "submitted_at"
 DEADLINE_ATTR = "deadline"
 OWNER_ATTR = "owner"
 METADATA_ATTR = "metadata"
+ATTEMPT_ATTR = "attempt"
 ERROR_CODE_ATTR = "error_code"
 ERROR_MESSAGE_ATTR = "error_message"
 

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(4096, ge=1, description="Images a worker's ModelRunner may hold queued before refusing.")
     worker_id: str | None = Field(None, description="Id a worker stamps on its results (default: host-pid).")
     max_attempts: int = Field(
-        3, ge=1, description="Deliveries of one request before a worker sends it to the dead-letter topic."
+        3, ge=1, description="Tries of one request (a model error re-queues it) before it goes to the dead-letter topic."
     )
 
     # --- gateway ----------------------------------------------------------------------------

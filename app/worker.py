@@ -49,9 +49,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Delivery attempt of a request (1 on first publish, raised by each model-error re-queue).
-# Proposed for app/protocol.py as ATTEMPT_ATTR.
-ATTEMPT_ATTR = "attempt"
 WORKER_ID_ATTR = "worker_id"
 
 # How long a handler waits before trying again when the runner's queue is full, and after a failed
@@ -383,13 +380,13 @@ class Worker:
         self, message: Message, request_id: str, metadata: dict[str, str], error: ModelError
     ) -> None:
         try:
-            attempt = int(message.attributes.get(ATTEMPT_ATTR, "1"))
+            attempt = int(message.attributes.get(protocol.ATTEMPT_ATTR, "1"))
         except ValueError:
             attempt = 1
         if attempt < self.settings.max_attempts:
             # Re-queue rather than nack: the attempt count travels with the message, so the limit
             # holds across workers and restarts (Kafka keeps no delivery count).
-            attributes = {**message.attributes, ATTEMPT_ATTR: str(attempt + 1)}
+            attributes = {**message.attributes, protocol.ATTEMPT_ATTR: str(attempt + 1)}
             await self.pubsub.publish(
                 self.settings.requests_topic, message.data, key=message.key, attributes=attributes
             )

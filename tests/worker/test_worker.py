@@ -11,7 +11,7 @@ import torch
 import messaging
 from app import protocol
 from app import worker as worker_module
-from app.worker import ATTEMPT_ATTR, Worker
+from app.worker import Worker
 from messaging import BrokerUnavailable, PubSub
 from tests.brokers import connect_options
 from tests.runner.models import PoisonClassifier, TinyClassifier, image
@@ -139,7 +139,7 @@ async def test_a_request_that_keeps_failing_is_retried_then_dead_lettered() -> N
             answers = results_by_id(await take_results(results, 2))
             assert worker.outcomes["requeued"] == 2
     assert letter.attributes[protocol.ERROR_CODE_ATTR] == "model_error"
-    assert letter.attributes[ATTEMPT_ATTR] == "3"
+    assert letter.attributes[protocol.ATTEMPT_ATTR] == "3"
     assert "poison pixel" in letter.attributes[protocol.ERROR_MESSAGE_ATTR]
     assert answers["poison"].error is not None and answers["poison"].error.code == "model_error"
     assert answers["fine"].status == "completed"
