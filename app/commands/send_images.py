@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import math
 import os
 import sys
 import time
@@ -118,17 +119,22 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
 
     with gzip.open(path, "rb") as file:
         data = file.read()
-    header = np.frombuffer(data, dtype=">u4", count=1)
-    if len(data) < 8 or int(header[0]) != magic:
-        raise SystemExit(f"fmnist send-images: {path} is not an IDX file (magic {magic} expected)")
     ndim = magic & 0xFF
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size or int.from_bytes(data[:4], "big") != magic:
+        raise SystemExit(f"fmnist send-images: {path} is not an IDX file (magic {magic} expected)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    values = np.frombuffer(data, dtype=np.uint8, offset=header_size)
+    if values.size != math.prod(shape):
+        raise SystemExit(
+            f"fmnist send-images: {path} is truncated: {values.size} bytes for shape {shape}"
+        )
+    return values.reshape(shape)
 
 
 @dataclass
 class SendSummary:
-    """What happened to the images sent: accepted ids and failures by error code."""
+    """What happened to the images sent: how many were accepted, and failures by error code."""
 
     sent: int = 0
     accepted: int = 0

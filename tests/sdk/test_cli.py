@@ -156,6 +156,17 @@ def test_idx_reader_refuses_other_files(tmp_path: Path) -> None:
         read_idx(bogus, IDX_IMAGES_MAGIC)
 
 
+def test_idx_reader_refuses_truncated_files(tmp_path: Path) -> None:
+    """An IDX file shorter than its header promises is refused, not reshaped into garbage."""
+    truncated = tmp_path / "t10k-images-idx3-ubyte.gz"
+    header = IDX_IMAGES_MAGIC.to_bytes(4, "big") + b"".join(
+        n.to_bytes(4, "big") for n in (10, 28, 28)
+    )
+    truncated.write_bytes(gzip.compress(header + b"\x00" * 100))
+    with pytest.raises(SystemExit, match="truncated"):
+        read_idx(truncated, IDX_IMAGES_MAGIC)
+
+
 @pytest.mark.data
 def test_idx_reader_reads_the_real_test_set(fashion_mnist_dir: Path) -> None:
     """The real test images read as 10000×28×28 uint8."""
