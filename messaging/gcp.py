@@ -1,9 +1,13 @@
 """The `gcp://PROJECT_ID` backend on google-cloud-pubsub: one subscription per group, streaming pull, asyncio bridge.
 
-* Topics are created on first use (or by `ensure_topics`); each consumer group is one subscription
-  named `<topic>.<group>`, created the first time the group subscribes. Pub/Sub delivers to a
-  subscription only what is published after it exists, so `start` has no effect here: a new group
-  begins at its creation ("latest"). Subscribe the group once (or run a worker) before publishing.
+* Topics are created on first use (or by `ensure_topics`) with message retention
+  (`topic_retention_s`, 1 day by default); each consumer group is one subscription named
+  `<topic>.<group>`, created the first time the group subscribes. A new group with
+  `start="earliest"` is sought back over the retention window, so it also receives what was
+  published before it existed, as on Kafka; with `start="latest"` it is sought to its creation.
+  (`?topic_retention_s=0` creates topics without retention: then every new group starts "latest".
+  The emulator cannot seek ordered subscriptions: there, `start` takes effect only with
+  `?ordering=false`; otherwise a new group sees what the topic retained.)
 * Keys become ordering keys (subscriptions have message ordering on), so messages with one key
   arrive in order, as on Kafka; attributes are Pub/Sub attributes. Pub/Sub hands out the next
   message of a key only after the previous one was acked: give messages that a consumer should
@@ -17,7 +21,8 @@
   blocking admin calls run in worker threads.
 * `PUBSUB_EMULATOR_HOST` (or the URL option `?emulator=host:port`) points the clients at the emulator.
 
-URL options: `emulator`, `ack_deadline_s` (60), `max_latency_ms` (publish batching, 5), `ordering` (true).
+URL options: `emulator`, `ack_deadline_s` (60), `max_latency_ms` (publish batching, 5), `ordering` (true),
+`topic_retention_s` (86400; Pub/Sub allows 600 to 2678400, or 0 for none; retained bytes are billed).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +48,8 @@ try:
     from google.auth import exceptions as auth_errors
     from google.cloud import pubsub_v1
     from google.cloud.pubsub_v1.subscriber.message import Message as PulledMessage
+    from google.protobuf.duration_pb2 import Duration
+    from google.protobuf.timestamp_pb2 import Timestamp
     from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
     from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 except ImportError as missing:  # pragma: no cover - exercised by a test that hides the library
@@ -64,6 +72,7 @@ class GcpOptions:
     ack_deadline_s: int = 60
     max_latency_ms: float = 5.0
     ordering: bool = True
+    topic_retention_s: int = 86_400
 
     @classmethod
     def from_url(cls, url: BrokerURL) -> GcpOptions:
@@ -76,10 +85,15 @@ class GcpOptions:
             ack_deadline_s=read.integer("ack_deadline_s", cls.ack_deadline_s, minimum=10),
             max_latency_ms=read.number("max_latency_ms", cls.max_latency_ms),
             ordering=ordering in ("true", "1"),
+            topic_retention_s=read.integer("topic_retention_s", cls.topic_retention_s),
         )
         read.finish()
         if options.ack_deadline_s > 600:
             raise ValueError("broker URL option ack_deadline_s: Pub/Sub allows at most 600 seconds")
+        if options.topic_retention_s and not 600 <= options.topic_retention_s <= 2_678_400:
+            raise ValueError(
+                "broker URL option topic_retention_s: Pub/Sub allows 600 to 2678400 seconds (or 0 for none)"
+            )
         return options
 
 
@@ -123,7 +137,7 @@ class GoogleSubscription(Subscription):
     async def _open(self) -> None:
         pubsub = self._google
         await pubsub._ensure_topic_once(self.topic)
-        path = await pubsub._ensure_subscription(self.topic, self.group)
+        path = await pubsub._ensure_subscription(self.topic, self.group, self.start_position)
         self._loop = asyncio.get_running_loop()
         self._stream = pubsub.subscriber.subscribe(
             path,
@@ -290,15 +304,20 @@ class GooglePubSub(PubSub):
         for topic in topics:
             if topic in self._known_topics:
                 continue
-            path = self.publisher.topic_path(self.project, topic)
+            request: dict[str, Any] = {"name": self.publisher.topic_path(self.project, topic)}
+            if self.options.topic_retention_s:
+                request["message_retention_duration"] = Duration(
+                    seconds=self.options.topic_retention_s
+                )
             with contextlib.suppress(google_errors.AlreadyExists):
                 await self._blocking(
-                    functools.partial(self.publisher.create_topic, name=path),
+                    functools.partial(self.publisher.create_topic, request=request),
                     f"create topic {topic}",
                 )
             self._known_topics.add(topic)
 
-    async def _ensure_subscription(self, topic: str, group: str) -> str:
+    async def _ensure_subscription(self, topic: str, group: str, start: StartPosition) -> str:
+        """The group's subscription; a new one with start="earliest" is sought back over the topic's retention."""
         path: str = self.subscriber.subscription_path(self.project, f"{topic}.{group}")
         if path in self._known_subscriptions:
             return path
@@ -308,13 +327,43 @@ class GooglePubSub(PubSub):
             "ack_deadline_seconds": self.options.ack_deadline_s,
             "enable_message_ordering": self.options.ordering,
         }
-        with contextlib.suppress(google_errors.AlreadyExists):
+        try:
             await self._blocking(
                 lambda: self.subscriber.create_subscription(request=request),
                 f"create subscription {path}",
             )
+        except google_errors.AlreadyExists:
+            pass  # the group has a position already: `start` does not apply
+        else:
+            await self._position_new_group(path, start)
         self._known_subscriptions.add(path)
         return path
+
+    async def _position_new_group(self, path: str, start: StartPosition) -> None:
+        """Seek a new subscription to `start`: back over the topic's retention, or to now.
+
+        Seeking to now makes "latest" exact even where a new subscription would see retained
+        messages (the emulator does that).
+        """
+        if start == "earliest" and not self.options.topic_retention_s:
+            return
+        since = Timestamp()
+        since.FromNanoseconds(time.time_ns())
+        if start == "earliest":
+            since.FromSeconds(since.seconds - self.options.topic_retention_s)
+        try:
+            await self._blocking(
+                lambda: self.subscriber.seek(request={"subscription": path, "time": since}),
+                f"seek {path} to the {start} position",
+            )
+        except google_errors.MethodNotImplemented:
+            # The emulator has no seek on ordered subscriptions; the service has.
+            logger.warning(
+                "event=pubsub_seek_unsupported subscription=%s start=%s effect=%s",
+                path,
+                start,
+                "the group starts wherever the server puts a new subscription",
+            )
 
     def _subscription(
         self, topic: str, *, group: str, start: StartPosition, max_in_flight: int

@@ -231,6 +231,8 @@ class KafkaSubscription(Subscription):
         self._pump_task = asyncio.create_task(
             self._pump(), name=f"kafka-fetch-{self.topic}-{self.group}"
         )
+        # A receiver waiting for messages must learn that the fetch loop ended.
+        self._pump_task.add_done_callback(lambda _: self._wake_receiver())
 
     def _partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
@@ -316,6 +318,12 @@ class KafkaSubscription(Subscription):
                     continue
                 self._in_flight += 1
                 return message
+            pump = self._pump_task
+            if pump is not None and pump.done() and not self._ready:
+                reason = "cancelled" if pump.cancelled() else repr(pump.exception())
+                raise BrokerUnavailable(
+                    f"the Kafka consumer for {self.topic}/{self.group} on {self._kafka.url} stopped: {reason}"
+                )
             self._receiver = asyncio.get_running_loop().create_future()
             try:
                 await self._receiver

@@ -2,7 +2,8 @@
 
 Fixtures for every test module (registered from tests/conftest.py):
 
-* `kafka_bootstrap` -> "127.0.0.1:PORT", `kafka_url` -> "kafka://127.0.0.1:PORT" (session: one Tansu);
+* `kafka_bootstrap` -> "127.0.0.1:PORT", `kafka_url` -> "kafka://127.0.0.1:PORT?<Tansu test timings>"
+  (session: one Tansu);
 * `pubsub_emulator_host` -> "127.0.0.1:PORT", `gcp_url` -> "gcp://fmnist-test?emulator=127.0.0.1:PORT&ack_deadline_s=10";
 * `broker_url`: parametrized over memory / kafka / gcp (marked `kafka` / `gcp`); memory URLs are fresh
   per test. Give each test fresh topics and groups with `unique_name(prefix)`.
@@ -187,7 +188,13 @@ KAFKA_TEST_TUNING = "session_timeout_ms=2000&heartbeat_interval_ms=200&fetch_max
 
 @pytest.fixture(scope="session")
 def kafka_url(kafka_bootstrap: str) -> str:
-    """`kafka://` URL of the session's Kafka-protocol broker, with consumer timings tuned for tests."""
+    """`kafka://` URL of the session's Kafka-protocol broker, with consumer timings tuned for Tansu.
+
+    An external broker (`FMNIST_TEST_KAFKA`) gets the production defaults: Apache Kafka refuses
+    session timeouts below its `group.min.session.timeout.ms` (6 s by default).
+    """
+    if os.environ.get("FMNIST_TEST_KAFKA"):
+        return f"kafka://{kafka_bootstrap}"
     return f"kafka://{kafka_bootstrap}?{KAFKA_TEST_TUNING}"
 
 
