@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
@@ -11,6 +12,8 @@ from typing import Literal, Self
 
 from messaging._url import BrokerURL
 from messaging.errors import BrokerUnavailable, MessagingError, NotConnected
+
+logger = logging.getLogger("messaging")
 
 StartPosition = Literal["earliest", "latest"]
 
@@ -224,12 +227,23 @@ class PubSub(ABC):
             return
         was_connected = self._state == "connected"
         self._state = "closed"
-        for subscription in list(self._subscriptions):
-            await subscription.aclose()
-        for task in self._creating.values():
-            task.cancel()
-        if was_connected:
-            await self._close()
+        try:
+            for subscription in list(self._subscriptions):
+                try:
+                    await subscription.aclose()
+                except Exception as exc:  # one broken consumer must not keep the clients open
+                    logger.warning(
+                        "event=subscription_close_failed broker=%s topic=%s group=%s error=%r",
+                        self.url,
+                        subscription.topic,
+                        subscription.group,
+                        exc,
+                    )
+        finally:
+            for task in self._creating.values():
+                task.cancel()
+            if was_connected:
+                await self._close()
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -289,7 +303,8 @@ class PubSub(ABC):
         if self._state != "connected":
             self._require_connected()
         self._check_topic(topic)
-        await self._publish(topic, data, key, attributes)
+        # Pub/Sub cannot tell an empty ordering key from none: make "" mean None everywhere.
+        await self._publish(topic, data, key or None, attributes)
 
     def subscribe(
         self,
