@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import sys
@@ -121,7 +122,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         command = str(classifier.training.get("command", "(not recorded)"))
         notes = args.notes.read_text() if args.notes else ""
         throughput = measure_precisions(args.checkpoint, seconds=args.throughput_seconds)
-        card = write_model_card(classifier, args.checkpoint, result, throughput, command, notes)
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        source = (
+            "Rebuilt by `fmnist evaluate --card` from the training record stored in the checkpoint; "
+            f"test accuracy and throughput re-measured {when}."
+        )
+        card = write_model_card(
+            classifier, args.checkpoint, result, throughput, command, notes, generated_by=source
+        )
         print("model card: " + ", ".join(str(p) for p in card.values()), file=sys.stderr)
     if not args.no_report:
         paths = evaluation_report(classifier, args.checkpoint, result, args.report_dir)
