@@ -227,11 +227,19 @@ class KafkaSubscription(Subscription):
         # Wait until the group gave us partitions and their start positions are resolved, so that a
         # publish after `start()` is seen even with start="latest". A member beyond the partition
         # count gets none: it then stands by, as Kafka consumers do.
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._assigned.wait(), pubsub.connect_timeout)
-            for tp in list(consumer.assignment()):
-                with contextlib.suppress(IllegalStateError):
-                    await consumer.position(tp)
+        except TimeoutError:
+            logger.info(
+                "event=kafka_standby topic=%s group=%s waited_s=%s reason=%s",
+                self.topic,
+                self.group,
+                pubsub.connect_timeout,
+                "no partition assigned (more consumers than partitions?)",
+            )
+        for tp in list(consumer.assignment()):
+            with contextlib.suppress(IllegalStateError):
+                await consumer.position(tp)
         self._pump_task = asyncio.create_task(
             self._pump(), name=f"kafka-fetch-{self.topic}-{self.group}"
         )
