@@ -208,7 +208,8 @@ def run_train(args: argparse.Namespace) -> int:
         paths = write_model_card(classifier, args.out, test, throughput, command, notes)
         for t in throughput:
             print(
-                f"cpu predict {t.precision} batch={t.batch_size}: {t.images_per_second:,.0f} images/s"
+                f"cpu predict {t.precision} batch={t.batch_size} threads={t.threads} clock={t.clock}: "
+                f"{t.images_per_second:,.0f} images/s"
             )
         print("report: " + ", ".join(str(p) for p in paths.values()))
     return 0

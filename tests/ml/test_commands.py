@@ -85,7 +85,7 @@ def test_evaluate_card_rewrites_the_model_card_from_the_checkpoint(
     assert code == 0
     card = (tmp_path / "tiny.md").read_text()
     assert "fmnist train --data-dir" in card
-    assert "| bf16 | 64 |" in card and "| fp32 | 64 |" in card
+    assert "| bf16 | 64 |" in card and "| fp32 | 64 |" in card and "n/a |\n" not in card
     assert "test accuracy, bf16 inference | n/a" not in card
 
 
