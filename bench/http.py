@@ -232,6 +232,9 @@ def start_profiler(pid: int, duration_s: float, out: Path) -> subprocess.Popen[b
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+IDLE_FRAMES = frozenset({"Condition.wait", "EpollSelector.select", "select", "sleep", "Event.wait"})
+
+
 def summarize_profile(collapsed: Path, top: int = 25) -> str:
     """The functions holding the most samples, inclusive (anywhere on the stack) and exclusive (on top)."""
     inclusive: dict[str, int] = {}
@@ -242,10 +245,12 @@ def summarize_profile(collapsed: Path, top: int = 25) -> str:
         count = int(count_text)
         total += count
         frames = [_frame_name(frame) for frame in stack.split(";")]
+        if frames[-1].split(" (")[0] in IDLE_FRAMES:
+            continue  # a thread waiting for work, not spending CPU
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + count
         exclusive[frames[-1]] = exclusive.get(frames[-1], 0) + count
-    lines = [f"# {total} samples"]
+    lines = [f"# {total} busy samples (threads waiting for work left out)"]
     for title, table in (("inclusive", inclusive), ("exclusive", exclusive)):
         lines.append(f"## {title}")
         for frame, count in sorted(table.items(), key=lambda item: -item[1])[:top]:
