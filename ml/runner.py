@@ -393,7 +393,15 @@ class ModelRunner:
     async def _collect_batch(self) -> list[_Queued] | None:
         """Gather the next batch; None once closing and everything queued has been handed out."""
         batch: list[_Queued] = []
-        timer: asyncio.TimerHandle | None = None
+        # The timer's callback records that it fired: uvloop answers call_later(0, ...) with a
+        # plain Handle (no `when()`), and its millisecond clock can fire a timer early.
+        timer: asyncio.Handle | None = None
+        fired = [False]
+
+        def on_timer() -> None:
+            fired[0] = True
+            self._wakeup.set()
+
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -404,7 +412,8 @@ class ModelRunner:
                     # The timer runs from the OLDEST image's arrival, not from now: an image that
                     # queued while the model was busy may already be due.
                     due_in = batch[0].arrived + self._max_wait_s - time.monotonic()
-                    timer = loop.call_later(max(due_in, 0.0), self._wakeup.set)
+                    fired[0] = False
+                    timer = loop.call_later(max(due_in, 0.0), on_timer)
                 if batch and self._previous_batch_done():
                     if len(batch) >= self.max_batch_size or self._closing:
                         return batch
@@ -414,7 +423,7 @@ class ModelRunner:
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                if timer is not None and timer.when() <= loop.time():
+                if timer is not None and fired[0]:
                     # The timer has fired. Some loops (uvloop: millisecond clock) fire up to 1 ms
                     # early; if the batch is not due yet, the next pass sets a timer for the rest.
                     timer.cancel()

@@ -334,3 +334,19 @@ def test_a_timer_that_fires_early_does_not_strand_the_batch() -> None:
     with asyncio.Runner(loop_factory=EarlyTimerLoop) as loop_runner:
         prediction = loop_runner.run(lone_image())
     assert 20 <= prediction.queue_ms < 300
+
+
+def test_batches_form_under_uvloop() -> None:
+    """Under uvloop (uvicorn's default loop), whose zero-delay timers lack `when()`, batches still form."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def burst_then_lone_image() -> list[Prediction]:
+        async with ModelRunner(TinyClassifier(), max_batch_size=8, max_wait_ms=5) as runner:
+            burst = await asyncio.gather(*(runner.submit(image(i)) for i in range(20)))
+            lone = await asyncio.wait_for(runner.submit(image(1)), timeout=2.0)
+            return [*burst, lone]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
+        predictions = loop_runner.run(burst_then_lone_image())
+    assert len(predictions) == 21
+    assert max(p.batch_size for p in predictions) == 8

@@ -94,16 +94,12 @@ class LiveServer:
     def __init__(self, app: FastAPI) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        # Plain asyncio, as `fmnist serve` and `fmnist worker` run (asyncio.run). Under uvloop the
-        # in-process worker's ModelRunner fails at the time of writing (ml/runner.py calls
-        # `Handle.when()`, which uvloop's zero-delay handles lack); see the SDK report.
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
             port=self.port,
             log_level="warning",
             lifespan="on",
-            loop="asyncio",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
