@@ -25,8 +25,12 @@ class Settings(BaseSettings):
         "memory://",
         description="Broker URL: `memory://` (embedded), `kafka://host:9092[,host2:9092]` or `gcp://PROJECT_ID`.",
     )
-    requests_topic: str = Field("fmnist.requests", description="Topic the gateway publishes images to.")
-    results_topic: str = Field("fmnist.results", description="Topic the workers publish results to.")
+    requests_topic: str = Field(
+        "fmnist.requests", description="Topic the gateway publishes images to."
+    )
+    results_topic: str = Field(
+        "fmnist.results", description="Topic the workers publish results to."
+    )
     deadletter_topic: str = Field(
         "fmnist.deadletter", description="Topic for poison messages, with the error attached."
     )
@@ -38,21 +42,37 @@ class Settings(BaseSettings):
         True,
         description="Use Kafka's idempotent producer. Switch off for brokers that refuse `InitProducerId` (e.g. Tansu).",
     )
-    kafka_partitions: int = Field(4, ge=1, description="Partitions for topics the service creates on Kafka.")
+    kafka_partitions: int = Field(
+        4, ge=1, description="Partitions for topics the service creates on Kafka."
+    )
 
     # --- model and batching -----------------------------------------------------------------
-    model_path: Path = Field(DEFAULT_MODEL_PATH, description="Checkpoint (`.safetensors`) the workers serve.")
+    model_path: Path = Field(
+        DEFAULT_MODEL_PATH, description="Checkpoint (`.safetensors`) the workers serve."
+    )
     data_dir: Path | None = Field(
-        None, description="Directory with the Fashion-MNIST IDX `.gz` files (default: search the usual places)."
+        None,
+        description="Directory with the Fashion-MNIST IDX `.gz` files (default: search the usual places).",
     )
-    max_batch_size: int = Field(64, ge=1, le=4096, description="Largest batch the ModelRunner forms.")
+    max_batch_size: int = Field(
+        64, ge=1, le=4096, description="Largest batch the ModelRunner forms."
+    )
     max_wait_ms: float = Field(
-        5.0, ge=0, le=10_000, description="Longest a queued image waits for its batch to fill, from the oldest item."
+        5.0,
+        ge=0,
+        le=10_000,
+        description="Longest a queued image waits for its batch to fill, from the oldest item.",
     )
-    max_queue: int = Field(4096, ge=1, description="Images a worker's ModelRunner may hold queued before refusing.")
-    worker_id: str | None = Field(None, description="Id a worker stamps on its results (default: host-pid).")
+    max_queue: int = Field(
+        4096, ge=1, description="Images a worker's ModelRunner may hold queued before refusing."
+    )
+    worker_id: str | None = Field(
+        None, description="Id a worker stamps on its results (default: host-pid)."
+    )
     max_attempts: int = Field(
-        3, ge=1, description="Tries of one request (a model error re-queues it) before it goes to the dead-letter topic."
+        3,
+        ge=1,
+        description="Tries of one request (a model error re-queues it) before it goes to the dead-letter topic.",
     )
 
     # --- gateway ----------------------------------------------------------------------------
@@ -67,9 +87,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated API keys. Empty (default): no auth. Set: every `/v1` route needs a key.",
     )
-    max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest accepted image upload (413 above).")
+    max_upload_bytes: int = Field(
+        5 * 1024 * 1024, ge=1, description="Largest accepted image upload (413 above)."
+    )
     max_image_pixels: int = Field(
-        4096 * 4096, ge=1, description="Largest decoded image, width × height (decompression-bomb guard)."
+        4096 * 4096,
+        ge=1,
+        description="Largest decoded image, width × height (decompression-bomb guard).",
     )
     max_batch_upload_bytes: int = Field(
         64 * 1024 * 1024, ge=1, description="Largest `POST /v1/predictions:batch` body (413 above)."
@@ -83,19 +107,29 @@ class Settings(BaseSettings):
         description="Single-channel models: invert uploads whose border is mostly light, so dark-on-white "
         "photos and drawings look like Fashion-MNIST.",
     )
-    max_batch_images: int = Field(256, ge=1, description="Most images in one `POST /v1/predictions:batch`.")
+    max_batch_images: int = Field(
+        256, ge=1, description="Most images in one `POST /v1/predictions:batch`."
+    )
     max_in_flight: int = Field(
-        10_000, ge=1, description="Requests accepted but not yet answered, per gateway, before it answers 429."
+        10_000,
+        ge=1,
+        description="Requests accepted but not yet answered, per gateway, before it answers 429.",
     )
     max_wait_s: float = Field(30.0, gt=0, description="Cap on `?wait=` for synchronous answers.")
     request_deadline_s: float = Field(
-        60.0, gt=0, description="A request not computed within this many seconds is dropped as expired."
+        60.0,
+        gt=0,
+        description="A request not computed within this many seconds is dropped as expired.",
     )
     result_ttl_s: float = Field(600.0, gt=0, description="How long results stay retrievable.")
-    result_store_size: int = Field(100_000, ge=1, description="Most results kept in memory per gateway.")
+    result_store_size: int = Field(
+        100_000, ge=1, description="Most results kept in memory per gateway."
+    )
 
     # --- logging ----------------------------------------------------------------------------
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -116,7 +150,9 @@ class Settings(BaseSettings):
     def _check_topics(self) -> Settings:
         for name in ("requests_topic", "results_topic", "deadletter_topic"):
             if len(getattr(self, name)) < 3:
-                raise ValueError(f"FMNIST_{name.upper()} must have at least 3 characters (Pub/Sub requires it)")
+                raise ValueError(
+                    f"FMNIST_{name.upper()} must have at least 3 characters (Pub/Sub requires it)"
+                )
         return self
 
 
@@ -136,5 +172,23 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
+TABLE_START, TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+
+
+def with_settings_table(markdown: str) -> str:
+    """`markdown` with the text between the settings-table markers replaced by `settings_table()`."""
+    head, start, rest = markdown.partition(TABLE_START)
+    _, end, tail = rest.partition(TABLE_END)
+    if not start or not end:
+        raise ValueError(f"the markers {TABLE_START} and {TABLE_END} are missing")
+    return f"{head}{TABLE_START}\n{settings_table()}\n{TABLE_END}{tail}"
+
+
 if __name__ == "__main__":
-    print(settings_table())
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--update":
+        target = Path(sys.argv[2])
+        target.write_text(with_settings_table(target.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        print(settings_table())

@@ -1,8 +1,8 @@
-"""The READMEs' Python examples work: each ```python block runs against a real `fmnist serve`.
+"""The READMEs' examples work: each ```python and ```bash block runs against a real `fmnist serve`.
 
-Blocks whose info string is `python no-run` are skipped. Each block runs in a fresh interpreter, in
-its README's directory (so relative paths like `examples/ankle-boot.png` resolve as a reader's
-would), with `http://127.0.0.1:8000` / `http://localhost:8000` pointed at the test server.
+Blocks whose info string carries `no-run` (e.g. `bash no-run` for `make run`) are skipped. Each block
+runs in a fresh interpreter, in its README's directory (so relative paths like
+`examples/ankle-boot.png` resolve as a reader's would), with `http://127.0.0.1:8000` / `http://localhost:8000` pointed at the test server.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ pytestmark = [pytest.mark.e2e]
 READMES = [REPO_ROOT / "README.md", REPO_ROOT / "clients" / "python" / "README.md"]
 DOCUMENTED_URLS = ("http://127.0.0.1:8000", "http://localhost:8000")
 BLOCK_TIMEOUT_S = 60
+# How each runnable block language is executed; bash blocks run with `set -euo pipefail`.
+RUNNERS = {"python": [sys.executable, "-c"], "bash": ["bash", "-euo", "pipefail", "-c"]}
 # An opening fence with its info string, the body, and the closing fence (same backtick count).
 FENCE = re.compile(
     r"^(?P<fence>`{3,})(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=fence)[ \t]*$", re.M | re.S
@@ -41,7 +43,7 @@ class CodeBlock:
     @property
     def runnable(self) -> bool:
         words = self.info.split()
-        return bool(words) and words[0] == "python" and "no-run" not in words[1:]
+        return bool(words) and words[0] in RUNNERS and "no-run" not in words[1:]
 
     @property
     def test_id(self) -> str:
@@ -82,13 +84,13 @@ def test_fence_parser_reads_info_strings_and_skips_no_run(tmp_path: Path) -> Non
     """The parser finds ```python blocks, keeps their line numbers, and honours `python no-run`."""
     readme = tmp_path / "README.md"
     readme.write_text(
-        "# t\n\n```python\nprint(1)\n```\n\n```python no-run\nboom()\n```\n\n```bash\nls\n```\n"
+        "# t\n\n```python\nprint(1)\n```\n\n```python no-run\nboom()\n```\n\n```bash no-run\nls\n```\n"
     )
     blocks = code_blocks(readme)
     assert [(b.line, b.info, b.runnable) for b in blocks] == [
         (3, "python", True),
         (7, "python no-run", False),
-        (11, "bash", False),
+        (11, "bash no-run", False),
     ]
     assert blocks[0].code == "print(1)\n"
 
@@ -106,7 +108,7 @@ def test_readme_block_runs(block: CodeBlock, service_url: str) -> None:
     for documented in DOCUMENTED_URLS:
         code = code.replace(documented, service_url)
     result = subprocess.run(
-        [sys.executable, "-c", code],
+        [*RUNNERS[block.info.split()[0]], code],
         cwd=block.readme.parent,
         env={**os.environ, "FMNIST_URL": service_url},
         capture_output=True,
