@@ -378,7 +378,9 @@ def wait_until_served(url: str, watched: Sequence[ManagedProcess]) -> None:
 
 
 @contextmanager
-def peer(script: str, checkpoint: Path, log_dir: Path, health: str) -> Iterator[Server]:
+def peer(
+    script: str, checkpoint: Path, log_dir: Path, health: str, *extra: str
+) -> Iterator[Server]:
     port = processes.free_port()
     argv = [
         sys.executable,
@@ -388,6 +390,7 @@ def peer(script: str, checkpoint: Path, log_dir: Path, health: str) -> Iterator[
         "--checkpoint",
         str(checkpoint),
     ]
+    argv += extra
     proc = ManagedProcess(script.removesuffix(".py"), argv, log_dir=log_dir)
     with running(proc):
         proc.wait_for_http(f"http://127.0.0.1:{port}{health}", timeout=START_TIMEOUT_S)
@@ -404,12 +407,15 @@ def server_under_test(
         return ours_kafka(checkpoint, log_dir, options=kafka_options)
     if name == "litserve":
         return peer("litserve_server.py", checkpoint, log_dir, "/health")
+    if name == "litserve-zmq":
+        return peer("litserve_server.py", checkpoint, log_dir, "/health", "--fast-queue")
     if name == "plain-fastapi":
         return peer("fastapi_server.py", checkpoint, log_dir, "/health")
     raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVER_NAMES)}")
 
 
-SERVER_NAMES = ("ours-memory", "ours-kafka", "litserve", "plain-fastapi")
+SERVER_NAMES = ("ours-memory", "ours-kafka", "litserve", "litserve-zmq", "plain-fastapi")
+DEFAULT_SERVERS = ("ours-memory", "ours-kafka", "litserve", "plain-fastapi")
 
 
 def machine_context() -> str:
@@ -422,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint", type=Path, default=REPO_ROOT / "models" / "fmnist.safetensors"
     )
-    parser.add_argument("--only", nargs="+", choices=SERVER_NAMES, default=list(SERVER_NAMES))
+    parser.add_argument("--only", nargs="+", choices=SERVER_NAMES, default=list(DEFAULT_SERVERS))
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per server")
     parser.add_argument(

@@ -65,11 +65,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("models/fmnist.safetensors"))
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--batch-timeout", type=float, default=0.005)
+    parser.add_argument("--fast-queue", action="store_true", help="LitServe's ZeroMQ transport")
     args = parser.parse_args()
     api = FashionMNISTAPI(
         args.checkpoint, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout
     )
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, fast_queue=args.fast_queue)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
 
 
