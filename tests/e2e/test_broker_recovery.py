@@ -10,7 +10,13 @@ import pytest
 from tests.e2e import processes
 from tests.e2e.conftest import Stack
 
-pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.data, pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.kafka,
+    pytest.mark.data,
+    pytest.mark.timeout(120),
+]
 
 
 def test_gateway_answers_503_until_the_broker_appears_then_serves_without_restart(

@@ -17,7 +17,13 @@ from tests.e2e.load import post_all
 from tests.e2e.reference import card_accuracy, checkpoint_accuracy
 from tests.e2e.streams import StreamCollector, accuracy, submit_all
 
-pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.data, pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.kafka,
+    pytest.mark.data,
+    pytest.mark.timeout(120),
+]
 
 IN_FLIGHT_CAP = 16  # the overload gateway's FMNIST_MAX_IN_FLIGHT
 

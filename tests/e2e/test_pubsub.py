@@ -10,7 +10,13 @@ from fmnist_client import AsyncClient
 from tests.e2e.conftest import Stack
 from tests.e2e.streams import StreamCollector, accuracy, submit_all
 
-pytestmark = [pytest.mark.e2e, pytest.mark.gcp, pytest.mark.data, pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.gcp,
+    pytest.mark.data,
+    pytest.mark.timeout(120),
+]
 
 
 async def test_three_hundred_images_complete_once_each_on_the_pubsub_emulator(
