@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from app.commands import passive_torch_threads
 from app.commands.gateway import add_http_arguments, serve_http, settings_from_args
 from app.logs import configure_logging, kv
 from app.settings import Settings
@@ -34,6 +35,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    passive_torch_threads()
     try:
         settings = settings_from_args(args, model_path=args.model)
     except ValueError as exc:  # pydantic's ValidationError names the field and the limit

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.commands import passive_torch_threads
 from app.logs import configure_logging, kv
 from app.settings import Settings
 
@@ -67,6 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    passive_torch_threads()
     try:
         settings = settings_from_args(args)
     except ValueError as exc:  # pydantic's ValidationError names the field and the limit
