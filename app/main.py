@@ -168,7 +168,7 @@ def _telemetry_options(settings: Settings) -> dict[str, Any]:
     """FastAPI's native OpenTelemetry switches, where this FastAPI has them.
 
     Off unless `FMNIST_OPENTELEMETRY` is set: per request it reads the environment and the global
-    providers, which cost ~10% of single-image throughput in `bench/http.py` profiles.
+    providers, which cost ~10% of single-image throughput in `bench/http_single.py` profiles.
     """
     if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         return {}

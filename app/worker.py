@@ -404,5 +404,7 @@ def load_classifier(settings: Settings) -> BatchPredictor:
     """Load the checkpoint the worker serves, `settings.model_path` (blocking: call it in a thread)."""
     from ml import ImageClassifier
 
-    classifier: BatchPredictor = ImageClassifier.load(settings.model_path)
+    classifier: BatchPredictor = ImageClassifier.load(
+        settings.model_path, precision=settings.inference_precision
+    )
     return classifier

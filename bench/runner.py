@@ -25,17 +25,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# Runs as `python -m bench.runner` (like the other benches) or as a script. As a script, bench/ is
-# dropped from the path so that bench/http.py cannot shadow the standard library's `http`.
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-sys.path.insert(0, str(_BENCH_DIR.parent))
+import torch
 
-import torch  # noqa: E402
-
-from ml import ImageClassifier, load_fashion_mnist  # noqa: E402
-from ml.data import read_idx_images  # noqa: E402
-from ml.runner import ModelRunner  # noqa: E402
+from ml import ImageClassifier, load_fashion_mnist
+from ml.data import read_idx_images
+from ml.runner import ModelRunner
 
 CANDIDATE_BATCH_SIZES = (1, 8, 16, 32, 64, 128, 256, 512)
 

@@ -21,7 +21,7 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # the repo root, for bench, tests and ml
 
-from bench.http import (
+from bench.http_single import (
     DATA_DIR,
     DEFAULT_KAFKA_OPTIONS,
     REPO_ROOT,

@@ -7,6 +7,12 @@ Exceptions:
     ├── CorruptCheckpointError
     └── IncompatibleCheckpointError
     DataError                       (ml.data) Fashion-MNIST files missing or corrupt
+    RunnerError                     (ml.runner) one image could not be classified by the ModelRunner
+    ├── DeadlineExceeded
+    ├── InvalidInput
+    ├── ModelError
+    ├── Overloaded
+    └── RunnerClosed
 """
 
 from ml.checkpoint import (
@@ -25,19 +31,41 @@ from ml.data import (
     load_fashion_mnist,
 )
 from ml.model import ArchitectureConfig
+from ml.runner import (
+    BatchPredictor,
+    DeadlineExceeded,
+    InvalidInput,
+    ModelError,
+    ModelRunner,
+    Overloaded,
+    Prediction,
+    RunnerClosed,
+    RunnerError,
+    RunnerStats,
+)
 from ml.training import EvaluationResult, TrainConfig, TrainingHistory
 
 __all__ = [
     "CLASS_NAMES",
     "ArchitectureConfig",
+    "BatchPredictor",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DataError",
+    "DeadlineExceeded",
     "EvaluationResult",
     "FashionMNISTSplits",
     "ImageClassifier",
     "IncompatibleCheckpointError",
+    "InvalidInput",
+    "ModelError",
+    "ModelRunner",
+    "Overloaded",
+    "Prediction",
+    "RunnerClosed",
+    "RunnerError",
+    "RunnerStats",
     "TensorImageDataset",
     "TrainConfig",
     "TrainingHistory",

@@ -1,4 +1,4 @@
-"""Peer for bench/http.py: a plain FastAPI endpoint that runs the model once per request, no batching.
+"""Peer for bench/http_single.py: a plain FastAPI endpoint that runs the model once per request, no batching.
 
     python bench/peers/fastapi_server.py --port 8102 --checkpoint models/fmnist.safetensors
 

@@ -1,4 +1,4 @@
-"""Peer for bench/http.py: LitServe with dynamic batching serving the same checkpoint from the same PNGs.
+"""Peer for bench/http_single.py: LitServe with dynamic batching serving the same checkpoint from the same PNGs.
 
     python bench/peers/litserve_server.py --port 8101 --checkpoint models/fmnist.safetensors
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 import messaging
 from app import protocol
 from app import worker as worker_module
+from app.settings import Settings
 from app.worker import Worker
 from messaging import BrokerUnavailable, PubSub
 from tests.brokers import connect_options
@@ -236,3 +238,18 @@ def test_decoded_request_carries_the_pixels_and_shape() -> None:
     request_id, decoded = worker_module.decode_request(message)
     assert request_id == "id"
     assert torch.equal(decoded, pixels)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_worker_loads_its_model_in_the_configured_precision(
+    tmp_path: Path, precision: str
+) -> None:
+    """FMNIST_INFERENCE_PRECISION reaches the loaded classifier."""
+    from ml import ImageClassifier
+
+    path = tmp_path / "model.safetensors"
+    ImageClassifier(widths=(4, 8), convs_per_stage=(1, 1)).save(path)
+    settings = Settings(model_path=path, inference_precision=precision)
+    classifier = worker_module.load_classifier(settings)
+    assert isinstance(classifier, ImageClassifier)
+    assert classifier.precision == precision

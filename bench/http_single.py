@@ -1,7 +1,7 @@
 """HTTP benchmark: single-image POSTs at 64 connections against ours (memory, Kafka), LitServe and plain FastAPI.
 
-    .venv/bin/python -m bench.http --duration 20            # all four, one after another
-    .venv/bin/python -m bench.http --only ours-memory litserve
+    .venv/bin/python -m bench.http_single --duration 20            # all four, one after another
+    .venv/bin/python -m bench.http_single --only ours-memory litserve
 
 Every server gets the same request: `multipart/form-data` with one real Fashion-MNIST test PNG in
 field `file` (rotating over 256 images), from the same load generator (`wrk`, one thread, C code,
