@@ -408,16 +408,18 @@ class ModelRunner:
                 queue = self._queue
                 while queue and len(batch) < self.max_batch_size:
                     batch.append(queue.popleft())
-                if batch and timer is None and self._max_wait_s > 0:
-                    # The timer runs from the OLDEST image's arrival, not from now: an image that
-                    # queued while the model was busy may already be due.
-                    due_in = batch[0].arrived + self._max_wait_s - time.monotonic()
+                due_in = batch[0].arrived + self._max_wait_s - time.monotonic() if batch else 0.0
+                if due_in > 0 and timer is None:
+                    # The timer runs from the OLDEST image's arrival, not from now. A batch that is
+                    # already due needs no timer: only "model free" (or a full batch) can release
+                    # it, and both wake this loop. (Re-arming a zero-delay timer there would spin
+                    # the event loop and steal the CPU the forward pass is using.)
                     fired[0] = False
-                    timer = loop.call_later(max(due_in, 0.0), on_timer)
+                    timer = loop.call_later(due_in, on_timer)
                 if batch and self._previous_batch_done():
                     if len(batch) >= self.max_batch_size or self._closing:
                         return batch
-                    if time.monotonic() - batch[0].arrived >= self._max_wait_s:
+                    if due_in <= 0:
                         return batch
                 if not batch and self._closing:
                     return None

@@ -101,6 +101,22 @@ async def test_an_image_queued_while_the_model_is_busy_runs_as_soon_as_it_is_fre
     assert late_start - busy_end < 0.1  # not another 200 ms counted from when the runner looked
 
 
+async def test_an_overdue_batch_waiting_for_the_model_does_not_spin_the_event_loop() -> None:
+    """While the model is busy, an overdue batch costs the loop no CPU (the pass needs every core)."""
+    model = GatedClassifier()
+    async with ModelRunner(model, max_batch_size=64, max_wait_ms=1) as runner:
+        busy = asyncio.ensure_future(runner.submit(image(1)))
+        await wait_until_entered(model)
+        late = asyncio.ensure_future(runner.submit(image(2)))
+        cpu_before = time.thread_time()
+        await asyncio.sleep(0.3)  # the late image is overdue after 1 ms; the model is still busy
+        loop_cpu_s = time.thread_time() - cpu_before
+        model.release()
+        await asyncio.gather(busy, late)
+    assert model.calls == [1, 1]
+    assert loop_cpu_s < 0.05, f"event loop used {loop_cpu_s * 1000:.0f} ms of CPU in 300 ms idle"
+
+
 async def test_images_arriving_during_a_forward_pass_form_the_next_batch() -> None:
     """Pipelining: while one batch computes, the next one fills; never two forward passes at once."""
     model = GatedClassifier()
