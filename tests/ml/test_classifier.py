@@ -69,6 +69,21 @@ def test_fused_inference_matches_the_training_network() -> None:
     torch.testing.assert_close(classifier.predict(images), expected, atol=1e-5, rtol=1e-4)
 
 
+def test_cpu_graph_gives_the_eager_probabilities_for_every_batch_size_and_dtype() -> None:
+    """The TorchScript forward used on the CPU matches the eager module for uint8 and float, any N."""
+    classifier = small_classifier()
+    for count in (1, 7, 64, 130):
+        images = torch.randint(0, 256, (count, 1, 28, 28), dtype=torch.uint8)
+        for batch in (images, images.float() / 255.0):
+            graph_probabilities = classifier.predict(batch)
+            with torch.inference_mode():
+                assert classifier._inference is not None
+                eager = torch.softmax(classifier._inference(batch).float(), 1)
+            torch.testing.assert_close(graph_probabilities, eager, atol=1e-6, rtol=1e-5)
+    assert set(classifier._graphs) == {torch.uint8, torch.float32}
+    assert all(isinstance(g, torch.jit.ScriptModule) for g in classifier._graphs.values())
+
+
 def test_shapes_are_known_at_construction() -> None:
     """No lazy modules: every parameter has its final shape before any data is seen."""
     classifier = ImageClassifier(num_channels=3, num_classes=7, image_size=(20, 12), device="cpu")
