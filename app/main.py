@@ -7,8 +7,6 @@ Nothing here (nor anything it imports) imports torch: images are decoded with Pi
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -20,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import demo
 from app.api import ops, predictions, stream
 from app.api.gateway import Gateway, PubSubFactory
 from app.errors import error_body, install_error_handlers
@@ -158,8 +157,7 @@ def create_app(
     app.include_router(predictions.router)
     app.include_router(stream.router)
     app.include_router(ops.router)
-    if importlib.util.find_spec("app.demo") is not None:
-        app.include_router(importlib.import_module("app.demo").router)
+    app.include_router(demo.router)
     app.add_middleware(EdgeMiddleware, gateway=gateway)
     return app
 

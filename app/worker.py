@@ -278,7 +278,8 @@ class Worker:
             deadline = _float_attribute(attributes, protocol.DEADLINE_ATTR)
             submitted_at = _float_attribute(attributes, protocol.SUBMITTED_AT_ATTR)
             metadata = protocol.decode_metadata(attributes.get(protocol.METADATA_ATTR))
-        except ValueError as exc:  # UndecodableRequest, bad metadata JSON
+        # UndecodableRequest, bad metadata, or metadata nested past the parser's recursion limit.
+        except (ValueError, RecursionError) as exc:
             await self._dead_letter(message, "undecodable_request", str(exc))
             if request_id := attributes.get(protocol.REQUEST_ID_ATTR) or message.key or "":
                 await self._publish_failure(message, request_id, {}, "invalid_request", str(exc))

@@ -401,18 +401,21 @@ class Gateway:
                 request_id=request_id,
                 headers={"Retry-After": str(RETRY_AFTER_OVERLOAD_S)},
             )
-        if isinstance(exc, MessagingError | OSError | TimeoutError):
-            self._broker_reachable = False
-            self._last_broker_error = f"publishing to {self.broker_url} failed: {exc}"
-            self.metrics.broker_up.set(0)
-            return ApiError(
-                503,
-                "broker_unavailable",
-                f"the broker did not accept the request ({exc}); retry later",
-                request_id=request_id,
-                headers={"Retry-After": str(RETRY_AFTER_BROKER_S)},
-            )
-        raise exc
+        if not isinstance(exc, MessagingError | OSError | TimeoutError):
+            # A client library failing in a way it does not document (e.g. a producer closed
+            # mid-publish) is still the broker path failing: the client gets a retryable 503, never
+            # a 500 that leaves the rest of its batch unanswered.
+            log.error(kv("publish_crashed", broker=self.broker_url, error=repr(exc)))
+        self._broker_reachable = False
+        self._last_broker_error = f"publishing to {self.broker_url} failed: {exc}"
+        self.metrics.broker_up.set(0)
+        return ApiError(
+            503,
+            "broker_unavailable",
+            f"the broker did not accept the request ({exc}); retry later",
+            request_id=request_id,
+            headers={"Retry-After": str(RETRY_AFTER_BROKER_S)},
+        )
 
 
 async def _close_quietly(pubsub: PubSub) -> None:

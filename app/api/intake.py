@@ -139,6 +139,12 @@ def _bad_multipart(reason: str) -> ApiError:
 
 
 def _too_many_files(max_files: int) -> ApiError:
+    if max_files == 1:  # the single-image route
+        return ApiError(
+            422,
+            "invalid_multipart",
+            "send exactly one file in field 'file' (use POST /v1/predictions:batch for many)",
+        )
     return ApiError(
         413,
         "too_many_images",
@@ -159,7 +165,7 @@ def parse_metadata(raw: str | None) -> dict[str, str] | None:
         )
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays fit in 1 KiB
         raise ApiError(
             422,
             "invalid_metadata",
@@ -175,7 +181,11 @@ def check_metadata(value: Any) -> dict[str, str]:
             "invalid_metadata",
             'metadata must be a JSON object of strings, e.g. {"label": "3"}',
         )
-    if len(json.dumps(value).encode()) > MAX_METADATA_BYTES:
+    # Measured as compact JSON, as the header and the SDK send it.
+    if (
+        len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+        > MAX_METADATA_BYTES
+    ):
         raise ApiError(
             422, "invalid_metadata", f"metadata is over the limit of {MAX_METADATA_BYTES} bytes"
         )

@@ -25,8 +25,6 @@ from app.images import NPY_TYPES, SUPPORTED_IMAGE_TYPES, decode_array_batch, med
 
 router = APIRouter(prefix="/v1", tags=["predictions"])
 
-# The batch endpoint reads at most this much (many files of up to FMNIST_MAX_UPLOAD_BYTES each).
-
 WaitQuery = Annotated[
     float | None,
     Query(
@@ -124,7 +122,7 @@ class SubmitOptions:
     wait_s: float
 
 
-def submit_options(
+async def submit_options(
     gateway: GatewayDep,
     wait: WaitQuery = None,
     idempotency_key: IdempotencyKeyHeader = None,

@@ -221,7 +221,7 @@ class StreamSession:
         try:
             try:
                 message = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
                 raise ApiError(422, "invalid_message", "messages must be JSON objects") from None
             if not isinstance(message, dict):
                 raise ApiError(422, "invalid_message", "messages must be JSON objects")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Mapping
 
 import numpy as np
@@ -166,7 +167,7 @@ async def test_bad_wait_is_422(wait: str) -> None:
     assert_error(response, 422, "validation_error")
 
 
-@pytest.mark.parametrize("metadata", ["not json", '["a"]', '{"label": 3}'])
+@pytest.mark.parametrize("metadata", ["not json", '["a"]', '{"label": 3}', "[" * 1000])
 async def test_malformed_metadata_is_422(metadata: str) -> None:
     """X-Fmnist-Metadata must be a JSON object of strings."""
     async with running_gateway(gateway_settings()) as (_, client):
@@ -188,6 +189,29 @@ async def test_oversized_metadata_header_is_431() -> None:
             headers={**PNG, "X-Fmnist-Metadata": metadata},
         )
     assert_error(response, 431, "header_too_large")
+
+
+async def test_compact_metadata_just_under_1_kib_is_accepted() -> None:
+    """The 1 KiB limit is measured on compact JSON, as the header (and the SDK) send it."""
+    metadata = json.dumps({f"k{i:02d}": "v" for i in range(90)}, separators=(",", ":"))
+    assert 800 < len(metadata) <= 1024
+    async with running_gateway(gateway_settings()) as (_, client):
+        response = await client.post(
+            "/v1/predictions",
+            content=png_bytes(fashion_like()),
+            headers={**PNG, "X-Fmnist-Metadata": metadata},
+        )
+    assert response.status_code == 202, response.text
+
+
+async def test_two_files_on_the_single_image_route_is_422() -> None:
+    """POST /v1/predictions takes exactly one `file`; the error points at the batch route."""
+    png = png_bytes(fashion_like())
+    files = [("file", ("a.png", png, "image/png")), ("file", ("b.png", png, "image/png"))]
+    async with running_gateway(gateway_settings()) as (_, client):
+        response = await client.post("/v1/predictions", files=files)
+    error = assert_error(response, 422, "invalid_multipart")
+    assert ":batch" in str(error["message"])
 
 
 async def test_oversized_request_headers_are_431() -> None:
@@ -320,4 +344,36 @@ async def test_publish_failure_answers_503_and_forgets_the_request() -> None:
         in_flight = app.state.gateway.store.pending_count
     assert_error(response, 503, "broker_unavailable")
     assert "retry-after" in response.headers
+    assert in_flight == 0
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("client stopped"), AssertionError("no producer")])
+async def test_an_undocumented_publish_failure_is_503_for_every_image_of_a_batch(
+    failure: Exception,
+) -> None:
+    """A client library failing in an undocumented way is a 503 per image, never a 500, and nothing stays in flight."""
+
+    def factory(settings: Settings) -> PubSub:
+        pubsub = messaging.connect(settings.broker_url)
+
+        async def crash(
+            topic: str,
+            data: bytes,
+            *,
+            key: str | None = None,
+            attributes: Mapping[str, str] | None = None,
+        ) -> None:
+            raise failure
+
+        pubsub.publish = crash  # type: ignore[method-assign]
+        return pubsub
+
+    png = png_bytes(fashion_like())
+    files = [("files", (f"{i}.png", png, "image/png")) for i in range(3)]
+    async with running_gateway(gateway_settings(), pubsub_factory=factory) as (app, client):
+        single = await client.post("/v1/predictions", content=png, headers=PNG)
+        batch = await client.post("/v1/predictions:batch", files=files)
+        in_flight = app.state.gateway.store.pending_count
+    assert_error(single, 503, "broker_unavailable")
+    assert batch.status_code == 503, batch.text
     assert in_flight == 0

@@ -91,6 +91,8 @@ async def test_bad_messages_get_errors_and_the_socket_stays_open() -> None:
     ):
         await socket.send("not json")
         not_json = await receive(socket)
+        await socket.send("[" * 5000)  # nested deeper than the JSON parser's recursion limit
+        too_deep = await receive(socket)
         await socket.send(
             json.dumps(
                 {
@@ -104,6 +106,7 @@ async def test_bad_messages_get_errors_and_the_socket_stays_open() -> None:
         await socket.send(json.dumps({"type": "dance"}))
         unknown = await receive(socket)
     assert not_json["error"]["code"] == "invalid_message"
+    assert too_deep["error"]["code"] == "invalid_message"
     assert bad_image["error"]["code"] == "unsupported_media_type" and bad_image["client_ref"] == "x"
     assert unknown["type"] == "error"
 

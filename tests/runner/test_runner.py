@@ -354,7 +354,7 @@ def test_a_timer_that_fires_early_does_not_strand_the_batch() -> None:
 
 def test_batches_form_under_uvloop() -> None:
     """Under uvloop (uvicorn's default loop), whose zero-delay timers lack `when()`, batches still form."""
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop  # installed with uvicorn[standard] on Linux: a missing one must fail, not skip
 
     async def burst_then_lone_image() -> list[Prediction]:
         async with ModelRunner(TinyClassifier(), max_batch_size=8, max_wait_ms=5) as runner:

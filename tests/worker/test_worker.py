@@ -104,6 +104,32 @@ async def test_an_undecodable_request_goes_to_the_dead_letter_topic_and_its_clie
     assert answers["good"].status == "completed"
 
 
+async def test_deeply_nested_metadata_is_dead_lettered_not_redelivered_forever() -> None:
+    """Metadata nested past the JSON parser's recursion limit is a poison message: dead-lettered once."""
+    settings = worker_settings("memory://")
+    async with open_broker("memory://") as pubsub:
+        await pubsub.ensure_topics(
+            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+        )
+        async with (
+            pubsub.subscribe(settings.deadletter_topic, group="observer") as dead,
+            Worker(settings, pubsub, TinyClassifier()),
+        ):
+            await pubsub.publish(
+                settings.requests_topic,
+                bytes(image(seed=2).flatten().tolist()),
+                key="nested",
+                attributes={
+                    protocol.REQUEST_ID_ATTR: "nested",
+                    protocol.SHAPE_ATTR: "1,28,28",
+                    protocol.METADATA_ATTR: "[" * 5000,
+                },
+            )
+            (letter,) = await take(dead, 1)
+    assert letter.attributes[protocol.REQUEST_ID_ATTR] == "nested"
+    assert letter.attributes[protocol.ERROR_CODE_ATTR] == "undecodable_request"
+
+
 async def test_an_expired_request_is_answered_deadline_exceeded_without_compute() -> None:
     """A request whose deadline passed gets a failed result with code deadline_exceeded."""
     settings = worker_settings("memory://")
