@@ -10,6 +10,7 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
+from app.commands import tune_garbage_collector
 from app.logs import configure_logging, kv
 from app.settings import Settings
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fmnist gateway: invalid setting: {exc}")
         return 2
     configure_logging(settings.log_level)
+    tune_garbage_collector(settings.gc_threshold)
     if settings.broker_url.startswith("memory://"):
         logger.warning(
             kv(

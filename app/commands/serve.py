@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from app.commands import passive_torch_threads
+from app.commands import passive_torch_threads, tune_garbage_collector
 from app.commands.gateway import add_http_arguments, serve_http, settings_from_args
 from app.logs import configure_logging, kv
 from app.settings import Settings
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fmnist serve: invalid setting: {exc}")
         return 2
     configure_logging(settings.log_level)
+    tune_garbage_collector(settings.gc_threshold)
     return asyncio.run(serve_all(settings))
 
 

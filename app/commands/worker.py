@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.commands import passive_torch_threads
+from app.commands import passive_torch_threads, tune_garbage_collector
 from app.logs import configure_logging, kv
 from app.settings import Settings
 
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fmnist worker: invalid setting: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    tune_garbage_collector(settings.gc_threshold)
     if settings.broker_url.startswith("memory://"):
         logger.error(
             kv(

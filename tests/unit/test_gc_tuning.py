@@ -1,0 +1,35 @@
+"""Server processes collect garbage less often (FMNIST_GC_THRESHOLD)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from app.commands import tune_garbage_collector
+
+
+@pytest.fixture
+def restore_gc() -> Iterator[None]:
+    before = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*before)
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_threshold_is_applied_and_startup_objects_are_frozen() -> None:
+    """A positive threshold replaces the young generation's and moves live objects out of collection."""
+    older = gc.get_threshold()[1:]
+    tune_garbage_collector(200_000)
+    assert gc.get_threshold() == (200_000, *older)
+    assert gc.get_freeze_count() > 0
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_zero_keeps_pythons_defaults() -> None:
+    """FMNIST_GC_THRESHOLD=0 leaves the collector alone."""
+    before = gc.get_threshold()
+    tune_garbage_collector(0)
+    assert gc.get_threshold() == before
