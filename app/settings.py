@@ -61,7 +61,11 @@ class Settings(BaseSettings):
         "at small batches (see models/fmnist.md).",
     )
     max_batch_size: int = Field(
-        64, ge=1, le=4096, description="Largest batch the ModelRunner forms."
+        32,
+        ge=1,
+        le=4096,
+        description="Largest batch a worker's ModelRunner forms. 32 keeps two batches in flight on 2 "
+        "cores (one computing, one being answered): 3,000 single images/s vs 2,200 at 64.",
     )
     max_wait_ms: float = Field(
         5.0,
