@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import gzip
 import io
 import json
 import logging
@@ -21,6 +20,15 @@ from pydantic import BaseModel, Field
 from app.deps import SettingsDep, get_owner
 from app.errors import ApiError, error_responses
 from app.logs import kv
+from app.test_set import (
+    HOW_TO_GET_DATA,
+    IDX_IMAGES_MAGIC,
+    IDX_LABELS_MAGIC,
+    TestSetMissing,
+    count_idx_items,
+    find_test_files,
+    read_idx,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +52,7 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 
-# Where Debian's `dataset-fashion-mnist` package puts the files; FMNIST_DATA_DIR overrides it.
-DEFAULT_DATA_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
-TEST_IMAGES_FILE = "t10k-images-idx3-ubyte.gz"
-TEST_LABELS_FILE = "t10k-labels-idx1-ubyte.gz"
-IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
-IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 MAX_TEST_IMAGES = 2000
-HOW_TO_GET_DATA = (
-    "run `apt-get install dataset-fashion-mnist`, or set FMNIST_DATA_DIR to a directory holding "
-    f"{TEST_IMAGES_FILE} and {TEST_LABELS_FILE}"
-)
 # Checkpoints are safetensors files whose header metadata holds the classifier's JSON under this
 # key (see ml/checkpoint.py); only the header is read here, never the weights.
 CHECKPOINT_METADATA_KEY = "fmnist"
@@ -110,53 +108,19 @@ class ModelInfo(BaseModel):
 
 
 def find_test_data(data_dir: Path | None) -> tuple[Path, Path]:
-    """The test images and labels files: in `data_dir` if given, else the usual places."""
-    candidates = [data_dir] if data_dir is not None else list(DEFAULT_DATA_DIRS)
-    for directory in candidates:
-        images, labels = directory / TEST_IMAGES_FILE, directory / TEST_LABELS_FILE
-        if images.is_file() and labels.is_file():
-            return images, labels
-    looked = ", ".join(str(d) for d in candidates)
-    raise ApiError(
-        404,
-        "test_data_missing",
-        f"the Fashion-MNIST test set is not on this machine (looked in {looked}): {HOW_TO_GET_DATA}",
-    )
-
-
-def count_idx_items(path: Path) -> int:
-    """The item count in an IDX file's header, without reading its data."""
-    with gzip.open(path, "rb") as handle:
-        header = handle.read(8)
-    if len(header) < 8:
-        raise ValueError(f"{path} is truncated")
-    (count,) = struct.unpack(">I", header[4:8])
-    return int(count)
-
-
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """One gzipped IDX file as a uint8 array shaped by its header."""
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
-    if len(raw) < 4 or struct.unpack(">I", raw[:4])[0] != magic:
-        raise ValueError(f"{path} is not an IDX file with magic number {magic}")
-    ndim = magic & 0xFF
-    header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
-        raise ValueError(f"{path} is truncated inside its header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header_size])
-    body = np.frombuffer(raw, dtype=np.uint8, offset=header_size)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: its header says {dims}, it holds {body.size} bytes")
-    return body.reshape(dims)
+    """The test images and labels files: in `data_dir` if given, else the usual places (404 if none)."""
+    try:
+        return find_test_files(data_dir)
+    except TestSetMissing as exc:
+        raise ApiError(404, "test_data_missing", str(exc)) from None
 
 
 @lru_cache(maxsize=2)
 def load_test_set(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The test images (N×28×28 uint8) and labels (N), read once per process."""
     try:
-        images = _read_idx(images_path, IDX_IMAGES_MAGIC)
-        labels = _read_idx(labels_path, IDX_LABELS_MAGIC)
+        images = read_idx(images_path, IDX_IMAGES_MAGIC)
+        labels = read_idx(labels_path, IDX_LABELS_MAGIC)
     except (OSError, EOFError, ValueError) as exc:
         raise ApiError(
             503,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
-import math
 import os
 import sys
 import time
@@ -18,12 +16,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
     from fmnist_client import AsyncClient
-
-TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
-TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
-DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
-IDX_IMAGES_MAGIC = 2051  # big-endian magic of an IDX file of unsigned bytes with 3 dimensions
-IDX_LABELS_MAGIC = 2049  # ... with 1 dimension
 
 
 def register(subparsers: Any) -> None:
@@ -59,7 +51,8 @@ def register(subparsers: Any) -> None:
         "--data-dir",
         type=Path,
         default=None,
-        help=f"directory with {TEST_IMAGES} (default: $FMNIST_DATA_DIR, then {DEBIAN_DATA_DIR})",
+        help="directory with the Fashion-MNIST test files (default: $FMNIST_DATA_DIR, then "
+        "/usr/share/datasets/fashion-mnist)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (for logs and CI)"
@@ -95,41 +88,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def find_test_set(data_dir: Path | None) -> Path:
-    """The directory holding the Fashion-MNIST test IDX files; SystemExit says where it looked."""
-    if data_dir is not None:
-        candidates = [data_dir]  # asked for explicitly: do not silently fall back to another copy
-    else:
-        from_env = os.environ.get("FMNIST_DATA_DIR")
-        candidates = [Path(from_env)] if from_env else []
-        candidates.append(DEBIAN_DATA_DIR)
-    for directory in candidates:
-        if (directory / TEST_IMAGES).is_file() and (directory / TEST_LABELS).is_file():
-            return directory
-    looked = ", ".join(str(c) for c in candidates)
-    raise SystemExit(
-        f"fmnist send-images: {TEST_IMAGES} and {TEST_LABELS} not found in {looked}. "
-        "Install them (`apt-get install dataset-fashion-mnist`) or pass --data-dir."
+def load_test_set(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The test images (N×28×28) and labels, or exit with where it looked and how to get them."""
+    from app.test_set import (
+        IDX_IMAGES_MAGIC,
+        IDX_LABELS_MAGIC,
+        TestSetMissing,
+        find_test_files,
+        read_idx,
     )
 
-
-def read_idx(path: Path, magic: int) -> np.ndarray:
-    """An IDX file of unsigned bytes (gzip-compressed) as a numpy array of its declared shape."""
-    import numpy as np
-
-    with gzip.open(path, "rb") as file:
-        data = file.read()
-    ndim = magic & 0xFF
-    header_size = 4 + 4 * ndim
-    if len(data) < header_size or int.from_bytes(data[:4], "big") != magic:
-        raise SystemExit(f"fmnist send-images: {path} is not an IDX file (magic {magic} expected)")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    values = np.frombuffer(data, dtype=np.uint8, offset=header_size)
-    if values.size != math.prod(shape):
-        raise SystemExit(
-            f"fmnist send-images: {path} is truncated: {values.size} bytes for shape {shape}"
-        )
-    return values.reshape(shape)
+    try:
+        images_path, labels_path = find_test_files(data_dir)
+        return read_idx(images_path, IDX_IMAGES_MAGIC), read_idx(labels_path, IDX_LABELS_MAGIC)
+    except (TestSetMissing, ValueError, OSError, EOFError) as exc:
+        raise SystemExit(f"fmnist send-images: {exc}") from None
 
 
 @dataclass
@@ -210,9 +183,7 @@ def run(args: argparse.Namespace) -> int:
     from fmnist_client import AsyncClient
     from tqdm import tqdm
 
-    directory = find_test_set(args.data_dir)
-    images = read_idx(directory / TEST_IMAGES, IDX_IMAGES_MAGIC)
-    labels = read_idx(directory / TEST_LABELS, IDX_LABELS_MAGIC)
+    images, labels = load_test_set(args.data_dir)
     indices = [(args.start + i) % len(images) for i in range(args.count)]
     summary = SendSummary()
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.demo import TEST_IMAGES_FILE, TEST_LABELS_FILE
 from app.main import create_app
 from app.settings import Settings
+from app.test_set import TEST_IMAGES_FILE, TEST_LABELS_FILE
 
 API_KEY = "demo-routes-key"
 

@@ -22,7 +22,8 @@ from fmnist_client import AsyncClient, Client, Prediction
 from PIL import Image
 
 from app.commands.listen import ListenStats, percentile
-from app.commands.send_images import IDX_IMAGES_MAGIC, SendSummary, read_idx, send_images
+from app.commands.send_images import SendSummary, load_test_set, send_images
+from app.test_set import IDX_IMAGES_MAGIC, read_idx
 from tests.conftest import REPO_ROOT
 from tests.e2e.processes import free_port
 from tests.sdk.conftest import LiveServer
@@ -152,8 +153,9 @@ def test_idx_reader_refuses_other_files(tmp_path: Path) -> None:
     """A gzip file that is not an IDX image file is refused with a clear message, not misread."""
     bogus = tmp_path / "t10k-images-idx3-ubyte.gz"
     bogus.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 12))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b""))
     with pytest.raises(SystemExit, match="not an IDX file"):
-        read_idx(bogus, IDX_IMAGES_MAGIC)
+        load_test_set(tmp_path)
 
 
 def test_idx_reader_refuses_truncated_files(tmp_path: Path) -> None:
@@ -163,8 +165,9 @@ def test_idx_reader_refuses_truncated_files(tmp_path: Path) -> None:
         n.to_bytes(4, "big") for n in (10, 28, 28)
     )
     truncated.write_bytes(gzip.compress(header + b"\x00" * 100))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b""))
     with pytest.raises(SystemExit, match="truncated"):
-        read_idx(truncated, IDX_IMAGES_MAGIC)
+        load_test_set(tmp_path)
 
 
 @pytest.mark.data
