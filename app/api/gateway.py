@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from app.auth import ApiKeys
+from app.broker import connect_broker
 from app.errors import ApiError
 from app.images import ImagePolicy
 from app.logs import kv
@@ -35,7 +36,7 @@ from app.protocol import (
 )
 from app.results import ResultStore, Submission
 from app.settings import Settings
-from messaging import BacklogFull, MessagingError, PubSub, Subscription, connect, parse_broker_url
+from messaging import BacklogFull, MessagingError, PubSub, Subscription, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,6 @@ RETRY_AFTER_OVERLOAD_S = 1
 _PING_INTERVAL_S = 2.0
 _SWEEP_INTERVAL_S = 1.0
 _MAX_BACKOFF_S = 5.0
-
-
-def default_pubsub_factory(settings: Settings) -> PubSub:
-    return connect(
-        settings.broker_url,
-        connect_timeout=settings.broker_connect_timeout_s,
-        kafka_idempotence=settings.kafka_idempotence,
-        kafka_partitions=settings.kafka_partitions,
-    )
 
 
 def input_shape_of(settings: Settings) -> tuple[int, int, int]:
@@ -99,7 +91,7 @@ class Gateway:
             auto_invert=settings.auto_invert,
         )
         self.shape_attr = encode_shape(self.policy.shape)
-        self._factory = pubsub_factory or default_pubsub_factory
+        self._factory = pubsub_factory or connect_broker
         # The in-process broker never waits on the network: awaiting each publish in turn is
         # cheaper than a task per message. Remote brokers get concurrent publishes instead.
         self._publish_in_turn = settings.broker_url.startswith("memory://")

@@ -49,15 +49,11 @@ def run(args: argparse.Namespace) -> int:
 async def serve_all(settings: Settings) -> int:
     """Start the worker (it loads the model), then the gateway on the same broker; stop in reverse."""
     import messaging
+    from app.broker import connect_broker
     from app.worker import Worker
     from ml.checkpoint import CheckpointError
 
-    pubsub = messaging.connect(
-        settings.broker_url,
-        connect_timeout=settings.broker_connect_timeout_s,
-        kafka_idempotence=settings.kafka_idempotence,
-        kafka_partitions=settings.kafka_partitions,
-    )
+    pubsub = connect_broker(settings)
     try:
         async with pubsub, Worker(settings, pubsub):
             return await serve_http(settings)

@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
 async def run_worker(settings: Settings) -> int:
     """Load the model, connect, consume until a stop signal, drain. Returns the exit status."""
     import messaging
+    from app.broker import connect_broker
     from app.worker import Worker, load_classifier
     from ml.checkpoint import CheckpointError
 
@@ -112,12 +113,7 @@ async def run_worker(settings: Settings) -> int:
             )
             return 1
         try:
-            pubsub = messaging.connect(
-                settings.broker_url,
-                connect_timeout=settings.broker_connect_timeout_s,
-                kafka_idempotence=settings.kafka_idempotence,
-                kafka_partitions=settings.kafka_partitions,
-            )
+            pubsub = connect_broker(settings)
         except (ValueError, messaging.MissingDependency) as exc:  # bad URL or missing extra
             logger.error(kv("worker_failed", error=exc, setting="--broker / FMNIST_BROKER_URL"))
             return 2
