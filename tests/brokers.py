@@ -24,7 +24,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,15 +163,16 @@ def start_pubsub_emulator(log_dir: Path) -> BrokerProcess:
     return emulator
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """host:port of a Kafka-protocol broker: `FMNIST_TEST_KAFKA`, or a Tansu started for this session."""
-    external = os.environ.get("FMNIST_TEST_KAFKA")
+def _external_or_started(
+    env_var: str, start: Callable[[Path], BrokerProcess], log_dir: Path
+) -> Iterator[str]:
+    """host:port from `env_var` if set; else a broker `start`ed for the session (missing: skip/fail)."""
+    external = os.environ.get(env_var)
     if external:
         yield external
         return
     try:
-        broker = start_tansu(tmp_path_factory.mktemp("tansu"))
+        broker = start(log_dir)
     except RuntimeError as exc:
         missing_service(str(exc))
         raise AssertionError("unreachable") from exc
@@ -179,6 +180,14 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"127.0.0.1:{broker.port}"
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """host:port of a Kafka-protocol broker: `FMNIST_TEST_KAFKA`, or a Tansu started for this session."""
+    yield from _external_or_started(
+        "FMNIST_TEST_KAFKA", start_tansu, tmp_path_factory.mktemp("tansu")
+    )
 
 
 # Tansu makes a joining consumer wait half the session timeout, and answers fetches only when
@@ -201,19 +210,9 @@ def kafka_url(kafka_bootstrap: str) -> str:
 @pytest.fixture(scope="session")
 def pubsub_emulator_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """host:port of a Pub/Sub emulator: `FMNIST_TEST_PUBSUB_EMULATOR`, or one started for this session."""
-    external = os.environ.get("FMNIST_TEST_PUBSUB_EMULATOR")
-    if external:
-        yield external
-        return
-    try:
-        emulator = start_pubsub_emulator(tmp_path_factory.mktemp("pubsub"))
-    except RuntimeError as exc:
-        missing_service(str(exc))
-        raise AssertionError("unreachable") from exc
-    try:
-        yield f"127.0.0.1:{emulator.port}"
-    finally:
-        emulator.stop()
+    yield from _external_or_started(
+        "FMNIST_TEST_PUBSUB_EMULATOR", start_pubsub_emulator, tmp_path_factory.mktemp("pubsub")
+    )
 
 
 @pytest.fixture(scope="session")
