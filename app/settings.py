@@ -138,8 +138,8 @@ class Settings(BaseSettings):
 
     opentelemetry: bool = Field(
         False,
-        description="FastAPI's native OpenTelemetry tracing, metrics and logs (global providers). Off: "
-        "it costs about 10% of single-image throughput.",
+        description="FastAPI's native OpenTelemetry tracing, metrics and logs (global providers). Off by "
+        "default: it reads the environment and the providers on every request.",
     )
 
     gc_threshold: int = Field(
