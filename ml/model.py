@@ -174,8 +174,11 @@ class ConvNet(nn.Module):
                 nn.init.zeros_(module.bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (uint8 or float [0, 1], N×C×H×W) → logits N×num_classes."""
-        x = self.features(self.normalize(x))
+        """Images (uint8 or float [0, 1], N×C×H×W) → logits N×num_classes.
+
+        The normalised images take the weights' dtype, so a copy with bfloat16 convs and linear
+        layers (`bf16_for_inference`) runs end to end in bfloat16."""
+        x = self.features(self.normalize(x).to(self.classifier.weight.dtype))
         x = torch.flatten(self.pool(x), 1)
         return self.classifier(self.dropout(x))
 
@@ -190,6 +193,17 @@ def fused_for_inference(network: ConvNet) -> ConvNet:
     for parameter in fused.parameters():
         parameter.requires_grad_(False)
     return fused
+
+
+def bf16_for_inference(network: ConvNet) -> ConvNet:
+    """A copy whose convs and linear layers hold bfloat16 weights: what `torch.autocast` computes
+    (it casts exactly those layers' inputs and weights to bfloat16), without casting on every call,
+    so the pass can be traced into one graph. Normalisation stays in float32."""
+    reduced = copy.deepcopy(network).eval()
+    for module in reduced.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            module.to(torch.bfloat16)
+    return reduced
 
 
 def count_parameters(network: nn.Module) -> int:

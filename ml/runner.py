@@ -4,15 +4,23 @@ How a batch forms (one background task, `ModelRunner._batching_loop`):
 
 1. wait for the first queued image; its arrival time (monotonic) starts the batch's timer;
 2. keep taking images until the batch holds `max_batch_size`, or `max_wait_ms` has passed since
-   the OLDEST image in it arrived **and** the previous batch has finished computing (while the model
-   is busy, waiting costs nothing, so the batch keeps filling);
+   the OLDEST image in it arrived **and** fewer than `concurrency` forward passes are running (while
+   the model is busy, waiting costs nothing, so the batch keeps filling);
 3. drop the images whose deadline has passed (`DeadlineExceeded`) or whose caller gave up, and
-   start the forward pass of the rest (stacked into one uint8 N×C×H×W tensor) in a one-thread
-   executor; the event loop keeps accepting submits and collects the next batch meanwhile (at most
-   one batch computes while one is being collected);
+   start the forward pass of the rest (stacked into one uint8 N×C×H×W tensor) in an executor of
+   `concurrency` threads; the event loop keeps accepting submits and collects the next batch
+   meanwhile. A full batch is handed over even while every pass is busy (up to `concurrency` of
+   them wait in the executor's queue). A due batch that is not full is split into one part per
+   pass, at least `MIN_SHARED_BATCH` images each; parts beyond the free passes go back to the head
+   of the queue. 64 single-image clients then get two passes of 32 side by side, instead of one
+   pass of 64 on one core while the other idles;
 4. when a pass returns, the next batch starts at once, and only then are this batch's callers
    answered (the model never waits for Python bookkeeping); the model must return exactly one row
    per image, or every image of the batch fails.
+
+`concurrency=2` with one torch thread per pass (`torch.set_num_threads(1)`) runs two batches side by
+side on two cores: on CPU that is about twice the images/s of one pass on two intra-op threads, whose
+threads wait for each other at every op (`bench/runner.py`, `docs/benchmarks.md`).
 
 If a forward pass raises, the images are retried one at a time so that one poison image fails alone
 (`ModelError`) and the rest of its batch still gets answers.
@@ -62,6 +70,10 @@ logger = logging.getLogger(__name__)
 
 # How many recent per-image timings the stats keep for percentiles.
 _TIMING_WINDOW = 8192
+
+# The smallest part a due batch is split into to share it among free passes: below this, one more
+# pass costs more than the second core gains.
+MIN_SHARED_BATCH = 16
 
 
 @runtime_checkable
@@ -159,7 +171,7 @@ class RunnerStats:
     queue_depth: int
     """Images submitted and not yet handed to the model (includes the batch being collected)."""
     computing: int
-    """Images in the forward pass running now."""
+    """Images handed to the model: in passes computing now, or queued for a free executor thread."""
     submitted: int
     completed: int
     failed: dict[str, int]
@@ -178,7 +190,7 @@ _ForwardResult = tuple[list[int], list[list[float]], float]
 
 
 class _Queued(NamedTuple):
-    image: torch.Tensor
+    image: torch.Tensor | np.ndarray
     future: asyncio.Future[Prediction]
     arrived: float  # time.monotonic()
     deadline: float | None  # unix seconds
@@ -203,8 +215,12 @@ class ModelRunner:
         prediction = await runner.submit(image)  # uint8 C×H×W tensor
     ```
 
-    `executor`: where forward passes run. Default: a private one-thread executor (torch uses its
-    own intra-op threads inside it). A caller-supplied executor is not shut down by the runner.
+    `concurrency`: forward passes that may run at once (default 1). More than one pays off on CPU
+    when each pass uses fewer torch threads than there are cores.
+
+    `executor`: where forward passes run. Default: a private executor of `concurrency` threads (torch
+    uses its own intra-op threads inside each). A caller-supplied executor is not shut down by the
+    runner, and needs at least `concurrency` threads for passes to overlap.
     """
 
     def __init__(
@@ -214,12 +230,14 @@ class ModelRunner:
         max_wait_ms: float = 5.0,
         max_queue: int = 4096,
         executor: Executor | None = None,
+        concurrency: int = 1,
     ) -> None:
-        _validate_settings(classifier, max_batch_size, max_wait_ms, max_queue)
+        _validate_settings(classifier, max_batch_size, max_wait_ms, max_queue, concurrency)
         self.classifier = classifier
         self.max_batch_size = max_batch_size
         self.max_wait_ms = float(max_wait_ms)
         self.max_queue = max_queue
+        self.concurrency = concurrency
         self._max_wait_s = self.max_wait_ms / 1000.0
         self._input_shape = tuple(classifier.input_shape)
         self._class_names = list(classifier.class_names)
@@ -229,10 +247,10 @@ class ModelRunner:
         self._batch_prefix = uuid.uuid4().hex[:8]
         self._queue: deque[_Queued] = deque()
         self._waiting = 0  # queued + being collected
-        self._computing = 0
+        self._computing = 0  # images in the forward passes running now
+        self._passes_running = 0  # handed to the executor: computing, or queued behind one that is
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._forward_in_flight: asyncio.Future[_ForwardResult] | None = None
         self._answering: set[asyncio.Task[None]] = set()
         self._closing = False
         self._accepting = False  # True between start() and close(): checked on every submit
@@ -257,7 +275,9 @@ class ModelRunner:
         if self._loop_task is not None:
             raise RuntimeError("ModelRunner already started; use one `async with` per runner")
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmnist-runner")
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.concurrency, thread_name_prefix="fmnist-runner"
+            )
         self._loop_task = asyncio.get_running_loop().create_task(
             self._batching_loop(), name="fmnist-model-runner"
         )
@@ -296,35 +316,40 @@ class ModelRunner:
         which was a third of the runner's per-image cost.
         """
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        kind = type(image)
         if (  # the common case in one cheap test; anything unusual goes to `_admit` for its error
-            type(image) is torch.Tensor
-            and image.dtype is torch.uint8
+            (
+                (kind is np.ndarray and image.dtype == np.uint8)
+                or (kind is torch.Tensor and image.dtype is torch.uint8)
+            )
             and image.shape == self._input_shape
             and self._accepting
             and self._waiting < self.max_queue
             and (deadline is None or deadline > time.time())
         ):
-            tensor = image
+            image_in = image
         else:
             try:
-                tensor = self._admit(image, deadline)
+                image_in = self._admit(image, deadline)
             except RunnerError as exc:
                 self._counters.failed[exc.code] += 1
                 future.set_exception(exc)
                 return future
-        self._queue.append(_Queued(tensor, future, time.monotonic(), deadline))
+        self._queue.append(_Queued(image_in, future, time.monotonic(), deadline))
         self._waiting += 1
         self._counters.submitted += 1
         self._wakeup.set()
         return future
 
-    def _admit(self, image: torch.Tensor | np.ndarray, deadline: float | None) -> torch.Tensor:
+    def _admit(
+        self, image: torch.Tensor | np.ndarray, deadline: float | None
+    ) -> torch.Tensor | np.ndarray:
         """The image as a tensor, or the error that keeps it out of the queue."""
         if not self.running:
             raise RunnerClosed(
                 "ModelRunner is not running: use it inside `async with ModelRunner(...)`, before it closes"
             )
-        tensor = self._checked_image(image)
+        checked = self._checked_image(image)
         if deadline is not None and time.time() >= deadline:
             raise DeadlineExceeded("the request's deadline had passed before it was queued")
         if self._waiting >= self.max_queue:
@@ -332,16 +357,19 @@ class ModelRunner:
                 f"model queue is full ({self.max_queue} images waiting); retry later, "
                 "raise FMNIST_MAX_QUEUE or add workers"
             )
-        return tensor
+        return checked
 
-    def _checked_image(self, image: torch.Tensor | np.ndarray) -> torch.Tensor:
-        if isinstance(image, np.ndarray):
-            image = torch.from_numpy(image)
-        if not isinstance(image, torch.Tensor):
+    def _checked_image(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        if not isinstance(image, torch.Tensor | np.ndarray):
             raise InvalidInput(
                 f"expected a uint8 tensor of shape {self._input_shape}, got {type(image).__name__}"
             )
-        if image.dtype != torch.uint8:
+        uint8 = (
+            image.dtype is torch.uint8
+            if isinstance(image, torch.Tensor)
+            else image.dtype == np.uint8
+        )
+        if not uint8:
             raise InvalidInput(f"expected dtype uint8 (pixels 0..255), got {image.dtype}")
         if image.shape != self._input_shape:
             raise InvalidInput(
@@ -379,16 +407,17 @@ class ModelRunner:
                 batch = await self._collect_batch()
                 if batch is None:
                     break
-                self._waiting -= len(batch)
-                self._launch(batch, loop)
+                parts, later = self._share(batch)
+                if later:  # back to the head of the queue: due, they go when a pass frees
+                    self._queue.extendleft(reversed(later))
+                self._waiting -= len(batch) - len(later)
+                for part in parts:
+                    self._launch(part, loop)
             while self._answering:
                 await asyncio.gather(*self._answering)
         except BaseException as exc:
             self._fail_everything(exc)
             raise
-
-    def _previous_batch_done(self) -> bool:
-        return self._forward_in_flight is None or self._forward_in_flight.done()
 
     async def _collect_batch(self) -> list[_Queued] | None:
         """Gather the next batch; None once closing and everything queued has been handed out."""
@@ -416,10 +445,15 @@ class ModelRunner:
                     # the event loop and steal the CPU the forward pass is using.)
                     fired[0] = False
                     timer = loop.call_later(due_in, on_timer)
-                if batch and self._previous_batch_done():
-                    if len(batch) >= self.max_batch_size or self._closing:
+                if batch:
+                    running = self._passes_running
+                    if len(batch) >= self.max_batch_size and running < 2 * self.concurrency:
+                        # A full batch cannot grow: hand it over now, even while every executor
+                        # thread is busy. It waits in the executor's queue, and the thread that
+                        # finishes a pass starts it at once instead of waiting for this event loop
+                        # to come round (which may be busy for milliseconds parsing a request).
                         return batch
-                    if due_in <= 0:
+                    if running < self.concurrency and (self._closing or due_in <= 0):
                         return batch
                 if not batch and self._closing:
                     return None
@@ -438,6 +472,18 @@ class ModelRunner:
             if timer is not None:
                 timer.cancel()
 
+    def _share(self, batch: list[_Queued]) -> tuple[list[list[_Queued]], list[_Queued]]:
+        """(passes to start now, images to put back): a due batch that is not full is split into one
+        part per pass (at least `MIN_SHARED_BATCH` images each); the parts beyond the free passes
+        wait for the next pass to free up (see the module docstring)."""
+        parts = min(self.concurrency, len(batch) // MIN_SHARED_BATCH)
+        if len(batch) >= self.max_batch_size or parts <= 1:
+            return [batch], []
+        size = -(-len(batch) // parts)  # ceil
+        chunks = [batch[start : start + size] for start in range(0, len(batch), size)]
+        free = max(1, self.concurrency - self._passes_running)
+        return chunks[:free], [item for chunk in chunks[free:] for item in chunk]
+
     def _launch(self, batch: list[_Queued], loop: asyncio.AbstractEventLoop) -> None:
         """Start one batch's forward pass now; a task answers its callers once it returns."""
         started = time.monotonic()
@@ -445,20 +491,23 @@ class ModelRunner:
         if not live:
             return
         queue_ms = [(started - item.arrived) * 1000.0 for item in live]
-        self._computing = len(live)
+        size = len(live)
+        self._computing += size
+        self._passes_running += 1
         forward = loop.run_in_executor(self._executor, self._forward, [item.image for item in live])
+
+        def finished(_forward: asyncio.Future[Any]) -> None:
+            self._computing -= size
+            self._passes_running -= 1
+            self._wakeup.set()
+
         # This callback is registered before the answering task's: when the pass returns, the
         # collector hears "model free" first and starts the next pass before this batch's callers
         # are answered, so the model never waits for Python bookkeeping.
-        forward.add_done_callback(self._forward_finished)
-        self._forward_in_flight = forward
+        forward.add_done_callback(finished)
         answering = loop.create_task(self._answer_when_done(live, queue_ms, forward))
         self._answering.add(answering)
         answering.add_done_callback(self._answering.discard)
-
-    def _forward_finished(self, _forward: asyncio.Future[Any]) -> None:
-        self._computing = 0
-        self._wakeup.set()
 
     def _drop_expired_and_abandoned(self, batch: list[_Queued], now: float) -> list[_Queued]:
         """The images still worth computing: not cancelled by their caller, deadline not passed."""
@@ -529,10 +578,20 @@ class ModelRunner:
             else:
                 self._answer([item], labels, rows, [waited_ms], inference_ms)
 
-    def _forward(self, images: list[torch.Tensor]) -> _ForwardResult:
+    def _forward(self, images: list[torch.Tensor | np.ndarray]) -> _ForwardResult:
         """Runs in the executor thread: one forward pass, converted to Python lists off the loop."""
         started = time.perf_counter()
-        batch = torch.stack(images)
+        if all(type(image) is np.ndarray for image in images):
+            # Arrays (a worker's zero-copy views of message payloads) stack in numpy: no torch call,
+            # so no GIL hand-off, per image.
+            batch = torch.from_numpy(np.stack(images))
+        else:
+            batch = torch.stack(
+                [
+                    torch.as_tensor(np.array(image)) if isinstance(image, np.ndarray) else image
+                    for image in images
+                ]
+            )
         with torch.inference_mode():
             probabilities = self.classifier.predict(batch)
         expected = (len(images), len(self._class_names))
@@ -541,9 +600,12 @@ class ModelRunner:
                 f"model returned probabilities of shape {tuple(probabilities.shape)} for "
                 f"{len(images)} images; expected {expected} (one row per image, one column per class)"
             )
-        probabilities = probabilities.detach().to("cpu", torch.float32)
-        labels = probabilities.argmax(dim=1).tolist()
+        if probabilities.dtype is not torch.float32 or probabilities.device.type != "cpu":
+            probabilities = probabilities.detach().to("cpu", torch.float32)
+        # Every torch call releases and retakes the GIL, and retaking it waits while the event loop
+        # runs Python: the labels come from the Python rows instead of a torch argmax.
         rows = probabilities.tolist()
+        labels = [row.index(max(row)) for row in rows]
         inference_ms = (time.perf_counter() - started) * 1000.0
         return labels, rows, inference_ms
 
@@ -600,7 +662,7 @@ class ModelRunner:
 
 
 def _validate_settings(
-    classifier: Any, max_batch_size: int, max_wait_ms: float, max_queue: int
+    classifier: Any, max_batch_size: int, max_wait_ms: float, max_queue: int, concurrency: int
 ) -> None:
     """Reject settings that cannot work, naming the setting to change."""
     if not isinstance(classifier, BatchPredictor):
@@ -629,6 +691,10 @@ def _validate_settings(
         raise ValueError(
             f"max_queue (FMNIST_MAX_QUEUE) must be an integer >= max_batch_size ({max_batch_size}) "
             f"so a full batch can queue; got {max_queue!r}"
+        )
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(
+            f"concurrency (FMNIST_INFERENCE_CONCURRENCY) must be an integer >= 1, got {concurrency!r}"
         )
     shape = tuple(classifier.input_shape)
     if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):

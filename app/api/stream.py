@@ -18,6 +18,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -187,7 +188,7 @@ class StreamSession:
                 return
             else:
                 message = item
-            await websocket.send_text(json.dumps(message, separators=(",", ":")))
+            await websocket.send_text(orjson.dumps(message).decode())
 
     async def _receive_loop(self, sender: asyncio.Task[None]) -> None:
         websocket = self.websocket

@@ -80,8 +80,22 @@ def test_cpu_graph_gives_the_eager_probabilities_for_every_batch_size_and_dtype(
                 assert classifier._inference is not None
                 eager = torch.softmax(classifier._inference(batch).float(), 1)
             torch.testing.assert_close(graph_probabilities, eager, atol=1e-6, rtol=1e-5)
-    assert set(classifier._graphs) == {torch.uint8, torch.float32}
+    assert set(classifier._graphs) == {(torch.uint8, "fp32"), (torch.float32, "fp32")}
     assert all(isinstance(g, torch.jit.ScriptModule) for g in classifier._graphs.values())
+
+
+def test_bf16_cpu_graph_gives_the_autocast_probabilities() -> None:
+    """The bf16 graph (bfloat16 weights cast once) computes what eager `torch.autocast` computes."""
+    classifier = small_classifier(precision="bf16")
+    for count in (1, 64):
+        images = torch.randint(0, 256, (count, 1, 28, 28), dtype=torch.uint8)
+        graph_probabilities = classifier.predict(images)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert classifier._inference is not None
+            autocast = torch.softmax(classifier._inference(images).float(), 1)
+        assert graph_probabilities.dtype == torch.float32
+        torch.testing.assert_close(graph_probabilities, autocast, atol=1e-3, rtol=0)
+    assert isinstance(classifier._graphs[(torch.uint8, "bf16")], torch.jit.ScriptModule)
 
 
 def test_shapes_are_known_at_construction() -> None:

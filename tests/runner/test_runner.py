@@ -133,6 +133,40 @@ async def test_images_arriving_during_a_forward_pass_form_the_next_batch() -> No
     assert model.max_concurrent == 1
 
 
+async def test_a_due_batch_is_shared_among_free_passes_and_a_full_one_is_not() -> None:
+    """concurrency=2: 40 due images run as two passes of 20; 128 (a full batch) as one pass."""
+    model = TinyClassifier()
+    async with ModelRunner(model, max_batch_size=128, max_wait_ms=0, concurrency=2) as runner:
+        await asyncio.gather(*(runner.submit(image(seed=i)) for i in range(40)))
+        assert model.calls == [20, 20]
+        await asyncio.gather(*(runner.submit(image(seed=i)) for i in range(128)))
+        assert model.calls[2:] == [128]
+        await asyncio.gather(*(runner.submit(image(seed=i)) for i in range(20)))
+        assert model.calls[3:] == [20]  # too small to share: parts would be under MIN_SHARED_BATCH
+
+
+async def test_concurrency_runs_that_many_passes_side_by_side() -> None:
+    """With concurrency=2 a second due batch starts while the first computes; a third waits for one."""
+    model = GatedClassifier()
+    async with ModelRunner(model, max_batch_size=16, max_wait_ms=0, concurrency=2) as runner:
+        first = asyncio.ensure_future(runner.submit(image(1)))
+        await wait_until_entered(model)
+        second = asyncio.ensure_future(runner.submit(image(2)))
+        for _ in range(100):  # the second pass starts in the executor's other thread
+            await asyncio.sleep(0.01)
+            if model.max_concurrent == 2:
+                break
+        assert model.max_concurrent == 2
+        third = [asyncio.ensure_future(runner.submit(image(seed=i))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert (runner.stats().computing, runner.queue_depth) == (2, 3)
+        model.release()
+        await asyncio.gather(first, second, *third)
+    assert model.calls[2:] == [3]
+    assert sorted(model.calls[:2]) == [1, 1]
+    assert model.max_concurrent == 2
+
+
 async def test_a_full_batch_does_not_wait_for_the_timer() -> None:
     """max_batch_size images close the batch immediately even with a long max_wait_ms."""
     model = TinyClassifier()
@@ -175,6 +209,24 @@ async def test_numpy_images_are_accepted() -> None:
         from_numpy = await runner.submit(pixels.numpy())
         from_tensor = await runner.submit(pixels)
     assert from_numpy.probabilities == from_tensor.probabilities
+
+
+async def test_read_only_arrays_and_tensors_share_a_batch() -> None:
+    """Zero-copy read-only views (what a worker submits) batch with tensors; each gets its own answer."""
+    model = TinyClassifier()
+    images = [image(seed=i) for i in range(6)]
+    views = [np.frombuffer(img.numpy().tobytes(), np.uint8).reshape(1, 28, 28) for img in images]
+    assert not views[0].flags.writeable
+    expected = model.predict(torch.stack(images))
+    async with ModelRunner(model, max_batch_size=6, max_wait_ms=1000) as runner:
+        mixed = await asyncio.gather(
+            *(runner.submit(v) for v in views[:3]), *(runner.submit(t) for t in images[3:])
+        )
+        arrays = await asyncio.gather(*(runner.submit(v) for v in views))
+    for predictions in (mixed, arrays):
+        assert {p.batch_size for p in predictions} == {6}
+        for prediction, row in zip(predictions, expected, strict=True):
+            assert prediction.probabilities == pytest.approx(row.tolist(), abs=1e-6)
 
 
 async def test_a_poison_image_fails_alone_after_its_batch_is_retried_one_by_one() -> None:
@@ -232,19 +284,26 @@ async def test_an_image_whose_deadline_passes_in_the_queue_is_dropped_before_com
 
 
 async def test_a_full_queue_raises_overloaded_at_once() -> None:
-    """With max_queue images waiting, the next submit fails immediately with Overloaded."""
+    """With max_queue images waiting, the next submit fails immediately with Overloaded.
+
+    The images waiting are those not yet handed to the model: behind the pass that computes, one
+    full batch per `concurrency` is handed over ahead of time and no longer counts."""
     model = GatedClassifier()
     async with ModelRunner(model, max_batch_size=4, max_wait_ms=0, max_queue=4) as runner:
         busy = asyncio.ensure_future(runner.submit(image(1)))
         await wait_until_entered(model)
-        queued = [asyncio.ensure_future(runner.submit(image(seed=i))) for i in range(4)]
+        handed = [asyncio.ensure_future(runner.submit(image(seed=i))) for i in range(4)]
         await asyncio.sleep(0)
+        assert runner.stats().computing == 5 and runner.queue_depth == 0
+        queued = [asyncio.ensure_future(runner.submit(image(seed=10 + i))) for i in range(4)]
+        await asyncio.sleep(0)
+        assert runner.queue_depth == 4
         started = time.monotonic()
         with pytest.raises(Overloaded, match="FMNIST_MAX_QUEUE"):
             await runner.submit(image(9))
         assert time.monotonic() - started < 0.05
         model.release()
-        await asyncio.gather(busy, *queued)
+        await asyncio.gather(busy, *handed, *queued)
 
 
 async def test_close_answers_everything_queued_then_refuses_new_submits() -> None:
@@ -301,6 +360,8 @@ async def test_stats_report_batch_sizes_and_timings() -> None:
         ({"max_wait_ms": -1}, "FMNIST_MAX_WAIT_MS"),
         ({"max_wait_ms": float("nan")}, "FMNIST_MAX_WAIT_MS"),
         ({"max_batch_size": 64, "max_queue": 10}, "FMNIST_MAX_QUEUE"),
+        ({"concurrency": 0}, "FMNIST_INFERENCE_CONCURRENCY"),
+        ({"concurrency": True}, "FMNIST_INFERENCE_CONCURRENCY"),
     ],
 )
 def test_invalid_settings_are_rejected_at_construction(

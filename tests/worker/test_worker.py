@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -263,7 +264,8 @@ def test_decoded_request_carries_the_pixels_and_shape() -> None:
     )
     request_id, decoded = worker_module.decode_request(message)
     assert request_id == "id"
-    assert torch.equal(decoded, pixels)
+    assert decoded.dtype == np.uint8 and decoded.shape == (1, 28, 28)
+    assert torch.equal(torch.from_numpy(decoded.copy()), pixels)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
