@@ -18,6 +18,7 @@ A grayscale image already at the model's size skips steps 4-6 except the inversi
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,11 @@ from numpy.lib import format as npy_format
 from PIL import Image, ImageOps
 
 from app.errors import ApiError
+
+try:  # libspng: decodes a small PNG about 3x faster than Pillow (see `_gray_png_at_model_size`)
+    import pyspng as _spng
+except ImportError:  # optional accelerator (installed on Linux): Pillow decodes everything
+    _spng = None
 
 # Magic bytes of the formats we accept, and the Pillow plugin for each.
 _FORMAT_BY_CONTENT_TYPE = {
@@ -129,6 +135,10 @@ def decode_image(data: bytes, content_type: str | None, policy: ImagePolicy) -> 
     if len(data) > policy.max_upload_bytes:
         raise _too_large(len(data), policy.max_upload_bytes)
     image_format = resolve_format(content_type, data)
+    if image_format == "PNG" and _spng is not None:
+        ready = _gray_png_at_model_size(data, policy)
+        if ready is not None:
+            return ready
     try:
         image = _open_header(data, image_format)
         width, height = image.size
@@ -156,6 +166,41 @@ def decode_image(data: bytes, content_type: str | None, policy: ImagePolicy) -> 
         raise ApiError(
             422, "invalid_image", f"the {image_format} image could not be decoded: {exc}"
         ) from exc
+
+
+# PNG signature, then the IHDR chunk: length, type, width, height, bit depth, colour type,
+# compression, filter, interlace.
+_PNG_HEADER = struct.Struct(">8xI4sIIBBBBB")
+
+
+def _gray_png_at_model_size(data: bytes, policy: ImagePolicy) -> bytes | None:
+    """The model's input from a PNG that already is it (8-bit grayscale at H×W, not interlaced, no
+    transparency), decoded by libspng; None sends every other PNG through Pillow.
+
+    This is the hot path of batch uploads: 9 µs instead of 24 µs per 28×28 image, and the same bytes
+    (tests compare both decoders). A file libspng refuses also goes to Pillow, for its error message.
+    """
+    if policy.channels != 1 or len(data) < _PNG_HEADER.size:
+        return None
+    _, kind, width, height, depth, color, _, _, interlace = _PNG_HEADER.unpack_from(data)
+    if (
+        kind != b"IHDR"
+        or (width, height) != (policy.width, policy.height)
+        or (depth, color, interlace) != (8, 0, 0)
+        or b"tRNS" in data
+    ):
+        return None
+    assert _spng is not None
+    try:
+        pixels = _spng.load(data)
+    except Exception:  # corrupt or truncated: Pillow names the problem
+        return None
+    if pixels.shape != (height, width) or pixels.dtype != np.uint8:
+        return None
+    raw = pixels.tobytes()
+    if policy.auto_invert and _frame_is_light(raw, width):
+        raw = raw.translate(_INVERT)
+    return raw
 
 
 def _open_header(data: bytes, image_format: str) -> Image.Image:

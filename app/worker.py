@@ -162,6 +162,7 @@ class Worker:
             max_wait_ms=settings.max_wait_ms,
             max_queue=max(settings.max_queue, settings.max_batch_size),
             concurrency=layout.concurrency,
+            preferred_batch_size=min(settings.preferred_batch_size, settings.max_batch_size),
         )
         await runner.start()
         self._runner = runner
@@ -192,10 +193,12 @@ class Worker:
                 group=settings.worker_group,
                 model_version=runner.classifier.version,
                 max_batch_size=runner.max_batch_size,
+                preferred_batch_size=runner.preferred_batch_size,
                 max_wait_ms=runner.max_wait_ms,
                 max_in_flight=self.max_in_flight,
                 concurrency=runner.concurrency,
                 torch_threads=torch.get_num_threads(),
+                precision=getattr(runner.classifier, "precision", "n/a"),
             )
         )
 
@@ -442,11 +445,26 @@ def inference_layout(settings: Settings, classifier: BatchPredictor) -> Inferenc
     return InferenceLayout(concurrency, threads)
 
 
+def native_bf16() -> bool:
+    """This CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), so bf16 inference pays off."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_precision(choice: str) -> str:
+    """`FMNIST_INFERENCE_PRECISION` made concrete: `auto` is bf16 on a CPU-only machine whose CPU has
+    native bfloat16 (as OpenVINO's CPU plugin chooses by default), fp32 elsewhere (GPUs included)."""
+    if choice != "auto":
+        return choice
+    return "bf16" if native_bf16() and not torch.cuda.is_available() else "fp32"
+
+
 def load_classifier(settings: Settings) -> BatchPredictor:
     """Load the checkpoint the worker serves, `settings.model_path` (blocking: call it in a thread)."""
     from ml import ImageClassifier
 
     classifier: BatchPredictor = ImageClassifier.load(
-        settings.model_path, precision=settings.inference_precision
+        settings.model_path, precision=resolve_precision(settings.inference_precision)
     )
     return classifier

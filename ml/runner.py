@@ -3,17 +3,20 @@
 How a batch forms (one background task, `ModelRunner._batching_loop`):
 
 1. wait for the first queued image; its arrival time (monotonic) starts the batch's timer;
-2. keep taking images until the batch holds `max_batch_size`, or `max_wait_ms` has passed since
+2. keep taking images until the batch is full, or `max_wait_ms` has passed since
    the OLDEST image in it arrived **and** fewer than `concurrency` forward passes are running (while
-   the model is busy, waiting costs nothing, so the batch keeps filling);
+   the model is busy, waiting costs nothing, so the batch keeps filling). Full means
+   `preferred_batch_size` images, or more when the queue is deeper: a share of the queue per pass,
+   up to `max_batch_size`. Bursts (a 256-image batch request) then compute in large passes, which
+   cost less per image, while a steady trickle keeps the small batches that answer soonest;
 3. drop the images whose deadline has passed (`DeadlineExceeded`) or whose caller gave up, and
    start the forward pass of the rest (stacked into one uint8 N×C×H×W tensor) in an executor of
    `concurrency` threads; the event loop keeps accepting submits and collects the next batch
    meanwhile. A full batch is handed over even while every pass is busy (up to `concurrency` of
-   them wait in the executor's queue). A due batch that is not full is split into one part per
-   pass, at least `MIN_SHARED_BATCH` images each; parts beyond the free passes go back to the head
-   of the queue. 64 single-image clients then get two passes of 32 side by side, instead of one
-   pass of 64 on one core while the other idles;
+   them wait in the executor's queue). A due batch smaller than `preferred_batch_size` is split
+   into one part per pass, at least `MIN_SHARED_BATCH` images each; parts beyond the free passes go
+   back to the head of the queue. 40 images due at once on two free passes compute as two passes of
+   20 side by side, not one pass of 40 on one core while the other idles;
 4. when a pass returns, the next batch starts at once, and only then are this batch's callers
    answered (the model never waits for Python bookkeeping); the model must return exactly one row
    per image, or every image of the batch fails.
@@ -231,13 +234,26 @@ class ModelRunner:
         max_queue: int = 4096,
         executor: Executor | None = None,
         concurrency: int = 1,
+        preferred_batch_size: int | None = None,
     ) -> None:
         _validate_settings(classifier, max_batch_size, max_wait_ms, max_queue, concurrency)
+        if preferred_batch_size is None:
+            preferred_batch_size = max_batch_size
+        if (
+            isinstance(preferred_batch_size, bool)
+            or not isinstance(preferred_batch_size, int)
+            or not 1 <= preferred_batch_size <= max_batch_size
+        ):
+            raise ValueError(
+                "preferred_batch_size (FMNIST_PREFERRED_BATCH_SIZE) must be an integer from 1 to "
+                f"max_batch_size ({max_batch_size}), got {preferred_batch_size!r}"
+            )
         self.classifier = classifier
         self.max_batch_size = max_batch_size
         self.max_wait_ms = float(max_wait_ms)
         self.max_queue = max_queue
         self.concurrency = concurrency
+        self.preferred_batch_size = preferred_batch_size
         self._max_wait_s = self.max_wait_ms / 1000.0
         self._input_shape = tuple(classifier.input_shape)
         self._class_names = list(classifier.class_names)
@@ -435,7 +451,8 @@ class ModelRunner:
         try:
             while True:
                 queue = self._queue
-                while queue and len(batch) < self.max_batch_size:
+                full = self._full_size()
+                while queue and len(batch) < full:
                     batch.append(queue.popleft())
                 due_in = batch[0].arrived + self._max_wait_s - time.monotonic() if batch else 0.0
                 if due_in > 0 and timer is None:
@@ -447,7 +464,7 @@ class ModelRunner:
                     timer = loop.call_later(due_in, on_timer)
                 if batch:
                     running = self._passes_running
-                    if len(batch) >= self.max_batch_size and running < 2 * self.concurrency:
+                    if len(batch) >= full and running < 2 * self.concurrency:
                         # A full batch cannot grow: hand it over now, even while every executor
                         # thread is busy. It waits in the executor's queue, and the thread that
                         # finishes a pass starts it at once instead of waiting for this event loop
@@ -472,12 +489,21 @@ class ModelRunner:
             if timer is not None:
                 timer.cancel()
 
+    def _full_size(self) -> int:
+        """Images that make a batch full now: `preferred_batch_size`, or this pass's share of a deeper
+        queue (everything waiting, over `concurrency` passes), never more than `max_batch_size`."""
+        preferred = self.preferred_batch_size
+        if preferred >= self.max_batch_size:
+            return preferred
+        share = -(-self._waiting // self.concurrency)  # ceil
+        return min(self.max_batch_size, max(preferred, share))
+
     def _share(self, batch: list[_Queued]) -> tuple[list[list[_Queued]], list[_Queued]]:
         """(passes to start now, images to put back): a due batch that is not full is split into one
         part per pass (at least `MIN_SHARED_BATCH` images each); the parts beyond the free passes
         wait for the next pass to free up (see the module docstring)."""
         parts = min(self.concurrency, len(batch) // MIN_SHARED_BATCH)
-        if len(batch) >= self.max_batch_size or parts <= 1:
+        if len(batch) >= self.preferred_batch_size or parts <= 1:
             return [batch], []
         size = -(-len(batch) // parts)  # ceil
         chunks = [batch[start : start + size] for start in range(0, len(batch), size)]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app import images as images_module
 from app.errors import ApiError
 from app.images import ImagePolicy, decode_array_batch, decode_image, sniff_format
 from tests.gateway.helpers import encode, fashion_like, npy_bytes
@@ -45,6 +46,52 @@ def test_real_fashion_mnist_images_pass_through_unchanged(fashion_mnist_dir: Pat
         assert (
             decode_image(encode(Image.fromarray(pixels), "PNG"), None, POLICY) == pixels.tobytes()
         )
+
+
+@pytest.mark.data
+def test_libspng_and_pillow_give_the_same_model_input(
+    fashion_mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The libspng fast path for model-sized grayscale PNGs returns Pillow's bytes, inverted or not."""
+    assert images_module._spng is not None, (
+        "pyspng is a dependency on Linux: the fast path must run"
+    )
+    with gzip.open(fashion_mnist_dir / "t10k-images-idx3-ubyte.gz") as stream:
+        raw = stream.read()
+    images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:100]
+    pngs = [encode(Image.fromarray(pixels), "PNG") for pixels in images]
+    pngs += [encode(Image.fromarray(255 - pixels), "PNG") for pixels in images[:20]]  # inverted
+    fast = [images_module._gray_png_at_model_size(png, POLICY) for png in pngs]
+    assert all(item is not None for item in fast)
+    monkeypatch.setattr(images_module, "_spng", None)
+    assert fast == [decode_image(png, "image/png", POLICY) for png in pngs]
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (30, 28), 0),  # not the model's size: resized by Pillow
+        Image.new("I;16", (28, 28), 0),  # 16-bit
+        Image.new("RGB", (28, 28), (0, 0, 0)),  # colour
+        Image.new("LA", (28, 28), (0, 0)),  # alpha
+    ],
+    ids=["size", "16-bit", "rgb", "alpha"],
+)
+def test_other_pngs_skip_the_fast_path_and_still_decode(image: Image.Image) -> None:
+    """Only 8-bit grayscale PNGs at H×W take the libspng path; the rest decode through Pillow."""
+    png = encode(image, "PNG")
+    assert images_module._gray_png_at_model_size(png, POLICY) is None
+    assert len(decode_image(png, "image/png", POLICY)) == 28 * 28
+
+
+def test_a_corrupt_model_sized_png_gets_pillows_error() -> None:
+    """A truncated grayscale PNG: libspng refuses it, and the answer is Pillow's 422, not a crash."""
+    png = encode(Image.fromarray(fashion_like(1)), "PNG")
+    truncated = png[: len(png) // 2]
+    assert images_module._gray_png_at_model_size(truncated, POLICY) is None
+    with pytest.raises(ApiError) as caught:
+        decode_image(truncated, "image/png", POLICY)
+    assert caught.value.status == 422
 
 
 def test_dark_object_on_light_background_is_inverted() -> None:

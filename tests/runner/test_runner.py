@@ -145,6 +145,21 @@ async def test_a_due_batch_is_shared_among_free_passes_and_a_full_one_is_not() -
         assert model.calls[3:] == [20]  # too small to share: parts would be under MIN_SHARED_BATCH
 
 
+async def test_a_deep_queue_fills_batches_past_the_preferred_size() -> None:
+    """preferred 8, max 64: a burst of 200 computes in passes of 64; a trickle in passes of 8."""
+    model = TinyClassifier()
+    async with ModelRunner(
+        model, max_batch_size=64, preferred_batch_size=8, max_wait_ms=1000
+    ) as runner:
+        await asyncio.gather(*(runner.submit(image(seed=i)) for i in range(200)))
+        assert model.calls[:3] == [64, 64, 64]
+        assert sum(model.calls) == 200
+        del model.calls[:]
+        for i in range(3):  # one at a time: a batch is full at the preferred size, not the max
+            await asyncio.gather(*(runner.submit(image(seed=i)) for i in range(8)))
+        assert model.calls == [8, 8, 8]
+
+
 async def test_concurrency_runs_that_many_passes_side_by_side() -> None:
     """With concurrency=2 a second due batch starts while the first computes; a third waits for one."""
     model = GatedClassifier()
@@ -362,6 +377,8 @@ async def test_stats_report_batch_sizes_and_timings() -> None:
         ({"max_batch_size": 64, "max_queue": 10}, "FMNIST_MAX_QUEUE"),
         ({"concurrency": 0}, "FMNIST_INFERENCE_CONCURRENCY"),
         ({"concurrency": True}, "FMNIST_INFERENCE_CONCURRENCY"),
+        ({"max_batch_size": 8, "preferred_batch_size": 9}, "FMNIST_PREFERRED_BATCH_SIZE"),
+        ({"preferred_batch_size": 0}, "FMNIST_PREFERRED_BATCH_SIZE"),
     ],
 )
 def test_invalid_settings_are_rejected_at_construction(

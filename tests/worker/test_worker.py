@@ -268,6 +268,21 @@ def test_decoded_request_carries_the_pixels_and_shape() -> None:
     assert torch.equal(torch.from_numpy(decoded.copy()), pixels)
 
 
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_native_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`auto` follows the hardware; explicit choices are kept as they are."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(worker_module, "native_bf16", lambda native=native: native)
+        assert worker_module.resolve_precision("auto") == expected
+        assert worker_module.resolve_precision("fp32") == "fp32"
+        assert worker_module.resolve_precision("bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(worker_module, "native_bf16", lambda: True)
+    assert worker_module.resolve_precision("auto") == "fp32"
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_worker_loads_its_model_in_the_configured_precision(
     tmp_path: Path, precision: str
