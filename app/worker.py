@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -90,6 +90,30 @@ def decode_request(message: Message) -> tuple[str, np.ndarray]:
     # it back, once per request.
     image = np.frombuffer(message.data, dtype=np.uint8).reshape(shape)
     return request_id, image
+
+
+class _Request(NamedTuple):
+    """A decoded request message."""
+
+    request_id: str
+    image: np.ndarray
+    deadline: float | None
+    submitted_at: float | None
+    metadata: dict[str, str]
+
+
+def _parse_request(message: Message) -> _Request:
+    """Everything a worker needs from a request message; raises ValueError (or RecursionError for
+    absurdly nested metadata) when it cannot be decoded."""
+    attributes = message.attributes
+    request_id, image = decode_request(message)
+    return _Request(
+        request_id,
+        image,
+        _float_attribute(attributes, protocol.DEADLINE_ATTR),
+        _float_attribute(attributes, protocol.SUBMITTED_AT_ATTR),
+        protocol.decode_metadata(attributes.get(protocol.METADATA_ATTR)),
+    )
 
 
 def _float_attribute(attributes: Mapping[str, str], name: str) -> float | None:
@@ -259,50 +283,100 @@ class Worker:
 
     async def _consume(self, subscription: Subscription) -> None:
         loop = asyncio.get_running_loop()
-        async for message in subscription:
-            # One task per request: the runner batches concurrent submits; the subscription's
-            # max_in_flight bounds how many exist at once.
-            task = loop.create_task(self._handle(message))
+        chunk_size = self._runner.max_batch_size if self._runner is not None else 1
+        while True:
+            # One task per chunk of requests that arrived together: all of them are submitted to
+            # the runner at once (it batches them), then answered in order. The subscription's
+            # max_in_flight bounds how many requests are held at once.
+            messages = await subscription.receive_batch(chunk_size)
+            if not messages:
+                break
+            task = loop.create_task(self._handle_chunk(messages))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
         logger.info(kv("subscription_ended", worker_id=self.worker_id))
 
-    async def _handle(self, message: Message) -> None:
+    async def _handle_chunk(self, messages: list[Message]) -> None:
+        """Decode every request, submit the good ones to the runner together, answer each in order.
+
+        Per request, the outcome is what `_process` gives it alone: a result or a failure
+        published, then an ack; a dead letter for what cannot be decoded; a nack when the outcome
+        could not be published (after one back-off for the whole chunk).
+        """
+        runner = self._runner
+        assert runner is not None
+        parsed: list[tuple[Message, _Request | BaseException]] = []
+        for message in messages:
+            try:
+                request: _Request | BaseException = _parse_request(message)
+            # UndecodableRequest, bad metadata, or metadata nested past the parser's recursion limit.
+            except (ValueError, RecursionError) as exc:
+                request = exc
+            parsed.append((message, request))
+        submitted = [
+            runner.submit(request.image, request.deadline)
+            for _, request in parsed
+            if isinstance(request, _Request)
+        ]
+        if submitted:
+            # Plain futures, no task per request; a full runner answers Overloaded at once, and
+            # those requests then wait for room one by one in `_finish`.
+            await asyncio.wait(submitted)
+        answers = iter(submitted)
+        failed: list[Message] = []
+        for message, request in parsed:
+            if isinstance(request, _Request):
+                work = self._finish(message, request, next(answers))
+            else:
+                work = self._refuse(message, request)
+            if not await self._guarded(message, work):
+                failed.append(message)
+        if failed:
+            await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
+            for message in failed:
+                await message.nack()
+
+    async def _guarded(self, message: Message, work: Awaitable[None]) -> bool:
+        """Run one request's outcome; False when it must be given back (nack) after a back-off."""
         request_id = message.attributes.get(protocol.REQUEST_ID_ATTR) or message.key or ""
         try:
-            await self._process(message)
+            await work
         except MessagingError as exc:
             # Could not publish the outcome: give the request back for a later delivery.
             self.outcomes["nacked"] += 1
             logger.warning(kv("publish_failed", request_id=request_id, error=exc, action="nack"))
-            await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
-            await message.nack()
+            return False
         except asyncio.CancelledError:
             await message.nack()
             raise
         except Exception as exc:  # a bug must not wedge the message: log loudly, give it back
             self.outcomes["nacked"] += 1
             logger.exception(kv("handler_crashed", request_id=request_id, error=repr(exc)))
-            await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
-            await message.nack()
+            return False
+        return True
 
-    async def _process(self, message: Message) -> None:
+    async def _refuse(self, message: Message, exc: BaseException) -> None:
+        """A request that cannot be decoded: dead-letter it, tell its client if it has an id, ack."""
+        await self._dead_letter(message, "undecodable_request", str(exc))
         attributes = message.attributes
-        try:
-            request_id, image = decode_request(message)
-            deadline = _float_attribute(attributes, protocol.DEADLINE_ATTR)
-            submitted_at = _float_attribute(attributes, protocol.SUBMITTED_AT_ATTR)
-            metadata = protocol.decode_metadata(attributes.get(protocol.METADATA_ATTR))
-        # UndecodableRequest, bad metadata, or metadata nested past the parser's recursion limit.
-        except (ValueError, RecursionError) as exc:
-            await self._dead_letter(message, "undecodable_request", str(exc))
-            if request_id := attributes.get(protocol.REQUEST_ID_ATTR) or message.key or "":
-                await self._publish_failure(message, request_id, {}, "invalid_request", str(exc))
-            await message.ack()
-            return
+        if request_id := attributes.get(protocol.REQUEST_ID_ATTR) or message.key or "":
+            await self._publish_failure(message, request_id, {}, "invalid_request", str(exc))
+        await message.ack()
 
+    async def _finish(
+        self, message: Message, request: _Request, answer: asyncio.Future[Prediction]
+    ) -> None:
+        """Publish one request's outcome (a result, or why it failed), then ack it."""
+        request_id, metadata = request.request_id, request.metadata
         try:
-            prediction = await self._submit(image, deadline)
+            if (
+                answer.done()
+                and not answer.cancelled()
+                and isinstance(answer.exception(), Overloaded)
+            ):
+                prediction = await self._submit(request.image, request.deadline)
+            else:
+                prediction = await answer
         except DeadlineExceeded as exc:
             await self._publish_failure(
                 message, request_id, metadata, DeadlineExceeded.code, str(exc)
@@ -314,7 +388,9 @@ class Worker:
         except ModelError as exc:
             await self._retry_or_dead_letter(message, request_id, metadata, exc)
         else:
-            await self._publish_result(message, request_id, metadata, prediction, submitted_at)
+            await self._publish_result(
+                message, request_id, metadata, prediction, request.submitted_at
+            )
             self.outcomes["completed"] += 1
         await message.ack()
 

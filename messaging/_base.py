@@ -141,6 +141,25 @@ class Subscription(AsyncIterator[Message]):
             raise StopAsyncIteration
         return message
 
+    async def receive_batch(self, max_messages: int) -> list[Message]:
+        """The next message (waiting for it) and those already received behind it, up to
+        `max_messages` and within `max_in_flight`; `[]` once the subscription has ended.
+
+        For consumers that handle what arrived together as one unit (the worker submits a chunk to
+        its model at once): one wake-up and one task per chunk instead of per message.
+        """
+        try:
+            first = await self.__anext__()
+        except StopAsyncIteration:
+            return []
+        batch = [first]
+        while len(batch) < max_messages:
+            message = self._receive_ready()
+            if message is None:
+                break
+            batch.append(message)
+        return batch
+
     async def aclose(self) -> None:
         """Stop consuming; unsettled messages go back to the group. Safe to call twice."""
         if self._closed:
@@ -170,6 +189,11 @@ class Subscription(AsyncIterator[Message]):
     @abstractmethod
     async def _receive(self) -> Message | None:
         """The next message, waiting for one; None once the subscription is closed."""
+
+    def _receive_ready(self) -> Message | None:
+        """A message already received, without waiting (respecting `max_in_flight`); None if there
+        is none. Backends with a local buffer override it; the default makes chunks of one."""
+        return None
 
     @abstractmethod
     async def _shutdown(self) -> None:

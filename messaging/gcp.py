@@ -181,6 +181,13 @@ class GoogleSubscription(Subscription):
                 self._receiver = None
         return None
 
+    def _receive_ready(self) -> Message | None:
+        if self._closed or not self._ready:
+            return None
+        message = self._ready.popleft()
+        self._unsettled[message] = None
+        return message
+
     def _settled(self, message: GoogleMessage) -> None:
         self._unsettled.pop(message, None)
 

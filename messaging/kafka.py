@@ -346,6 +346,15 @@ class KafkaSubscription(Subscription):
                 self._receiver = None
         return None
 
+    def _receive_ready(self) -> Message | None:
+        while not self._closed and self._ready and self._in_flight < self.max_in_flight:
+            message = self._ready.popleft()
+            if message._partition.revoked:
+                continue
+            self._in_flight += 1
+            return message
+        return None
+
     def _settle(self, message: KafkaMessage, *, acked: bool) -> None:
         self._in_flight -= 1
         partition = message._partition

@@ -249,6 +249,16 @@ class MemorySubscription(Subscription):
                 await self._wait(None)  # woken by our own ack/nack or by close
         return None
 
+    def _receive_ready(self) -> Message | None:
+        group = self._group
+        if self._closed or group is None or not group.pending:
+            return None
+        if len(self._unsettled) >= self.max_in_flight:
+            return None
+        message = MemoryMessage(self.topic, group.pending.popleft(), self)
+        self._unsettled[message] = None
+        return message
+
     async def _wait(self, queue: deque[asyncio.Future[None]] | None) -> None:
         waiter = asyncio.get_running_loop().create_future()
         self._waiter = waiter

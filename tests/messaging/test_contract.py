@@ -227,6 +227,37 @@ async def test_max_in_flight_bounds_unsettled_deliveries(broker_url: str) -> Non
             await message.ack()
 
 
+async def test_receive_batch_takes_what_arrived_within_its_limits(broker_url: str) -> None:
+    """receive_batch: at least one message, never more than asked or than max_in_flight allows,
+    every message exactly once across chunks; [] after close."""
+    topic = unique_name("chunks")
+    async with open_broker(broker_url) as pubsub:
+        messages = pubsub.subscribe(topic, group=unique_name("g"), max_in_flight=8)
+        await messages.start()
+        for i in range(20):
+            await pubsub.publish(topic, b"%d" % i, key=f"k{i}")
+        seen: list[bytes] = []
+        async with asyncio.timeout(30):
+            while len(seen) < 20:
+                chunk = await messages.receive_batch(5)
+                assert 1 <= len(chunk) <= 5
+                seen.extend(message.data for message in chunk)
+                for message in chunk:
+                    await message.ack()
+        assert sorted(seen) == sorted(b"%d" % i for i in range(20))
+        for i in range(10):
+            await pubsub.publish(topic, b"x%d" % i, key=f"x{i}")
+        held: list[Message] = []
+        async with asyncio.timeout(30):
+            while len(held) < 8:
+                held.extend(await messages.receive_batch(100))
+        assert len(held) == 8  # max_in_flight, although 10 were published and 100 asked for
+        for message in held:
+            await message.ack()
+        await messages.aclose()
+        assert await messages.receive_batch(5) == []
+
+
 async def test_latest_group_skips_messages_published_before_it_started(broker_url: str) -> None:
     """A new group with start="latest" receives only what is published after it started."""
     topic = unique_name("latest")
