@@ -47,6 +47,7 @@ RETRY_AFTER_OVERLOAD_S = 1
 _PING_INTERVAL_S = 2.0
 _SWEEP_INTERVAL_S = 1.0
 _MAX_BACKOFF_S = 5.0
+_RESULTS_CHUNK = 512  # results taken from the subscription in one go
 
 
 def input_shape_of(settings: Settings) -> tuple[int, int, int]:
@@ -208,20 +209,21 @@ class Gateway:
     async def _consume(self, subscription: Subscription) -> None:
         store = self.store
         metrics = self.metrics
-        async for message in subscription:
-            try:
-                result = ResultMessage.from_bytes(message.data)
-            except ValueError as exc:
-                # A malformed result can never become valid: drop it, loudly.
-                log.warning(kv("malformed_result", key=message.key, error=exc))
-                metrics.errors.labels("malformed_result").inc()
+        while messages := await subscription.receive_batch(_RESULTS_CHUNK):
+            for message in messages:
+                try:
+                    result = ResultMessage.from_bytes(message.data)
+                except ValueError as exc:
+                    # A malformed result can never become valid: drop it, loudly.
+                    log.warning(kv("malformed_result", key=message.key, error=exc))
+                    metrics.errors.labels("malformed_result").inc()
+                    await message.ack()
+                    continue
+                if store.add_result(result) is None:
+                    metrics.duplicate_results.inc()
+                else:
+                    metrics.record_result(result)
                 await message.ack()
-                continue
-            if store.add_result(result) is None:
-                metrics.duplicate_results.inc()
-            else:
-                metrics.record_result(result)
-            await message.ack()
         if not self._stopping:
             raise MessagingError("the results subscription ended")
 

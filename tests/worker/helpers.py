@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Mapping
 
@@ -86,7 +87,10 @@ async def take(messages: Subscription, count: int, *, within: float = 30.0) -> l
 async def take_results(
     messages: Subscription, count: int, *, within: float = 30.0
 ) -> list[ResultMessage]:
-    return [ResultMessage.from_bytes(m.data) for m in await take(messages, count, within=within)]
+    taken = await take(messages, count, within=within)
+    for message in taken:  # the wire form has exactly the ResultMessage fields, no more, no fewer
+        assert set(json.loads(message.data)) == set(ResultMessage.model_fields)
+    return [ResultMessage.from_bytes(m.data) for m in taken]
 
 
 async def nothing_more(messages: Subscription, *, wait: float) -> bool:
