@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.batch --broker kafka   # gateway + worker processes on Tansu instead
 
 The ceiling is `ImageClassifier.predict` on real test images, in this process, at its best batch
-size (nothing else running). The endpoint figure is end-to-end through `fmnist serve` (gateway +
+size (nothing else running), with the workers' precision and passes side by side. The endpoint figure is end-to-end through `fmnist serve` (gateway +
 worker + memory broker): multipart uploads of `--per-request` real test PNGs each, from wrk at
 `--connections` connections, counting only images whose request answered 200 (all completed).
 """
@@ -41,25 +41,57 @@ BATCH_SIZES = (32, 64, 128, 256, 512, 1024, 2048)
 def compute_ceiling(
     checkpoint: Path, images: int = 4096, min_seconds: float = 2.0
 ) -> list[tuple[int, float]]:
-    """images/s of `ImageClassifier.predict` at each batch size, on real test images (uint8 N×1×28×28)."""
+    """images/s of `ImageClassifier.predict` at each batch size, on real test images (uint8 N×1×28×28),
+    laid out as the server's workers compute: the same precision (`FMNIST_INFERENCE_PRECISION`,
+    `auto` by default) and the same passes side by side (`inference_layout`: on 2 cores, two threads
+    each running its own passes on one torch thread)."""
+    import threading
+
     import torch
 
+    from app.settings import Settings
+    from app.worker import inference_layout, resolve_precision
     from ml import ImageClassifier
 
+    settings = Settings()
     # CPU on purpose: the claim is about this machine's cores (ImageClassifier picks CUDA when present).
-    classifier = ImageClassifier.load(checkpoint, device="cpu")
+    classifier = ImageClassifier.load(
+        checkpoint, device="cpu", precision=resolve_precision(settings.inference_precision)
+    )
+    layout = inference_layout(settings, classifier)
+    torch.set_num_threads(layout.threads)
     pixels, _ = load_test_images(DATA_DIR, images)
     data = torch.from_numpy(pixels.copy()).unsqueeze(1)
+    print(
+        f"# ceiling layout: precision {classifier.precision}, {layout.concurrency} passes side by side, "
+        f"{layout.threads} torch thread(s) each"
+    )
     rates = []
     for batch_size in BATCH_SIZES:
         batches = list(data.split(batch_size))
-        classifier.predict(batches[0])  # warm-up: allocator, kernels, the fused inference copy
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < min_seconds:
-            for batch in batches:
-                classifier.predict(batch)
-                done += len(batch)
-        rates.append((batch_size, done / (time.perf_counter() - started)))
+        classifier.predict(batches[0])  # warm-up: allocator, kernels, the traced graph
+        done = [0] * layout.concurrency
+        deadline = time.perf_counter() + min_seconds
+
+        def run(
+            slot: int,
+            batches: list[torch.Tensor] = batches,
+            done: list[int] = done,
+            deadline: float = deadline,
+        ) -> None:
+            with torch.inference_mode():
+                while time.perf_counter() < deadline:
+                    for batch in batches[slot :: layout.concurrency] or batches:
+                        classifier.predict(batch)
+                        done[slot] += len(batch)
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(layout.concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        rates.append((batch_size, sum(done) / (time.perf_counter() - started)))
     return rates
 
 
