@@ -156,6 +156,9 @@ class Worker:
         self._consumer: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._drained = False
+        # The in-process broker never waits on the network: answering a chunk's requests one after
+        # another is cheaper than a task per request. Remote brokers get concurrent publishes.
+        self._publish_in_turn = pubsub.url.startswith("memory://")
         self.outcomes: Counter[str] = Counter()
         """Requests handled, by outcome: completed, deadline_exceeded, requeued, deadlettered, …"""
 
@@ -319,19 +322,30 @@ class Worker:
             for _, request in parsed
             if isinstance(request, _Request)
         ]
-        if submitted:
-            # Plain futures, no task per request; a full runner answers Overloaded at once, and
-            # those requests then wait for room one by one in `_finish`.
-            await asyncio.wait(submitted)
+        # Plain futures, no task per request, each awaited by its request's `_finish`: in order,
+        # so the first batch's results go out while the next batch computes. A full runner answers
+        # Overloaded at once, and those requests then wait for room one by one in `_finish`.
         answers = iter(submitted)
-        failed: list[Message] = []
-        for message, request in parsed:
-            if isinstance(request, _Request):
-                work = self._finish(message, request, next(answers))
-            else:
-                work = self._refuse(message, request)
-            if not await self._guarded(message, work):
-                failed.append(message)
+        outcomes = [
+            self._guarded(
+                message,
+                self._finish(message, request, next(answers))
+                if isinstance(request, _Request)
+                else self._refuse(message, request),
+            )
+            for message, request in parsed
+        ]
+        if self._publish_in_turn:
+            try:
+                delivered = [await outcome for outcome in outcomes]
+            finally:  # cancelled midway (drain): the ones not started must not leak as warnings
+                for outcome in outcomes:
+                    outcome.close()
+        else:
+            # A remote broker: publish concurrently, so its client batches the results and one
+            # slow acknowledgement does not hold up the rest of the chunk.
+            delivered = await asyncio.gather(*outcomes)
+        failed = [message for (message, _), ok in zip(parsed, delivered, strict=True) if not ok]
         if failed:
             await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
             for message in failed:
