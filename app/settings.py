@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1024,
-        description="torch intra-op threads per forward pass. Default: cores / `inference_concurrency`, at "
+        description="torch intra-op threads per forward pass. Default: cores / `FMNIST_INFERENCE_CONCURRENCY`, at "
         "least 1. Two passes of one thread each beat one pass of two threads by about 2x on 2 cores.",
     )
     max_batch_size: int = Field(

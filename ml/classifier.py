@@ -67,7 +67,7 @@ class ImageClassifier:
     >>> clf.predict(images)                                   # uint8 or float N×C×H×W → N×4 probabilities
     >>> clf.save("model.safetensors"); ImageClassifier.load("model.safetensors")
 
-    `predict` is safe for one caller at a time (the worker's runner serialises calls).
+    On the CPU `predict` may be called from several threads at once (the worker runs passes side by side).
     """
 
     def __init__(

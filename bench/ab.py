@@ -1,0 +1,108 @@
+"""Interleaved A/B of `fmnist serve` settings: which configuration serves more images/s, on this machine, now.
+
+    .venv/bin/python -m bench.ab --mode batch "FMNIST_MAX_BATCH_SIZE=32" "FMNIST_MAX_BATCH_SIZE=128"
+    .venv/bin/python -m bench.ab --mode single --rounds 3 "" "FMNIST_INFERENCE_CONCURRENCY=1"
+
+Each argument is one configuration: space-separated `FMNIST_*=value` settings for the server (`""`
+is the defaults). Every round starts a fresh `fmnist serve` per configuration, in turn, warms it up
+and measures it with wrk: `--mode batch` sends `POST /v1/predictions:batch?wait=30` with 256 real
+test PNGs per request at 4 connections, `--mode single` one PNG per `POST /v1/predictions?wait=10`
+at 64 connections. Shared machines drift by tens of percent within minutes, so only configurations
+measured in the same run, round by round, are compared; the medians are the verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root, for bench, tests and ml
+
+from bench.http_single import (
+    DATA_DIR,
+    REPO_ROOT,
+    machine_context,
+    measure,
+    multipart_body,
+    ours_memory,
+    write_bodies,
+)
+from tests.e2e.images import load_test_pngs
+
+
+def parse_configuration(text: str) -> dict[str, str]:
+    settings = {}
+    for item in text.split():
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("FMNIST_"):
+            raise SystemExit(f"expected FMNIST_NAME=value, got {item!r}")
+        settings[name] = value
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configurations", nargs="+", help='e.g. "FMNIST_MAX_BATCH_SIZE=32"')
+    parser.add_argument("--mode", choices=["batch", "single"], default="batch")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--connections", type=int, default=None)
+    parser.add_argument(
+        "--checkpoint", type=Path, default=REPO_ROOT / "models" / "fmnist.safetensors"
+    )
+    args = parser.parse_args(argv)
+    configurations = [
+        (text or "defaults", parse_configuration(text)) for text in args.configurations
+    ]
+
+    log_dir = Path(tempfile.mkdtemp(prefix="fmnist-bench-ab-"))
+    pngs, _ = load_test_pngs(DATA_DIR, 1024)
+    if args.mode == "batch":
+        per_request, path, connections = 256, "/v1/predictions:batch?wait=30", 4
+        groups = [pngs[i : i + per_request] for i in range(0, len(pngs), per_request)]
+        bodies = write_bodies(log_dir / "batch", [multipart_body(g, "files") for g in groups])
+        body_count = len(groups)
+    else:
+        per_request, path, connections = 1, "/v1/predictions?wait=10", 64
+        bodies = write_bodies(log_dir / "single", [multipart_body([p], "file") for p in pngs[:256]])
+        body_count = 256
+    connections = args.connections or connections
+    print(f"# {machine_context()}; mode {args.mode}, {connections} connections; logs in {log_dir}")
+
+    rates: dict[str, list[float]] = {name: [] for name, _ in configurations}
+    for round_number in range(1, args.rounds + 1):
+        for name, settings in configurations:
+            with ours_memory(args.checkpoint, log_dir, **settings) as server:
+                server.path = path
+                result = measure(
+                    name,
+                    server,
+                    bodies,
+                    body_count,
+                    connections=connections,
+                    duration_s=args.duration,
+                    warmup_s=args.warmup,
+                    images_per_request=per_request,
+                )
+            rates[name].append(result.images_per_s)
+            print(
+                f"# round {round_number}: {name}: {result.images_per_s:,.0f} images/s, "
+                f"p99 {result.p99_ms:.1f} ms, {result.not_completed} not completed",
+                flush=True,
+            )
+    print("| configuration | median images/s | rounds |\n| --- | ---: | --- |")
+    for name, values in rates.items():
+        rounds = " / ".join(f"{v:,.0f}" for v in values)
+        print(f"| {name} | {statistics.median(values):,.0f} | {rounds} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
