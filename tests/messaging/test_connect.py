@@ -46,6 +46,11 @@ def test_missing_client_library_names_the_pip_command(
 ) -> None:
     """Without the backend's library, connect() raises MissingDependency with the exact pip install."""
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    parent, _, name = module.rpartition(".")
+    if (
+        parent in sys.modules
+    ):  # `from parent import name` would find an attribute left by an earlier import
+        monkeypatch.delattr(sys.modules[parent], name, raising=False)
     monkeypatch.delitem(sys.modules, f"messaging.{url.split(':')[0]}", raising=False)
     with pytest.raises(
         messaging.MissingDependency, match=rf"pip install 'fmnist-service\[{extra}\]'"
