@@ -76,11 +76,11 @@ class Settings(BaseSettings):
         "least 1. Two passes of one thread each beat one pass of two threads by about 2x on 2 cores.",
     )
     max_batch_size: int = Field(
-        128,
+        256,
         ge=1,
         le=4096,
         description="Largest batch a worker's ModelRunner forms, when its queue is deep (bursts, the "
-        "batch endpoint): larger passes cost less per image.",
+        "batch endpoint): larger passes cost less per image (batch endpoint +4-7% at 256 vs 128).",
     )
     preferred_batch_size: int = Field(
         32,
