@@ -303,8 +303,8 @@ class Worker:
     async def _handle_chunk(self, messages: list[Message]) -> None:
         """Decode every request, submit the good ones to the runner together, answer each in order.
 
-        Per request, the outcome is what `_process` gives it alone: a result or a failure
-        published, then an ack; a dead letter for what cannot be decoded; a nack when the outcome
+        Per request, the outcome is what it would get alone: a result or a failure published, then
+        an ack; a dead letter for what cannot be decoded; a nack when the outcome
         could not be published (after one back-off for the whole chunk).
         """
         runner = self._runner
@@ -326,21 +326,21 @@ class Worker:
         # so the first batch's results go out while the next batch computes. A full runner answers
         # Overloaded at once, and those requests then wait for room one by one in `_finish`.
         answers = iter(submitted)
-        outcomes = [
-            self._guarded(
-                message,
-                self._finish(message, request, next(answers))
-                if isinstance(request, _Request)
-                else self._refuse(message, request),
-            )
+        works = [
+            self._finish(message, request, next(answers))
+            if isinstance(request, _Request)
+            else self._refuse(message, request)
             for message, request in parsed
+        ]
+        outcomes = [
+            self._guarded(message, work) for (message, _), work in zip(parsed, works, strict=True)
         ]
         if self._publish_in_turn:
             try:
                 delivered = [await outcome for outcome in outcomes]
-            finally:  # cancelled midway (drain): the ones not started must not leak as warnings
-                for outcome in outcomes:
-                    outcome.close()
+            finally:  # cancelled midway: the coroutines not started must not leak as warnings
+                for coroutine in (*outcomes, *works):
+                    coroutine.close()
         else:
             # A remote broker: publish concurrently, so its client batches the results and one
             # slow acknowledgement does not hold up the rest of the chunk.
