@@ -165,9 +165,8 @@ class GoogleSubscription(Subscription):
 
     async def _receive(self) -> Message | None:
         while not self._closed:
-            if self._ready:
-                message = self._ready.popleft()
-                self._unsettled[message] = None
+            message = self._receive_ready()
+            if message is not None:
                 return message
             if self._stream is not None and self._stream.done():
                 error = self._stream.exception()

@@ -327,11 +327,8 @@ class KafkaSubscription(Subscription):
 
     async def _receive(self) -> Message | None:
         while not self._closed:
-            if self._ready and self._in_flight < self.max_in_flight:
-                message = self._ready.popleft()
-                if message._partition.revoked:
-                    continue
-                self._in_flight += 1
+            message = self._receive_ready()
+            if message is not None:
                 return message
             pump = self._pump_task
             if pump is not None and pump.done() and not self._ready:

@@ -239,11 +239,10 @@ class MemorySubscription(Subscription):
         group = self._group
         assert group is not None
         while not self._closed:
+            message = self._receive_ready()
+            if message is not None:
+                return message
             if len(self._unsettled) < self.max_in_flight:
-                if group.pending:
-                    message = MemoryMessage(self.topic, group.pending.popleft(), self)
-                    self._unsettled[message] = None
-                    return message
                 await self._wait(group.consumer_waiters)
             else:
                 await self._wait(None)  # woken by our own ack/nack or by close
