@@ -156,9 +156,6 @@ class Worker:
         self._consumer: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._drained = False
-        # The in-process broker never waits on the network: answering a chunk's requests one after
-        # another is cheaper than a task per request. Remote brokers get concurrent publishes.
-        self._publish_in_turn = pubsub.url.startswith("memory://")
         self.outcomes: Counter[str] = Counter()
         """Requests handled, by outcome: completed, deadline_exceeded, requeued, deadlettered, …"""
 
@@ -335,15 +332,13 @@ class Worker:
         outcomes = [
             self._guarded(message, work) for (message, _), work in zip(parsed, works, strict=True)
         ]
-        if self._publish_in_turn:
+        if self.pubsub.publishes_in_process:
             try:
                 delivered = [await outcome for outcome in outcomes]
             finally:  # cancelled midway: the coroutines not started must not leak as warnings
                 for coroutine in (*outcomes, *works):
                     coroutine.close()
         else:
-            # A remote broker: publish concurrently, so its client batches the results and one
-            # slow acknowledgement does not hold up the rest of the chunk.
             delivered = await asyncio.gather(*outcomes)
         failed = [message for (message, _), ok in zip(parsed, delivered, strict=True) if not ok]
         if failed:

@@ -207,6 +207,11 @@ class PubSub(ABC):
     errors, argument checks); a backend implements only the `_`-prefixed hooks.
     """
 
+    publishes_in_process: bool = False
+    """True when `publish` never waits on a network: callers with many messages may then await
+    each in turn, which is cheaper than a task per message (remote brokers want them concurrent,
+    so that the client batches them and one slow acknowledgement does not hold up the rest)."""
+
     def __init__(self, url: BrokerURL, *, connect_timeout: float) -> None:
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be > 0 seconds, got {connect_timeout}")

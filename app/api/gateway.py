@@ -93,9 +93,6 @@ class Gateway:
         )
         self.shape_attr = encode_shape(self.policy.shape)
         self._factory = pubsub_factory or connect_broker
-        # The in-process broker never waits on the network: awaiting each publish in turn is
-        # cheaper than a task per message. Remote brokers get concurrent publishes instead.
-        self._publish_in_turn = settings.broker_url.startswith("memory://")
         self._pubsub: PubSub | None = None
         self._broker_reachable = False
         self._consuming = False
@@ -354,7 +351,7 @@ class Gateway:
             for _, request_id, payload, _ in fresh
         ]
         results: list[object]
-        if self._publish_in_turn:
+        if pubsub.publishes_in_process:
             results = []
             for send in sends:
                 try:
