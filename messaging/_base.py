@@ -186,14 +186,24 @@ class Subscription(AsyncIterator[Message]):
     async def _open(self) -> None:
         """Join the group / create the subscription."""
 
-    @abstractmethod
     async def _receive(self) -> Message | None:
         """The next message, waiting for one; None once the subscription is closed."""
+        while not self._closed:
+            message = self._receive_ready()
+            if message is not None:
+                return message
+            await self._wait_for_messages()
+        return None
 
+    @abstractmethod
     def _receive_ready(self) -> Message | None:
         """A message already received, without waiting (respecting `max_in_flight`); None if there
-        is none. Backends with a local buffer override it; the default makes chunks of one."""
-        return None
+        is none, or once the subscription is closed."""
+
+    @abstractmethod
+    async def _wait_for_messages(self) -> None:
+        """Return when `_receive_ready` may have a message or the subscription closed; raise
+        `BrokerUnavailable` when the backend's delivery has stopped for good."""
 
     @abstractmethod
     async def _shutdown(self) -> None:

@@ -163,22 +163,17 @@ class GoogleSubscription(Subscription):
         if receiver is not None and not receiver.done():
             receiver.set_result(None)
 
-    async def _receive(self) -> Message | None:
-        while not self._closed:
-            message = self._receive_ready()
-            if message is not None:
-                return message
-            if self._stream is not None and self._stream.done():
-                error = self._stream.exception()
-                raise BrokerUnavailable(
-                    f"the Pub/Sub stream for {self.topic}/{self.group} on {self._google.url} ended: {error!r}"
-                )
-            self._receiver = asyncio.get_running_loop().create_future()
-            try:
-                await self._receiver
-            finally:
-                self._receiver = None
-        return None
+    async def _wait_for_messages(self) -> None:
+        if self._stream is not None and self._stream.done():
+            error = self._stream.exception()
+            raise BrokerUnavailable(
+                f"the Pub/Sub stream for {self.topic}/{self.group} on {self._google.url} ended: {error!r}"
+            )
+        self._receiver = asyncio.get_running_loop().create_future()
+        try:
+            await self._receiver
+        finally:
+            self._receiver = None
 
     def _receive_ready(self) -> Message | None:
         if self._closed or not self._ready:

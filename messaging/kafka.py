@@ -325,23 +325,18 @@ class KafkaSubscription(Subscription):
         if room is not None and not room.done():
             room.set_result(None)
 
-    async def _receive(self) -> Message | None:
-        while not self._closed:
-            message = self._receive_ready()
-            if message is not None:
-                return message
-            pump = self._pump_task
-            if pump is not None and pump.done() and not self._ready:
-                reason = "cancelled" if pump.cancelled() else repr(pump.exception())
-                raise BrokerUnavailable(
-                    f"the Kafka consumer for {self.topic}/{self.group} on {self._kafka.url} stopped: {reason}"
-                )
-            self._receiver = asyncio.get_running_loop().create_future()
-            try:
-                await self._receiver
-            finally:
-                self._receiver = None
-        return None
+    async def _wait_for_messages(self) -> None:
+        pump = self._pump_task
+        if pump is not None and pump.done() and not self._ready:
+            reason = "cancelled" if pump.cancelled() else repr(pump.exception())
+            raise BrokerUnavailable(
+                f"the Kafka consumer for {self.topic}/{self.group} on {self._kafka.url} stopped: {reason}"
+            )
+        self._receiver = asyncio.get_running_loop().create_future()
+        try:
+            await self._receiver
+        finally:
+            self._receiver = None
 
     def _receive_ready(self) -> Message | None:
         while not self._closed and self._ready and self._in_flight < self.max_in_flight:

@@ -235,18 +235,13 @@ class MemorySubscription(Subscription):
     async def _open(self) -> None:
         self._group = self._broker.topic(self.topic).join(self.group, self.start_position)
 
-    async def _receive(self) -> Message | None:
+    async def _wait_for_messages(self) -> None:
         group = self._group
         assert group is not None
-        while not self._closed:
-            message = self._receive_ready()
-            if message is not None:
-                return message
-            if len(self._unsettled) < self.max_in_flight:
-                await self._wait(group.consumer_waiters)
-            else:
-                await self._wait(None)  # woken by our own ack/nack or by close
-        return None
+        if len(self._unsettled) < self.max_in_flight:
+            await self._wait(group.consumer_waiters)
+        else:
+            await self._wait(None)  # woken by our own ack/nack or by close
 
     def _receive_ready(self) -> Message | None:
         group = self._group
