@@ -176,11 +176,12 @@ class Worker:
     async def start(self) -> None:
         """Load the model, create the topics, join the group and start consuming."""
         settings = self.settings
+        owns_model = self._classifier is None
         if self._classifier is None:
-            # This worker owns the process's model, so it also sets torch's thread count.
             self._classifier = await asyncio.to_thread(load_classifier, settings)
-            torch.set_num_threads(inference_layout(settings, self._classifier).threads)
         layout = inference_layout(settings, self._classifier)
+        if owns_model:  # this worker loaded the process's model, so it sets torch's thread count
+            torch.set_num_threads(layout.threads)
         runner = ModelRunner(
             self._classifier,
             max_batch_size=settings.max_batch_size,

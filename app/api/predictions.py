@@ -20,7 +20,7 @@ from app.api.intake import (
     read_body,
 )
 from app.api.models import BatchResponse, PredictionResponse, pending_body, result_body
-from app.deps import GatewayDep, OwnerDep, get_gateway_of
+from app.deps import GatewayDep, OwnerDep, caller_of
 from app.errors import ApiError, error_responses
 from app.images import NPY_TYPES, SUPPORTED_IMAGE_TYPES, decode_array_batch, media_type
 
@@ -146,14 +146,6 @@ class SubmitOptions:
     wait_s: float
 
 
-def caller(request: Request) -> tuple[Gateway, str]:
-    """The app's gateway and the caller's owner fingerprint (401/403 when a key is required): what
-    `GatewayDep` and `OwnerDep` give other routes, without FastAPI's dependency resolution on the
-    two submit routes, the hot path."""
-    gateway = get_gateway_of(request)
-    return gateway, gateway.api_keys.owner_of(request)
-
-
 def submit_options(request: Request, gateway: Gateway) -> SubmitOptions:
     """Validate `wait`, `Idempotency-Key` and `X-Fmnist-Metadata`, and refuse early (503) without a broker."""
     headers = request.headers
@@ -204,7 +196,7 @@ async def _read_single_image(request: Request, gateway: Gateway) -> tuple[bytes,
 )
 async def create_prediction(request: Request) -> Response:
     """Decode and validate the image, publish it to the workers, answer 202 (or 200 within `wait`)."""
-    gateway, owner = caller(request)
+    gateway, owner = caller_of(request)
     options = submit_options(request, gateway)
     key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
     try:
@@ -237,7 +229,7 @@ async def create_prediction(request: Request) -> Response:
 )
 async def create_predictions_batch(request: Request) -> Response:
     """One item per image, in order: a pending/completed prediction, or `{index, error}` for a bad image."""
-    gateway, owner = caller(request)
+    gateway, owner = caller_of(request)
     options = submit_options(request, gateway)
     key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
     settings = gateway.settings

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import threading
 from pathlib import Path
@@ -25,18 +24,17 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+# The precision our workers use here (FMNIST_INFERENCE_PRECISION, `auto` by default), so the
+# comparison is between serving layers, on the same model computing the same way.
+from app.settings import Settings
 from app.worker import resolve_precision
 from ml import ImageClassifier
 
 
-def peer_precision() -> str:
-    """The arithmetic our workers use here (FMNIST_INFERENCE_PRECISION, `auto` by default), so the
-    comparison is between serving layers, on the same model computing the same way."""
-    return resolve_precision(os.environ.get("FMNIST_INFERENCE_PRECISION", "auto"))
-
-
 def create_app(checkpoint: Path) -> FastAPI:
-    classifier = ImageClassifier.load(checkpoint, precision=peer_precision())
+    classifier = ImageClassifier.load(
+        checkpoint, precision=resolve_precision(Settings().inference_precision)
+    )
     # The classifier is thread-safe for one caller at a time; FastAPI's pool has 40 threads.
     model_lock = threading.Lock()
     app = FastAPI()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+# The precision our workers use here (FMNIST_INFERENCE_PRECISION, `auto` by default), so the
+# comparison is between serving layers, on the same model computing the same way.
+from app.settings import Settings
 from app.worker import resolve_precision
 from ml import ImageClassifier
-
-
-def peer_precision() -> str:
-    """The arithmetic our workers use here (FMNIST_INFERENCE_PRECISION, `auto` by default), so the
-    comparison is between serving layers, on the same model computing the same way."""
-    return resolve_precision(os.environ.get("FMNIST_INFERENCE_PRECISION", "auto"))
 
 
 class FashionMNISTAPI(ls.LitAPI):
@@ -41,7 +37,9 @@ class FashionMNISTAPI(ls.LitAPI):
         self.checkpoint = checkpoint
 
     def setup(self, device: str) -> None:
-        self.classifier = ImageClassifier.load(self.checkpoint, precision=peer_precision())
+        self.classifier = ImageClassifier.load(
+            self.checkpoint, precision=resolve_precision(Settings().inference_precision)
+        )
 
     def decode_request(self, request):  # type: ignore[no-untyped-def]  # unannotated: LitServe passes the parsed form
         """Multipart form → uint8 1×28×28."""
