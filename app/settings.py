@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     worker_id: str | None = Field(
         None, description="Id a worker stamps on its results (default: host-pid)."
     )
+    worker_health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of a worker's `GET /healthz` and `GET /readyz` (on FMNIST_HOST), for "
+        "orchestrator probes. Unset: no endpoint.",
+    )
     max_attempts: int = Field(
         3,
         ge=1,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.commands import passive_torch_threads, tune_garbage_collector
+from app.health import health_server
 from app.logs import configure_logging, kv
 from app.settings import Settings
 
@@ -90,42 +91,65 @@ def run(args: argparse.Namespace) -> int:
 
 async def run_worker(settings: Settings) -> int:
     """Load the model, connect, consume until a stop signal, drain. Returns the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    state = _HealthState(stop)
+    # Up before the model loads, so a startup probe sees the process alive while it loads.
+    async with health_server(settings.host, settings.worker_health_port, state.readiness):
+        try:
+            return await _run(settings, stop, state)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+
+class _HealthState:
+    """What a worker's /readyz reports: ready once consuming, not ready while loading or draining."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.worker: Worker | None = None
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.stop.is_set():
+            return False, "draining"
+        if self.worker is None:
+            return False, "loading the model and joining the group"
+        return True, "consuming"
+
+
+async def _run(settings: Settings, stop: asyncio.Event, state: _HealthState) -> int:
     import messaging
     from app.broker import connect_broker
     from app.worker import Worker, load_classifier
     from ml.checkpoint import CheckpointError
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    # The model first: a wrong path fails in a second instead of after the broker's timeout.
     try:
-        # The model first: a wrong path fails in a second instead of after the broker's timeout.
-        try:
-            classifier = await asyncio.to_thread(load_classifier, settings)
-        except (CheckpointError, FileNotFoundError) as exc:
-            logger.error(
-                kv(
-                    "worker_failed",
-                    error=exc,
-                    fix="pass --model PATH (FMNIST_MODEL_PATH) or run `make train`",
-                )
+        classifier = await asyncio.to_thread(load_classifier, settings)
+    except (CheckpointError, FileNotFoundError) as exc:
+        logger.error(
+            kv(
+                "worker_failed",
+                error=exc,
+                fix="pass --model PATH (FMNIST_MODEL_PATH) or run `make train`",
             )
-            return 1
-        try:
-            pubsub = connect_broker(settings)
-        except (ValueError, messaging.MissingDependency) as exc:  # bad URL or missing extra
-            logger.error(kv("worker_failed", error=exc, setting="--broker / FMNIST_BROKER_URL"))
-            return 2
-        try:
-            async with pubsub, Worker(settings, pubsub, classifier) as worker:
-                return await _serve_until_stopped(worker, stop)
-        except messaging.MessagingError as exc:
-            logger.error(kv("worker_failed", error=exc))
-            return 1
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        )
+        return 1
+    try:
+        pubsub = connect_broker(settings)
+    except (ValueError, messaging.MissingDependency) as exc:  # bad URL or missing extra
+        logger.error(kv("worker_failed", error=exc, setting="--broker / FMNIST_BROKER_URL"))
+        return 2
+    try:
+        async with pubsub, Worker(settings, pubsub, classifier) as worker:
+            state.worker = worker
+            return await _serve_until_stopped(worker, stop)
+    except messaging.MessagingError as exc:
+        logger.error(kv("worker_failed", error=exc))
+        return 1
 
 
 async def _serve_until_stopped(worker: Worker, stop: asyncio.Event) -> int:
