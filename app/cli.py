@@ -7,6 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from app import __version__
+
 # Each module defines `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
 # Modules are imported only to build the parser; heavy imports (torch, uvicorn) happen inside `func`.
 COMMAND_MODULES = (
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fmnist",
         description="Train, serve and call a batched image classifier behind a pub/sub broker.",
     )
+    parser.add_argument("--version", action="version", version=f"fmnist-service {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"app.commands.{name}")

@@ -23,14 +23,33 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class KeyValueFormatter(logging.Formatter):
+    """Renders every record as one `key=value` line: ours (`kv(...)` messages) as they are, other
+    libraries' prose (aiokafka, uvicorn, google) as `event=<their package> msg="..."`, a traceback
+    as an escaped `traceback=` field, so that one event is one parseable line."""
+
+    # ISO 8601 without the space logging puts between date and time, which would split `ts=`.
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03d"
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not message.startswith("event="):
+            message = kv(record.name.split(".")[0], msg=message)
+        line = (
+            f"ts={self.formatTime(record)} level={record.levelname} logger={record.name} {message}"
+        )
+        if record.exc_info:
+            line += " " + _field("traceback", self.formatException(record.exc_info))
+        return line.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send `fmnist`-style lines to stderr. Safe to call more than once."""
     root = logging.getLogger()
     if not any(getattr(h, "_fmnist", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
-        )
+        handler.setFormatter(KeyValueFormatter())
         handler.addFilter(RedactSecrets())
         handler._fmnist = True  # type: ignore[attr-defined]
         root.addHandler(handler)
@@ -39,10 +58,12 @@ def configure_logging(level: str = "INFO") -> None:
 
 def kv(event: str, **fields: Any) -> str:
     """Format an event and its fields as one `event=... key=value` string."""
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        text = str(value)
-        if not text or any(c in text for c in ' "='):
-            text = '"' + text.replace('"', '\\"') + '"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
+    return " ".join([f"event={event}", *(_field(key, value) for key, value in fields.items())])
+
+
+def _field(key: str, value: Any) -> str:
+    """`key=value`, the value quoted when it is empty or holds a space, a quote or `=`."""
+    text = str(value)
+    if not text or any(c in text for c in ' "='):
+        text = '"' + text.replace('"', '\\"') + '"'
+    return f"{key}={text}"

@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 from app.commands.send_images import add_gateway_arguments, require_sdk
 
 if TYPE_CHECKING:
-    from fmnist_client import Prediction
+    from fmnist_client import AsyncClient, Prediction, StreamEvent
 
 STATUS_EVERY_S = 1.0  # how often the running accuracy line is refreshed
+GIVE_UP_AFTER_S = 30.0  # default bound on time without a connection, long enough for a restart
+READY_POLL_FIRST_S = 0.5  # first wait before asking a not-ready gateway again; doubles each time
+READY_POLL_MAX_S = 5.0
 
 
 def register(subparsers: Any) -> None:
@@ -43,7 +46,103 @@ def register(subparsers: Any) -> None:
         default=None,
         help="replay results stored after this cursor first (0: every result the gateway still holds)",
     )
+    parser.add_argument(
+        "--give-up-after",
+        type=float,
+        default=GIVE_UP_AFTER_S,
+        metavar="SECONDS",
+        help="exit 1 after this long unable to connect, or to reconnect, to a ready gateway; "
+        "0 keeps trying (default: %(default)g)",
+    )
     parser.set_defaults(func=run)
+
+
+class GaveUp(Exception):
+    """No usable connection to the gateway for longer than `--give-up-after`."""
+
+
+class LinkReport:
+    """Prints one stderr line per change of the link to the gateway (connecting, connected, lost,
+    retrying in N s) and raises `GaveUp` once it has been down longer than `give_up_s`."""
+
+    def __init__(self, url: str, *, give_up_s: float, out: TextIO, listening: str) -> None:
+        self.url = url
+        self.give_up_s = give_up_s
+        self.out = out
+        self.listening = listening
+        self.state: str | None = None
+        self.down_since = time.monotonic()  # not connected yet counts as down
+        self.reason: str | None = None
+
+    def connecting(self) -> None:
+        if self.state in (None, "connected"):
+            self._say(f"connecting to {self.url} ...")
+        self.state = "connecting"
+
+    def connected(self) -> None:
+        if self.state != "connected":
+            self._say(f"connected to {self.url}; listening ({self.listening})")
+        self.state, self.down_since, self.reason = "connected", time.monotonic(), None
+
+    def lost(self, reason: str) -> None:
+        if self.state == "connected":
+            self.down_since = time.monotonic()
+            self._say(f"lost the connection to {self.url}: {reason}")
+        elif reason != self.reason:
+            self._say(f"cannot connect to {self.url}: {reason}")
+        self.state, self.reason = "lost", reason
+
+    def retrying(self, delay_s: float) -> None:
+        """Announce the next attempt, or raise `GaveUp` when it would come past the bound."""
+        down_for = time.monotonic() - self.down_since
+        if self.give_up_s and down_for + delay_s > self.give_up_s:
+            raise GaveUp(
+                f"gave up: no ready gateway at {self.url} within {self.give_up_s:g} s "
+                "(--give-up-after SECONDS waits longer, 0 keeps trying)"
+            )
+        self._say(f"retrying in {delay_s:.1f} s")
+        self.state = "retrying"
+
+    def on_stream_event(self, event: StreamEvent) -> None:
+        """`AsyncClient.stream(on_event=...)`: the stream's own reconnections, reported alike."""
+        if event.state == "connecting":
+            self.connecting()
+        elif event.state == "connected":
+            self.connected()
+        elif event.state == "lost":
+            self.lost(event.reason or "connection lost")
+        else:
+            self.retrying(event.delay_s or 0.0)
+
+    def _say(self, text: str) -> None:
+        print(f"fmnist listen: {text}", file=self.out, flush=True)
+
+
+async def wait_until_ready(client: AsyncClient, link: LinkReport) -> None:
+    """Ask `/healthz` and `/readyz` until the gateway can take work, reporting each change;
+    a URL where no fmnist gateway answers fails at once."""
+    from fmnist_client import FmnistError, Timeout, Unavailable
+
+    delay = READY_POLL_FIRST_S
+    while True:
+        link.connecting()
+        try:
+            health = await client.health()
+        except (Unavailable, Timeout) as error:
+            reason = error.message
+        else:
+            if health.ready:
+                return
+            if not health.live:
+                raise FmnistError(
+                    f"no fmnist gateway answers at {link.url} (/healthz failed); check --url",
+                    code="not_a_gateway",
+                )
+            reason = f"the gateway is up but not ready: {health.reason}"
+        link.lost(reason)
+        link.retrying(delay)
+        await asyncio.sleep(delay)
+        delay = min(READY_POLL_MAX_S, delay * 2)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -144,6 +243,7 @@ async def listen(
     *,
     count: int,
     after: int | None,
+    give_up_s: float,
     stats: ListenStats,
     out: TextIO,
 ) -> None:
@@ -159,7 +259,9 @@ async def listen(
         loop.add_signal_handler(signum, stop.set)
     try:
         consume = asyncio.create_task(
-            _consume(url, api_key, count=count, after=after, stats=stats, out=out)
+            _consume(
+                url, api_key, count=count, after=after, give_up_s=give_up_s, stats=stats, out=out
+            )
         )
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({consume, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -176,14 +278,29 @@ async def listen(
 
 
 async def _consume(
-    url: str, api_key: str | None, *, count: int, after: int | None, stats: ListenStats, out: TextIO
+    url: str,
+    api_key: str | None,
+    *,
+    count: int,
+    after: int | None,
+    give_up_s: float,
+    stats: ListenStats,
+    out: TextIO,
 ) -> None:
     from fmnist_client import AsyncClient
 
     live = out.isatty()
     last_print = 0.0
+    link = LinkReport(
+        url,
+        give_up_s=give_up_s,
+        out=sys.stderr,
+        listening=f"until {count} results" if count else "Ctrl-C to stop",
+    )
     async with AsyncClient(url, api_key=api_key) as client:
-        async for prediction in client.stream(after=after, reconnects=None):
+        await wait_until_ready(client, link)
+        stream = client.stream(after=after, reconnects=None, on_event=link.on_stream_event)
+        async for prediction in stream:
             now = time.monotonic()
             stats.add(prediction, received_at=now, now_unix=time.time())
             done = bool(count) and stats.results >= count
@@ -205,12 +322,7 @@ def run(args: argparse.Namespace) -> int:
     from fmnist_client import FmnistError
 
     stats = ListenStats()
-    failure: FmnistError | None = None
-    print(
-        f"listening to {args.url} ({'until ' + str(args.count) + ' results' if args.count else 'Ctrl-C to stop'})",
-        file=sys.stderr,
-        flush=True,
-    )
+    failure: FmnistError | GaveUp | None = None
     try:
         asyncio.run(
             listen(
@@ -218,11 +330,12 @@ def run(args: argparse.Namespace) -> int:
                 args.api_key,
                 count=args.count,
                 after=args.after,
+                give_up_s=args.give_up_after,
                 stats=stats,
                 out=sys.stdout,
             )
         )
-    except FmnistError as error:
+    except (FmnistError, GaveUp) as error:
         failure = error
     if stats.results or failure is None:
         for line in stats.summary_lines():

@@ -90,3 +90,72 @@ def test_gateway_alone_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert process.wait(timeout=30) == 0, log.read_text()
     assert ready.status_code == 200
     assert refused.status_code == 415
+
+
+def test_version_flag_prints_the_package_version() -> None:
+    """`fmnist --version` prints the installed fmnist-service version and exits 0."""
+    import tomllib
+
+    expected = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--version"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"fmnist-service {expected}"
+
+
+def test_serve_batching_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fmnist serve --max-batch-size … --max-wait-ms …` win over FMNIST_* variables; unset flags
+    leave the environment's value."""
+    from app.cli import build_parser
+    from app.commands.gateway import settings_from_args
+    from app.commands.serve import batching_overrides
+
+    monkeypatch.setenv("FMNIST_MAX_BATCH_SIZE", "64")
+    monkeypatch.setenv("FMNIST_PREFERRED_BATCH_SIZE", "16")
+    args = build_parser().parse_args(
+        ["serve", "--max-batch-size", "8", "--max-wait-ms", "1.5", "--inference-concurrency", "2"]
+    )
+    settings = settings_from_args(args, **batching_overrides(args))
+    assert settings.max_batch_size == 8 and settings.max_wait_ms == 1.5
+    assert settings.inference_concurrency == 2
+    assert settings.preferred_batch_size == 16
+
+
+def test_serve_refuses_a_batching_flag_out_of_range(tmp_path: Path) -> None:
+    """`fmnist serve --max-batch-size 0` exits 2 naming the setting, before loading anything."""
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve", "--max-batch-size", "0"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "invalid setting" in result.stdout and "max_batch_size" in result.stdout
+
+
+def test_serve_batches_no_larger_than_its_flag(tmp_path: Path) -> None:
+    """`fmnist serve --max-batch-size 1 --preferred-batch-size 1`: a batch upload of 4 images is
+    classified one image per forward pass."""
+    from ml import ImageClassifier
+
+    checkpoint = tmp_path / "model.safetensors"
+    ImageClassifier(seed=3).save(checkpoint)
+    log = tmp_path / "serve.log"
+    flags = ["--max-batch-size", "1", "--preferred-batch-size", "1", "--max-wait-ms", "50"]
+    with fmnist("serve", "--port", "0", "--model", str(checkpoint), *flags, log=log) as (_, url):
+        image = png_bytes(fashion_like())
+        answer = httpx.post(
+            f"{url}/v1/predictions:batch?wait=20",
+            files=[("files", (f"{i}.png", image, "image/png")) for i in range(4)],
+            timeout=30,
+        )
+    assert answer.status_code == 200, answer.text
+    items = answer.json()["items"]
+    assert [item["status"] for item in items] == ["completed"] * 4
+    assert {item["batch_size"] for item in items} == {1}

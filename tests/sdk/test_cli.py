@@ -26,7 +26,7 @@ from app.commands.send_images import SendSummary, load_test_set, send_images
 from app.test_set import IDX_IMAGES_MAGIC, read_idx
 from tests.conftest import REPO_ROOT
 from tests.e2e.processes import free_port
-from tests.sdk.conftest import LiveServer
+from tests.sdk.conftest import LiveServer, sdk_settings, service_app
 from tests.sdk.serving import fmnist_serve, served_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
@@ -111,8 +111,10 @@ def test_listen_prints_the_final_figures_on_ctrl_c(service_url: str) -> None:
     listener = start_listen("--url", service_url)
     try:
         assert listener.stderr is not None
-        assert "listening to" in listener.stderr.readline()
-        time.sleep(0.5)  # let it connect: without --after it sees results from now on
+        assert "connecting to" in listener.stderr.readline()
+        # Without --after it sees results from now on: send once the stream is connected.
+        assert "connected to" in listener.stderr.readline()
+        time.sleep(0.2)
         with Client(service_url) as client:
             for name in ("ankle-boot", "trouser", "sneaker"):
                 client.predict(REPO_ROOT / "clients" / "python" / "examples" / f"{name}.png")
@@ -278,3 +280,33 @@ def test_commands_without_the_sdk_say_how_to_install_it(command: str) -> None:
         f"fmnist {command} needs the Python SDK: run `pip install ./clients/python`"
         in result.stderr
     )
+
+
+def test_listen_to_an_unreachable_url_says_so_and_gives_up() -> None:
+    """Nothing at --url: listen prints connecting, cannot connect, retrying in N s, never
+    "connected"/"listening", and exits 1 once --give-up-after has passed."""
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = fmnist("listen", "--url", url, "--give-up-after", "2")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"fmnist listen: connecting to {url} ..."
+    assert lines[1].startswith(f"fmnist listen: cannot connect to {url}: ")
+    assert re.fullmatch(r"fmnist listen: retrying in [\d.]+ s", lines[2]), lines
+    assert lines[-1].startswith(f"fmnist listen: gave up: no ready gateway at {url} within 2 s")
+    assert "connected" not in result.stderr and "listening" not in result.stderr
+    assert result.stdout == "" and elapsed < CLI_TIMEOUT_S / 2
+
+
+def test_listen_to_a_gateway_without_its_broker_says_it_is_not_ready() -> None:
+    """A gateway whose Kafka broker is unreachable: listen says the gateway is up but not ready,
+    with the broker's error, and exits 1 instead of listening to a stream that stays silent."""
+    settings = sdk_settings(
+        broker_url=f"kafka://127.0.0.1:{free_port()}", broker_connect_timeout_s=0.5
+    )
+    with LiveServer(service_app(settings, None)) as server:
+        result = fmnist("listen", "--url", server.url, "--give-up-after", "1")
+    assert result.returncode == 1, result.stderr
+    assert f"cannot connect to {server.url}: the gateway is up but not ready: " in result.stderr
+    assert "connected" not in result.stderr and result.stdout == ""

@@ -48,3 +48,18 @@ def test_package_is_typed() -> None:
     from importlib.resources import files
 
     assert files("fmnist_client").joinpath("py.typed").is_file()
+
+
+def test_sync_and_async_clients_offer_the_same_methods() -> None:
+    """`Client` and `AsyncClient` have the same public methods (stream and health included), but
+    for how they close."""
+
+    def methods(cls: type) -> set[str]:
+        return {
+            name for name in vars(cls) if not name.startswith("_") and callable(vars(cls)[name])
+        }
+
+    assert methods(fmnist_client.Client) - {"close"} == methods(fmnist_client.AsyncClient) - {
+        "aclose"
+    }
+    assert {"stream", "health", "predict_many"} <= methods(fmnist_client.Client)

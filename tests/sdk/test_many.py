@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import httpx
 import pytest
 from fmnist_client import AsyncClient, BadRequest, Client, FmnistError, Overloaded, Prediction
 
+from tests.conftest import REPO_ROOT
+from tests.sdk.conftest import ClientFactory, LiveServer
+
 PNG = b"\x89PNG\r\n\x1a\n..."
+EXAMPLES = REPO_ROOT / "clients" / "python" / "examples"
 
 
 def file_bodies(request: httpx.Request) -> list[bytes]:
@@ -115,3 +122,44 @@ def test_bad_sizes_are_refused(batch_size: int, concurrency: int) -> None:
     client = Client("http://fmnist.test", transport=httpx.MockTransport(BatchGateway()))
     with client, pytest.raises(ValueError, match=">= 1"):
         client.predict_many([PNG], batch_size=batch_size, concurrency=concurrency)
+
+
+def test_an_unreadable_file_takes_its_place_and_the_rest_are_classified(
+    live_server: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    """A missing file among real images comes back in place as BadRequest(unreadable_image) with
+    return_exceptions=True; the images around it, in the same batch, are classified."""
+    server = live_server()
+    missing = tmp_path / "no-such-image.png"
+    images = [EXAMPLES / "sneaker.png", missing, EXAMPLES / "trouser.png"]
+    with Client(server.url) as client:
+        outcomes = client.predict_many(images, batch_size=8, return_exceptions=True)
+    first, error, last = outcomes
+    assert isinstance(first, Prediction) and first.status == "completed"
+    assert isinstance(last, Prediction) and last.status == "completed"
+    assert isinstance(error, BadRequest) and error.code == "unreadable_image"
+    assert str(missing) in error.message and isinstance(error.__cause__, FileNotFoundError)
+
+
+async def test_async_predict_many_returns_an_unreadable_file_in_place(
+    asgi_client: ClientFactory, tmp_path: Path
+) -> None:
+    """The async client does the same: a missing file is its own error, the others are answered."""
+    async with asgi_client() as client:
+        outcomes = await client.predict_many(
+            [tmp_path / "gone.png", EXAMPLES / "sandal.png"], return_exceptions=True
+        )
+    assert isinstance(outcomes[0], BadRequest) and outcomes[0].code == "unreadable_image"
+    assert isinstance(outcomes[1], Prediction) and outcomes[1].status == "completed"
+
+
+def test_without_return_exceptions_an_unreadable_file_is_raised(
+    live_server: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    """return_exceptions=False raises the unreadable file's BadRequest (a FmnistError, one except)."""
+    server = live_server()
+    with (
+        Client(server.url) as client,
+        pytest.raises(BadRequest, match="image file not found"),
+    ):
+        client.predict_many([EXAMPLES / "sneaker.png", tmp_path / "gone.png"])

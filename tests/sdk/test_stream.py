@@ -1,4 +1,4 @@
-"""`AsyncClient.stream()` over a real websocket (uvicorn on a free port): filtering, resume after drops, refusal."""
+"""`AsyncClient.stream()` and `Client.stream()` over a real websocket (uvicorn on a free port): filtering, resume after drops, refusal."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from fmnist_client import AsyncClient, Prediction, Unauthorized
+from fmnist_client import (
+    AsyncClient,
+    Client,
+    Prediction,
+    StreamEvent,
+    Unauthorized,
+    Unavailable,
+)
 from fmnist_client._stream import ids_fit_in_url
 
+from tests.e2e.processes import free_port
 from tests.sdk.conftest import LiveServer, TcpProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -126,3 +134,69 @@ async def test_stream_with_more_ids_than_fit_a_url_subscribes_over_the_socket(
         async with asyncio.timeout(30):
             received = [result.request_id async for result in client.stream(ids=ids)]
     assert sorted(received) == sorted(ids)
+
+
+def test_sync_stream_with_ids_yields_each_once_then_ends(
+    live_server: Callable[..., LiveServer],
+) -> None:
+    """Client.stream(ids=…) (sync) yields every listed result once, finished ones included, then stops."""
+    server = live_server()
+    with Client(server.url) as client:
+        first = client.submit(image(30))
+        first.result()  # finished before the stream opens: must still be delivered
+        later = [client.submit(image(seed)) for seed in (31, 32)]
+        ids = {first.request_id, *(handle.request_id for handle in later)}
+        received = list(client.stream(ids=ids))
+    assert sorted(r.request_id for r in received) == sorted(ids)
+    assert all(r.status == "completed" and r.cursor is not None for r in received)
+
+
+async def test_sync_stream_reconnects_and_resumes_after_a_dropped_connection(
+    live_server: Callable[..., LiveServer],
+) -> None:
+    """The sync stream, cut mid-way, resumes after its cursor: the result finished while it was
+    down arrives, nothing twice (the proxy runs on this loop, the sync stream in a thread)."""
+    server = live_server()
+    async with (
+        TcpProxy(server.port) as proxy,
+        AsyncClient(server.url) as direct,
+    ):
+        with Client(proxy.url, backoff=0.05) as via_proxy:
+            results = via_proxy.stream(after=0)
+            async with asyncio.timeout(30):
+                before = await direct.submit(image(40))
+                received = [await asyncio.to_thread(next, results)]
+                proxy.accepting = False
+                proxy.cut()
+                during = await direct.submit(image(41))
+                await during.result()
+                proxy.accepting = True
+                received.append(await asyncio.to_thread(next, results))
+            results.close()
+    assert [r.request_id for r in received] == [before.request_id, during.request_id]
+
+
+def test_sync_stream_with_a_wrong_key_is_refused_not_retried(
+    live_server: Callable[..., LiveServer],
+) -> None:
+    """With auth on, a wrong key makes the sync stream raise Unauthorized at once."""
+    server = live_server(api_keys="right")
+    with Client(server.url, api_key="wrong") as client, pytest.raises(Unauthorized):
+        next(client.stream())
+
+
+def test_stream_reports_each_connection_change_then_gives_up() -> None:
+    """Against a port nobody listens on, on_event sees connecting, lost, retrying (with the delay)
+    for each attempt, then stream() raises Unavailable once `reconnects` is spent."""
+    events: list[StreamEvent] = []
+    url = f"http://127.0.0.1:{free_port()}"
+    with (
+        Client(url, backoff=0.01) as client,
+        pytest.raises(Unavailable, match="not re-established after 1 attempts"),
+    ):
+        next(client.stream(reconnects=1, on_event=events.append))
+    assert [e.state for e in events] == ["connecting", "lost", "retrying", "connecting", "lost"]
+    retrying = events[2]
+    assert retrying.delay_s is not None and retrying.attempt == 1
+    assert retrying.reason is not None and "ConnectionRefusedError" in retrying.reason
+    assert all(e.url == url.replace("http", "ws") + "/v1/predictions/stream" for e in events)

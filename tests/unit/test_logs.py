@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 
-from app.logs import RedactSecrets, kv
+from app.logs import KeyValueFormatter, RedactSecrets, configure_logging, kv
 
 
 def test_kv_quotes_values_with_spaces() -> None:
@@ -30,3 +32,65 @@ def test_api_key_in_a_uvicorn_line_is_redacted() -> None:
     message = record.getMessage()
     assert "sekret" not in message
     assert "api_key=***" in message and "after=3" in message
+
+
+def _formatted(record: logging.LogRecord) -> dict[str, str]:
+    """A record through our formatter, parsed as shell-style key=value tokens."""
+    line = KeyValueFormatter().format(record)
+    assert "\n" not in line
+    tokens = shlex.split(line)
+    assert all("=" in token for token in tokens), line
+    return dict(token.split("=", 1) for token in tokens)
+
+
+def test_a_third_party_record_becomes_a_key_value_line() -> None:
+    """aiokafka's prose comes out as `event=aiokafka msg="..."` next to the level and logger."""
+    record = logging.LogRecord(
+        "aiokafka.conn",
+        logging.ERROR,
+        __file__,
+        1,
+        "Unable connect to node with id %s: %s",
+        (1, "[Errno 111] Connect call failed ('127.0.0.1', 9092)"),
+        None,
+    )
+    fields = _formatted(record)
+    assert fields["event"] == "aiokafka" and fields["level"] == "ERROR"
+    assert fields["logger"] == "aiokafka.conn"
+    assert fields["msg"] == (
+        "Unable connect to node with id 1: [Errno 111] Connect call failed ('127.0.0.1', 9092)"
+    )
+    assert "T" in fields["ts"]
+
+
+def test_our_kv_records_keep_their_fields() -> None:
+    """A `kv(...)` message is not wrapped again: its event and fields stay top-level."""
+    record = logging.LogRecord(
+        "app.worker", logging.INFO, __file__, 1, kv("batch", size=32, note="a b"), None, None
+    )
+    fields = _formatted(record)
+    assert fields["event"] == "batch" and fields["size"] == "32" and fields["note"] == "a b"
+    assert "msg" not in fields
+
+
+def test_a_traceback_stays_on_the_events_line() -> None:
+    """An exception's traceback rides along as one escaped `traceback=` field, not extra lines."""
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord(
+            "uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application\n", None,
+            sys.exc_info(),
+        )  # fmt: skip
+    fields = _formatted(record)
+    assert fields["event"] == "uvicorn"
+    assert "ValueError: boom" in fields["traceback"] and "\\n" in fields["traceback"]
+
+
+def test_configure_logging_renders_with_the_key_value_formatter() -> None:
+    """The handler configure_logging installs uses KeyValueFormatter (and still redacts)."""
+    configure_logging("INFO")
+    handlers = [h for h in logging.getLogger().handlers if getattr(h, "_fmnist", False)]
+    assert len(handlers) == 1
+    assert isinstance(handlers[0].formatter, KeyValueFormatter)
+    assert any(isinstance(f, RedactSecrets) for f in handlers[0].filters)

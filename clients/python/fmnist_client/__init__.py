@@ -8,6 +8,7 @@ with Client("http://127.0.0.1:8000") as client:
 """
 
 from ._async_client import AsyncClient, AsyncPredictionHandle
+from ._base import Health
 from ._client import Client, PredictionHandle, ProgressCallback
 from ._exceptions import (
     BadRequest,
@@ -21,6 +22,7 @@ from ._exceptions import (
 )
 from ._images import ImageInput
 from ._models import ErrorDetail, Prediction, Status
+from ._stream import StreamEvent, StreamEventCallback, StreamState
 from ._version import __version__
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "Client",
     "ErrorDetail",
     "FmnistError",
+    "Health",
     "ImageInput",
     "NotFound",
     "Overloaded",
@@ -38,6 +41,9 @@ __all__ = [
     "PredictionHandle",
     "ProgressCallback",
     "Status",
+    "StreamEvent",
+    "StreamEventCallback",
+    "StreamState",
     "Timeout",
     "Unauthorized",
     "Unavailable",

@@ -24,18 +24,24 @@ from ._base import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
+    HEALTHZ_PATH,
+    READYZ_PATH,
     ClientConfig,
+    Health,
     ProgressTracker,
     batch_outcomes,
     build_batch_request,
     build_submit_request,
     check_many_arguments,
     chunks,
+    fill_in,
+    health_from_responses,
     in_order_or_raise,
     is_finished,
     poll_delays,
     prediction_from_response,
     prediction_path,
+    read_images,
     result_timeout,
     retry_delay,
     transport_error,
@@ -44,7 +50,7 @@ from ._client import ProgressCallback
 from ._exceptions import FmnistError
 from ._images import ImageInput
 from ._models import Prediction
-from ._stream import stream_predictions
+from ._stream import StreamEventCallback, StreamSession, stream_predictions
 
 logger = logging.getLogger("fmnist_client")
 
@@ -68,7 +74,7 @@ class AsyncPredictionHandle:
 
 
 class AsyncClient:
-    """Asyncio client for fmnist-service; same API as `Client`, awaitable, plus `stream()`.
+    """Asyncio client for fmnist-service; same API as `Client`, awaitable.
 
     >>> async with AsyncClient() as client:  # doctest: +SKIP
     ...     handle = await client.submit("shirt.png")
@@ -214,15 +220,20 @@ class AsyncClient:
             return outcome
 
         async def run_chunk(chunk: Sequence[ImageInput]) -> list[Prediction | FmnistError]:
-            async with slots:
-                request = build_batch_request(
-                    self._http, chunk, wait=min(wait, self._config.longest_hold_s)
-                )
-                try:
-                    outcomes = batch_outcomes(await self._send(request), len(chunk))
-                except FmnistError as error:
-                    outcomes = [error] * len(chunk)
+            read = read_images(chunk)
+            payloads = [item for item in read if not isinstance(item, FmnistError)]
+            answers: list[Prediction | FmnistError] = []
+            if payloads:
+                async with slots:
+                    request = build_batch_request(
+                        self._http, payloads, wait=min(wait, self._config.longest_hold_s)
+                    )
+                    try:
+                        answers = batch_outcomes(await self._send(request), len(payloads))
+                    except FmnistError as error:
+                        answers = [error] * len(payloads)
             # Polling stragglers happens outside the slot: the next batch is already on its way.
+            outcomes = fill_in(read, answers)
             return list(await asyncio.gather(*(settle(outcome) for outcome in outcomes)))
 
         results = await asyncio.gather(*(run_chunk(chunk) for chunk in chunks(todo, batch_size)))
@@ -235,6 +246,7 @@ class AsyncClient:
         *,
         after: int | None = None,
         reconnects: int | None = 10,
+        on_event: StreamEventCallback | None = None,
     ) -> AsyncGenerator[Prediction, None]:
         """Results as they complete, over the websocket.
 
@@ -242,16 +254,30 @@ class AsyncClient:
         that cursor on), until you stop iterating. With `ids`: only those, ending once each has
         arrived (including ones already finished). A dropped connection is re-opened and resumed
         after the last cursor; `reconnects` bounds consecutive failed attempts (None: unbounded).
+        `on_event` is called with a `StreamEvent` at each change of the connection (connecting,
+        connected, lost, retrying), e.g. to show it.
         """
         return stream_predictions(
-            self.base_url,
+            StreamSession(
+                self.base_url,
+                ids=ids,
+                after=after,
+                reconnects=reconnects,
+                retry_policy=self.retry_policy,
+                on_event=on_event,
+            ),
             api_key=self._config.api_key,
-            ids=ids,
-            after=after,
-            reconnects=reconnects,
-            retry_policy=self.retry_policy,
             open_timeout=self._config.timeout.connect or 10.0,
         )
+
+    async def health(self) -> Health:
+        """The gateway's liveness and readiness (see `Client.health`)."""
+        try:
+            live = await self._http.get(HEALTHZ_PATH)
+            ready = await self._http.get(READYZ_PATH)
+        except httpx.TransportError as error:
+            raise transport_error(error, self.base_url) from error
+        return health_from_responses(live, ready)
 
     # --- internals (mirror Client's; the two differ only in awaiting) ----------------------
 

@@ -25,7 +25,7 @@ from ._exceptions import (
     Unavailable,
     error_from_response,
 )
-from ._images import ImageInput, encode_image
+from ._images import ImageInput, ImagePayload, encode_image
 from ._models import Prediction
 from ._version import __version__
 
@@ -191,11 +191,36 @@ def build_submit_request(
     )
 
 
+def read_images(images: Sequence[ImageInput]) -> list[ImagePayload | FmnistError]:
+    """Each image encoded for upload, or, in its place, a `BadRequest` saying why it could not be
+    read (missing file, unreadable file, unsupported object), so one bad item spoils no batch."""
+    read: list[ImagePayload | FmnistError] = []
+    for image in images:
+        try:
+            read.append(encode_image(image))
+        except (OSError, TypeError, ValueError) as error:
+            unreadable = BadRequest(f"cannot read this image: {error}", code="unreadable_image")
+            unreadable.__cause__ = error
+            read.append(unreadable)
+    return read
+
+
+def fill_in(
+    read: Sequence[ImagePayload | FmnistError], answers: Sequence[Prediction | FmnistError]
+) -> list[Prediction | FmnistError]:
+    """The outcome of every image of `read`, in order: its read error, or the next of `answers`
+    (one per readable image, in order)."""
+    pending = iter(answers)
+    return [item if isinstance(item, FmnistError) else next(pending) for item in read]
+
+
 def build_batch_request(
-    client: httpx.Client | httpx.AsyncClient, images: Sequence[ImageInput], *, wait: float | None
+    client: httpx.Client | httpx.AsyncClient,
+    payloads: Sequence[ImagePayload],
+    *,
+    wait: float | None,
 ) -> httpx.Request:
     """The `POST /v1/predictions:batch` request: one multipart `files` field per image, in order."""
-    payloads = [encode_image(image) for image in images]
     files = [("files", (p.filename, p.content, p.content_type)) for p in payloads]
     params = {"wait": _format_seconds(wait)} if wait else {}
     # The gateway keys each image as "<key>#<index>": a retried batch is not classified twice.
@@ -333,6 +358,41 @@ def poll_delays(first: float = 0.02, factor: float = 1.5, cap: float = 0.5) -> I
     while True:
         yield delay
         delay = min(cap, delay * factor)
+
+
+@dataclass(frozen=True)
+class Health:
+    """The gateway's liveness (`/healthz`) and readiness (`/readyz`).
+
+    `live`: the gateway answers HTTP. `ready`: it can take work now (broker reachable, results
+    consumer running); when not, `reason` says why, e.g. the broker error. `gateway_id` names the
+    instance that answered.
+    """
+
+    live: bool
+    ready: bool
+    reason: str | None = None
+    gateway_id: str | None = None
+
+
+HEALTHZ_PATH = "/healthz"
+READYZ_PATH = "/readyz"
+
+
+def health_from_responses(live: httpx.Response, ready: httpx.Response) -> Health:
+    """`Health` from the answers of `/healthz` and `/readyz` (503 from `/readyz` means not ready)."""
+    body = parse_json(ready)
+    body = body if isinstance(body, dict) else {}
+    is_ready = ready.status_code == 200
+    reason = None
+    if not is_ready:
+        reason = str(body.get("broker") or f"/readyz answered HTTP {ready.status_code}")
+    return Health(
+        live=live.status_code == 200,
+        ready=is_ready,
+        reason=reason,
+        gateway_id=body.get("gateway_id"),
+    )
 
 
 def result_timeout(request_id: str, timeout: float) -> Timeout:

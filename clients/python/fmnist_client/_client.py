@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -16,18 +16,24 @@ from ._base import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
+    HEALTHZ_PATH,
+    READYZ_PATH,
     ClientConfig,
+    Health,
     ProgressTracker,
     batch_outcomes,
     build_batch_request,
     build_submit_request,
     check_many_arguments,
     chunks,
+    fill_in,
+    health_from_responses,
     in_order_or_raise,
     is_finished,
     poll_delays,
     prediction_from_response,
     prediction_path,
+    read_images,
     result_timeout,
     retry_delay,
     transport_error,
@@ -35,6 +41,7 @@ from ._base import (
 from ._exceptions import FmnistError
 from ._images import ImageInput
 from ._models import Prediction
+from ._stream import StreamEventCallback, StreamSession, stream_predictions_sync
 
 logger = logging.getLogger("fmnist_client")
 
@@ -198,7 +205,8 @@ class Client:
         Images go `batch_size` per `POST /v1/predictions:batch`, `concurrency` such requests at a
         time (threads), so thousands of images cost a few dozen requests. `wait` bounds the whole
         call. A bad image does not stop the others: with `return_exceptions=True` its `FmnistError`
-        takes its place, otherwise the first error is raised once all are done.
+        takes its place (a file that cannot be read: `BadRequest` with code `unreadable_image`),
+        otherwise the first error is raised once all are done.
         """
         check_many_arguments(batch_size, concurrency)
         todo = list(images)
@@ -206,15 +214,19 @@ class Client:
         tracker = ProgressTracker(len(todo), progress)
 
         def run_chunk(chunk: Sequence[ImageInput]) -> list[Prediction | FmnistError]:
-            request = build_batch_request(
-                self._http, chunk, wait=min(wait, self._config.longest_hold_s)
-            )
-            try:
-                outcomes = batch_outcomes(self._send(request), len(chunk))
-            except FmnistError as error:
-                outcomes = [error] * len(chunk)
+            read = read_images(chunk)
+            payloads = [item for item in read if not isinstance(item, FmnistError)]
+            answers: list[Prediction | FmnistError] = []
+            if payloads:
+                request = build_batch_request(
+                    self._http, payloads, wait=min(wait, self._config.longest_hold_s)
+                )
+                try:
+                    answers = batch_outcomes(self._send(request), len(payloads))
+                except FmnistError as error:
+                    answers = [error] * len(payloads)
             settled: list[Prediction | FmnistError] = []
-            for outcome in outcomes:
+            for outcome in fill_in(read, answers):
                 if isinstance(outcome, Prediction):
                     try:
                         outcome = self._finish(outcome, deadline, wait)
@@ -228,6 +240,39 @@ class Client:
         with ThreadPoolExecutor(max_workers=min(concurrency, max(1, len(batches)))) as pool:
             outcomes = [outcome for chunk in pool.map(run_chunk, batches) for outcome in chunk]
         return in_order_or_raise(outcomes, return_exceptions=return_exceptions)
+
+    def stream(
+        self,
+        ids: Collection[str] | None = None,
+        *,
+        after: int | None = None,
+        reconnects: int | None = 10,
+        on_event: StreamEventCallback | None = None,
+    ) -> Generator[Prediction, None, None]:
+        """Results as they complete, over the websocket (see `AsyncClient.stream`); a generator:
+        `close()` it, or leave the `for` loop, to hang up."""
+        return stream_predictions_sync(
+            StreamSession(
+                self.base_url,
+                ids=ids,
+                after=after,
+                reconnects=reconnects,
+                retry_policy=self.retry_policy,
+                on_event=on_event,
+            ),
+            api_key=self._config.api_key,
+            open_timeout=self._config.timeout.connect or 10.0,
+        )
+
+    def health(self) -> Health:
+        """The gateway's liveness and readiness (`/healthz`, `/readyz`), asked once, no retries;
+        raises `Unavailable` when it cannot be reached."""
+        try:
+            live = self._http.get(HEALTHZ_PATH)
+            ready = self._http.get(READYZ_PATH)
+        except httpx.TransportError as error:
+            raise transport_error(error, self.base_url) from error
+        return health_from_responses(live, ready)
 
     # --- internals -------------------------------------------------------------------------
 

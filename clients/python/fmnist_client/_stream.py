@@ -1,16 +1,19 @@
-"""The result stream: `WS /v1/predictions/stream` as an async iterator that reconnects and resumes."""
+"""The result stream: `WS /v1/predictions/stream` as an iterator (async or sync) that reconnects and resumes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, Collection
-from typing import Any
+import time
+from collections.abc import AsyncGenerator, Callable, Collection, Generator
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.sync.client import connect as connect_sync
 
 from ._base import RetryPolicy, auth_headers
 from ._exceptions import FmnistError, Unavailable, error_from_response
@@ -47,84 +50,206 @@ def ids_fit_in_url(ids: Collection[str]) -> bool:
     return sum(len(request_id) + 1 for request_id in ids) <= MAX_IDS_IN_URL_CHARS
 
 
-async def stream_predictions(
-    base_url: str,
-    *,
-    api_key: str | None,
-    ids: Collection[str] | None,
-    after: int | None,
-    reconnects: int | None,
-    retry_policy: RetryPolicy,
-    open_timeout: float,
-) -> AsyncGenerator[Prediction, None]:
-    """Yield results as they arrive; on a dropped connection, reconnect and resume after the
-    last cursor seen. With `ids`, end once each of them has been yielded.
+StreamState = Literal["connecting", "connected", "lost", "retrying"]
 
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A change in the result stream's connection, for `stream(on_event=...)`.
+
+    `state` is "connecting" (opening the websocket), "connected", "lost" (a connection attempt
+    failed or an open connection dropped; `reason` says why) or "retrying" (`delay_s` before the
+    next attempt, `attempt` counting consecutive failures from 1).
+    """
+
+    state: StreamState
+    url: str
+    reason: str | None = None
+    delay_s: float | None = None
+    attempt: int = 0
+
+
+StreamEventCallback = Callable[[StreamEvent], None]
+
+# What a connection attempt or an open connection may raise that is worth judging in `lost()`.
+STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidHandshake,
+    ConnectionClosed,
+    OSError,
+    TimeoutError,
+)
+
+
+class StreamSession:
+    """The result stream's state across reconnections, without I/O.
+
+    The async and the sync loop each open sockets and sleep; this decides everything else: the URL
+    to open (filter and resume cursor), the `subscribe` messages to send once connected, what each
+    message means, and after a failure whether to raise or how long to wait.
     `reconnects` bounds consecutive failed attempts (None: keep trying forever); a connection
     that delivered something resets the count.
     """
-    remaining = set(ids) if ids is not None else None
-    if remaining is not None and not remaining:
-        return
-    cursor = after
-    failures = 0
-    while True:
-        url = stream_url(base_url, ids=remaining, after=cursor)
-        try:
-            async with connect(
-                url, additional_headers=auth_headers(api_key), open_timeout=open_timeout
-            ) as websocket:
-                logger.debug("event=stream_connected url=%s", url.split("?")[0])
-                if remaining and not ids_fit_in_url(remaining):
-                    pending = sorted(remaining)
-                    for start in range(0, len(pending), SUBSCRIBE_CHUNK):
-                        chunk = pending[start : start + SUBSCRIBE_CHUNK]
-                        await websocket.send(json.dumps({"type": "subscribe", "ids": chunk}))
-                async for raw in websocket:
-                    message = _decode(raw)
-                    kind = message.get("type")
-                    if kind == "error":
-                        raise _stream_error(message)
-                    if kind != "result":
-                        continue
-                    failures = 0
-                    prediction = Prediction.from_json(message)
-                    if prediction.cursor is not None:
-                        cursor = prediction.cursor
-                    if remaining is not None:
-                        if prediction.request_id not in remaining:
-                            continue
-                        remaining.discard(prediction.request_id)
-                    yield prediction
-                    if remaining is not None and not remaining:
-                        return
-            reason = "closed by server"
-        except InvalidStatus as error:
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ids: Collection[str] | None,
+        after: int | None,
+        reconnects: int | None,
+        retry_policy: RetryPolicy,
+        on_event: StreamEventCallback | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.remaining = set(ids) if ids is not None else None
+        self.cursor = after
+        self.failures = 0
+        self.reconnects = reconnects
+        self.retry_policy = retry_policy
+        self._on_event = on_event
+
+    @property
+    def finished(self) -> bool:
+        """True once every requested id has been yielded (never, without `ids`)."""
+        return self.remaining is not None and not self.remaining
+
+    @property
+    def endpoint(self) -> str:
+        """The websocket URL without its query, for messages."""
+        return stream_url(self.base_url, ids=None, after=None)
+
+    def connecting(self) -> str:
+        """Note the attempt; the URL to open now."""
+        self._emit(StreamEvent("connecting", self.endpoint, attempt=self.failures))
+        return stream_url(self.base_url, ids=self.remaining, after=self.cursor)
+
+    def connected(self) -> list[str]:
+        """Note the connection; the `subscribe` messages to send before reading."""
+        logger.debug("event=stream_connected url=%s", self.endpoint)
+        self._emit(StreamEvent("connected", self.endpoint))
+        if not self.remaining or ids_fit_in_url(self.remaining):
+            return []
+        pending = sorted(self.remaining)
+        return [
+            json.dumps({"type": "subscribe", "ids": pending[start : start + SUBSCRIBE_CHUNK]})
+            for start in range(0, len(pending), SUBSCRIBE_CHUNK)
+        ]
+
+    def received(self, raw: str | bytes) -> Prediction | None:
+        """The prediction to yield for one message, or None for one to skip; raises the
+        gateway's error messages."""
+        message = _decode(raw)
+        kind = message.get("type")
+        if kind == "error":
+            raise _stream_error(message)
+        if kind != "result":
+            return None
+        self.failures = 0
+        prediction = Prediction.from_json(message)
+        if prediction.cursor is not None:
+            self.cursor = prediction.cursor
+        if self.remaining is not None:
+            if prediction.request_id not in self.remaining:
+                return None
+            self.remaining.discard(prediction.request_id)
+        return prediction
+
+    def lost(self, error: BaseException | None) -> float:
+        """Judge a failed attempt or a dropped connection (`error` None: the server closed it);
+        raise when retrying cannot help or the attempts are spent, else the seconds to wait."""
+        reason = self._reason(error)
+        self._emit(StreamEvent("lost", self.endpoint, reason=reason, attempt=self.failures + 1))
+        if self.reconnects is not None and self.failures >= self.reconnects:
+            raise Unavailable(
+                f"result stream at {self.endpoint} lost and not re-established after "
+                f"{self.failures} attempts ({reason}); is the gateway running?",
+                code="stream_unavailable",
+            )
+        delay = self.retry_policy.delay(min(self.failures, 8), None)
+        logger.info(
+            "event=stream_reconnect reason=%r after=%s delay_s=%.3f", reason, self.cursor, delay
+        )
+        self.failures += 1
+        self._emit(
+            StreamEvent(
+                "retrying", self.endpoint, reason=reason, delay_s=delay, attempt=self.failures
+            )
+        )
+        return delay
+
+    def _reason(self, error: BaseException | None) -> str:
+        if error is None:
+            return "closed by server"
+        if isinstance(error, InvalidStatus):
             status = error.response.status_code
             if status not in _RETRY_HANDSHAKE_STATUSES:
                 raise error_from_response(status, _json_or_none(error.response.body)) from error
-            reason = f"HTTP {status}"
-        except ConnectionClosed as error:
+            return f"HTTP {status}"
+        if isinstance(error, ConnectionClosed):
             close = error.rcvd
             if close is not None and close.code == CLOSE_POLICY_VIOLATION:
                 # The gateway refused the stream itself (bad key, bad `ids`): retrying cannot help.
                 raise _refusal(close.reason) from error
             if close is not None and close.code == CLOSE_TRY_AGAIN_LATER:
                 # We fell behind and the gateway shed us; resuming from the cursor loses nothing.
-                failures = 0
-            reason = f"connection closed ({close.code if close else 'no close frame'})"
-        except (InvalidHandshake, OSError, TimeoutError) as error:
-            reason = f"{type(error).__name__}: {error}"
-        if reconnects is not None and failures >= reconnects:
-            raise Unavailable(
-                f"result stream at {url.split('?')[0]} lost and not re-established after "
-                f"{failures} attempts ({reason}); is the gateway running?",
-                code="stream_unavailable",
-            )
-        delay = retry_policy.delay(min(failures, 8), None)
-        logger.info("event=stream_reconnect reason=%r after=%s delay_s=%.3f", reason, cursor, delay)
-        failures += 1
-        await asyncio.sleep(delay)
+                self.failures = 0
+            return f"connection closed ({close.code if close else 'no close frame'})"
+        return f"{type(error).__name__}: {error}"
+
+    def _emit(self, event: StreamEvent) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+
+async def stream_predictions(
+    session: StreamSession, *, api_key: str | None, open_timeout: float
+) -> AsyncGenerator[Prediction, None]:
+    """Yield results as they arrive; on a dropped connection, reconnect and resume after the
+    last cursor seen. With `ids`, end once each of them has been yielded."""
+    while not session.finished:
+        error: BaseException | None = None
+        try:
+            async with connect(
+                session.connecting(),
+                additional_headers=auth_headers(api_key),
+                open_timeout=open_timeout,
+            ) as websocket:
+                for subscribe in session.connected():
+                    await websocket.send(subscribe)
+                async for raw in websocket:
+                    prediction = session.received(raw)
+                    if prediction is not None:
+                        yield prediction
+                        if session.finished:
+                            return
+        except STREAM_ERRORS as failure:
+            error = failure
+        await asyncio.sleep(session.lost(error))
+
+
+def stream_predictions_sync(
+    session: StreamSession, *, api_key: str | None, open_timeout: float
+) -> Generator[Prediction, None, None]:
+    """`stream_predictions` on the websockets sync client, for `Client.stream()`."""
+    while not session.finished:
+        error: BaseException | None = None
+        try:
+            with connect_sync(
+                session.connecting(),
+                additional_headers=auth_headers(api_key),
+                open_timeout=open_timeout,
+            ) as websocket:
+                for subscribe in session.connected():
+                    websocket.send(subscribe)
+                for raw in websocket:
+                    prediction = session.received(raw)
+                    if prediction is not None:
+                        yield prediction
+                        if session.finished:
+                            return
+        except STREAM_ERRORS as failure:
+            error = failure
+        time.sleep(session.lost(error))
 
 
 def _decode(raw: str | bytes) -> dict[str, Any]:
