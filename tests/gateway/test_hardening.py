@@ -469,13 +469,11 @@ async def test_healthz_answers_while_many_pixel_uploads_are_decoded() -> None:
             asyncio.create_task(client.post("/v1/predictions", content=body, headers=PNG))
             for body in [sliver] * 4 + [heavy] * 4
         ]
-        latencies: list[float] = []
         while not all(upload.done() for upload in uploads):  # probe while they are handled
             started = time.monotonic()
             health = await client.get("/healthz")
-            latencies.append(time.monotonic() - started)
-            assert health.status_code == 200
+            latency = time.monotonic() - started
+            assert health.status_code == 200 and latency < 1.0, f"/healthz took {latency:.2f} s"
             await asyncio.sleep(0.01)
         answers = await asyncio.gather(*uploads)
-    assert latencies and max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
     assert [answer.status_code for answer in answers] == [422] * 4 + [202] * 4
