@@ -137,6 +137,14 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest decoded image, width × height (decompression-bomb guard).",
     )
+    max_image_aspect_ratio: float = Field(
+        64.0,
+        ge=1,
+        description="Largest ratio of an image's long side to its short side (422 above), checked from "
+        "the header before decoding: fitted into the model's input such an image is a line, and "
+        "resizing it costs time out of proportion to its upload size. Raise it only for models whose "
+        "input is itself that elongated.",
+    )
     max_batch_upload_bytes: int = Field(
         64 * 1024 * 1024, ge=1, description="Largest `POST /v1/predictions:batch` body (413 above)."
     )

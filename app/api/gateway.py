@@ -89,6 +89,7 @@ class Gateway:
             width=width,
             max_upload_bytes=settings.max_upload_bytes,
             max_pixels=settings.max_image_pixels,
+            max_aspect_ratio=settings.max_image_aspect_ratio,
             auto_invert=settings.auto_invert,
         )
         self.shape_attr = encode_shape(self.policy.shape)

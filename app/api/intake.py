@@ -13,14 +13,18 @@ from anyio import to_thread
 from fastapi import Request
 
 from app.errors import ApiError
-from app.images import ImagePolicy, decode_image
+from app.images import ImageHeader, ImagePolicy, decode_pixels, read_header
 
 MAX_METADATA_BYTES = 1024
 MAX_IDEMPOTENCY_KEY_CHARS = 255
-# Big images are decoded on a worker thread: Pillow releases the GIL while decoding, and the event
-# loop keeps serving. Small images (the hot path) stay on the loop: a thread hop would cost more.
+# Costly decodes run on a worker thread: Pillow releases the GIL while decoding and resizing, and the
+# event loop keeps serving. Cheap ones (the hot path: model-sized images) stay on the loop, where a
+# thread hop would cost more than the decode. The cost follows the pixel count in the header (a few
+# bytes of PNG can hold millions of pixels) and, for formats that decode in passes, the byte count.
 _THREAD_DECODE_IMAGE_BYTES = 64 * 1024
 _THREAD_DECODE_TOTAL_BYTES = 1024 * 1024
+_THREAD_DECODE_IMAGE_PIXELS = 128 * 128
+_THREAD_DECODE_TOTAL_PIXELS = 256 * 32 * 32  # a full batch of model-sized images stays inline
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +61,9 @@ def _body_too_large(size: int, limit: int, setting: str, *, streamed: bool = Fal
 
 
 _BOUNDARY = re.compile(r';\s*boundary=(?:"([^"]{1,200})"|([^";\s]{1,200}))', re.IGNORECASE)
-_FIELD_NAME = re.compile(rb';\s*name=(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
+# One `; key=value` parameter of Content-Disposition, read in order from the previous one, so that a
+# quoted value (a filename holding "; name=x") is consumed whole and never read as a parameter.
+_PARAMETER = re.compile(rb'\s*;\s*([^\s=;"]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;"]*))\s*')
 _MAX_PART_HEADER_BYTES = 4096
 _MAX_OTHER_FIELDS = 32
 
@@ -126,12 +132,25 @@ def _part_headers(block: bytes) -> tuple[bytes | None, str | None]:
             continue
         key = key.strip().lower()
         if key == b"content-disposition":
-            found = _FIELD_NAME.search(value)
-            if found is not None:
-                name = found.group(1) if found.group(1) is not None else found.group(2)
+            name = _disposition_name(value)
         elif key == b"content-type":
             content_type = value.strip().decode("latin-1")
     return name, content_type
+
+
+def _disposition_name(value: bytes) -> bytes | None:
+    """The `name` parameter of a Content-Disposition value (`form-data; name="file"; filename="a.png"`)."""
+    position = value.find(b";")
+    name: bytes | None = None
+    while position != -1 and value[position:].strip(b" \t;"):
+        parameter = _PARAMETER.match(value, position)
+        if parameter is None:
+            raise _bad_multipart("a part's Content-Disposition parameters are malformed")
+        if parameter.group(1).lower() == b"name":
+            quoted = parameter.group(2)
+            name = re.sub(rb"\\(.)", rb"\1", quoted) if quoted is not None else parameter.group(3)
+        position = parameter.end()
+    return name
 
 
 def _bad_multipart(reason: str) -> ApiError:
@@ -175,17 +194,23 @@ def parse_metadata(raw: str | None) -> dict[str, str] | None:
 
 
 def check_metadata(value: Any) -> dict[str, str]:
+    """Metadata from the header or a websocket submit: a JSON object of strings, ≤ 1 KiB as UTF-8; else 422."""
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ApiError(
             422,
             "invalid_metadata",
             'metadata must be a JSON object of strings, e.g. {"label": "3"}',
         )
-    # Measured as compact JSON, as the header and the SDK send it.
-    if (
-        len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
-        > MAX_METADATA_BYTES
-    ):
+    try:
+        # Measured as compact JSON, as the header and the SDK send it.
+        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800": JSON allows it, UTF-8 does not
+        raise ApiError(
+            422,
+            "invalid_metadata",
+            "metadata must be valid Unicode text: a lone surrogate escape (\\ud800-\\udfff) is not",
+        ) from None
+    if len(encoded) > MAX_METADATA_BYTES:
         raise ApiError(
             422, "invalid_metadata", f"metadata is over the limit of {MAX_METADATA_BYTES} bytes"
         )
@@ -205,6 +230,14 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
+def batch_item_key(key: str, index: int) -> str:
+    """The idempotency key of item `index` of a batch sent with `key`.
+
+    A control character keeps it apart from every key a single request can send (printable ASCII).
+    """
+    return f"{key}\x1fbatch\x1f{index}"
+
+
 def fingerprint(data: bytes, metadata: dict[str, str] | None) -> str:
     """What makes two submits "the same request" for idempotency: the bytes and the metadata."""
     digest = hashlib.blake2b(data, digest_size=16)
@@ -214,18 +247,49 @@ def fingerprint(data: bytes, metadata: dict[str, str] | None) -> str:
 
 
 async def decode_uploads(uploads: Sequence[Upload], policy: ImagePolicy) -> list[bytes | ApiError]:
-    """Decode each upload to the model's input, or the error refusing it (per item, in order)."""
+    """Decode each upload to the model's input, or the error refusing it (per item, in order).
 
-    def decode_all() -> list[bytes | ApiError]:
-        decoded: list[bytes | ApiError] = []
-        for upload in uploads:
-            try:
-                decoded.append(decode_image(upload.data, upload.content_type, policy))
-            except ApiError as exc:
-                decoded.append(exc)
-        return decoded
-
+    Headers are read first (on the loop, unless the bytes alone say the work is big): they refuse
+    what the limits forbid and tell what decoding the rest will cost, which decides the thread.
+    """
     sizes = [len(upload.data) for upload in uploads]
     if max(sizes) > _THREAD_DECODE_IMAGE_BYTES or sum(sizes) > _THREAD_DECODE_TOTAL_BYTES:
-        return await to_thread.run_sync(decode_all)
-    return decode_all()
+        return await to_thread.run_sync(_read_and_decode, uploads, policy)
+    headers = [_header_or_error(upload, policy) for upload in uploads]
+    if decodes_on_a_thread(headers):
+        return await to_thread.run_sync(_decode_all, headers, policy)
+    return _decode_all(headers, policy)
+
+
+def decodes_on_a_thread(headers: Sequence[ImageHeader | ApiError]) -> bool:
+    """Whether decoding these (already read) headers costs more than a thread hop: by pixel count."""
+    pixels = [header.pixels for header in headers if isinstance(header, ImageHeader)]
+    return bool(pixels) and (
+        max(pixels) > _THREAD_DECODE_IMAGE_PIXELS or sum(pixels) > _THREAD_DECODE_TOTAL_PIXELS
+    )
+
+
+def _header_or_error(upload: Upload, policy: ImagePolicy) -> ImageHeader | ApiError:
+    try:
+        return read_header(upload.data, upload.content_type, policy)
+    except ApiError as exc:
+        return exc
+
+
+def _decode_all(
+    headers: Sequence[ImageHeader | ApiError], policy: ImagePolicy
+) -> list[bytes | ApiError]:
+    decoded: list[bytes | ApiError] = []
+    for header in headers:
+        if isinstance(header, ApiError):
+            decoded.append(header)
+            continue
+        try:
+            decoded.append(decode_pixels(header, policy))
+        except ApiError as exc:
+            decoded.append(exc)
+    return decoded
+
+
+def _read_and_decode(uploads: Sequence[Upload], policy: ImagePolicy) -> list[bytes | ApiError]:
+    return _decode_all([_header_or_error(upload, policy) for upload in uploads], policy)

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Path, Request, Response
 from app.api.gateway import Accepted, Gateway
 from app.api.intake import (
     Upload,
+    batch_item_key,
     check_idempotency_key,
     decode_uploads,
     fingerprint,
@@ -22,7 +23,13 @@ from app.api.intake import (
 from app.api.models import BatchResponse, PredictionResponse, pending_body, result_body
 from app.deps import GatewayDep, OwnerDep, caller_of
 from app.errors import ApiError, error_responses
-from app.images import NPY_TYPES, SUPPORTED_IMAGE_TYPES, decode_array_batch, media_type
+from app.images import (
+    NPY_TYPES,
+    SUPPORTED_IMAGE_TYPES,
+    decode_array,
+    decode_array_batch,
+    media_type,
+)
 
 router = APIRouter(prefix="/v1", tags=["predictions"])
 
@@ -167,8 +174,7 @@ async def _read_single_image(request: Request, gateway: Gateway) -> tuple[bytes,
     if kind == "multipart/form-data":
         (upload,) = parse_multipart_files(content_type or "", body, "file", max_files=1)
     elif kind in NPY_TYPES:
-        (payload,) = decode_array_batch(body, gateway.policy, max_images=1)
-        return body, payload
+        return body, decode_array(body, gateway.policy)
     else:
         upload = Upload(body, content_type)
     (decoded,) = await decode_uploads([upload], gateway.policy)
@@ -257,7 +263,7 @@ async def create_predictions_batch(request: Request) -> Response:
             (index, item) for index, item in enumerate(decoded) if not isinstance(item, ApiError)
         ]
         claims: list[tuple[str, str] | None] | None = (
-            [(f"{key}#{index}", fingerprint(raws[index], meta)) for index, _ in good]
+            [(batch_item_key(key, index), fingerprint(raws[index], meta)) for index, _ in good]
             if key is not None
             else None
         )

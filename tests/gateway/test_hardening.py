@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 
 import numpy as np
 import pytest
 from PIL import Image
+from websockets.asyncio.client import connect
 
 import messaging
 from app.settings import Settings
 from messaging import BrokerUnavailable, PubSub
-from tests.gateway.helpers import encode, fashion_like, gateway_settings, png_bytes, running_gateway
+from tests.gateway.helpers import (
+    encode,
+    fashion_like,
+    gateway_settings,
+    png_bytes,
+    running_gateway,
+    serving,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -377,3 +387,93 @@ async def test_an_undocumented_publish_failure_is_503_for_every_image_of_a_batch
     assert_error(single, 503, "broker_unavailable")
     assert batch.status_code == 503, batch.text
     assert in_flight == 0
+
+
+# --- hostile uploads ------------------------------------------------------------------------
+
+
+async def test_lone_surrogate_in_metadata_header_is_422() -> None:
+    """`{"a":"\\ud800"}` parses to a string UTF-8 cannot encode: 422, not a 500."""
+    async with running_gateway(gateway_settings()) as (_, client):
+        response = await client.post(
+            "/v1/predictions",
+            content=png_bytes(fashion_like()),
+            headers={**PNG, "X-Fmnist-Metadata": '{"a":"\\ud800"}'},
+        )
+    assert_error(response, 422, "invalid_metadata")
+
+
+async def test_lone_surrogate_in_websocket_metadata_is_an_error_frame() -> None:
+    """A websocket submit whose metadata holds a lone surrogate gets an error; the socket stays open."""
+    submit = {
+        "type": "submit",
+        "image": base64.b64encode(png_bytes(fashion_like())).decode(),
+        "metadata": {"a": "\ud800"},
+        "client_ref": "s",
+    }
+    async with (
+        serving(gateway_settings()) as (_, base),
+        connect(f"ws://{base}/v1/predictions/stream") as socket,
+    ):
+        await socket.send(json.dumps(submit))  # ASCII JSON: the surrogate travels as \ud800
+        refused = json.loads(await asyncio.wait_for(socket.recv(), 5))
+        await socket.send(json.dumps({"type": "dance"}))
+        still_open = json.loads(await asyncio.wait_for(socket.recv(), 5))
+    assert refused["error"]["code"] == "invalid_metadata" and refused["client_ref"] == "s"
+    assert still_open["error"]["code"] == "invalid_message"
+
+
+async def test_field_name_inside_a_quoted_filename_is_not_the_field_name() -> None:
+    """`filename="x; name=file; .txt"` does not make a part the `file` field: only the real one counts."""
+    boundary = "b0undary"
+    decoy = (
+        f"--{boundary}\r\n"
+        'Content-Disposition: form-data; filename="x; name=file; .txt"; name="note"\r\n\r\n'
+        "not an image\r\n"
+    ).encode()
+    real = (
+        f"--{boundary}\r\n"
+        'Content-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode() + png_bytes(fashion_like())
+    body = decoy + real + f"\r\n--{boundary}--\r\n".encode()
+    async with running_gateway(gateway_settings()) as (_, client):
+        response = await client.post(
+            "/v1/predictions",
+            content=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+    assert response.status_code == 202, response.text
+
+
+async def test_extreme_aspect_ratio_upload_is_422() -> None:
+    """A 1×4096 PNG (a few dozen bytes) is refused, naming FMNIST_MAX_IMAGE_ASPECT_RATIO."""
+    async with running_gateway(gateway_settings()) as (_, client):
+        response = await client.post(
+            "/v1/predictions", content=encode(Image.new("L", (1, 4096)), "PNG"), headers=PNG
+        )
+    error = assert_error(response, 422, "unsupported_aspect_ratio")
+    assert "FMNIST_MAX_IMAGE_ASPECT_RATIO" in str(error["message"])
+
+
+@pytest.mark.timeout(90)
+async def test_healthz_answers_while_many_pixel_uploads_are_decoded() -> None:
+    """Small files with many pixels (1×16,777,216 and 4096×4096) never hold /healthz past 1 s."""
+    photo = Image.new("RGB", (4096, 4096), (250, 250, 250))
+    photo.paste((10, 20, 30), (1000, 500, 3000, 3500))  # a dark object: inverted, trimmed, fitted
+    heavy = encode(photo, "PNG")
+    sliver = encode(Image.new("L", (1, 16_777_216)), "PNG")
+    assert len(heavy) < 64 * 1024 and len(sliver) < 64 * 1024
+    async with running_gateway(gateway_settings()) as (_, client):
+        uploads = [
+            asyncio.create_task(client.post("/v1/predictions", content=body, headers=PNG))
+            for body in [sliver] * 4 + [heavy] * 4
+        ]
+        while not all(upload.done() for upload in uploads):  # probe while they are handled
+            started = time.monotonic()
+            health = await client.get("/healthz")
+            latency = time.monotonic() - started
+            assert health.status_code == 200 and latency < 1.0, f"/healthz took {latency:.2f} s"
+            await asyncio.sleep(0.01)
+        answers = await asyncio.gather(*uploads)
+    assert [answer.status_code for answer in answers] == [422] * 4 + [202] * 4

@@ -11,7 +11,14 @@ from PIL import Image
 
 from app import images as images_module
 from app.errors import ApiError
-from app.images import ImagePolicy, decode_array_batch, decode_image, sniff_format
+from app.images import (
+    ImagePolicy,
+    decode_array,
+    decode_array_batch,
+    decode_image,
+    read_header,
+    sniff_format,
+)
 from tests.gateway.helpers import encode, fashion_like, npy_bytes
 
 POLICY = ImagePolicy()
@@ -185,3 +192,72 @@ def test_npy_header_promising_more_data_than_sent_is_refused_without_allocating(
     with pytest.raises(ApiError) as refused:
         decode_array_batch(header, POLICY, max_images=10**10)
     assert refused.value.code == "invalid_array"
+
+
+def test_npy_of_one_hxw_image_is_accepted_as_a_single_upload() -> None:
+    """The single-image route's documented H×W array gives that one model input."""
+    pixels = fashion_like(5)
+    assert decode_array(npy_bytes(pixels), POLICY) == pixels.tobytes()
+
+
+def test_npy_of_several_images_is_refused_as_a_single_upload() -> None:
+    """An N×H×W array with N > 1 is not one image: 422 naming the batch route."""
+    with pytest.raises(ApiError) as refused:
+        decode_array(npy_bytes(np.zeros((2, 28, 28), np.uint8)), POLICY)
+    assert refused.value.status == 422 and ":batch" in refused.value.message
+
+
+def test_npy_of_an_unknown_format_version_is_refused() -> None:
+    """A `.npy` header claiming format version 9.9 is 422, naming the versions read."""
+    data = bytearray(npy_bytes(np.zeros((1, 28, 28), np.uint8)))
+    data[6:8] = bytes([9, 9])  # the major and minor version bytes after the magic string
+    with pytest.raises(ApiError) as refused:
+        decode_array_batch(bytes(data), POLICY, max_images=8)
+    assert refused.value.code == "invalid_array" and "9.9" in refused.value.message
+
+
+def test_fortran_ordered_npy_says_so() -> None:
+    """A Fortran-ordered uint8 array is refused for its order, not its dtype."""
+    array = np.asfortranarray(np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(ApiError) as refused:
+        decode_array_batch(npy_bytes(array), POLICY, max_images=8)
+    assert "Fortran" in refused.value.message and "got uint8" not in refused.value.message
+
+
+@pytest.mark.parametrize("size", [(1, 65), (65, 1), (2, 200)], ids=["tall", "wide", "2x200"])
+def test_extreme_aspect_ratio_is_422_naming_the_setting(size: tuple[int, int]) -> None:
+    """An image whose long side is over FMNIST_MAX_IMAGE_ASPECT_RATIO times its short side is refused."""
+    with pytest.raises(ApiError) as refused:
+        decode_image(encode(Image.new("L", size), "PNG"), "image/png", POLICY)
+    assert refused.value.status == 422 and refused.value.code == "unsupported_aspect_ratio"
+    assert "FMNIST_MAX_IMAGE_ASPECT_RATIO" in refused.value.message
+
+
+def test_aspect_ratio_at_the_limit_is_accepted() -> None:
+    """An image exactly FMNIST_MAX_IMAGE_ASPECT_RATIO times longer than wide is decoded."""
+    policy = ImagePolicy(max_aspect_ratio=64)
+    assert len(decode_image(encode(Image.new("L", (1, 64)), "PNG"), "image/png", policy)) == 784
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_extreme_aspect_ratio_is_refused_in_every_format(image_format: str) -> None:
+    """The aspect-ratio limit applies to each accepted format."""
+    image = encode(Image.new("RGB", (4000, 4)), image_format)
+    with pytest.raises(ApiError) as refused:
+        decode_image(image, None, POLICY)
+    assert refused.value.code == "unsupported_aspect_ratio"
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "BMP"])
+def test_extreme_aspect_ratio_is_refused_from_the_header(image_format: str) -> None:
+    """The refusal needs only the header: the file cut off after it is refused the same way."""
+    whole = encode(Image.new("RGB", (4, 4000)), image_format)
+    with pytest.raises(ApiError) as refused:
+        decode_image(whole[:64], None, POLICY)
+    assert refused.value.code == "unsupported_aspect_ratio"
+
+
+def test_header_reports_the_size_without_decoding() -> None:
+    """`read_header` gives width and height of a PNG whose pixel data is missing."""
+    header = read_header(encode(Image.new("RGB", (300, 200)), "PNG")[:40], None, POLICY)
+    assert (header.width, header.height, header.pixels) == (300, 200, 60_000)
