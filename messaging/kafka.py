@@ -688,6 +688,10 @@ class KafkaPubSub(PubSub):
         if producer is None:  # the link broke again meanwhile
             raise BrokerUnavailable(f"the link to {self.url} broke; retry once it is back")
         try:
+            if producer.client.cluster.partitions_for_topic(topic) is None:
+                # send() would wait for the topic's metadata up to request_timeout_ms, and for
+                # ever once the link broke and this producer was retired.
+                await asyncio.wait_for(producer.partitions_for(topic), self.connect_timeout)
             delivery = await producer.send(
                 topic,
                 data,
@@ -702,7 +706,7 @@ class KafkaPubSub(PubSub):
                 f"a message of {len(data)} bytes does not fit Kafka's limit on {self.url}: raise "
                 f"?max_message_bytes= (now {self.options.max_message_bytes}) in the broker URL, and the broker's message.max.bytes"
             ) from exc
-        except KafkaError as exc:
+        except (KafkaError, TimeoutError) as exc:
             raise BrokerUnavailable(
                 f"publishing to {topic!r} on {self.url} failed: {exc!r}"
             ) from exc
