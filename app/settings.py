@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     kafka_partitions: int = Field(
         4, ge=1, description="Partitions for topics the service creates on Kafka."
     )
+    publish_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest wait for the broker to accept a submitted image before the gateway answers "
+        "503 + Retry-After (during a broker outage). Raise it for a slow remote broker; never a late 202.",
+    )
 
     # --- model and batching -----------------------------------------------------------------
     model_path: Path = Field(

@@ -112,6 +112,12 @@ class Subscription(AsyncIterator[Message]):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def healthy(self) -> bool:
+        """False while the backend knows this subscription cannot receive (e.g. its consumer group is
+        rejoining a broker that came back); readiness checks read it."""
+        return True
+
     async def start(self) -> None:
         """Join the group (idempotent). Iterating calls it for you."""
         if self._started or self._closed:
@@ -235,6 +241,12 @@ class PubSub(ABC):
 
     @property
     def connected(self) -> bool:
+        return self._state == "connected"
+
+    @property
+    def link_up(self) -> bool:
+        """False while a connected backend is recovering its link (reconnecting, re-creating topics);
+        publishes then wait for it or fail with `BrokerUnavailable`."""
         return self._state == "connected"
 
     # --- lifecycle ------------------------------------------------------------------------

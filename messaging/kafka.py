@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ try:
         TopicPartition,
     )
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.conn import CloseReason
     from aiokafka.errors import (
         CommitFailedError,
         IllegalStateError,
@@ -56,6 +58,50 @@ except ImportError as missing:  # pragma: no cover - exercised by a test that hi
 logger = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
+_RECOVERY_MAX_BACKOFF_S = 1.0
+# aiokafka logs an ERROR per retry (every 100 ms per client) while a broker is away: let one line
+# of each kind through per window, and say how many were held back.
+_CLIENT_LOG_WINDOW_S = 30.0
+
+
+class _RepeatedLineFilter(logging.Filter):
+    """Lets the first record of each (logger, message template) through once per window."""
+
+    def __init__(self, window_s: float) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        first, held = self._seen.get(key, (-self.window_s, 0))
+        if now - first < self.window_s:
+            self._seen[key] = (first, held + 1)
+            return False
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = (
+                f"{record.msg} ({held} similar lines held back in the last {self.window_s:g} s)"
+            )
+        return True
+
+
+_client_log_filter: _RepeatedLineFilter | None = None
+
+
+def quiet_client_logs(window_s: float = _CLIENT_LOG_WINDOW_S) -> None:
+    """Rate-limit aiokafka's repeated WARNING/ERROR lines (idempotent; called when connecting)."""
+    global _client_log_filter
+    if _client_log_filter is None:
+        _client_log_filter = _RepeatedLineFilter(window_s)
+    names = [name for name in logging.root.manager.loggerDict if name.startswith("aiokafka")]
+    for name in ["aiokafka", *names]:
+        client_logger = logging.getLogger(name)
+        if _client_log_filter not in client_logger.filters:
+            client_logger.addFilter(_client_log_filter)
 
 
 @dataclass(frozen=True)
@@ -121,7 +167,7 @@ def _bootstrap(url: BrokerURL) -> list[str]:
 class _PartitionAcks:
     """Delivered offsets of one assigned partition, to find the contiguous acked prefix to commit."""
 
-    __slots__ = ("acked", "committable", "outstanding", "revoked", "tp")
+    __slots__ = ("acked", "committable", "outstanding", "revoked", "stale", "tp")
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
@@ -129,6 +175,9 @@ class _PartitionAcks:
         self.acked: set[int] = set()
         self.committable: int | None = None  # next offset to commit
         self.revoked = False
+        # Fetched before the link to the broker broke: its offsets may name records of a log that
+        # was wiped, so they are never committed; its messages still get handled (and nacks retried).
+        self.stale = False
 
     def ack(self, offset: int) -> bool:
         """Record an ack; True if the committable position moved."""
@@ -200,6 +249,12 @@ class KafkaSubscription(Subscription):
         self._to_commit: set[_PartitionAcks] = set()
         self._commit_task: asyncio.Task[None] | None = None
         self._assigned = asyncio.Event()
+        self._rejoining = False  # the link broke; healthy again once the group assigned us anew
+        self._fetch_failing = False
+
+    @property
+    def healthy(self) -> bool:
+        return not self._closed and not self._rejoining
 
     async def _open(self) -> None:
         pubsub, options = self._kafka, self._kafka.options
@@ -220,6 +275,7 @@ class KafkaSubscription(Subscription):
             request_timeout_ms=options.request_timeout_ms,
         )
         self._consumer = consumer
+        pubsub._watch(consumer._client)
         try:
             await asyncio.wait_for(consumer.start(), pubsub.connect_timeout)
         except (KafkaError, OSError, TimeoutError) as exc:
@@ -254,6 +310,7 @@ class KafkaSubscription(Subscription):
             self._partitions[tp] = _PartitionAcks(tp)
         if assigned:
             self._assigned.set()
+        self._rejoining = False
         logger.info(
             "event=kafka_assigned topic=%s group=%s partitions=%s",
             self.topic,
@@ -262,7 +319,9 @@ class KafkaSubscription(Subscription):
         )
 
     async def _partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        lost = [self._partitions.pop(tp) for tp in revoked if tp in self._partitions]
+        gone = [self._partitions.pop(tp) for tp in revoked if tp in self._partitions]
+        # A stale partition's messages stay queued here: the log that held them may be gone.
+        lost = [partition for partition in gone if not partition.stale]
         for partition in lost:
             partition.revoked = True
         if lost:
@@ -282,18 +341,23 @@ class KafkaSubscription(Subscription):
             try:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=room)
             except KafkaError as exc:
-                logger.warning(
-                    "event=kafka_fetch_failed topic=%s group=%s error=%r",
-                    self.topic,
-                    self.group,
-                    exc,
-                )
+                if not self._fetch_failing:  # one line per outage, not one per retry
+                    logger.warning(
+                        "event=kafka_fetch_failed topic=%s group=%s error=%r",
+                        self.topic,
+                        self.group,
+                        exc,
+                    )
+                self._fetch_failing = True
                 await asyncio.sleep(0.5)
                 continue
+            self._fetch_failing = False
             for tp, records in batches.items():
                 partition = self._partitions.get(tp)
                 if partition is None:
                     continue  # revoked meanwhile: its new owner reads these records
+                if partition.stale:
+                    partition = self._partitions[tp] = _PartitionAcks(tp)
                 for record in records:
                     partition.outstanding.append(record.offset)
                     self._ready.append(
@@ -356,7 +420,7 @@ class KafkaSubscription(Subscription):
                 self._ready.appendleft(message)
             self._wake_receiver()
             return
-        if not partition.revoked and partition.ack(message.offset):
+        if not partition.revoked and not partition.stale and partition.ack(message.offset):
             self._to_commit.add(partition)
             if self._commit_task is None or self._commit_task.done():
                 self._commit_task = asyncio.create_task(self._commit_acked())
@@ -371,7 +435,7 @@ class KafkaSubscription(Subscription):
                 {
                     p.tp: p.committable
                     for p in partitions
-                    if not p.revoked and p.committable is not None
+                    if not p.revoked and not p.stale and p.committable is not None
                 }
             )
 
@@ -379,12 +443,28 @@ class KafkaSubscription(Subscription):
         if not offsets or self._consumer is None:
             return
         try:
-            await self._consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            # aiokafka retries a commit for a topic the broker no longer has without end: bound it.
+            await asyncio.wait_for(self._consumer.commit(offsets), self._kafka.connect_timeout)
+        except (CommitFailedError, IllegalStateError, KafkaError, TimeoutError) as exc:
             # The group moved on (rebalance): the new owner re-reads from the last commit; at-least-once.
             logger.warning(
                 "event=kafka_commit_failed topic=%s group=%s error=%r", self.topic, self.group, exc
             )
+
+    def _link_broken(self) -> None:
+        """The connection to the broker broke: what was fetched so far must not be committed."""
+        for partition in self._partitions.values():
+            partition.stale = True
+        self._rejoining = True
+
+    def _link_restored(self) -> None:
+        """The broker answers again with our topics in place: join the group anew (a broker that
+        lost its memory no longer knows this member), so that partitions are assigned afresh."""
+        consumer = self._consumer
+        if consumer is None or self._closed:
+            return
+        consumer.unsubscribe()
+        consumer.subscribe([self.topic], listener=_RebalanceHook(self))
 
     async def _shutdown(self) -> None:
         self._wake_receiver()
@@ -429,10 +509,20 @@ class KafkaPubSub(PubSub):
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._replication_factor = 1
+        # Every topic this client created or checked: re-created when the broker comes back without them.
+        self._wanted_topics: set[str] = set()
+        self._link_ready = asyncio.Event()
+        self._recovery: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._link_lost_at = 0.0
 
-    async def _connect(self) -> None:
+    @property
+    def link_up(self) -> bool:
+        return self.connected and self._link_ready.is_set()
+
+    def _new_producer(self) -> AIOKafkaProducer:
         options = self.options
-        self._producer = AIOKafkaProducer(
+        producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
             client_id=options.client_id,
             acks="all",
@@ -442,11 +532,108 @@ class KafkaPubSub(PubSub):
             max_request_size=options.max_message_bytes,
             request_timeout_ms=options.request_timeout_ms,
         )
+        self._watch(producer.client)
+        return producer
+
+    def _watch(self, client: Any) -> None:
+        """Hear of every broken connection of an aiokafka client (before it connects anywhere)."""
+        closed: Callable[[Any, Any], None] = client._on_connection_closed
+
+        def on_connection_closed(conn: Any, reason: Any) -> None:
+            closed(conn, reason)
+            if reason not in (CloseReason.SHUTDOWN, CloseReason.IDLE_DROP):
+                self._link_broken(reason)
+
+        client._on_connection_closed = on_connection_closed
+
+    def _link_broken(self, reason: object) -> None:
+        """A connection broke: the broker may come back empty (a restart of an in-memory broker, a
+        replaced cluster), so nothing may be published until our topics are checked on it again.
+
+        The producer is replaced: the old one would retry its unacknowledged records into whatever
+        answers next, where an emptied broker acknowledges records for a topic it does not have and
+        loses them. Its pending publishes fail (`BrokerUnavailable`) instead.
+        """
+        if self._state != "connected":
+            return
+        if self._link_ready.is_set():
+            self._link_lost_at = time.monotonic()
+            logger.warning(
+                "event=kafka_link_lost broker=%s reason=%s",
+                self.url,
+                getattr(reason, "name", reason),
+            )
+        self._link_ready.clear()
+        self._known_topics.clear()
+        for subscription in self._subscriptions:
+            if isinstance(subscription, KafkaSubscription):
+                subscription._link_broken()
+        old, self._producer = self._producer, None
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(_retire_producer(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(
+                self._recover(), name=f"kafka-recover-{self.url}"
+            )
+
+    async def _recover(self) -> None:
+        """Until the broker answers: re-create the topics it lost, start a fresh producer, rejoin the
+        groups. Logs once when the broker is unreachable, once per re-creation, once when back."""
+        backoff = 0.1
+        unreachable = False
+        while self._state == "connected":
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    created = await self._create_topics(sorted(self._wanted_topics))
+                    if self._producer is None:
+                        producer = self._new_producer()
+                        try:
+                            await producer.start()
+                        except BaseException:
+                            await _retire_producer(producer)
+                            raise
+                        self._producer = producer
+            except (KafkaError, OSError, TimeoutError, MessagingError) as exc:
+                if not unreachable:
+                    unreachable = True
+                    logger.warning(
+                        "event=kafka_broker_down broker=%s error=%r retry=until_reachable",
+                        self.url,
+                        exc,
+                    )
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, _RECOVERY_MAX_BACKOFF_S)
+                continue
+            if created:
+                logger.warning(
+                    "event=kafka_topics_recreated broker=%s topics=%s reason=%s",
+                    self.url,
+                    ",".join(created),
+                    "the broker came back without them",
+                )
+            for subscription in list(self._subscriptions):
+                if isinstance(subscription, KafkaSubscription):
+                    subscription._link_restored()
+            self._link_ready.set()
+            logger.warning(
+                "event=kafka_link_restored broker=%s down_s=%.1f",
+                self.url,
+                time.monotonic() - self._link_lost_at,
+            )
+            return
+
+    async def _connect(self) -> None:
+        options = self.options
+        quiet_client_logs()
+        self._producer = self._new_producer()
         self._admin = AIOKafkaAdminClient(
             bootstrap_servers=self.bootstrap,
             client_id=options.client_id,
             request_timeout_ms=options.request_timeout_ms,
         )
+        self._watch(self._admin._client)
         try:
             await self._admin.start()
             cluster = await self._admin.describe_cluster()
@@ -469,8 +656,15 @@ class KafkaPubSub(PubSub):
             raise BrokerUnavailable(
                 f"could not start a Kafka producer on {self.url}: {exc!r}"
             ) from exc
+        self._link_ready.set()
 
     async def _close(self) -> None:
+        self._link_ready.clear()
+        for task in (self._recovery, *self._retiring):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
@@ -481,11 +675,23 @@ class KafkaPubSub(PubSub):
     async def _publish(
         self, topic: str, data: bytes, key: str | None, attributes: Mapping[str, str] | None
     ) -> None:
+        if not self._link_ready.is_set():
+            try:
+                await asyncio.wait_for(self._link_ready.wait(), self.connect_timeout)
+            except TimeoutError:
+                raise BrokerUnavailable(
+                    f"the link to {self.url} is down (reconnecting) after {self.connect_timeout:g} s"
+                ) from None
         if topic not in self._known_topics:
             await self._ensure_topic_once(topic)
         producer = self._producer
-        assert producer is not None
+        if producer is None:  # the link broke again meanwhile
+            raise BrokerUnavailable(f"the link to {self.url} broke; retry once it is back")
         try:
+            if producer.client.cluster.partitions_for_topic(topic) is None:
+                # send() would wait for the topic's metadata up to request_timeout_ms, and for
+                # ever once the link broke and this producer was retired.
+                await asyncio.wait_for(producer.partitions_for(topic), self.connect_timeout)
             delivery = await producer.send(
                 topic,
                 data,
@@ -500,7 +706,7 @@ class KafkaPubSub(PubSub):
                 f"a message of {len(data)} bytes does not fit Kafka's limit on {self.url}: raise "
                 f"?max_message_bytes= (now {self.options.max_message_bytes}) in the broker URL, and the broker's message.max.bytes"
             ) from exc
-        except KafkaError as exc:
+        except (KafkaError, TimeoutError) as exc:
             raise BrokerUnavailable(
                 f"publishing to {topic!r} on {self.url} failed: {exc!r}"
             ) from exc
@@ -511,9 +717,12 @@ class KafkaPubSub(PubSub):
         return KafkaSubscription(self, topic, group=group, start=start, max_in_flight=max_in_flight)
 
     async def _ensure_topics(self, topics: tuple[str, ...]) -> None:
-        missing = [t for t in topics if t not in self._known_topics]
+        await self._create_topics([t for t in topics if t not in self._known_topics])
+
+    async def _create_topics(self, missing: list[str]) -> list[str]:
+        """Create `missing` where absent; the names this call created (not those that existed)."""
         if not missing:
-            return
+            return []
         admin = self._admin
         assert admin is not None
         new_topics = [
@@ -531,14 +740,44 @@ class KafkaPubSub(PubSub):
             raise BrokerUnavailable(
                 f"could not create topics {missing} on {self.url}: {exc!r}"
             ) from exc
+        created = []
         for name, code, message in (tuple(error)[:3] for error in response.topic_errors):
             if code not in (0, _TOPIC_ALREADY_EXISTS):
                 raise MessagingError(
                     f"Kafka at {self.url} refused to create topic {name!r}: error {code} {message}"
                 )
+            if code == 0:
+                created.append(name)
         self._known_topics.update(missing)
+        self._wanted_topics.update(missing)
+        return created
 
     async def _ping(self) -> None:
         admin = self._admin
         assert admin is not None
         await admin.describe_cluster()
+
+
+async def _retire_producer(producer: AIOKafkaProducer) -> None:
+    """Stop `producer` without letting it deliver what it still holds: its pending sends fail."""
+    # aiokafka's stop() first flushes, which would retry into a broker that may have lost the topic;
+    # so this reaches into the producer (aiokafka 0.14) and fails its batches itself.
+    with contextlib.suppress(Exception):
+        producer._closed = True
+        sender = producer._sender
+        if sender is not None and sender.sender_task is not None:
+            await sender.close()
+        accumulator = producer._message_accumulator
+        batches = [*accumulator._pending_batches]
+        for queued in accumulator._batches.values():
+            batches.extend(queued)
+        error = KafkaConnectionError(
+            "the connection to the broker broke before the record was acknowledged"
+        )
+        for batch in batches:
+            batch.failure(error)
+            # Mark them seen: a publish that gave up waiting must not leave a warning behind.
+            for future in (batch.future, batch._drain_waiter, *(f for f, _ in batch._msg_futures)):
+                if future.done() and not future.cancelled():
+                    future.exception()
+        await producer.client.close()

@@ -13,8 +13,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from app.auth import ApiKeys
 from app.broker import connect_broker
@@ -95,6 +96,7 @@ class Gateway:
         self.shape_attr = encode_shape(self.policy.shape)
         self._factory = pubsub_factory or connect_broker
         self._pubsub: PubSub | None = None
+        self._results: Subscription | None = None
         self._broker_reachable = False
         self._consuming = False
         self._last_broker_error = "not connected yet"
@@ -107,12 +109,30 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Broker reachable and results consumer running: the gateway can accept work."""
-        return self._pubsub is not None and self._consuming and self._broker_reachable
+        """Broker reachable, its link up (topics in place) and the results consumer receiving."""
+        pubsub, results = self._pubsub, self._results
+        return (
+            pubsub is not None
+            and self._consuming
+            and self._broker_reachable
+            and pubsub.link_up
+            and results is not None
+            and results.healthy
+        )
 
     @property
     def broker_status(self) -> str:
-        return "ok" if self.ready else self._last_broker_error
+        if self.ready:
+            return "ok"
+        pubsub, results = self._pubsub, self._results
+        if pubsub is not None and self._broker_reachable and self._consuming:
+            if not pubsub.link_up:
+                return (
+                    f"broker {self.broker_url}: link recovering (reconnecting, re-creating topics)"
+                )
+            if results is not None and not results.healthy:
+                return f"broker {self.broker_url}: results consumer rejoining its group"
+        return self._last_broker_error
 
     async def start(self, wait_s: float) -> None:
         """Start the broker link in the background; wait up to `wait_s` for the first attempt to end.
@@ -180,6 +200,7 @@ class Gateway:
                 continue
             backoff = 0.2
             self._pubsub = pubsub
+            self._results = subscription
             self._broker_reachable = True
             self._consuming = True
             self.metrics.broker_up.set(1)
@@ -196,6 +217,7 @@ class Gateway:
             finally:
                 self._consuming = False
                 self._pubsub = None
+                self._results = None
                 self.metrics.broker_up.set(0)
                 monitor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -261,7 +283,7 @@ class Gateway:
             raise ApiError(
                 503,
                 "broker_unavailable",
-                f"{self._last_broker_error}; the gateway reconnects by itself, retry later",
+                f"{self.broker_status}; the gateway reconnects by itself, retry later",
                 headers={"Retry-After": str(RETRY_AFTER_BROKER_S)},
             )
         return pubsub
@@ -362,8 +384,7 @@ class Gateway:
                 else:
                     results.append(None)
         else:
-            # Concurrently: the broker batches them and one slow ack does not serialise the rest.
-            results = await asyncio.gather(*sends, return_exceptions=True)
+            results = await self._publish_within_timeout(sends)
         failures = 0
         for (index, request_id, _, claim), outcome in zip(fresh, results, strict=True):
             if isinstance(outcome, BaseException):
@@ -383,6 +404,24 @@ class Gateway:
             )
         self.metrics.record_accepted(len(fresh) - failures)
         return outcomes
+
+    async def _publish_within_timeout(self, sends: list[Coroutine[Any, Any, None]]) -> list[object]:
+        """Run the publishes concurrently (the broker batches them and one slow ack does not
+        serialise the rest); those not accepted within `publish_timeout_s` fail with TimeoutError,
+        so that a client waits a bounded time for its 503 and never gets a late 202."""
+        tasks = [asyncio.ensure_future(send) for send in sends]
+        _, pending = await asyncio.wait(tasks, timeout=self.settings.publish_timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        timeout = TimeoutError(
+            f"not accepted within {self.settings.publish_timeout_s:g} s (FMNIST_PUBLISH_TIMEOUT_S)"
+        )
+        return [
+            timeout if task in pending or task.cancelled() else (task.exception() or None)
+            for task in tasks
+        ]
 
     def _publish_error(self, exc: BaseException, request_id: str) -> ApiError:
         if isinstance(exc, BacklogFull):
