@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -11,11 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
 from tests.browser.harness import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     TROUSERS,
     Server,
     draw_strokes,
@@ -24,7 +21,7 @@ from tests.browser.harness import (
     start_server,
     stop_server,
 )
-from tests.conftest import REPO_ROOT, missing_service
+from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.data]
 
@@ -57,17 +54,6 @@ def open_server(
     server = start_server(log_dir, shipped_checkpoint, empty, api_key=None)
     yield server
     stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
-    if not os.access(CHROMIUM, os.X_OK):
-        missing_service(f"{CHROMIUM} not found; run `apt-get install chromium`")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @dataclass
