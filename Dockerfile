@@ -16,6 +16,7 @@ ARG TORCH_VERSION=2.14.1
 FROM ${PYTHON_IMAGE} AS builder
 
 ARG TORCH_VERSION
+# The CPU-only build (no CUDA libraries); the same index as `make run TORCH_VARIANT=cpu`.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Broker backends every image carries, so one image serves memory://, kafka:// and gcp:// URLs.
 ARG EXTRAS=kafka,gcp
@@ -72,6 +73,8 @@ COPY README.md ./
 COPY app/ app/
 COPY ml/ ml/
 COPY messaging/ messaging/
+# ml/shipped/ links to the checkpoint and its card here; the wheel carries them as package data.
+COPY models/ models/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/app .
 
 # ---------------------------------------------------------------------------------------------------

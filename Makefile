@@ -5,6 +5,15 @@ BIN := $(VENV)/bin
 # PyTorch is installed first and pinned here: on the reference machine this release is on disk,
 # and pinning it stops pip from choosing a newer multi-GB download. pyproject.toml keeps a range.
 TORCH_SPEC ?= torch==2.14.1
+# TORCH_VARIANT=cpu takes torch from PyTorch's CPU-only wheel index instead of PyPI, whose Linux
+# build brings the CUDA libraries along; the model runs on CPU either way (README, "Install").
+TORCH_VARIANT ?=
+TORCH_CPU_INDEX_URL := https://download.pytorch.org/whl/cpu
+ifeq ($(TORCH_VARIANT),cpu)
+TORCH_PIP_ARGS := --index-url $(TORCH_CPU_INDEX_URL)
+else ifneq ($(TORCH_VARIANT),)
+$(error TORCH_VARIANT=$(TORCH_VARIANT) is not a torch variant: leave it empty (PyPI's build) or set TORCH_VARIANT=cpu)
+endif
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -16,7 +25,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e . -e clients/python
 	touch $@
 

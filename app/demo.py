@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from app.deps import SettingsDep, get_owner
+from app.api.intake import Upload, decode_uploads, read_body
+from app.deps import GatewayDep, SettingsDep, get_owner
 from app.errors import ApiError, error_responses
+from app.images import SUPPORTED_IMAGE_TYPES
 from app.logs import kv
 from app.test_set import (
     HOW_TO_GET_DATA,
@@ -137,11 +139,23 @@ def load_test_set(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.
     return images, labels
 
 
-def encode_png(pixels: np.ndarray) -> str:
-    """A 2-D uint8 array as a base64 PNG string."""
+def png_of(pixels: np.ndarray) -> bytes:
+    """A uint8 H×W (grayscale) or H×W×3 (RGB) array as PNG bytes."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def encode_png(pixels: np.ndarray) -> str:
+    """A 2-D uint8 array as a base64 PNG string."""
+    return base64.b64encode(png_of(pixels)).decode("ascii")
+
+
+def model_input_png(model_input: bytes, shape: tuple[int, int, int]) -> bytes:
+    """The model's uint8 C×H×W input as a PNG: grayscale for one channel, RGB for three, else channel 0."""
+    channels, height, width = shape
+    planes = np.frombuffer(model_input, np.uint8).reshape(channels, height, width)
+    return png_of(planes.transpose(1, 2, 0) if channels == 3 else planes[0])
 
 
 def read_checkpoint_metadata(path: Path) -> dict[str, Any]:
@@ -250,3 +264,42 @@ def demo_model(settings: SettingsDep) -> ModelInfo:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.info(kv("demo_model_info_unavailable", path=settings.model_path, reason=exc))
         return ModelInfo()
+
+
+@router.post(
+    "/v1/demo/model-input",
+    tags=["demo"],
+    summary="An image as the model sees it, for the demo page's thumbnails",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The model's input as a PNG."},
+        **error_responses(400, 401, 403, 413, 415, 422),
+    },
+    dependencies=[Depends(get_owner)],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                kind: {"schema": {"type": "string", "format": "binary"}}
+                for kind in SUPPORTED_IMAGE_TYPES
+            },
+        }
+    },
+)
+async def demo_model_input(request: Request, gateway: GatewayDep) -> Response:
+    """The upload decoded and normalised exactly as `POST /v1/predictions` does, returned as a PNG.
+
+    Nothing is published: the page shows it beside the prediction, so a thumbnail is what the model
+    classified (inverted, trimmed and resized), never the original file.
+    """
+    body = await read_body(request, gateway.settings.max_upload_bytes, "FMNIST_MAX_UPLOAD_BYTES")
+    (decoded,) = await decode_uploads(
+        [Upload(body, request.headers.get("content-type"))], gateway.policy
+    )
+    if isinstance(decoded, ApiError):
+        raise decoded
+    return Response(
+        model_input_png(decoded, gateway.policy.shape),
+        media_type="image/png",
+        headers={"Cache-Control": "no-store"},
+    )

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import demo
 from app.api import ops, predictions, stream
+from app.api.docs import install_docs
 from app.api.gateway import Gateway, PubSubFactory
 from app.errors import error_body, install_error_handlers
 from app.logs import kv
@@ -145,6 +146,8 @@ def create_app(
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: install_docs, from local files
+        redoc_url=None,
         openapi_tags=[
             {"name": "predictions", "description": "Submit images, read and stream results."},
             {"name": "operations", "description": "Health, readiness and metrics."},
@@ -158,6 +161,7 @@ def create_app(
     app.include_router(stream.router)
     app.include_router(ops.router)
     app.include_router(demo.router)
+    install_docs(app)
     app.add_middleware(EdgeMiddleware, gateway=gateway)
     return app
 

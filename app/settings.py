@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -10,6 +11,16 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_PATH = Path("models/fmnist.safetensors")
+
+
+def installed_model_path() -> Path | None:
+    """The shipped checkpoint as installed with the `ml` package (`ml/shipped/`), found without importing torch."""
+    spec = importlib.util.find_spec("ml")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "shipped" / DEFAULT_MODEL_PATH.name
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 class Settings(BaseSettings):
@@ -54,7 +65,9 @@ class Settings(BaseSettings):
 
     # --- model and batching -----------------------------------------------------------------
     model_path: Path = Field(
-        DEFAULT_MODEL_PATH, description="Checkpoint (`.safetensors`) the workers serve."
+        DEFAULT_MODEL_PATH,
+        description="Checkpoint (`.safetensors`) the workers serve. The default, where the working "
+        "directory has no `models/`, is the shipped checkpoint installed with the package.",
     )
     data_dir: Path | None = Field(
         None,
@@ -205,6 +218,14 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("model_path")
+    @classmethod
+    def _installed_model_outside_the_checkout(cls, value: Path) -> Path:
+        # The relative default names a file only in a checkout; a pip-installed wheel carries it too.
+        if value == DEFAULT_MODEL_PATH and not value.exists():
+            return installed_model_path() or value
         return value
 
     @field_validator("input_shape")

@@ -16,9 +16,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -769,3 +771,121 @@ def test_dockerignore_admits_every_copied_path(dockerfile: Dockerfile) -> None:
 def test_dockerignore_keeps_local_state_out_of_the_context(path: str) -> None:
     """The virtualenv, git metadata, tests, byte code and .env files never reach the build context."""
     assert excluded_from_context(path)
+
+
+# --- local installs: the Makefile's torch variant and the wheel's shipped model -----------------
+
+
+def make_dry_run(*variables: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`make -n` of the install step into a fresh virtualenv path: prints the commands, runs none."""
+    venv = tmp_path / "venv"
+    argv = ["make", "-n", "-B", f"VENV={venv}", *variables, f"{venv}/.installed"]
+    return subprocess.run(
+        argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def torch_install_line(dry_run: subprocess.CompletedProcess[str]) -> str:
+    assert dry_run.returncode == 0, dry_run.stderr
+    lines = [
+        line for line in dry_run.stdout.splitlines() if "pip install" in line and "torch==" in line
+    ]
+    assert len(lines) == 1, dry_run.stdout
+    return lines[0]
+
+
+def test_makefile_cpu_variant_takes_torch_from_the_cpu_index(tmp_path: Path) -> None:
+    """`make run TORCH_VARIANT=cpu` installs torch with pip's --index-url set to PyTorch's CPU index."""
+    line = torch_install_line(make_dry_run("TORCH_VARIANT=cpu", tmp_path=tmp_path))
+    assert "--index-url https://download.pytorch.org/whl/cpu" in shlex.join(shlex.split(line))
+
+
+def test_makefile_default_variant_takes_torch_from_the_configured_index(tmp_path: Path) -> None:
+    """Without TORCH_VARIANT the torch install names no index, so pip's own configuration applies."""
+    line = torch_install_line(make_dry_run(tmp_path=tmp_path))
+    assert "--index-url" not in line and "--extra-index-url" not in line
+
+
+def test_makefile_refuses_an_unknown_torch_variant(tmp_path: Path) -> None:
+    """A misspelt TORCH_VARIANT stops make with a message naming the accepted values."""
+    result = make_dry_run("TORCH_VARIANT=cuda", tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "TORCH_VARIANT=cpu" in result.stderr
+
+
+def test_dockerfile_torch_index_is_the_makefile_cpu_index(dockerfile: Dockerfile) -> None:
+    """The images install torch from the same CPU-only index that `TORCH_VARIANT=cpu` uses."""
+    match = re.search(r"^TORCH_CPU_INDEX_URL := (\S+)$", MAKEFILE.read_text(), re.MULTILINE)
+    assert match, "the Makefile no longer sets TORCH_CPU_INDEX_URL := URL"
+    assert dockerfile.arg_default("TORCH_INDEX_URL") == match.group(1)
+
+
+# What the Dockerfile's builder stage copies before `pip wheel .` (links in ml/shipped/ need models/).
+WHEEL_SOURCES = ["pyproject.toml", "README.md", "app", "ml", "messaging", "models"]
+
+
+@pytest.fixture(scope="module")
+def unpacked_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from the paths the Dockerfile's builder copies (offline, venv's setuptools), unpacked.
+
+    A copy, not the checkout: a stale build/ there would hide a file missing from the package data.
+    """
+    source = tmp_path_factory.mktemp("source")
+    for path in WHEEL_SOURCES:
+        if (REPO_ROOT / path).is_dir():
+            shutil.copytree(
+                REPO_ROOT / path,
+                source / path,
+                symlinks=True,
+                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+            )
+        else:
+            shutil.copy2(REPO_ROOT / path, source / path)
+    wheel_dir = tmp_path_factory.mktemp("wheel")
+    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    build = subprocess.run(
+        [*argv, "-w", str(wheel_dir), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheel_dir.glob("fmnist_service-*.whl")
+    site = tmp_path_factory.mktemp("site")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    return site
+
+
+@pytest.mark.parametrize("name", ["fmnist.safetensors", "fmnist.md"])
+def test_wheel_carries_the_shipped_model(unpacked_wheel: Path, name: str) -> None:
+    """The wheel holds the shipped checkpoint and its model card, byte for byte as in models/."""
+    shipped = unpacked_wheel / "ml" / "shipped" / name
+    assert shipped.is_file(), f"the wheel has no ml/shipped/{name}"
+    assert shipped.read_bytes() == (REPO_ROOT / "models" / name).read_bytes()
+
+
+def test_default_model_path_is_the_installed_checkpoint_outside_the_checkout(
+    unpacked_wheel: Path, tmp_path: Path
+) -> None:
+    """From a directory without models/, the installed package's default FMNIST_MODEL_PATH is its own copy."""
+    probe = "from app.settings import Settings; print(Settings().model_path.resolve())"
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("FMNIST_") and name != "PYTHONPATH"
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**environment, "PYTHONPATH": str(unpacked_wheel)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        Path(result.stdout.strip()) == (unpacked_wheel / "ml/shipped/fmnist.safetensors").resolve()
+    )

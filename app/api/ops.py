@@ -63,7 +63,6 @@ async def metrics(gateway: GatewayDep) -> Response:
     "/v1/stats",
     response_model=StatsResponse,
     summary="Live statistics",
-    tags=["predictions"],
     responses=error_responses(401, 403),
     dependencies=[Depends(get_owner)],
 )

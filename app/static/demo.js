@@ -191,13 +191,9 @@ async function loadModelInfo() {
 
 // ---------------------------------------------------------------- result cards
 
-function addResultCard(thumbnailUrl, altText) {
+function addResultCard(altText) {
   const card = $("result-template").content.firstElementChild.cloneNode(true);
-  const thumb = card.querySelector(".thumb");
-  // Model-sized images are enlarged with hard pixel edges; photos are scaled smoothly.
-  thumb.addEventListener("load", () => thumb.classList.toggle("tiny", thumb.naturalWidth <= 64), { once: true });
-  thumb.src = thumbnailUrl;
-  thumb.alt = altText;
+  card.querySelector(".thumb").alt = altText;
   const list = $("results");
   list.prepend(card);
   $("results-empty").hidden = true;
@@ -297,7 +293,45 @@ async function pollPrediction(card, requestId) {
   }
 }
 
+// The thumbnail is what the model saw: the gateway decodes and normalises the image exactly as
+// for a prediction (invert, trim, resize) and returns it as a PNG. The <img> stays hidden until it
+// has loaded, so an image the gateway cannot read leaves a "No preview" box, never a broken icon.
+async function showModelInput(card, blob) {
+  const thumb = card.querySelector(".thumb");
+  const placeholder = card.querySelector(".thumb-placeholder");
+  const noPreview = () => {
+    thumb.hidden = true;
+    thumb.removeAttribute("src");
+    placeholder.textContent = "No preview";
+    placeholder.hidden = false;
+  };
+  let response;
+  try {
+    response = await fetch("/v1/demo/model-input", {
+      method: "POST",
+      body: blob,
+      headers: { ...authHeaders(), "Content-Type": blob.type || "application/octet-stream" },
+    });
+  } catch {
+    noPreview();
+    return;
+  }
+  if (!response.ok || !card.isConnected) {
+    noPreview();
+    return;
+  }
+  const url = URL.createObjectURL(await response.blob());
+  card.dataset.objectUrl = url;
+  thumb.addEventListener("load", () => {
+    thumb.hidden = false;
+    placeholder.hidden = true;
+  }, { once: true });
+  thumb.addEventListener("error", noPreview, { once: true });
+  thumb.src = url;
+}
+
 async function classifyBlob(blob, card) {
+  showModelInput(card, blob);
   try {
     const { body } = await api(`/v1/predictions?wait=${WAIT_SECONDS}`, {
       method: "POST",
@@ -330,9 +364,7 @@ function bindResults() {
 
 function classifyFiles(files) {
   for (const file of files) {
-    const url = URL.createObjectURL(file);
-    const card = addResultCard(url, `Uploaded image ${file.name}`);
-    card.dataset.objectUrl = url;
+    const card = addResultCard(`Uploaded image ${file.name}, as the model saw it`);
     classifyBlob(file, card);
   }
 }
@@ -383,6 +415,7 @@ function bindSketch() {
     ctx.fillStyle = "#000";
     ctx.fillRect(0, 0, canvas.width, canvas.height);
     dirty = false;
+    $("sketch-cue").hidden = false;
     const small = $("sketch-small").getContext("2d");
     small.fillStyle = "#000";
     small.fillRect(0, 0, SKETCH_INPUT, SKETCH_INPUT);
@@ -404,6 +437,7 @@ function bindSketch() {
     ctx.lineTo(to.x, to.y);
     ctx.stroke();
     dirty = true;
+    $("sketch-cue").hidden = true;
   };
   const submit = () => {
     clearTimeout(autoTimer);
@@ -413,7 +447,7 @@ function bindSketch() {
       return;
     }
     input.canvas.toBlob((blob) => {
-      const card = addResultCard(input.canvas.toDataURL("image/png"), "Your drawing, as sent (28×28)");
+      const card = addResultCard("Your drawing, as the model saw it");
       classifyBlob(blob, card);
     }, "image/png");
   };

@@ -243,3 +243,50 @@ async def test_model_info_is_empty_for_a_missing_or_bad_checkpoint(
         response = await c.get("/v1/demo/model")
     assert response.status_code == 200
     assert response.json() == {"class_names": None, "version": None, "input_shape": None}
+
+
+def light_background_png(pixels: np.ndarray, scale: int) -> bytes:
+    """A test image drawn dark on white and enlarged, like a photo of a garment on paper."""
+    image = Image.fromarray(255 - pixels).resize(
+        (pixels.shape[1] * scale, pixels.shape[0] * scale), Image.Resampling.NEAREST
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_model_input_is_the_normalised_upload_as_png(
+    client: httpx.AsyncClient, fashion_mnist_dir: Path
+) -> None:
+    """/v1/demo/model-input returns, as a PNG, the exact 28×28 input the prediction route would publish."""
+    from app.images import ImagePolicy, decode_image
+
+    images, _ = idx_arrays(fashion_mnist_dir)
+    upload = light_background_png(images[0], scale=8)
+    answer = await client.post(
+        "/v1/demo/model-input", content=upload, headers={"Content-Type": "image/png"}
+    )
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    shown = np.asarray(Image.open(io.BytesIO(answer.content)))
+    expected = np.frombuffer(decode_image(upload, "image/png", ImagePolicy()), np.uint8)
+    assert shown.shape == (28, 28)
+    assert np.array_equal(shown.reshape(-1), expected)
+
+
+async def test_model_input_refuses_bytes_that_are_not_an_image(client: httpx.AsyncClient) -> None:
+    """Bytes that are not an image get the prediction route's 415 (they are not the declared PNG)."""
+    answer = await client.post(
+        "/v1/demo/model-input",
+        content=b"these are notes, not a picture",
+        headers={"Content-Type": "image/png"},
+    )
+    assert answer.status_code == 415
+    assert answer.json()["error"]["code"] == "unsupported_media_type"
+
+
+async def test_model_input_needs_the_key_when_keys_are_set(keyed_client: httpx.AsyncClient) -> None:
+    """Like every /v1 route, the preview needs an API key when FMNIST_API_KEYS is set."""
+    answer = await keyed_client.post(
+        "/v1/demo/model-input", content=b"x", headers={"Content-Type": "image/png"}
+    )
+    assert answer.status_code == 401
