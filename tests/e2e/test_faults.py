@@ -77,6 +77,20 @@ class SteadyLoad:
                 time.sleep(0.05)
 
 
+@dataclass
+class FaultStack:
+    """A gateway and a worker on a Tansu broker that a test may kill and restart empty."""
+
+    stack: Stack
+    port: int
+    broker: processes.ManagedProcess
+
+    def restart_broker_empty(self) -> None:
+        """A new Tansu on the same port: its log is in memory, so every topic and offset is gone."""
+        self.broker = processes.tansu(self.port, self.stack.log_dir, name="fault-tansu").start()
+        self.broker.wait_for_port(self.port, timeout=20)
+
+
 def _outcomes(url: str, ids: list[str], timeout_s: float) -> dict[str, dict[str, object]]:
     """Poll every id until none is pending (or `timeout_s`); the last answer of each."""
     final: dict[str, dict[str, object]] = {}
@@ -98,7 +112,7 @@ def _outcomes(url: str, ids: list[str], timeout_s: float) -> dict[str, dict[str,
 
 
 @pytest.fixture
-def fault_stack(e2e_log_dir: Path, e2e_checkpoint: Path) -> Iterator[tuple[Stack, int]]:
+def fault_stack(e2e_log_dir: Path, e2e_checkpoint: Path) -> Iterator[FaultStack]:
     """A Tansu of its own (the test kills it), one gateway and one worker."""
     port = processes.free_port()
     broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}"
@@ -119,33 +133,30 @@ def fault_stack(e2e_log_dir: Path, e2e_checkpoint: Path) -> Iterator[tuple[Stack
     except processes.ProcessFailed as error:
         missing_service(f"Tansu did not start: {error}")
         raise
-    stack.extra = tansu  # type: ignore[attr-defined]
+    faults = FaultStack(stack, port, tansu)
     try:
         stack.start_worker("fault-worker-1")
         stack.start_gateway("fault-gateway")
-        yield stack, port
+        yield faults
     finally:
         stack.stop()
-        stack.extra.stop()  # type: ignore[attr-defined]
+        faults.broker.stop()
 
 
 def test_broker_restarted_empty_under_load_recovers_and_loses_no_accepted_request(
-    fault_stack: tuple[Stack, int], test_pngs: tuple[list[bytes], list[int]]
+    fault_stack: FaultStack, test_pngs: tuple[list[bytes], list[int]]
 ) -> None:
     """Tansu SIGKILLed and restarted empty: 503s within the bound, then 200 again; every 202 gets an outcome."""
-    stack, port = fault_stack
+    stack = fault_stack.stack
     url = stack.gateway_url("fault-gateway")
     gateway, worker = stack.gateways["fault-gateway"], stack.workers["fault-worker-1"]
-    tansu: processes.ManagedProcess = stack.extra  # type: ignore[attr-defined]
     with SteadyLoad(url, test_pngs[0][0]) as load:
         time.sleep(3)
         killed_at = time.monotonic()
-        tansu.kill()
+        fault_stack.broker.kill()
         gateway.wait_for_http(f"{url}/readyz", timeout=15, status=503)
         time.sleep(2)
-        tansu = processes.tansu(port, stack.log_dir, name="fault-tansu").start()
-        stack.extra = tansu  # type: ignore[attr-defined]
-        tansu.wait_for_port(port, timeout=20)
+        fault_stack.restart_broker_empty()
         gateway.wait_for_http(f"{url}/readyz", timeout=30)
         ready_at = time.monotonic()
         time.sleep(4)
@@ -180,10 +191,10 @@ def test_broker_restarted_empty_under_load_recovers_and_loses_no_accepted_reques
 
 
 def test_worker_killed_under_load_and_replaced_loses_no_accepted_request(
-    fault_stack: tuple[Stack, int], test_pngs: tuple[list[bytes], list[int]]
+    fault_stack: FaultStack, test_pngs: tuple[list[bytes], list[int]]
 ) -> None:
     """A worker SIGKILLed mid-load and replaced: every accepted request completes."""
-    stack, _ = fault_stack
+    stack = fault_stack.stack
     url = stack.gateway_url("fault-gateway")
     with SteadyLoad(url, test_pngs[0][1]) as load:
         time.sleep(2)
