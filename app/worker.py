@@ -341,30 +341,40 @@ class Worker:
                     coroutine.close()
         else:
             delivered = await asyncio.gather(*outcomes)
-        failed = [message for (message, _), ok in zip(parsed, delivered, strict=True) if not ok]
+        failed = [message for (message, _), error in zip(parsed, delivered, strict=True) if error]
         if failed:
+            # One line per chunk, not per request: an outage fails every request of every chunk.
+            first = next(error for error in delivered if error)
+            logger.warning(
+                kv(
+                    "publish_failed",
+                    count=len(failed),
+                    first=failed[0].attributes.get(protocol.REQUEST_ID_ATTR) or failed[0].key,
+                    error=first,
+                    action="nack",
+                )
+            )
             await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
             for message in failed:
                 await message.nack()
 
-    async def _guarded(self, message: Message, work: Awaitable[None]) -> bool:
-        """Run one request's outcome; False when it must be given back (nack) after a back-off."""
-        request_id = message.attributes.get(protocol.REQUEST_ID_ATTR) or message.key or ""
+    async def _guarded(self, message: Message, work: Awaitable[None]) -> BaseException | None:
+        """Run one request's outcome; the error when it must be given back (nack) after a back-off."""
         try:
             await work
         except MessagingError as exc:
             # Could not publish the outcome: give the request back for a later delivery.
             self.outcomes["nacked"] += 1
-            logger.warning(kv("publish_failed", request_id=request_id, error=exc, action="nack"))
-            return False
+            return exc
         except asyncio.CancelledError:
             await message.nack()
             raise
         except Exception as exc:  # a bug must not wedge the message: log loudly, give it back
             self.outcomes["nacked"] += 1
+            request_id = message.attributes.get(protocol.REQUEST_ID_ATTR) or message.key or ""
             logger.exception(kv("handler_crashed", request_id=request_id, error=repr(exc)))
-            return False
-        return True
+            return exc
+        return None
 
     async def _refuse(self, message: Message, exc: BaseException) -> None:
         """A request that cannot be decoded: dead-letter it, tell its client if it has an id, ack."""

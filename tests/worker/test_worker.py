@@ -177,9 +177,10 @@ async def test_a_request_that_keeps_failing_is_retried_then_dead_lettered() -> N
 class ResultsPublishFailsOnce:
     """Fault injection: the first publish to the results topic fails as if the broker dropped."""
 
-    def __init__(self, pubsub: PubSub, results_topic: str) -> None:
+    def __init__(self, pubsub: PubSub, results_topic: str, times: int = 1) -> None:
         self._pubsub = pubsub
         self._results_topic = results_topic
+        self._times = times
         self.failed = 0
 
     def __getattr__(self, name: str) -> object:
@@ -193,7 +194,7 @@ class ResultsPublishFailsOnce:
         key: str | None = None,
         attributes: Mapping[str, str] | None = None,
     ) -> None:
-        if topic == self._results_topic and not self.failed:
+        if topic == self._results_topic and self.failed < self._times:
             self.failed += 1
             raise BrokerUnavailable("injected: broker went away")
         await self._pubsub.publish(topic, data, key=key, attributes=attributes)
@@ -221,6 +222,33 @@ async def test_a_request_is_acked_only_after_its_result_is_published(
     assert flaky.failed == 1
     assert answer.request_id == "r1" and answer.status == "completed"
     assert model.calls == [1, 1]  # computed twice: the first answer never reached the broker
+
+
+async def test_failed_publishes_log_one_line_per_chunk_not_per_request(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage that fails every result of a chunk logs one publish_failed line with the count."""
+    monkeypatch.setattr(worker_module, "_PUBLISH_FAILURE_BACKOFF_S", 0.01)
+    settings = worker_settings("memory://", max_batch_size=16, max_wait_ms=200.0)
+    total = 16
+    async with open_broker("memory://") as pubsub:
+        await pubsub.ensure_topics(
+            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+        )
+        flaky = ResultsPublishFailsOnce(pubsub, settings.results_topic, times=total)
+        async with (
+            pubsub.subscribe(settings.results_topic, group="observer") as results,
+            Worker(settings, flaky, TinyClassifier()) as worker,  # type: ignore[arg-type]
+        ):
+            await asyncio.gather(
+                *(publish_request(pubsub, settings, f"r{i}", image(seed=i)) for i in range(total))
+            )
+            answers = await take_results(results, total)
+            assert worker.outcomes["nacked"] == total
+    assert {answer.status for answer in answers} == {"completed"}
+    lines = [r.getMessage() for r in caplog.records if "event=publish_failed" in r.getMessage()]
+    assert 1 <= len(lines) < total
+    assert sum(int(line.split("count=")[1].split()[0]) for line in lines) == total
 
 
 async def test_drain_answers_in_flight_requests_and_leaves_the_rest_to_the_next_worker() -> None:
