@@ -232,8 +232,9 @@ def plot_reliability(report: CalibrationReport, path: Path, title: str) -> None:
             [bins.confidence[b] - bins.accuracy[b] for b in used],
             bottom=[bins.accuracy[b] for b in used],
             width=width,
-            color="red",
-            alpha=0.3,
+            facecolor="none",
+            edgecolor="red",
+            hatch="//",
             label="gap to mean confidence",
         )
         axes.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
