@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
@@ -16,6 +16,9 @@ from torch.utils.data import Dataset
 from ml.calibration import ECE_BINS, CalibrationReport, Reliability
 from ml.classifier import PRECISIONS, ImageClassifier
 from ml.training import EvaluationResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,11 @@ def cpu_description() -> str:
 
 def plot_curves(history: dict[str, Any], path: Path) -> None:
     """Training/validation loss and accuracy per epoch, as a PNG."""
+    curves_figure(history).savefig(path)
+
+
+def curves_figure(history: dict[str, Any]) -> Figure:
+    """The figure `plot_curves` saves: loss and accuracy against whole epochs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -165,7 +173,7 @@ def plot_curves(history: dict[str, Any], path: Path) -> None:
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    return figure
 
 
 def plot_confusion(
