@@ -60,7 +60,8 @@ class _Probabilities(torch.nn.Module):
     def __init__(self, network: ConvNet, temperature: float) -> None:
         super().__init__()
         self.network = network
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        device = network.classifier.weight.device
+        self.register_buffer("temperature", torch.tensor(float(temperature), device=device))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = images.contiguous(memory_format=torch.channels_last)
