@@ -126,6 +126,11 @@ def recalibrate(classifier: ImageClassifier, checkpoint: Path, data_dir: Path | 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     configure_logging()
+    if (
+        args.card and args.precision != "fp32"
+    ):  # checked first: --calibrate would already have written
+        print("fmnist evaluate: --card needs --precision fp32 (it reports both)", file=sys.stderr)
+        return 2
     from ml import CheckpointError, DataError, ImageClassifier, load_fashion_mnist
     from ml.report import evaluate_bf16, evaluation_report, measure_precisions, write_model_card
 
@@ -198,11 +203,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"{calibration.after.ece:.4f} (raw softmax {calibration.before.ece:.4f})"
         )
     if args.card:
-        if args.precision != "fp32":
-            print(
-                "fmnist evaluate: --card needs --precision fp32 (it reports both)", file=sys.stderr
-            )
-            return 2
         evaluate_bf16(classifier, test)
         command = str(classifier.training.get("command", "(not recorded)"))
         notes = args.notes.read_text() if args.notes else ""
