@@ -15,6 +15,7 @@ Exceptions:
     └── RunnerClosed
 """
 
+from ml.calibration import CalibrationReport, expected_calibration_error, fit_temperature
 from ml.checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -49,6 +50,7 @@ __all__ = [
     "CLASS_NAMES",
     "ArchitectureConfig",
     "BatchPredictor",
+    "CalibrationReport",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
@@ -69,6 +71,8 @@ __all__ = [
     "TensorImageDataset",
     "TrainConfig",
     "TrainingHistory",
+    "expected_calibration_error",
     "fashion_mnist_splits",
+    "fit_temperature",
     "load_fashion_mnist",
 ]

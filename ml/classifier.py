@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import platform
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,12 +15,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ml.calibration import CalibrationReport, calibration_report, fit_temperature
 from ml.checkpoint import (
     IncompatibleCheckpointError,
     read_checkpoint,
     weights_version,
     write_checkpoint,
 )
+from ml.data import TensorImageDataset
 from ml.model import (
     ArchitectureConfig,
     ConvNet,
@@ -33,6 +37,7 @@ from ml.training import (
     channel_statistics,
     fingerprint,
     materialise,
+    network_logits,
 )
 from ml.training import evaluate as evaluate_network
 from ml.training import fit as fit_network
@@ -42,16 +47,25 @@ PRECISIONS = ("fp32", "bf16")
 logger = logging.getLogger(__name__)
 
 
-class _Probabilities(torch.nn.Module):
-    """The whole CPU inference pass as one module (traced into one graph): layout, network, softmax."""
+# torch.jit's deprecation notices, matched exactly so that no other warning is hidden (see `_cpu_graph`).
+_TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.(trace|trace_method|freeze)` is deprecated"
 
-    def __init__(self, network: ConvNet) -> None:
+
+class _Probabilities(torch.nn.Module):
+    """The whole inference pass as one module (traced into one graph on the CPU): layout, network,
+    temperature, softmax. The temperature is a buffer, so freezing folds it into the graph."""
+
+    temperature: torch.Tensor
+
+    def __init__(self, network: ConvNet, temperature: float) -> None:
         super().__init__()
         self.network = network
+        device = network.classifier.weight.device
+        self.register_buffer("temperature", torch.tensor(float(temperature), device=device))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = images.contiguous(memory_format=torch.channels_last)
-        return torch.softmax(self.network(batch).float(), dim=1)
+        return torch.softmax(self.network(batch).float() / self.temperature, dim=1)
 
 
 def default_device() -> torch.device:
@@ -122,7 +136,14 @@ class ImageClassifier:
         self.network.to(self.device).to(memory_format=torch.channels_last).eval()
         self.metrics: dict[str, float] = {}
         self.training: dict[str, Any] = {}
+        # What `calibrate` measured on held-out data (temperature, NLL and ECE before and after).
+        self.calibration: dict[str, Any] = {}
+        self._temperature = 1.0
         self._inference: ConvNet | None = None
+        self._eager_pass: _Probabilities | None = None
+        # Several forward threads may ask for the same graph at once: it is built once, and
+        # `warnings.catch_warnings` (process-wide state) is entered by one thread at a time.
+        self._graph_lock = threading.Lock()
         # CPU forward passes as TorchScript, one per (input dtype, precision): the graph bakes in
         # the uint8-or-float branch of the normalisation and the arithmetic; see `_cpu_graph`.
         self._graphs: dict[tuple[torch.dtype, str], Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -170,6 +191,28 @@ class ImageClassifier:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
         self._precision = value
 
+    @property
+    def temperature(self) -> float:
+        """Logits are divided by this before the softmax: 1.0 until `calibrate` fits it on held-out data.
+
+        It changes the probabilities `predict` returns, never their argmax, so never the accuracy.
+        """
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {value!r}")
+        self._temperature = float(value)
+        self._forget_compiled()
+
+    def _forget_compiled(self) -> None:
+        """Drop the inference copies and graphs, after the weights or the temperature change."""
+        with self._graph_lock:
+            self._inference = None
+            self._eager_pass = None
+            self._graphs = {}
+
     def _autocast(self) -> torch.autocast:
         return torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self._precision == "bf16"
@@ -186,8 +229,12 @@ class ImageClassifier:
             raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
         if images.is_floating_point() and images.dtype != torch.float32:
             images = images.float()
-        if self._inference is None:
-            self._inference = fused_for_inference(self.network)
+        if self._inference is None or self._eager_pass is None:
+            with self._graph_lock:
+                if self._inference is None or self._eager_pass is None:
+                    inference = fused_for_inference(self.network)
+                    self._eager_pass = _Probabilities(inference, self._temperature).eval()
+                    self._inference = inference
         if images.device.type == "cpu":
             graph = self._cpu_graph(images)
             if graph is not None:
@@ -195,13 +242,13 @@ class ImageClassifier:
                 # threads otherwise queue for the GIL between every op (see `_cpu_graph`).
                 with torch.inference_mode():
                     return graph(images)
-        batch = images.to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
-            probabilities = torch.softmax(self._inference(batch).float(), dim=1)
+            probabilities = self._eager_pass(images.to(self.device))
         return probabilities.float().cpu()
 
     def _cpu_graph(self, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The whole pass (fused network, softmax) as a frozen TorchScript graph on the CPU; None elsewhere.
+        """The whole pass (fused network, temperature, softmax) as a frozen TorchScript graph on the
+        CPU; None elsewhere.
 
         For bf16 the graph holds a copy with bfloat16 convs and linear layers: the numbers
         `torch.autocast` gives, without casting the weights on every call (checked by tests).
@@ -209,29 +256,41 @@ class ImageClassifier:
         Why: an eager forward pass takes the GIL back between every op, so in a server whose event
         loop keeps the GIL busy, each batch waited on the loop: 6.6 ms alone became 134 ms beside a
         busy Python thread, and 5.0 → 21 ms as TorchScript, which runs the whole graph without
-        the GIL. torch marks `torch.jit` deprecated, but nothing else offers that on the CPU yet;
-        if tracing fails, predict falls back to the eager module. Same outputs (checked by tests).
+        the GIL. torch marks `torch.jit.trace` (and the `trace_method` it calls) and `torch.jit.freeze` deprecated (a FutureWarning on
+        every call), but nothing else runs a whole pass without the GIL on the CPU yet
+        (`torch.compile` still takes the GIL between kernels), so exactly those two notices are
+        silenced here. If tracing fails, predict falls back to the eager module. Same outputs
+        (checked by tests).
         """
-        if self.device.type != "cpu" or self._inference is None:
+        if self.device.type != "cpu":
             return None
         key = (example.dtype, self._precision)
         graph = self._graphs.get(key)
-        if graph is None:
-            network = self._inference
-            if self._precision == "bf16":
-                network = bf16_for_inference(network)
-            whole_pass = _Probabilities(network).eval()
-            try:
-                with warnings.catch_warnings(), torch.no_grad():
-                    warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-                    graph = torch.jit.freeze(
-                        torch.jit.trace(whole_pass, example, check_trace=False)
-                    )
-            except Exception as exc:  # an architecture TorchScript cannot trace: stay eager
-                logger.warning("event=torchscript_unavailable error=%r action=eager", exc)
-                graph = whole_pass
-            self._graphs[key] = graph
+        if graph is not None:
+            return graph
+        with self._graph_lock:
+            graph = self._graphs.get(key)
+            if graph is None and self._inference is not None:
+                graph = self._trace(example)
+                self._graphs[key] = graph
         return graph
+
+    def _trace(self, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Trace and freeze the whole pass for `example`'s dtype at the current precision; eager on failure."""
+        assert self._inference is not None
+        network = self._inference
+        if self._precision == "bf16":
+            network = bf16_for_inference(network)
+        whole_pass = _Probabilities(network, self._temperature).eval()
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.filterwarnings(
+                    "ignore", message=_TORCHSCRIPT_DEPRECATED, category=FutureWarning
+                )
+                return torch.jit.freeze(torch.jit.trace(whole_pass, example, check_trace=False))
+        except Exception as exc:  # an architecture TorchScript cannot trace: stay eager
+            logger.warning("event=torchscript_unavailable error=%r action=eager", exc)
+            return whole_pass
 
     # --- training and evaluation ----------------------------------------------------------------
     def fit(
@@ -241,11 +300,13 @@ class ImageClassifier:
         *,
         epochs: int = 20,
         config: TrainConfig | None = None,
+        calibrate: bool = True,
         **overrides: Any,
     ) -> TrainingHistory:
         """Train on `train_dataset` (items `(C×H×W image, label)`, uint8 or float [0, 1] images).
 
-        Reports validation accuracy after every epoch when `val_dataset` is given. Hyperparameters come
+        Reports validation accuracy after every epoch when `val_dataset` is given, and then (unless
+        `calibrate=False`) fits the temperature on it (`calibrate`). Hyperparameters come
         from `config` (a `TrainConfig`) or keyword overrides such as `lr=0.1, batch_size=128`.
         Deterministic for a given seed on a given device and thread count.
         """
@@ -256,8 +317,8 @@ class ImageClassifier:
             val_images, val_labels = materialise(val_dataset, self.input_shape, self.num_classes)
         mean, std = channel_statistics(train_images)
         self.network.normalize.set_statistics(mean, std)
-        self._inference = None
-        self._graphs = {}
+        self.temperature = 1.0  # a temperature fitted to other weights means nothing for these
+        self.calibration = {}
         self._version = None
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(settings.seed)
@@ -284,14 +345,51 @@ class ImageClassifier:
         }
         if history.epochs and history.epochs[-1].val_accuracy is not None:
             self.metrics["val_accuracy"] = float(history.epochs[-1].val_accuracy)
+        self._forget_compiled()
+        if calibrate and val_images is not None and val_labels is not None and len(val_labels):
+            self.calibrate(TensorImageDataset(val_images, val_labels, self.class_names))
         return history
+
+    def logits(
+        self, dataset: Dataset[Any], batch_size: int = 1024
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 N×K logits (before the temperature, fp32 arithmetic) and the N labels of `dataset`."""
+        images, labels = materialise(dataset, self.input_shape, self.num_classes)
+        return network_logits(self.network, images, self.device, batch_size), labels
+
+    def calibrate(self, dataset: Dataset[Any]) -> CalibrationReport:
+        """Fit the temperature on held-out `dataset` (never the training set), use it from now on, and
+        record what it did in `calibration`. Returns the NLL and ECE on `dataset` before and after."""
+        logits, labels = self.logits(dataset)
+        report = calibration_report(logits, labels, fit_temperature(logits, labels))
+        self.temperature = report.temperature
+        self.calibration = {**report.to_json(), "fitted_on": "validation split"}
+        logger.info(
+            "event=calibrated temperature=%.4f images=%d ece_before=%.4f ece_after=%.4f",
+            report.temperature,
+            report.num_samples,
+            report.before.ece,
+            report.after.ece,
+        )
+        return report
+
+    def calibration_report(self, dataset: Dataset[Any]) -> CalibrationReport:
+        """NLL and ECE of the probabilities on labelled `dataset` without (T = 1) and with the temperature."""
+        logits, labels = self.logits(dataset)
+        return calibration_report(logits, labels, self._temperature)
 
     def evaluate(self, dataset: Dataset[Any], batch_size: int = 1024) -> EvaluationResult:
         """Accuracy, loss, per-class accuracy and confusion matrix on a labelled dataset."""
         images, labels = materialise(dataset, self.input_shape, self.num_classes)
         with self._autocast():
             return evaluate_network(
-                self.network, images, labels, self.num_classes, self.device, batch_size
+                self.network,
+                images,
+                labels,
+                self.num_classes,
+                self.device,
+                batch_size,
+                temperature=self._temperature,
             )
 
     def _hardware(self) -> str:
@@ -309,6 +407,8 @@ class ImageClassifier:
             "class_names": self.class_names,
             "normalization": {**self.normalization, "input": "uint8 0..255 or float 0..1, N×C×H×W"},
             "metrics": self.metrics,
+            "temperature": self._temperature,
+            "calibration": self.calibration,
             "training": self.training,
             "seed": self.seed,
             "data_hash": self.training.get("data_hash"),
@@ -337,6 +437,10 @@ class ImageClassifier:
             config = ArchitectureConfig.from_json(metadata["architecture"])
             class_names = [str(n) for n in metadata["class_names"]]
             seed = int(metadata.get("seed", 0))
+            # Checkpoints written before calibration existed have no temperature: plain softmax.
+            temperature = float(metadata.get("temperature", 1.0))
+            if not (math.isfinite(temperature) and temperature > 0):
+                raise ValueError(f"temperature must be positive, got {temperature}")
         except (KeyError, TypeError, ValueError) as exc:
             raise IncompatibleCheckpointError(
                 f"{path}: the architecture metadata is missing or invalid ({exc}); retrain with `fmnist train`"
@@ -355,6 +459,8 @@ class ImageClassifier:
         classifier.network.to(classifier.device).to(memory_format=torch.channels_last).eval()
         classifier.metrics = {k: float(v) for k, v in (metadata.get("metrics") or {}).items()}
         classifier.training = dict(metadata.get("training") or {})
+        classifier.calibration = dict(metadata.get("calibration") or {})
+        classifier.temperature = temperature
         classifier._version = metadata["version"]
         classifier.precision = precision
         return classifier

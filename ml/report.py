@@ -8,13 +8,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
 
+from ml.calibration import ECE_BINS, CalibrationReport, Reliability
 from ml.classifier import PRECISIONS, ImageClassifier
 from ml.training import EvaluationResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,14 @@ def cpu_description() -> str:
 
 def plot_curves(history: dict[str, Any], path: Path) -> None:
     """Training/validation loss and accuracy per epoch, as a PNG."""
+    curves_figure(history).savefig(path)
+
+
+def curves_figure(history: dict[str, Any]) -> Figure:
+    """The figure `plot_curves` saves: loss and accuracy against whole epochs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [e["epoch"] for e in history["epochs"]]
     figure = Figure(figsize=(10, 4), dpi=100)
@@ -158,11 +168,12 @@ def plot_curves(history: dict[str, Any], path: Path) -> None:
         )
     for axes, title in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 on short runs
         axes.set_title(title)
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    return figure
 
 
 def plot_confusion(
@@ -202,6 +213,51 @@ def plot_confusion(
     figure.savefig(path)
 
 
+def plot_reliability(report: CalibrationReport, path: Path, title: str) -> None:
+    """Reliability diagrams before and after the temperature (accuracy against confidence per bin), as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    panels = (
+        (report.before, "softmax(logits), T = 1"),
+        (report.after, f"softmax(logits / T), T = {report.temperature:.3f}"),
+    )
+    width = 1.0 / ECE_BINS
+    centres = [(b + 0.5) * width for b in range(ECE_BINS)]
+    for axes, (bins, label) in zip(figure.subplots(1, 2, sharey=True), panels, strict=True):
+        used = [b for b, count in enumerate(bins.counts) if count]
+        axes.bar(
+            [centres[b] for b in used],
+            [bins.accuracy[b] for b in used],
+            width=width,
+            edgecolor="black",
+            label="accuracy",
+        )
+        axes.bar(
+            [centres[b] for b in used],
+            [bins.confidence[b] - bins.accuracy[b] for b in used],
+            bottom=[bins.accuracy[b] for b in used],
+            width=width,
+            facecolor="none",
+            edgecolor="red",
+            hatch="//",
+            label="gap to mean confidence",
+        )
+        axes.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.set_xlabel("confidence (top probability)")
+        axes.set_title(f"{label}\nECE {bins.ece:.4f} ({ECE_BINS} bins)")
+        axes.grid(alpha=0.3)
+    figure.axes[0].set_ylabel("accuracy")
+    figure.axes[0].legend(loc="upper left")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
 def report_paths(checkpoint: Path, suffix: str = "") -> dict[str, Path]:
     """Where the report for `checkpoint` goes: beside it, named after it."""
     stem = checkpoint.with_suffix("").name + suffix
@@ -209,7 +265,13 @@ def report_paths(checkpoint: Path, suffix: str = "") -> dict[str, Path]:
         "card": checkpoint.with_name(f"{stem}.md"),
         "curves": checkpoint.with_name(f"{stem}-curves.png"),
         "confusion": checkpoint.with_name(f"{stem}-confusion.png"),
+        "reliability": checkpoint.with_name(f"{stem}-reliability.png"),
     }
+
+
+def duration(seconds: float) -> str:
+    """Seconds under a minute ("42.0 s"), minutes above ("10.1 min"): a short run is never "0.0 min"."""
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def _throughput_rows(throughput: Sequence[Throughput]) -> list[str]:
@@ -246,6 +308,46 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def _calibration_section(
+    classifier: ImageClassifier, calibration: CalibrationReport, diagram: Path
+) -> list[str]:
+    fitted = classifier.calibration
+    on_validation = (
+        f"fitted on {fitted.get('num_samples')} validation images (ECE there "
+        f"{_decimal(fitted.get('ece_before'))} → {_decimal(fitted.get('ece_after'))})"
+        if fitted
+        else "not fitted: this checkpoint serves plain softmax probabilities"
+    )
+    return [
+        "## Calibration",
+        "",
+        "Served probabilities are `softmax(logits / T)`: one temperature T, fitted after training by "
+        "minimising the negative log-likelihood on the validation split (temperature scaling), "
+        "stored in the checkpoint and applied inside the inference graph. Label smoothing leaves the "
+        "raw softmax under-confident (a clear image gets ~0.94 rather than ~1.0); T < 1 sharpens it. "
+        "The argmax, hence every accuracy above, is unchanged. Expected calibration error (ECE): the "
+        f"count-weighted mean |accuracy - confidence| over {ECE_BINS} equal-width confidence bins.",
+        "",
+        "| on the test set | T = 1 (raw softmax) | calibrated |",
+        "|---|---:|---:|",
+        f"| temperature T | 1 | {calibration.temperature:.4f} |",
+        f"| ECE ({ECE_BINS} bins) | {calibration.before.ece:.4f} | **{calibration.after.ece:.4f}** |",
+        f"| negative log-likelihood | {calibration.nll_before:.4f} | {calibration.nll_after:.4f} |",
+        f"| mean top probability | {_mean_confidence(calibration.before):.4f} | {_mean_confidence(calibration.after):.4f} |",
+        "",
+        f"T was {on_validation}; the figures above are on the {calibration.num_samples} test images, "
+        "which the fit never saw.",
+        "",
+        f"![reliability diagrams]({diagram.name})",
+        "",
+    ]
+
+
+def _mean_confidence(bins: Reliability) -> float:
+    total = max(bins.num_samples, 1)
+    return sum(c * n for c, n in zip(bins.confidence, bins.counts, strict=True)) / total
+
+
 def write_model_card(
     classifier: ImageClassifier,
     checkpoint: Path,
@@ -254,9 +356,17 @@ def write_model_card(
     command: str,
     notes: str = "",
     generated_by: str = "Generated by `fmnist train` at the end of the run it describes.",
+    calibration: CalibrationReport | None = None,
 ) -> dict[str, Path]:
-    """Write the PNG plots and the markdown model card next to `checkpoint`; returns their paths."""
+    """Write the PNG plots and the markdown model card next to `checkpoint`; returns their paths.
+
+    `calibration` (the test set's `ImageClassifier.calibration_report`) adds the ECE before and after
+    the temperature and the reliability diagrams."""
     paths = report_paths(checkpoint)
+    if calibration is None:
+        del paths["reliability"]
+    else:
+        plot_reliability(calibration, paths["reliability"], "test set reliability")
     training = classifier.training
     history = training.get("history", {"epochs": []})
     if history["epochs"]:
@@ -280,15 +390,23 @@ def write_model_card(
         f"| **test accuracy** | **{_percent(test_result.accuracy)}** ({test_result.num_samples} images) |",
         f"| test accuracy, bf16 inference | {_percent(classifier.metrics.get('test_accuracy_bf16'))} |",
         f"| validation accuracy (last epoch) | {_percent(classifier.metrics.get('val_accuracy'))} |",
-        f"| test loss | {test_result.loss:.4f} |",
+        f"| test loss (NLL of the served probabilities) | {test_result.loss:.4f} |",
+        *(
+            [
+                f"| test expected calibration error | {calibration.after.ece:.4f} (raw softmax: "
+                f"{calibration.before.ece:.4f}; temperature {calibration.temperature:.4f}) |"
+            ]
+            if calibration is not None
+            else []
+        ),
         f"| version (weights sha256[:12]) | `{classifier.version}` |",
         f"| parameters | {classifier.num_parameters:,} |",
         f"| multiply-accumulates per image | {arch.multiply_accumulates():,} |",
         f"| checkpoint size | {size_bytes / 1024:.1f} KiB |",
         f"| seed | {training.get('seed')} |",
-        f"| training time (wall) | {history.get('seconds', 0.0) / 60:.1f} min ({history.get('images_per_second', 0.0):.0f} images/s), "
+        f"| training time (wall) | {duration(history.get('seconds', 0.0))} ({history.get('images_per_second', 0.0):.0f} images/s), "
         f"1-min load average {_load(history)} on {os.cpu_count()} cores |",
-        f"| training time (process CPU) | {history.get('cpu_seconds', 0.0) / 60:.1f} min, {training.get('threads', '?')} intra-op thread(s) |",
+        f"| training time (process CPU) | {duration(history.get('cpu_seconds', 0.0))}, {training.get('threads', '?')} intra-op thread(s) |",
         f"| training hardware | {training.get('device')} ({cpu_description()}) |",
         f"| torch | {training.get('torch_version')} |",
         f"| training data sha256 | `{training.get('data_hash')}` ({history.get('train_size')} train / {history.get('val_size')} validation images) |",
@@ -332,6 +450,8 @@ def write_model_card(
         f"![test confusion matrix]({paths['confusion'].name})",
         "",
     ]
+    if calibration is not None:
+        lines += _calibration_section(classifier, calibration, paths["reliability"])
     if history["epochs"]:
         lines += [
             "## Epochs",
@@ -373,7 +493,7 @@ def evaluation_report(
     target = (report_dir / checkpoint.name) if report_dir is not None else checkpoint
     target.parent.mkdir(parents=True, exist_ok=True)
     paths = report_paths(target, suffix="-evaluation")
-    del paths["curves"]
+    del paths["curves"], paths["reliability"]
     plot_confusion(
         result,
         classifier.class_names,

@@ -220,6 +220,25 @@ def _optimizer(network: nn.Module, config: TrainConfig) -> torch.optim.Optimizer
 
 
 @torch.inference_mode()
+def network_logits(
+    network: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024
+) -> torch.Tensor:
+    """float32 N×K logits of `network` in eval mode for in-memory images, on the CPU."""
+    was_training = network.training
+    network.eval()
+    chunks = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = (
+            images[start : start + batch_size]
+            .to(device)
+            .contiguous(memory_format=torch.channels_last)
+        )
+        chunks.append(network(batch).float().cpu())
+    network.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+@torch.inference_mode()
 def evaluate(
     network: nn.Module,
     images: torch.Tensor,
@@ -227,32 +246,22 @@ def evaluate(
     num_classes: int,
     device: torch.device,
     batch_size: int = 1024,
+    temperature: float = 1.0,
 ) -> EvaluationResult:
-    """Accuracy, mean loss, per-class accuracy and confusion matrix of `network` on in-memory data."""
-    was_training = network.training
-    network.eval()
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
-    total_loss = 0.0
-    for start in range(0, images.shape[0], batch_size):
-        batch = (
-            images[start : start + batch_size]
-            .to(device)
-            .contiguous(memory_format=torch.channels_last)
-        )
-        target = labels[start : start + batch_size].to(device)
-        logits = network(batch).float()
-        total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        predicted = logits.argmax(1)
-        confusion += torch.bincount(
-            (target * num_classes + predicted).cpu(), minlength=num_classes**2
-        )
-    network.train(was_training)
+    """Accuracy, mean loss, per-class accuracy and confusion matrix of `network` on in-memory data.
+
+    The loss is the NLL of `softmax(logits / temperature)`: of the calibrated probabilities when
+    given the classifier's fitted temperature."""
+    logits = network_logits(network, images, device, batch_size)
+    count = int(labels.shape[0])
+    loss = float(F.cross_entropy(logits / temperature, labels, reduction="sum")) if count else 0.0
+    predicted = logits.argmax(1) if count else labels
+    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
     matrix = confusion.view(num_classes, num_classes)
-    count = int(matrix.sum())
     per_class = (matrix.diag().double() / matrix.sum(1).clamp_min(1).double()).tolist()
     return EvaluationResult(
         accuracy=float(matrix.diag().sum()) / max(count, 1),
-        loss=total_loss / max(count, 1),
+        loss=loss / max(count, 1),
         num_samples=count,
         per_class_accuracy=per_class,
         confusion_matrix=matrix.tolist(),

@@ -27,6 +27,27 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help only where that says something: not when the help
+    already states its default, not for None (the help says what happens then) nor for on/off flags;
+    tuples print as typed (16,32,64)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "(default" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(action, argparse._StoreTrueAction)
+            or not action.option_strings
+        ):
+            return text
+        if isinstance(default, tuple):
+            return f"{text} (default: {','.join(str(v) for v in default)})"
+        return f"{text} (default: %(default)s)"
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -34,9 +55,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Train on the Fashion-MNIST training set (minus a seeded validation split), evaluate once "
             "on the 10k test set, save a .safetensors checkpoint and write a report beside it: "
-            "loss/accuracy curves, confusion matrix and a model card with CPU throughput."
+            "loss/accuracy curves, confusion matrix, reliability diagram and a model card with CPU "
+            "throughput. After training, a temperature is fitted on the validation split so that "
+            "served probabilities are calibrated (see the card's Calibration section)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -49,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--val-size",
         type=int,
         default=5000,
-        help="training images held out for validation (0: train on all 60k)",
+        help="training images held out for validation and for fitting the temperature "
+        "(0: train on all 60k and serve uncalibrated probabilities)",
     )
     data.add_argument(
         "--subset", type=int, default=None, help="use only this many training images (quick runs)"
@@ -64,12 +88,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     model.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=35)
-    optim.add_argument("--batch-size", type=int, default=256)
+    optim.add_argument("--epochs", type=int, default=35, help="passes over the training set")
+    optim.add_argument("--batch-size", type=int, default=256, help="images per training step")
     optim.add_argument("--lr", type=float, default=0.2, help="peak one-cycle learning rate")
-    optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    optim.add_argument("--weight-decay", type=float, default=5e-4)
-    optim.add_argument("--label-smoothing", type=float, default=0.1)
+    optim.add_argument(
+        "--optimizer",
+        choices=("sgd", "adamw"),
+        default="sgd",
+        help="sgd (Nesterov momentum) or adamw",
+    )
+    optim.add_argument(
+        "--weight-decay",
+        type=float,
+        default=5e-4,
+        help="decoupled weight decay on conv and linear weights",
+    )
+    optim.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.1,
+        help="label smoothing of the training loss (the fitted temperature undoes the "
+        "under-confidence it leaves)",
+    )
     optim.add_argument(
         "--warmup", type=float, default=0.25, help="fraction of steps warming up to the peak lr"
     )
@@ -83,14 +123,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="fp32",
         help="bf16: autocast convs to bfloat16 while training (faster where the CPU/GPU supports it)",
     )
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="fixes the initial weights, the validation split, batch order and augmentation",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint path (.safetensors)")
     run.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)"
     )
     run.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice)",
     )
     run.add_argument(
         "--notes",
@@ -135,7 +183,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from ml import DataError, ImageClassifier, TrainConfig, fashion_mnist_splits
-    from ml.report import evaluate_bf16, measure_precisions, write_model_card
+    from ml.report import duration, evaluate_bf16, measure_precisions, write_model_card
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,10 +233,17 @@ def run_train(args: argparse.Namespace) -> int:
     )
     history = classifier.fit(splits.train, splits.val if len(splits.val) else None, config=config)
     test = classifier.evaluate(splits.test)
+    calibration = classifier.calibration_report(splits.test)
     classifier.metrics["test_accuracy"] = test.accuracy
     classifier.metrics["test_loss"] = test.loss
     evaluate_bf16(classifier, splits.test)
     classifier.training["command"] = command
+    # What `fmnist evaluate --calibrate` needs to rebuild the same validation split later.
+    classifier.training["split"] = {
+        "val_size": args.val_size,
+        "subset": args.subset,
+        "seed": args.seed,
+    }
     classifier.save(args.out)
     logger.info(
         kv(
@@ -200,12 +255,18 @@ def run_train(args: argparse.Namespace) -> int:
         )
     )
     print(
-        f"test accuracy {100 * test.accuracy:.2f}% ({test.num_samples} images), trained in {history.seconds / 60:.1f} min -> {args.out}"
+        f"test accuracy {100 * test.accuracy:.2f}% ({test.num_samples} images), trained in {duration(history.seconds)} -> {args.out}"
+    )
+    print(
+        f"temperature {classifier.temperature:.4f}: test expected calibration error "
+        f"{calibration.before.ece:.4f} (raw softmax) -> {calibration.after.ece:.4f} (served)"
     )
     if not args.no_report:
         throughput = measure_precisions(args.out, seconds=args.throughput_seconds)
         notes = args.notes.read_text() if args.notes else ""
-        paths = write_model_card(classifier, args.out, test, throughput, command, notes)
+        paths = write_model_card(
+            classifier, args.out, test, throughput, command, notes, calibration=calibration
+        )
         for t in throughput:
             print(
                 f"cpu predict {t.precision} batch={t.batch_size} threads={t.threads} clock={t.clock}: "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ml import ImageClassifier, TensorImageDataset, load_fashion_mnist
+from ml import (
+    ImageClassifier,
+    IncompatibleCheckpointError,
+    TensorImageDataset,
+    load_fashion_mnist,
+)
+from ml.checkpoint import write_checkpoint
 
 
 class QuadrantDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -195,3 +203,145 @@ def test_unknown_precision_is_refused() -> None:
     """A typo in precision fails at once with the allowed values."""
     with pytest.raises(ValueError, match="fp32"):
         small_classifier(precision="fp16")
+
+
+def test_temperature_divides_the_logits_inside_the_cpu_graph() -> None:
+    """With temperature 0.5 the traced graph returns softmax(logits / 0.5) for uint8 and float input."""
+    classifier = small_classifier()
+    classifier.temperature = 0.5
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    for batch in (images, images.float() / 255.0):
+        served = classifier.predict(batch)
+        with torch.inference_mode():
+            expected = torch.softmax(classifier.network.eval()(batch) / 0.5, 1)
+        torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
+    assert all(isinstance(g, torch.jit.ScriptModule) for g in classifier._graphs.values())
+
+
+def test_changing_the_temperature_rebuilds_the_graph() -> None:
+    """A graph traced at T = 1 is not reused after the temperature changes."""
+    classifier = small_classifier()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    plain = classifier.predict(images)
+    classifier.temperature = 2.0
+    with torch.inference_mode():
+        logits = classifier.network.eval()(images)
+    torch.testing.assert_close(plain, torch.softmax(logits, 1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        classifier.predict(images), torch.softmax(logits / 2.0, 1), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_temperature_must_be_positive() -> None:
+    """A zero, negative or infinite temperature is refused with the value in the message."""
+    classifier = small_classifier()
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="positive"):
+            classifier.temperature = bad
+
+
+def test_saved_temperature_is_served_after_load(tmp_path: Path) -> None:
+    """save/load keeps the temperature and the exact calibrated probabilities."""
+    classifier = small_classifier()
+    classifier.temperature = 0.7
+    path = tmp_path / "tempered.safetensors"
+    classifier.save(path)
+    loaded = ImageClassifier.load(path, device="cpu")
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    assert loaded.temperature == pytest.approx(0.7)
+    assert torch.equal(loaded.predict(images), classifier.predict(images))
+
+
+def test_checkpoint_without_a_temperature_serves_plain_softmax(tmp_path: Path) -> None:
+    """A checkpoint written before calibration existed loads with T = 1."""
+    classifier = small_classifier()
+    metadata = classifier.metadata()
+    del metadata["temperature"], metadata["calibration"]
+    path = tmp_path / "old.safetensors"
+    write_checkpoint(path, classifier.network.state_dict(), metadata)
+    loaded = ImageClassifier.load(path, device="cpu")
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    assert loaded.temperature == 1.0
+    torch.testing.assert_close(loaded.predict(images), classifier.predict(images))
+
+
+def test_checkpoint_with_a_negative_temperature_is_incompatible(tmp_path: Path) -> None:
+    """A recorded temperature of -1 is an IncompatibleCheckpointError naming the file."""
+    classifier = small_classifier()
+    path = tmp_path / "negative.safetensors"
+    write_checkpoint(
+        path, classifier.network.state_dict(), {**classifier.metadata(), "temperature": -1.0}
+    )
+    with pytest.raises(IncompatibleCheckpointError, match=r"negative\.safetensors.*temperature"):
+        ImageClassifier.load(path, device="cpu")
+
+
+def test_first_predict_calls_from_two_threads_emit_no_torchscript_warning() -> None:
+    """Tracing on two forward threads at once leaks no torch.jit deprecation warning to the logs."""
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):  # the race needs both threads tracing at once; give it a few chances
+            classifier = small_classifier()
+            start = threading.Barrier(2)
+
+            def first_call(
+                model: ImageClassifier = classifier, gate: threading.Barrier = start
+            ) -> None:
+                gate.wait()
+                model.predict(images)
+
+            threads = [threading.Thread(target=first_call) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    assert [str(w.message) for w in caught if "torch.jit" in str(w.message)] == []
+
+
+@pytest.fixture(scope="module")
+def calibrated_on_real_data(fashion_mnist_dir: Path) -> ImageClassifier:
+    """A small net trained 3 epochs on 2,000 real images; `fit` calibrates it on 500 held-out ones."""
+    full = load_fashion_mnist("train", fashion_mnist_dir)
+    classifier = small_classifier(class_names=full.class_names)
+    classifier.fit(
+        full.subset(torch.arange(2_000)),
+        full.subset(torch.arange(2_000, 2_500)),
+        epochs=3,
+        batch_size=32,
+        lr=0.1,
+        progress=False,
+    )
+    return classifier
+
+
+@pytest.mark.data
+def test_fit_calibrates_so_test_ece_drops(
+    calibrated_on_real_data: ImageClassifier, fashion_mnist_dir: Path
+) -> None:
+    """After a short real run the fitted temperature lowers the test-set ECE below the raw softmax's."""
+    test = load_fashion_mnist("test", fashion_mnist_dir).subset(torch.arange(2_000))
+    report = calibrated_on_real_data.calibration_report(test)
+    assert calibrated_on_real_data.temperature != 1.0
+    assert calibrated_on_real_data.calibration["num_samples"] == 500
+    assert report.after.ece < report.before.ece, report.to_json()
+
+
+@pytest.mark.data
+def test_temperature_changes_no_prediction_and_no_accuracy(
+    calibrated_on_real_data: ImageClassifier, fashion_mnist_dir: Path
+) -> None:
+    """Calibrated and raw probabilities pick the same class for every test image: same accuracy."""
+    test = load_fashion_mnist("test", fashion_mnist_dir).subset(torch.arange(2_000))
+    fitted = calibrated_on_real_data.temperature
+    calibrated = calibrated_on_real_data.predict(test.images)
+    calibrated_accuracy = calibrated_on_real_data.evaluate(test).accuracy
+    calibrated_on_real_data.temperature = 1.0
+    try:
+        raw = calibrated_on_real_data.predict(test.images)
+        raw_accuracy = calibrated_on_real_data.evaluate(test).accuracy
+    finally:
+        calibrated_on_real_data.temperature = fitted
+    assert not torch.allclose(calibrated, raw)
+    assert torch.equal(calibrated.argmax(1), raw.argmax(1))
+    assert calibrated_accuracy == raw_accuracy
