@@ -54,17 +54,17 @@ try:
     from aiokafka.conn import create_conn
     from aiokafka.errors import (
         CommitFailedError,
-        UnsupportedSaslMechanismError,
         IllegalStateError,
         KafkaConnectionError,
         KafkaError,
         MessageSizeTooLargeError,
+        UnsupportedSaslMechanismError,
     )
+    from aiokafka.helpers import create_ssl_context
 except ImportError as missing:  # pragma: no cover - exercised by a test that hides aiokafka
     raise MissingDependency(
         f"kafka:// needs aiokafka ({missing}); install it with: pip install 'fmnist-service[kafka]'"
     ) from missing
-from aiokafka.helpers import create_ssl_context
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class KafkaSecurity:
 
     protocol: str = "PLAINTEXT"
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    ssl_certfile: str | None = None
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: str | None = field(default=None, repr=False)
@@ -202,6 +203,7 @@ class KafkaSecurity:
         return cls(
             protocol=protocol,
             ssl_context=context,
+            ssl_certfile=certfile,
             sasl_mechanism=mechanism if sasl else None,
             sasl_username=username,
             sasl_password=password,
@@ -390,6 +392,7 @@ class KafkaSubscription(Subscription):
         self._to_commit: set[_PartitionAcks] = set()
         self._commit_task: asyncio.Task[None] | None = None
         self._assigned = asyncio.Event()
+        self._warned_idle = False
 
     async def _open(self) -> None:
         pubsub, options = self._kafka, self._kafka.options
@@ -445,11 +448,32 @@ class KafkaSubscription(Subscription):
             self._partitions[tp] = _PartitionAcks(tp)
         if assigned:
             self._assigned.set()
+        elif not self._warned_idle:
+            self._warned_idle = True
+            self._warn_no_partition()
         logger.info(
             "event=kafka_assigned topic=%s group=%s partitions=%s",
             self.topic,
             self.group,
             sorted(tp.partition for tp in assigned),
+        )
+
+    def _warn_no_partition(self) -> None:
+        consumer = self._consumer
+        known = consumer.partitions_for_topic(self.topic) if consumer is not None else None
+        count = len(known) if known else "unknown"
+        logger.warning(
+            "event=kafka_no_partition topic=%s group=%s topic_partitions=%s "
+            'hint="this consumer got no partition of %s: its group has more members than the topic '
+            "has partitions, so it stands by. FMNIST_KAFKA_PARTITIONS (kafka_partitions=%d here) only "
+            "applies when a topic is created; add partitions to an existing topic with "
+            'kafka-topics.sh --bootstrap-server HOST:PORT --alter --topic %s --partitions N"',
+            self.topic,
+            self.group,
+            count,
+            self.topic,
+            self._kafka.partitions,
+            self.topic,
         )
 
     async def _partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -701,12 +725,20 @@ class KafkaPubSub(PubSub):
         except (OSError, TimeoutError) as exc:
             return f"{exc!r}; check the address and that the broker is running"
         except Exception as exc:
+            # Brokers refuse a login or a missing client certificate by closing the connection,
+            # so the cause is one of those the configuration leaves possible.
+            causes = []
             if security.uses_sasl:
-                return (
+                causes.append(
                     f"SASL {security.sasl_mechanism} login as {security.sasl_username!r} failed "
-                    f"({exc!r}); check the user name, the password and the mechanism"
+                    f"({exc!r}): check the user name, the password and the mechanism"
                 )
-            return repr(exc)
+            if security.uses_tls and security.ssl_certfile is None:
+                causes.append(
+                    f"the broker closed the connection after the TLS handshake ({exc!r}): if it "
+                    "requires a client certificate, set ssl_certfile and ssl_keyfile"
+                )
+            return "; or ".join(causes) or repr(exc)
         conn.close()
         return f"{failure!r}"
 
@@ -771,12 +803,42 @@ class KafkaPubSub(PubSub):
             raise BrokerUnavailable(
                 f"could not create topics {missing} on {self.url}: {exc!r}"
             ) from exc
+        existing: list[str] = []
         for name, code, message in (tuple(error)[:3] for error in response.topic_errors):
-            if code not in (0, _TOPIC_ALREADY_EXISTS):
+            if code == _TOPIC_ALREADY_EXISTS:
+                existing.append(name)
+            elif code != 0:
                 raise MessagingError(
                     f"Kafka at {self.url} refused to create topic {name!r}: error {code} {message}"
                 )
         self._known_topics.update(missing)
+        if existing:
+            await self._warn_fewer_partitions(existing)
+
+    async def _warn_fewer_partitions(self, topics: list[str]) -> None:
+        """Warn about existing topics with fewer partitions than `kafka_partitions` asks for."""
+        admin = self._admin
+        assert admin is not None
+        try:
+            described = await admin.describe_topics(topics)
+        except KafkaError as exc:
+            logger.info("event=kafka_describe_topics_failed topics=%s error=%r", topics, exc)
+            return
+        for topic in described:
+            count = len(topic.get("partitions") or ())
+            if 0 < count < self.partitions:
+                logger.warning(
+                    "event=kafka_topic_has_fewer_partitions topic=%s topic_partitions=%d "
+                    'kafka_partitions=%d hint="FMNIST_KAFKA_PARTITIONS does not change an existing '
+                    "topic, so at most %d workers of a group get work; add partitions with "
+                    'kafka-topics.sh --bootstrap-server HOST:PORT --alter --topic %s --partitions %d"',
+                    topic.get("topic"),
+                    count,
+                    self.partitions,
+                    count,
+                    topic.get("topic"),
+                    self.partitions,
+                )
 
     async def _ping(self) -> None:
         admin = self._admin
