@@ -27,11 +27,13 @@ async def test_a_consumer_without_a_partition_warns_once(
     topic, group = unique_name("idle"), unique_name("g")
     options = {**connect_options(kafka_url), "kafka_partitions": 1, "connect_timeout": 4.0}
     first, second = messaging.connect(kafka_url, **options), messaging.connect(kafka_url, **options)
-    async with first, second:
-        async with first.subscribe(topic, group=group), second.subscribe(topic, group=group):
-            await asyncio.sleep(
-                1.0
-            )  # a further rebalance would warn again if the layer repeated it
+    async with (
+        first,
+        second,
+        first.subscribe(topic, group=group),
+        second.subscribe(topic, group=group),
+    ):
+        await asyncio.sleep(1.0)  # a further rebalance would warn again if the layer repeated it
     warnings = _warnings(caplog, "kafka_no_partition")
     assert len(warnings) == 1, warnings
     assert f"topic={topic} group={group} topic_partitions=1 " in warnings[0]

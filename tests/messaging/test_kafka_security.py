@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 import ssl
 import threading
 from collections.abc import Iterator
@@ -30,7 +29,6 @@ import messaging
 from messaging._url import parse_broker_url
 from messaging.kafka import KafkaOptions
 from tests.brokers import (
-    STARTUP_TIMEOUT_S,
     BrokerProcess,
     free_port,
     start_tansu,
@@ -358,11 +356,11 @@ async def test_publish_and_subscribe_over_tls_with_a_client_certificate(
     """A message published over TLS (with a client certificate) reaches a subscriber over TLS."""
     topic, group = unique_name("tls"), unique_name("g")
     url = tls_kafka.url(**tls_kafka.client_options())
-    async with messaging.connect(url, kafka_idempotence=False, kafka_partitions=1) as pubsub:
-        async with pubsub.subscribe(topic, group=group) as messages:
-            await pubsub.publish(topic, b"over tls", key="k", attributes={"a": "1"})
-            message = await asyncio.wait_for(anext(messages), 20)
-            await message.ack()
+    pubsub = messaging.connect(url, kafka_idempotence=False, kafka_partitions=1)
+    async with pubsub, pubsub.subscribe(topic, group=group) as messages:
+        await pubsub.publish(topic, b"over tls", key="k", attributes={"a": "1"})
+        message = await asyncio.wait_for(anext(messages), 20)
+        await message.ack()
     assert (message.data, message.key, message.attributes) == (b"over tls", "k", {"a": "1"})
 
 
