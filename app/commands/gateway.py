@@ -13,6 +13,7 @@ from typing import Any
 from app.commands import tune_garbage_collector
 from app.logs import configure_logging, kv
 from app.settings import Settings
+from messaging import parse_broker_url
 
 logger = logging.getLogger("app.gateway")
 
@@ -115,5 +116,10 @@ async def _announce(server: Any, settings: Settings) -> None:
             port = sock.getsockname()[1]
     url = f"http://{settings.host}:{port}"
     logger.info(
-        kv("serving", url=url, docs=f"{url}/docs", broker=settings.broker_url.split("?")[0])
+        kv(
+            "serving",
+            url=url,
+            docs=f"{url}/docs",
+            broker=parse_broker_url(settings.broker_url).redacted,
+        )
     )
