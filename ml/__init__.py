@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         load_fashion_mnist,
     )
     from ml.model import ArchitectureConfig
+    from ml.predictor import BatchPredictor
     from ml.readers import (
         CLASS_NAMES,
         CheckpointError,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
         IncompatibleCheckpointError,
     )
     from ml.runner import (
-        BatchPredictor,
         DeadlineExceeded,
         InvalidInput,
         ModelError,
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 _MODULE_OF = {
     "CLASS_NAMES": "ml.readers",
     "ArchitectureConfig": "ml.model",
-    "BatchPredictor": "ml.runner",
+    "BatchPredictor": "ml.predictor",
     "CalibrationReport": "ml.calibration",
     "CheckpointError": "ml.readers",
     "CheckpointNotFoundError": "ml.readers",

@@ -16,7 +16,7 @@ On CPU, passes side by side on one torch thread each outrun one pass on many thr
 wait for each other at every op, so `concurrency` defaults to one pass per usable core
 (`ml.layout.inference_layout`; figures in `docs/benchmarks.md`).
 
-Errors (all subclasses of `RunnerError`, each with a stable `code`):
+Errors (all subclasses of `RunnerError`, each with a stable `code`; `ml.runner_errors`):
 
     RunnerError
     ├── InvalidInput        the image does not fit the model (shape, dtype); at `submit`
@@ -32,18 +32,27 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Sequence
+from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ml.batching import BatchingPolicy, QueueState
 from ml.layout import inference_layout, usable_cores
+from ml.predictor import BatchPredictor, ForwardResult, forward_pass
+from ml.runner_errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelError,
+    Overloaded,
+    RunnerClosed,
+    RunnerError,
+)
+from ml.runner_stats import LatencySummary, RunnerCounters, RunnerStats
 
 __all__ = [
     "BatchPredictor",
@@ -61,63 +70,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# How many recent per-image timings the stats keep for percentiles.
-_TIMING_WINDOW = 8192
-
-
-@runtime_checkable
-class BatchPredictor(Protocol):
-    """What the runner needs from a model; `ml.ImageClassifier` satisfies it."""
-
-    @property
-    def class_names(self) -> Sequence[str]: ...
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]: ...
-
-    @property
-    def version(self) -> str: ...
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N×C×H×W → float32 N×K class probabilities."""
-        ...
-
-
-class RunnerError(Exception):
-    """Base of every error the runner gives a caller; `code` is stable and machine-readable."""
-
-    code = "runner_error"
-
-
-class InvalidInput(RunnerError, ValueError):
-    """The image cannot be fed to this model (wrong shape or dtype)."""
-
-    code = "invalid_input"
-
-
-class DeadlineExceeded(RunnerError):
-    """The image's deadline passed before it was computed; it was dropped without compute."""
-
-    code = "deadline_exceeded"
-
-
-class Overloaded(RunnerError):
-    """The runner's queue is full; retry later or raise `max_queue` / add workers."""
-
-    code = "overloaded"
-
-
-class ModelError(RunnerError):
-    """The model's forward pass failed for this image."""
-
-    code = "model_error"
-
-
-class RunnerClosed(RunnerError):
-    """The runner is not running (closed, or used outside `async with`)."""
-
-    code = "runner_closed"
-
 
 class Prediction(NamedTuple):
     """The model's answer for one image, with the provenance of the batch that computed it.
@@ -134,66 +86,11 @@ class Prediction(NamedTuple):
     model_version: str
 
 
-@dataclass(frozen=True, slots=True)
-class LatencySummary:
-    """Percentiles over the most recent images (window of a few thousand)."""
-
-    count: int
-    p50: float
-    p90: float
-    p99: float
-    max: float
-
-    @classmethod
-    def of(cls, samples: Sequence[float]) -> LatencySummary:
-        if not samples:
-            return cls(0, 0.0, 0.0, 0.0, 0.0)
-        ordered = np.asarray(samples, dtype=np.float64)
-        p50, p90, p99 = np.percentile(ordered, [50, 90, 99])
-        return cls(len(samples), float(p50), float(p90), float(p99), float(ordered.max()))
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerStats:
-    """A snapshot of the runner for metrics and `/v1/stats`."""
-
-    queue_depth: int
-    """Images submitted and not yet handed to the model (includes the batch being collected)."""
-    computing: int
-    """Images handed to the model: in passes computing now, or queued for a free executor thread."""
-    submitted: int
-    completed: int
-    failed: dict[str, int]
-    """Failed images by error code (`deadline_exceeded`, `model_error`, …)."""
-    batches: int
-    batch_sizes: dict[int, int]
-    """How many forward passes ran at each batch size."""
-    queue_ms: LatencySummary
-    """Time from `submit` to the start of the image's forward pass."""
-    inference_ms: LatencySummary
-    """Duration of the forward pass each image was part of."""
-
-
-# What one forward pass returns to the loop: labels, probability rows, milliseconds it took.
-_ForwardResult = tuple[list[int], list[list[float]], float]
-
-
 class _Queued(NamedTuple):
     image: torch.Tensor | np.ndarray
     future: asyncio.Future[Prediction]
     arrived: float  # time.monotonic()
     deadline: float | None  # unix seconds
-
-
-@dataclass(slots=True)
-class _Counters:
-    submitted: int = 0
-    completed: int = 0
-    failed: Counter[str] = field(default_factory=Counter)
-    batches: int = 0
-    batch_sizes: Counter[int] = field(default_factory=Counter)
-    queue_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_TIMING_WINDOW))
-    inference_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_TIMING_WINDOW))
 
 
 class ModelRunner:
@@ -248,6 +145,7 @@ class ModelRunner:
         self._input_shape = tuple(classifier.input_shape)
         self._class_names = list(classifier.class_names)
         self._model_version = str(classifier.version)
+        self._forward = partial(forward_pass, classifier, len(self._class_names))
         self._executor = executor
         self._owns_executor = executor is None
         self._batch_prefix = uuid.uuid4().hex[:8]
@@ -260,7 +158,7 @@ class ModelRunner:
         self._answering: set[asyncio.Task[None]] = set()
         self._closing = False
         self._accepting = False  # True between start() and close(): checked on every submit
-        self._counters = _Counters()
+        self._counters = RunnerCounters()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -390,18 +288,7 @@ class ModelRunner:
         return len(self._queue)
 
     def stats(self) -> RunnerStats:
-        counters = self._counters
-        return RunnerStats(
-            queue_depth=len(self._queue),
-            computing=self._computing,
-            submitted=counters.submitted,
-            completed=counters.completed,
-            failed=dict(counters.failed),
-            batches=counters.batches,
-            batch_sizes=dict(sorted(counters.batch_sizes.items())),
-            queue_ms=LatencySummary.of(counters.queue_ms),
-            inference_ms=LatencySummary.of(counters.inference_ms),
-        )
+        return self._counters.snapshot(queue_depth=len(self._queue), computing=self._computing)
 
     # --- the batching loop ----------------------------------------------------------------------
 
@@ -499,7 +386,7 @@ class ModelRunner:
         return live
 
     async def _answer_when_done(
-        self, live: list[_Queued], queue_ms: list[float], forward: asyncio.Future[_ForwardResult]
+        self, live: list[_Queued], queue_ms: list[float], forward: asyncio.Future[ForwardResult]
     ) -> None:
         try:
             try:
@@ -547,37 +434,6 @@ class ModelRunner:
                 )
             else:
                 self._answer([item], labels, rows, [waited_ms], inference_ms)
-
-    def _forward(self, images: list[torch.Tensor | np.ndarray]) -> _ForwardResult:
-        """Runs in the executor thread: one forward pass, converted to Python lists off the loop."""
-        started = time.perf_counter()
-        if all(type(image) is np.ndarray for image in images):
-            # Arrays (a worker's zero-copy views of message payloads) stack in numpy: no torch call,
-            # so no GIL hand-off, per image.
-            batch = torch.from_numpy(np.stack(images))
-        else:
-            batch = torch.stack(
-                [
-                    torch.as_tensor(np.array(image)) if isinstance(image, np.ndarray) else image
-                    for image in images
-                ]
-            )
-        with torch.inference_mode():
-            probabilities = self.classifier.predict(batch)
-        expected = (len(images), len(self._class_names))
-        if tuple(probabilities.shape) != expected:
-            raise ModelError(
-                f"model returned probabilities of shape {tuple(probabilities.shape)} for "
-                f"{len(images)} images; expected {expected} (one row per image, one column per class)"
-            )
-        if probabilities.dtype is not torch.float32 or probabilities.device.type != "cpu":
-            probabilities = probabilities.detach().to("cpu", torch.float32)
-        # Every torch call releases and retakes the GIL, and retaking it waits while the event loop
-        # runs Python: the labels come from the Python rows instead of a torch argmax.
-        rows = probabilities.tolist()
-        labels = [row.index(max(row)) for row in rows]
-        inference_ms = (time.perf_counter() - started) * 1000.0
-        return labels, rows, inference_ms
 
     def _answer(
         self,
