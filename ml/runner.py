@@ -16,14 +16,7 @@ On CPU, passes side by side on one torch thread each outrun one pass on many thr
 wait for each other at every op, so `concurrency` defaults to one pass per usable core
 (`ml.layout.inference_layout`; figures in `docs/benchmarks.md`).
 
-Errors (all subclasses of `RunnerError`, each with a stable `code`; `ml.runner_errors`):
-
-    RunnerError
-    ├── InvalidInput        the image does not fit the model (shape, dtype); at `submit`
-    ├── DeadlineExceeded    the deadline passed before the image was computed
-    ├── Overloaded          the queue holds `max_queue` images; at `submit`, at once
-    ├── ModelError          the forward pass failed for this image
-    └── RunnerClosed        `submit` after `close()` (or before `async with`)
+Errors: the `RunnerError` tree of `ml.runner_errors`, each with a stable `code`, re-exported here.
 """
 
 from __future__ import annotations
