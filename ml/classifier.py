@@ -254,9 +254,8 @@ class ImageClassifier:
         `torch.autocast` gives, without casting the weights on every call (checked by tests).
 
         Why: an eager forward pass takes the GIL back between every op, so in a server whose event
-        loop keeps the GIL busy, each batch waited on the loop: 6.6 ms alone became 134 ms beside a
-        busy Python thread, and 5.0 → 21 ms as TorchScript, which runs the whole graph without
-        the GIL. torch marks `torch.jit.trace` (and the `trace_method` it calls) and `torch.jit.freeze` deprecated (a FutureWarning on
+        loop keeps the GIL busy, each batch waits on the loop many times over; TorchScript runs the
+        whole graph without the GIL (figures: `bench/gil_contention.py` in docs/benchmarks.md). torch marks `torch.jit.trace` (and the `trace_method` it calls) and `torch.jit.freeze` deprecated (a FutureWarning on
         every call), but nothing else runs a whole pass without the GIL on the CPU yet
         (`torch.compile` still takes the GIL between kernels), so exactly those two notices are
         silenced here. If tracing fails, predict falls back to the eager module. Same outputs

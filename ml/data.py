@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,42 +12,35 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ml import readers
+from ml.readers import (
+    CLASS_NAMES,
+    EXPECTED_COUNTS,
+    FILES,
+    HOW_TO_GET,
+    IDX_IMAGES_MAGIC,
+    IDX_LABELS_MAGIC,
+    DataError,
+    has_files,
+    read_idx,
+)
+
+__all__ = [
+    "CLASS_NAMES",
+    "DataError",
+    "FashionMNISTSplits",
+    "TensorImageDataset",
+    "fashion_mnist_splits",
+    "find_data_dir",
+    "load_fashion_mnist",
+    "read_idx_images",
+    "read_idx_labels",
+    "split_train_val",
+]
+
 logger = logging.getLogger(__name__)
 
-DATA_DIR_ENV = "FMNIST_DATA_DIR"
-DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 TORCHVISION_CACHE = Path.home() / ".cache" / "fmnist-service" / "torchvision"
-
-CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
-FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-EXPECTED_COUNTS = {"train": 60_000, "test": 10_000}
-HOW_TO_GET = (
-    "install the data with `apt-get install dataset-fashion-mnist` (files land in "
-    f"{DEBIAN_DATA_DIR}), or download the four *-ubyte.gz files from "
-    "https://github.com/zalandoresearch/fashion-mnist and set FMNIST_DATA_DIR to their directory"
-)
-
-IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
-IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
-
-
-class DataError(RuntimeError):
-    """The data set is missing, unreadable or not what it claims to be; the message says how to fix it."""
 
 
 class TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -91,22 +82,6 @@ class FashionMNISTSplits:
     data_dir: Path
 
 
-def candidate_dirs(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Where the IDX files are looked for, in order: argument, `FMNIST_DATA_DIR`, the Debian package."""
-    candidates: list[Path] = []
-    if data_dir is not None:
-        candidates.append(Path(data_dir))
-    from_env = os.environ.get(DATA_DIR_ENV)
-    if from_env:
-        candidates.append(Path(from_env))
-    candidates.append(DEBIAN_DATA_DIR)
-    return candidates
-
-
-def _has_all_files(directory: Path) -> bool:
-    return all((directory / name).is_file() for pair in FILES.values() for name in pair)
-
-
 def _download_with_torchvision() -> Path | None:
     """Fetch the files with torchvision when it is installed (it is optional); None when unavailable."""
     try:
@@ -121,81 +96,33 @@ def _download_with_torchvision() -> Path | None:
         logger.warning("event=data_download_failed error=%r", str(exc))
         return None
     raw = TORCHVISION_CACHE / "FashionMNIST" / "raw"
-    return raw if _has_all_files(raw) else None
+    return raw if has_files(raw) else None
 
 
 def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, download: bool = True) -> Path:
-    """The first directory holding all four Fashion-MNIST files; raises `DataError` saying where it looked.
-
-    An explicit `data_dir` that lacks the files is an error even when another location has them:
-    the caller asked for that directory.
-    """
-    candidates = candidate_dirs(data_dir)
-    if data_dir is not None:
-        candidates = candidates[:1]
-    for directory in candidates:
-        if _has_all_files(directory):
-            return directory
-    if data_dir is None and download:
-        downloaded = _download_with_torchvision()
-        if downloaded is not None:
-            return downloaded
-    looked = ", ".join(str(c) for c in candidates)
-    needed = ", ".join(name for pair in FILES.values() for name in pair)
-    raise DataError(
-        f"Fashion-MNIST files not found (looked in: {looked}; need {needed}). To fix: {HOW_TO_GET}."
-    )
-
-
-def _read_gz(path: Path) -> bytes:
+    """`ml.readers.find_data_dir`, falling back to a torchvision download when no location has the
+    files and the caller named no directory (`download=False` forbids it)."""
     try:
-        with gzip.open(path, "rb") as handle:
-            return handle.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(
-            f"{path} is not a readable gzip file ({exc}); it is corrupt or truncated. To fix: {HOW_TO_GET}."
-        ) from exc
+        return readers.find_data_dir(data_dir)
+    except DataError:
+        if data_dir is None and download:
+            downloaded = _download_with_torchvision()
+            if downloaded is not None:
+                return downloaded
+        raise
 
 
 def read_idx_images(path: Path) -> torch.Tensor:
     """Parse an IDX3 image file into a uint8 N×1×H×W tensor."""
-    raw = _read_gz(path)
-    if len(raw) < 16:
-        raise DataError(f"{path} is too short to be an IDX image file. To fix: {HOW_TO_GET}.")
-    magic, count, rows, cols = struct.unpack(">IIII", raw[:16])
-    if magic != IDX_IMAGES_MAGIC:
-        raise DataError(
-            f"{path} is not an IDX image file (magic {magic:#010x}, expected {IDX_IMAGES_MAGIC:#010x}). "
-            f"To fix: {HOW_TO_GET}."
-        )
-    expected = 16 + count * rows * cols
-    if len(raw) != expected:
-        raise DataError(
-            f"{path} holds {len(raw)} bytes but its header promises {expected} "
-            f"({count} images of {rows}×{cols}); the file is corrupt or truncated. To fix: {HOW_TO_GET}."
-        )
-    pixels = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(count, 1, rows, cols)
-    return torch.from_numpy(pixels.copy())
+    pixels = read_idx(path, IDX_IMAGES_MAGIC)
+    count, rows, cols = pixels.shape
+    return torch.from_numpy(pixels.reshape(count, 1, rows, cols).copy())
 
 
 def read_idx_labels(path: Path, num_classes: int) -> torch.Tensor:
     """Parse an IDX1 label file into an int64 tensor, checking every label is a known class."""
-    raw = _read_gz(path)
-    if len(raw) < 8:
-        raise DataError(f"{path} is too short to be an IDX label file. To fix: {HOW_TO_GET}.")
-    magic, count = struct.unpack(">II", raw[:8])
-    if magic != IDX_LABELS_MAGIC:
-        raise DataError(
-            f"{path} is not an IDX label file (magic {magic:#010x}, expected {IDX_LABELS_MAGIC:#010x}). "
-            f"To fix: {HOW_TO_GET}."
-        )
-    if len(raw) != 8 + count:
-        raise DataError(
-            f"{path} holds {len(raw) - 8} labels but its header promises {count}; the file is corrupt "
-            f"or truncated. To fix: {HOW_TO_GET}."
-        )
-    labels = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64))
-    if count and int(labels.max()) >= num_classes:
+    labels = torch.from_numpy(read_idx(path, IDX_LABELS_MAGIC).astype(np.int64))
+    if labels.numel() and int(labels.max()) >= num_classes:
         raise DataError(
             f"{path} has label {int(labels.max())}, outside 0..{num_classes - 1}. To fix: {HOW_TO_GET}."
         )

@@ -15,10 +15,11 @@ from torch.utils.data import Dataset
 
 from ml.calibration import ECE_BINS, CalibrationReport, Reliability
 from ml.classifier import PRECISIONS, ImageClassifier
+from ml.plots import plot_confusion, plot_curves, plot_reliability
 from ml.training import EvaluationResult
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    pass
 
 
 @dataclass(frozen=True)
@@ -140,124 +141,6 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def plot_curves(history: dict[str, Any], path: Path) -> None:
-    """Training/validation loss and accuracy per epoch, as a PNG."""
-    curves_figure(history).savefig(path)
-
-
-def curves_figure(history: dict[str, Any]) -> Figure:
-    """The figure `plot_curves` saves: loss and accuracy against whole epochs."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [e["epoch"] for e in history["epochs"]]
-    figure = Figure(figsize=(10, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    loss_axes, accuracy_axes = figure.subplots(1, 2)
-    loss_axes.plot(
-        epochs, [e["train_loss"] for e in history["epochs"]], label="train (augmented, smoothed)"
-    )
-    accuracy_axes.plot(
-        epochs, [e["train_accuracy"] for e in history["epochs"]], label="train (augmented)"
-    )
-    if any(e["val_loss"] is not None for e in history["epochs"]):
-        loss_axes.plot(epochs, [e["val_loss"] for e in history["epochs"]], label="validation")
-        accuracy_axes.plot(
-            epochs, [e["val_accuracy"] for e in history["epochs"]], label="validation"
-        )
-    for axes, title in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
-        axes.set_xlabel("epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 on short runs
-        axes.set_title(title)
-        axes.grid(alpha=0.3)
-        axes.legend()
-    figure.tight_layout()
-    return figure
-
-
-def plot_confusion(
-    result: EvaluationResult, class_names: Sequence[str], path: Path, title: str
-) -> None:
-    """The confusion matrix (rows: true class, columns: predicted), counts annotated, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    matrix = result.confusion_matrix
-    size = len(class_names)
-    figure = Figure(figsize=(max(6, 0.7 * size + 2), max(5, 0.6 * size + 2)), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    image = axes.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axes)
-    axes.set_xticks(range(size), class_names, rotation=45, ha="right")
-    axes.set_yticks(range(size), class_names)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title)
-    if size <= 20:
-        peak = max(max(row) for row in matrix) or 1
-        for row in range(size):
-            for col in range(size):
-                colour = "white" if matrix[row][col] > peak / 2 else "black"
-                axes.text(
-                    col,
-                    row,
-                    str(matrix[row][col]),
-                    ha="center",
-                    va="center",
-                    color=colour,
-                    fontsize=7,
-                )
-    figure.tight_layout()
-    figure.savefig(path)
-
-
-def plot_reliability(report: CalibrationReport, path: Path, title: str) -> None:
-    """Reliability diagrams before and after the temperature (accuracy against confidence per bin), as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 4.5), dpi=100)
-    FigureCanvasAgg(figure)
-    panels = (
-        (report.before, "softmax(logits), T = 1"),
-        (report.after, f"softmax(logits / T), T = {report.temperature:.3f}"),
-    )
-    width = 1.0 / ECE_BINS
-    centres = [(b + 0.5) * width for b in range(ECE_BINS)]
-    for axes, (bins, label) in zip(figure.subplots(1, 2, sharey=True), panels, strict=True):
-        used = [b for b, count in enumerate(bins.counts) if count]
-        axes.bar(
-            [centres[b] for b in used],
-            [bins.accuracy[b] for b in used],
-            width=width,
-            edgecolor="black",
-            label="accuracy",
-        )
-        axes.bar(
-            [centres[b] for b in used],
-            [bins.confidence[b] - bins.accuracy[b] for b in used],
-            bottom=[bins.accuracy[b] for b in used],
-            width=width,
-            facecolor="none",
-            edgecolor="red",
-            hatch="//",
-            label="gap to mean confidence",
-        )
-        axes.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        axes.set_xlim(0, 1)
-        axes.set_ylim(0, 1)
-        axes.set_xlabel("confidence (top probability)")
-        axes.set_title(f"{label}\nECE {bins.ece:.4f} ({ECE_BINS} bins)")
-        axes.grid(alpha=0.3)
-    figure.axes[0].set_ylabel("accuracy")
-    figure.axes[0].legend(loc="upper left")
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path)
-
-
 def report_paths(checkpoint: Path, suffix: str = "") -> dict[str, Path]:
     """Where the report for `checkpoint` goes: beside it, named after it."""
     stem = checkpoint.with_suffix("").name + suffix
@@ -362,22 +245,67 @@ def write_model_card(
 
     `calibration` (the test set's `ImageClassifier.calibration_report`) adds the ECE before and after
     the temperature and the reliability diagrams."""
+    paths = _write_figures(classifier, checkpoint, test_result, calibration)
+    history = classifier.training.get("history", {"epochs": []})
+    lines = [
+        *_summary_section(classifier, checkpoint, test_result, generated_by, calibration),
+        *_recipe_section(command, classifier.training.get("config", {})),
+        *_throughput_section(throughput),
+        *_per_class_section(classifier.class_names, test_result, paths["confusion"]),
+    ]
+    if calibration is not None:
+        lines += _calibration_section(classifier, calibration, paths["reliability"])
+    if history["epochs"]:
+        lines += _epochs_section(history, paths["curves"])
+    if notes.strip():
+        lines += [notes.strip(), ""]
+    lines += _use_section(checkpoint)
+    paths["card"].write_text("\n".join(lines))
+    return paths
+
+
+def _write_figures(
+    classifier: ImageClassifier,
+    checkpoint: Path,
+    test_result: EvaluationResult,
+    calibration: CalibrationReport | None,
+) -> dict[str, Path]:
+    """The card's PNGs beside `checkpoint`; returns the paths the card links (and the card's own)."""
     paths = report_paths(checkpoint)
     if calibration is None:
         del paths["reliability"]
     else:
         plot_reliability(calibration, paths["reliability"], "test set reliability")
-    training = classifier.training
-    history = training.get("history", {"epochs": []})
+    history = classifier.training.get("history", {"epochs": []})
     if history["epochs"]:
         plot_curves(history, paths["curves"])
     plot_confusion(
         test_result, classifier.class_names, paths["confusion"], "test set confusion matrix"
     )
-    config = training.get("config", {})
+    return paths
+
+
+def _summary_section(
+    classifier: ImageClassifier,
+    checkpoint: Path,
+    test_result: EvaluationResult,
+    generated_by: str,
+    calibration: CalibrationReport | None,
+) -> list[str]:
+    """The title, what the model is, and the table of its headline figures."""
+    training = classifier.training
+    history = training.get("history", {"epochs": []})
     arch = classifier.config
     size_bytes = checkpoint.stat().st_size if checkpoint.exists() else 0
-    lines = [
+    calibration_row = (
+        [
+            f"| test expected calibration error | {calibration.after.ece:.4f} (raw softmax: "
+            f"{calibration.before.ece:.4f}; temperature {calibration.temperature:.4f}) |"
+        ]
+        if calibration is not None
+        else []
+    )
+    return [
         f"# Model card: `{checkpoint.name}`",
         "",
         f"A {len(arch.widths)}-stage CNN (widths {list(arch.widths)}, convs per stage "
@@ -391,14 +319,7 @@ def write_model_card(
         f"| test accuracy, bf16 inference | {_percent(classifier.metrics.get('test_accuracy_bf16'))} |",
         f"| validation accuracy (last epoch) | {_percent(classifier.metrics.get('val_accuracy'))} |",
         f"| test loss (NLL of the served probabilities) | {test_result.loss:.4f} |",
-        *(
-            [
-                f"| test expected calibration error | {calibration.after.ece:.4f} (raw softmax: "
-                f"{calibration.before.ece:.4f}; temperature {calibration.temperature:.4f}) |"
-            ]
-            if calibration is not None
-            else []
-        ),
+        *calibration_row,
         f"| version (weights sha256[:12]) | `{classifier.version}` |",
         f"| parameters | {classifier.num_parameters:,} |",
         f"| multiply-accumulates per image | {arch.multiply_accumulates():,} |",
@@ -411,6 +332,12 @@ def write_model_card(
         f"| torch | {training.get('torch_version')} |",
         f"| training data sha256 | `{training.get('data_hash')}` ({history.get('train_size')} train / {history.get('val_size')} validation images) |",
         "",
+    ]
+
+
+def _recipe_section(command: str, config: dict[str, Any]) -> list[str]:
+    """The command that trained the model and its hyperparameters."""
+    return [
         "## Training command",
         "",
         "```",
@@ -423,6 +350,12 @@ def write_model_card(
         "|---|---|",
         *(f"| {key} | {value} |" for key, value in config.items()),
         "",
+    ]
+
+
+def _throughput_section(throughput: Sequence[Throughput]) -> list[str]:
+    """Images/s of `predict` by precision and batch size, with how they were measured."""
+    return [
         "## Inference throughput (CPU)",
         "",
         "`ImageClassifier.predict` on random uint8 images, BatchNorm fused into the convs, channels_last, "
@@ -436,40 +369,55 @@ def write_model_card(
         "|---|---:|---:|---:|",
         *_throughput_rows(throughput),
         "",
+    ]
+
+
+def _per_class_section(
+    class_names: Sequence[str], result: EvaluationResult, confusion: Path
+) -> list[str]:
+    """Test accuracy of each class, and the confusion matrix figure."""
+    return [
         "## Per-class test accuracy",
         "",
+        *_per_class_table(class_names, result),
+        "",
+        f"![test confusion matrix]({confusion.name})",
+        "",
+    ]
+
+
+def _per_class_table(class_names: Sequence[str], result: EvaluationResult) -> list[str]:
+    return [
         "| class | accuracy |",
         "|---|---:|",
         *(
             f"| {name} | {_percent(acc)} |"
-            for name, acc in zip(
-                classifier.class_names, test_result.per_class_accuracy, strict=True
-            )
+            for name, acc in zip(class_names, result.per_class_accuracy, strict=True)
+        ),
+    ]
+
+
+def _epochs_section(history: dict[str, Any], curves: Path) -> list[str]:
+    """One row per epoch, and the loss and accuracy curves."""
+    return [
+        "## Epochs",
+        "",
+        f"![loss and accuracy curves]({curves.name})",
+        "",
+        "| epoch | lr at start | train loss | train acc | val loss | val acc | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {e['epoch']} | {e['lr']:.4f} | {e['train_loss']:.4f} | {_percent(e['train_accuracy'])} | "
+            f"{_decimal(e['val_loss'])} | {_percent(e['val_accuracy'])} | {e['seconds']:.1f} |"
+            for e in history["epochs"]
         ),
         "",
-        f"![test confusion matrix]({paths['confusion'].name})",
-        "",
     ]
-    if calibration is not None:
-        lines += _calibration_section(classifier, calibration, paths["reliability"])
-    if history["epochs"]:
-        lines += [
-            "## Epochs",
-            "",
-            f"![loss and accuracy curves]({paths['curves'].name})",
-            "",
-            "| epoch | lr at start | train loss | train acc | val loss | val acc | seconds |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-            *(
-                f"| {e['epoch']} | {e['lr']:.4f} | {e['train_loss']:.4f} | {_percent(e['train_accuracy'])} | "
-                f"{_decimal(e['val_loss'])} | {_percent(e['val_accuracy'])} | {e['seconds']:.1f} |"
-                for e in history["epochs"]
-            ),
-            "",
-        ]
-    if notes.strip():
-        lines += [notes.strip(), ""]
-    lines += [
+
+
+def _use_section(checkpoint: Path) -> list[str]:
+    """How to load the checkpoint and classify images with it."""
+    return [
         "## Use",
         "",
         "```python",
@@ -479,8 +427,6 @@ def write_model_card(
         "```",
         "",
     ]
-    paths["card"].write_text("\n".join(lines))
-    return paths
 
 
 def evaluation_report(
@@ -508,12 +454,7 @@ def evaluation_report(
         f"- recorded when trained: {_percent(recorded)}",
         f"- evaluated on: {classifier.device} ({cpu_description()}), torch {torch.__version__}",
         "",
-        "| class | accuracy |",
-        "|---|---:|",
-        *(
-            f"| {name} | {_percent(acc)} |"
-            for name, acc in zip(classifier.class_names, result.per_class_accuracy, strict=True)
-        ),
+        *_per_class_table(classifier.class_names, result),
         "",
         f"![confusion matrix]({paths['confusion'].name})",
         "",

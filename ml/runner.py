@@ -1,59 +1,51 @@
 """`ModelRunner`: dynamic batching of single-image asyncio submits into model forward passes.
 
-How a batch forms (one background task, `ModelRunner._batching_loop`):
+Which queued images form a batch, and when, is `ml.batching.BatchingPolicy` (a pure decision, read
+its module docstring); this module is the plumbing around it. One background task asks the policy
+what to do whenever something changes (a submit, a pass finishing, the oldest image falling due),
+takes the images it names from the head of the queue, drops those whose deadline has passed or
+whose caller gave up, and starts each forward pass (the images stacked into one uint8 N×C×H×W
+tensor) in an executor of `concurrency` threads. The event loop keeps accepting submits meanwhile.
 
-1. wait for the first queued image; its arrival time (monotonic) starts the batch's timer;
-2. keep taking images until the batch is full, or `max_wait_ms` has passed since
-   the OLDEST image in it arrived **and** fewer than `concurrency` forward passes are running (while
-   the model is busy, waiting costs nothing, so the batch keeps filling). Full means
-   `preferred_batch_size` images, or more when the queue is deeper: a share of the queue per pass,
-   up to `max_batch_size`. Bursts (a 256-image batch request) then compute in large passes, which
-   cost less per image, while a steady trickle keeps the small batches that answer soonest;
-3. drop the images whose deadline has passed (`DeadlineExceeded`) or whose caller gave up, and
-   start the forward pass of the rest (stacked into one uint8 N×C×H×W tensor) in an executor of
-   `concurrency` threads; the event loop keeps accepting submits and collects the next batch
-   meanwhile. A full batch is handed over even while every pass is busy (up to `concurrency` of
-   them wait in the executor's queue). A due batch smaller than `preferred_batch_size` is split
-   into one part per pass, at least `MIN_SHARED_BATCH` images each; parts beyond the free passes go
-   back to the head of the queue. 40 images due at once on two free passes compute as two passes of
-   20 side by side, not one pass of 40 on one core while the other idles;
-4. when a pass returns, the next batch starts at once, and only then are this batch's callers
-   answered (the model never waits for Python bookkeeping); the model must return exactly one row
-   per image, or every image of the batch fails.
+When a pass returns, the next batch starts at once, and only then are this batch's callers answered
+(the model never waits for Python bookkeeping); the model must return exactly one row per image, or
+every image of the batch fails. If a forward pass raises, the images are retried one at a time so
+that one poison image fails alone (`ModelError`) and the rest of its batch still gets answers.
 
-`concurrency=2` with one torch thread per pass (`torch.set_num_threads(1)`) runs two batches side by
-side on two cores: on CPU that is about twice the images/s of one pass on two intra-op threads, whose
-threads wait for each other at every op (`bench/runner.py`, `docs/benchmarks.md`).
+On CPU, passes side by side on one torch thread each outrun one pass on many threads, whose threads
+wait for each other at every op, so `concurrency` defaults to one pass per usable core
+(`ml.layout.inference_layout`; figures in `docs/benchmarks.md`).
 
-If a forward pass raises, the images are retried one at a time so that one poison image fails alone
-(`ModelError`) and the rest of its batch still gets answers.
-
-Errors (all subclasses of `RunnerError`, each with a stable `code`):
-
-    RunnerError
-    ├── InvalidInput        the image does not fit the model (shape, dtype); at `submit`
-    ├── DeadlineExceeded    the deadline passed before the image was computed
-    ├── Overloaded          the queue holds `max_queue` images; at `submit`, at once
-    ├── ModelError          the forward pass failed for this image
-    └── RunnerClosed        `submit` after `close()` (or before `async with`)
+Errors: the `RunnerError` tree of `ml.runner_errors`, each with a stable `code`, re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Sequence
+from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from ml.batching import BatchingPolicy, QueueState
+from ml.layout import inference_layout, usable_cores
+from ml.predictor import BatchPredictor, ForwardResult, forward_pass
+from ml.runner_errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelError,
+    Overloaded,
+    RunnerClosed,
+    RunnerError,
+)
+from ml.runner_stats import LatencySummary, RunnerCounters, RunnerStats
 
 __all__ = [
     "BatchPredictor",
@@ -71,68 +63,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# How many recent per-image timings the stats keep for percentiles.
-_TIMING_WINDOW = 8192
-
-# The smallest part a due batch is split into to share it among free passes. A judgement, not an
-# optimum measured for splitting: per image, small passes are dear (`bench/runner.py` on the shipped
-# model, 2 threads: 4,285 images/s at batch 8, 7,113 at 16, 10,864 at 32).
-MIN_SHARED_BATCH = 16
-
-
-@runtime_checkable
-class BatchPredictor(Protocol):
-    """What the runner needs from a model; `ml.ImageClassifier` satisfies it."""
-
-    @property
-    def class_names(self) -> Sequence[str]: ...
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]: ...
-
-    @property
-    def version(self) -> str: ...
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N×C×H×W → float32 N×K class probabilities."""
-        ...
-
-
-class RunnerError(Exception):
-    """Base of every error the runner gives a caller; `code` is stable and machine-readable."""
-
-    code = "runner_error"
-
-
-class InvalidInput(RunnerError, ValueError):
-    """The image cannot be fed to this model (wrong shape or dtype)."""
-
-    code = "invalid_input"
-
-
-class DeadlineExceeded(RunnerError):
-    """The image's deadline passed before it was computed; it was dropped without compute."""
-
-    code = "deadline_exceeded"
-
-
-class Overloaded(RunnerError):
-    """The runner's queue is full; retry later or raise `max_queue` / add workers."""
-
-    code = "overloaded"
-
-
-class ModelError(RunnerError):
-    """The model's forward pass failed for this image."""
-
-    code = "model_error"
-
-
-class RunnerClosed(RunnerError):
-    """The runner is not running (closed, or used outside `async with`)."""
-
-    code = "runner_closed"
-
 
 class Prediction(NamedTuple):
     """The model's answer for one image, with the provenance of the batch that computed it.
@@ -149,66 +79,11 @@ class Prediction(NamedTuple):
     model_version: str
 
 
-@dataclass(frozen=True, slots=True)
-class LatencySummary:
-    """Percentiles over the most recent images (window of a few thousand)."""
-
-    count: int
-    p50: float
-    p90: float
-    p99: float
-    max: float
-
-    @classmethod
-    def of(cls, samples: Sequence[float]) -> LatencySummary:
-        if not samples:
-            return cls(0, 0.0, 0.0, 0.0, 0.0)
-        ordered = np.asarray(samples, dtype=np.float64)
-        p50, p90, p99 = np.percentile(ordered, [50, 90, 99])
-        return cls(len(samples), float(p50), float(p90), float(p99), float(ordered.max()))
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerStats:
-    """A snapshot of the runner for metrics and `/v1/stats`."""
-
-    queue_depth: int
-    """Images submitted and not yet handed to the model (includes the batch being collected)."""
-    computing: int
-    """Images handed to the model: in passes computing now, or queued for a free executor thread."""
-    submitted: int
-    completed: int
-    failed: dict[str, int]
-    """Failed images by error code (`deadline_exceeded`, `model_error`, …)."""
-    batches: int
-    batch_sizes: dict[int, int]
-    """How many forward passes ran at each batch size."""
-    queue_ms: LatencySummary
-    """Time from `submit` to the start of the image's forward pass."""
-    inference_ms: LatencySummary
-    """Duration of the forward pass each image was part of."""
-
-
-# What one forward pass returns to the loop: labels, probability rows, milliseconds it took.
-_ForwardResult = tuple[list[int], list[list[float]], float]
-
-
 class _Queued(NamedTuple):
     image: torch.Tensor | np.ndarray
     future: asyncio.Future[Prediction]
     arrived: float  # time.monotonic()
     deadline: float | None  # unix seconds
-
-
-@dataclass(slots=True)
-class _Counters:
-    submitted: int = 0
-    completed: int = 0
-    failed: Counter[str] = field(default_factory=Counter)
-    batches: int = 0
-    batch_sizes: Counter[int] = field(default_factory=Counter)
-    queue_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_TIMING_WINDOW))
-    inference_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_TIMING_WINDOW))
 
 
 class ModelRunner:
@@ -219,8 +94,12 @@ class ModelRunner:
         prediction = await runner.submit(image)  # uint8 C×H×W tensor
     ```
 
-    `concurrency`: forward passes that may run at once (default 1). More than one pays off on CPU
-    when each pass uses fewer torch threads than there are cores.
+    `concurrency`: forward passes that may run at once. Default: the worker's layout, one per usable
+    core (at most `ml.layout.MAX_DEFAULT_PASSES`) on CPU, one on a GPU. More than one pays off on
+    CPU, most when each pass uses fewer torch threads than there are cores.
+
+    `max_batch_size`, `max_wait_ms`, `concurrency` and `preferred_batch_size` make the
+    `ml.batching.BatchingPolicy` that decides which queued images form each pass.
 
     `executor`: where forward passes run. Default: a private executor of `concurrency` threads (torch
     uses its own intra-op threads inside each). A caller-supplied executor is not shut down by the
@@ -234,44 +113,45 @@ class ModelRunner:
         max_wait_ms: float = 5.0,
         max_queue: int = 4096,
         executor: Executor | None = None,
-        concurrency: int = 1,
+        concurrency: int | None = None,
         preferred_batch_size: int | None = None,
     ) -> None:
-        _validate_settings(classifier, max_batch_size, max_wait_ms, max_queue, concurrency)
-        if preferred_batch_size is None:
-            preferred_batch_size = max_batch_size
+        _validate_classifier(classifier)
+        if concurrency is None:
+            concurrency = default_concurrency(classifier)
+        self.policy = BatchingPolicy(max_batch_size, max_wait_ms, concurrency, preferred_batch_size)
         if (
-            isinstance(preferred_batch_size, bool)
-            or not isinstance(preferred_batch_size, int)
-            or not 1 <= preferred_batch_size <= max_batch_size
+            isinstance(max_queue, bool)
+            or not isinstance(max_queue, int)
+            or max_queue < max_batch_size
         ):
             raise ValueError(
-                "preferred_batch_size (FMNIST_PREFERRED_BATCH_SIZE) must be an integer from 1 to "
-                f"max_batch_size ({max_batch_size}), got {preferred_batch_size!r}"
+                f"max_queue (FMNIST_MAX_QUEUE) must be an integer >= max_batch_size ({max_batch_size}) "
+                f"so a full batch can queue; got {max_queue!r}"
             )
         self.classifier = classifier
         self.max_batch_size = max_batch_size
         self.max_wait_ms = float(max_wait_ms)
         self.max_queue = max_queue
         self.concurrency = concurrency
-        self.preferred_batch_size = preferred_batch_size
-        self._max_wait_s = self.max_wait_ms / 1000.0
+        self.preferred_batch_size = self.policy.preferred
         self._input_shape = tuple(classifier.input_shape)
         self._class_names = list(classifier.class_names)
         self._model_version = str(classifier.version)
+        self._forward = partial(forward_pass, classifier, len(self._class_names))
         self._executor = executor
         self._owns_executor = executor is None
         self._batch_prefix = uuid.uuid4().hex[:8]
-        self._queue: deque[_Queued] = deque()
-        self._waiting = 0  # queued + being collected
+        self._queue: deque[_Queued] = deque()  # submitted, not yet handed to a forward pass
         self._computing = 0  # images in the forward passes running now
         self._passes_running = 0  # handed to the executor: computing, or queued behind one that is
         self._wakeup = asyncio.Event()
+        self._due_timer: asyncio.TimerHandle | None = None  # None once fired or cancelled
         self._loop_task: asyncio.Task[None] | None = None
         self._answering: set[asyncio.Task[None]] = set()
         self._closing = False
         self._accepting = False  # True between start() and close(): checked on every submit
-        self._counters = _Counters()
+        self._counters = RunnerCounters()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -341,7 +221,7 @@ class ModelRunner:
             )
             and image.shape == self._input_shape
             and self._accepting
-            and self._waiting < self.max_queue
+            and len(self._queue) < self.max_queue
             and (deadline is None or deadline > time.time())
         ):
             image_in = image
@@ -353,7 +233,6 @@ class ModelRunner:
                 future.set_exception(exc)
                 return future
         self._queue.append(_Queued(image_in, future, time.monotonic(), deadline))
-        self._waiting += 1
         self._counters.submitted += 1
         self._wakeup.set()
         return future
@@ -369,7 +248,7 @@ class ModelRunner:
         checked = self._checked_image(image)
         if deadline is not None and time.time() >= deadline:
             raise DeadlineExceeded("the request's deadline had passed before it was queued")
-        if self._waiting >= self.max_queue:
+        if len(self._queue) >= self.max_queue:
             raise Overloaded(
                 f"model queue is full ({self.max_queue} images waiting); retry later, "
                 "raise FMNIST_MAX_QUEUE or add workers"
@@ -399,117 +278,61 @@ class ModelRunner:
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting
+        return len(self._queue)
 
     def stats(self) -> RunnerStats:
-        counters = self._counters
-        return RunnerStats(
-            queue_depth=self._waiting,
-            computing=self._computing,
-            submitted=counters.submitted,
-            completed=counters.completed,
-            failed=dict(counters.failed),
-            batches=counters.batches,
-            batch_sizes=dict(sorted(counters.batch_sizes.items())),
-            queue_ms=LatencySummary.of(counters.queue_ms),
-            inference_ms=LatencySummary.of(counters.inference_ms),
-        )
+        return self._counters.snapshot(queue_depth=len(self._queue), computing=self._computing)
 
     # --- the batching loop ----------------------------------------------------------------------
 
     async def _batching_loop(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while True:
-                batch = await self._collect_batch()
-                if batch is None:
-                    break
-                parts, later = self._share(batch)
-                if later:  # back to the head of the queue: due, they go when a pass frees
-                    self._queue.extendleft(reversed(later))
-                self._waiting -= len(batch) - len(later)
-                for part in parts:
-                    self._launch(part, loop)
+            while (passes := await self._next_passes()) is not None:
+                for items in passes:
+                    self._launch(items, loop)
             while self._answering:
                 await asyncio.gather(*self._answering)
         except BaseException as exc:
             self._fail_everything(exc)
             raise
-
-    async def _collect_batch(self) -> list[_Queued] | None:
-        """Gather the next batch; None once closing and everything queued has been handed out."""
-        batch: list[_Queued] = []
-        # The timer's callback records that it fired: uvloop answers call_later(0, ...) with a
-        # plain Handle (no `when()`), and its millisecond clock can fire a timer early.
-        timer: asyncio.Handle | None = None
-        fired = [False]
-
-        def on_timer() -> None:
-            fired[0] = True
-            self._wakeup.set()
-
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                queue = self._queue
-                full = self._full_size()
-                while queue and len(batch) < full:
-                    batch.append(queue.popleft())
-                due_in = batch[0].arrived + self._max_wait_s - time.monotonic() if batch else 0.0
-                if due_in > 0 and timer is None:
-                    # The timer runs from the OLDEST image's arrival, not from now. A batch that is
-                    # already due needs no timer: only "model free" (or a full batch) can release
-                    # it, and both wake this loop. (Re-arming a zero-delay timer there would spin
-                    # the event loop and steal the CPU the forward pass is using.)
-                    fired[0] = False
-                    timer = loop.call_later(due_in, on_timer)
-                if batch:
-                    running = self._passes_running
-                    if len(batch) >= full and running < 2 * self.concurrency:
-                        # A full batch cannot grow: hand it over now, even while every executor
-                        # thread is busy. It waits in the executor's queue, and the thread that
-                        # finishes a pass starts it at once instead of waiting for this event loop
-                        # to come round (which may be busy for milliseconds parsing a request).
-                        return batch
-                    if running < self.concurrency and (self._closing or due_in <= 0):
-                        return batch
-                if not batch and self._closing:
-                    return None
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                if timer is not None and fired[0]:
-                    # The timer has fired. Some loops (uvloop: millisecond clock) fire up to 1 ms
-                    # early; if the batch is not due yet, the next pass sets a timer for the rest.
-                    timer.cancel()
-                    timer = None
-        except BaseException:
-            # Cancelled or crashed mid-collection: put the images back so they are answered.
-            self._queue.extendleft(reversed(batch))
-            raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._disarm_due_timer()
 
-    def _full_size(self) -> int:
-        """Images that make a batch full now: `preferred_batch_size`, or this pass's share of a deeper
-        queue (everything waiting, over `concurrency` passes), never more than `max_batch_size`."""
-        preferred = self.preferred_batch_size
-        if preferred >= self.max_batch_size:
-            return preferred
-        share = -(-self._waiting // self.concurrency)  # ceil
-        return min(self.max_batch_size, max(preferred, share))
+    async def _next_passes(self) -> list[list[_Queued]] | None:
+        """The images of the passes the policy starts next, taken from the queue; None once closing
+        and everything queued has been handed out."""
+        queue = self._queue
+        while True:
+            state = QueueState(
+                waiting=len(queue),
+                oldest_arrival=queue[0].arrived if queue else None,
+                passes_running=self._passes_running,
+                closing=self._closing,
+                now=time.monotonic(),
+            )
+            decision = self.policy.decide(state)
+            if decision.passes:
+                self._disarm_due_timer()
+                return [[queue.popleft() for _ in range(size)] for size in decision.passes]
+            if decision.stop:
+                return None
+            if decision.due_at is not None and self._due_timer is None:
+                # Some loops (uvloop: millisecond clock) fire a timer up to 1 ms early; the policy
+                # then answers "not due yet" and this arms a timer for the rest.
+                delay = decision.due_at - state.now
+                self._due_timer = asyncio.get_running_loop().call_later(delay, self._on_due)
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
-    def _share(self, batch: list[_Queued]) -> tuple[list[list[_Queued]], list[_Queued]]:
-        """(passes to start now, images to put back): a due batch that is not full is split into one
-        part per pass (at least `MIN_SHARED_BATCH` images each); the parts beyond the free passes
-        wait for the next pass to free up (see the module docstring)."""
-        parts = min(self.concurrency, len(batch) // MIN_SHARED_BATCH)
-        if len(batch) >= self.preferred_batch_size or parts <= 1:
-            return [batch], []
-        size = -(-len(batch) // parts)  # ceil
-        chunks = [batch[start : start + size] for start in range(0, len(batch), size)]
-        free = max(1, self.concurrency - self._passes_running)
-        return chunks[:free], [item for chunk in chunks[free:] for item in chunk]
+    def _on_due(self) -> None:
+        self._due_timer = None
+        self._wakeup.set()
+
+    def _disarm_due_timer(self) -> None:
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
 
     def _launch(self, batch: list[_Queued], loop: asyncio.AbstractEventLoop) -> None:
         """Start one batch's forward pass now; a task answers its callers once it returns."""
@@ -556,7 +379,7 @@ class ModelRunner:
         return live
 
     async def _answer_when_done(
-        self, live: list[_Queued], queue_ms: list[float], forward: asyncio.Future[_ForwardResult]
+        self, live: list[_Queued], queue_ms: list[float], forward: asyncio.Future[ForwardResult]
     ) -> None:
         try:
             try:
@@ -604,37 +427,6 @@ class ModelRunner:
                 )
             else:
                 self._answer([item], labels, rows, [waited_ms], inference_ms)
-
-    def _forward(self, images: list[torch.Tensor | np.ndarray]) -> _ForwardResult:
-        """Runs in the executor thread: one forward pass, converted to Python lists off the loop."""
-        started = time.perf_counter()
-        if all(type(image) is np.ndarray for image in images):
-            # Arrays (a worker's zero-copy views of message payloads) stack in numpy: no torch call,
-            # so no GIL hand-off, per image.
-            batch = torch.from_numpy(np.stack(images))
-        else:
-            batch = torch.stack(
-                [
-                    torch.as_tensor(np.array(image)) if isinstance(image, np.ndarray) else image
-                    for image in images
-                ]
-            )
-        with torch.inference_mode():
-            probabilities = self.classifier.predict(batch)
-        expected = (len(images), len(self._class_names))
-        if tuple(probabilities.shape) != expected:
-            raise ModelError(
-                f"model returned probabilities of shape {tuple(probabilities.shape)} for "
-                f"{len(images)} images; expected {expected} (one row per image, one column per class)"
-            )
-        if probabilities.dtype is not torch.float32 or probabilities.device.type != "cpu":
-            probabilities = probabilities.detach().to("cpu", torch.float32)
-        # Every torch call releases and retakes the GIL, and retaking it waits while the event loop
-        # runs Python: the labels come from the Python rows instead of a torch argmax.
-        rows = probabilities.tolist()
-        labels = [row.index(max(row)) for row in rows]
-        inference_ms = (time.perf_counter() - started) * 1000.0
-        return labels, rows, inference_ms
 
     def _answer(
         self,
@@ -685,43 +477,20 @@ class ModelRunner:
             item = self._queue.popleft()
             error = RunnerClosed(f"model runner stopped: {cause!r}")
             self._fail(item, error)
-        self._waiting = 0
 
 
-def _validate_settings(
-    classifier: Any, max_batch_size: int, max_wait_ms: float, max_queue: int, concurrency: int
-) -> None:
-    """Reject settings that cannot work, naming the setting to change."""
+def default_concurrency(classifier: BatchPredictor) -> int:
+    """The worker's default: one pass per usable core (at most a few) on CPU, one on a GPU."""
+    on_gpu = str(getattr(classifier, "device", "cpu")) != "cpu"
+    return inference_layout(usable_cores(), on_gpu=on_gpu).concurrency
+
+
+def _validate_classifier(classifier: Any) -> None:
+    """Reject a model the runner cannot drive, saying what it lacks."""
     if not isinstance(classifier, BatchPredictor):
         raise TypeError(
             "classifier must provide predict(images), class_names, input_shape and version "
             f"(like ml.ImageClassifier); got {type(classifier).__name__}"
-        )
-    if (
-        isinstance(max_batch_size, bool)
-        or not isinstance(max_batch_size, int)
-        or max_batch_size < 1
-    ):
-        raise ValueError(
-            f"max_batch_size (FMNIST_MAX_BATCH_SIZE) must be an integer >= 1, got {max_batch_size!r}"
-        )
-    if (
-        isinstance(max_wait_ms, bool)
-        or not isinstance(max_wait_ms, int | float)
-        or not math.isfinite(max_wait_ms)
-        or max_wait_ms < 0
-    ):
-        raise ValueError(
-            f"max_wait_ms (FMNIST_MAX_WAIT_MS) must be a finite number >= 0, got {max_wait_ms!r}"
-        )
-    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < max_batch_size:
-        raise ValueError(
-            f"max_queue (FMNIST_MAX_QUEUE) must be an integer >= max_batch_size ({max_batch_size}) "
-            f"so a full batch can queue; got {max_queue!r}"
-        )
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(
-            f"concurrency (FMNIST_INFERENCE_CONCURRENCY) must be an integer >= 1, got {concurrency!r}"
         )
     shape = tuple(classifier.input_shape)
     if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):

@@ -324,29 +324,15 @@ def fit(
 ) -> TrainingHistory:
     """Train `network` in place with a one-cycle schedule; validate after every epoch."""
     generator = torch.Generator().manual_seed(config.seed)
-    count = int(train_images.shape[0])
-    samples_per_epoch = count if count < config.batch_size else count - count % config.batch_size
-    steps_per_epoch = max(samples_per_epoch // config.batch_size, 1)
+    samples_per_epoch = _samples_per_epoch(int(train_images.shape[0]), config.batch_size)
     optimizer = _optimizer(network, config)
-    total_steps = config.epochs * steps_per_epoch
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    if total_steps >= 8:
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=config.lr,
-            total_steps=total_steps,
-            pct_start=max(config.warmup_fraction, 2.0 / total_steps),
-            cycle_momentum=config.optimizer == "sgd",
-        )
-    else:  # too few steps for a warm-up and an annealing phase (OneCycleLR divides by zero)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    total_steps = config.epochs * max(samples_per_epoch // config.batch_size, 1)
+    scheduler = _scheduler(optimizer, config, total_steps)
     history = TrainingHistory(
         train_size=int(train_images.shape[0]),
         val_size=int(val_images.shape[0]) if val_images is not None else 0,
     )
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    load_started = _load_average()
+    started, cpu_started, load_started = time.perf_counter(), time.process_time(), _load_average()
     epochs = tqdm(
         range(1, config.epochs + 1), desc="epochs", disable=not config.progress, unit="epoch"
     )
@@ -364,12 +350,9 @@ def fit(
             device,
             description=f"epoch {epoch}/{config.epochs}",
         )
-        val_loss = val_accuracy = None
-        if val_images is not None and val_labels is not None and val_images.shape[0]:
-            result = evaluate(
-                network, val_images, val_labels, num_classes, device, config.eval_batch_size
-            )
-            val_loss, val_accuracy = result.loss, result.accuracy
+        val_loss, val_accuracy = _validate(
+            network, val_images, val_labels, num_classes, config, device
+        )
         record = EpochRecord(
             epoch=epoch,
             train_loss=train_loss,
@@ -380,21 +363,63 @@ def fit(
             seconds=time.perf_counter() - epoch_started,
         )
         history.epochs.append(record)
-        summary = f"loss={train_loss:.4f} train_acc={train_accuracy:.4f}"
-        if val_accuracy is not None:
-            summary += f" val_acc={val_accuracy:.4f}"
-        epochs.set_postfix_str(summary)
-        logger.info(
-            "event=epoch epoch=%d epochs=%d %s lr=%.4f seconds=%.1f",
-            epoch,
-            config.epochs,
-            summary,
-            lr,
-            record.seconds,
-        )
+        _report_epoch(epochs, record, config.epochs)
     network.eval()
     history.seconds = time.perf_counter() - started
     history.cpu_seconds = time.process_time() - cpu_started
     history.load_average = (load_started, _load_average())
     history.images_per_second = config.epochs * samples_per_epoch / max(history.seconds, 1e-9)
     return history
+
+
+def _samples_per_epoch(count: int, batch_size: int) -> int:
+    """Images one epoch trains on: whole batches only, unless the data is smaller than one batch."""
+    return count if count < batch_size else count - count % batch_size
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle learning rate over `total_steps`: warm-up, then cosine annealing."""
+    if (
+        total_steps < 8
+    ):  # too few steps for a warm-up and an annealing phase (OneCycleLR divides by zero)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.lr,
+        total_steps=total_steps,
+        pct_start=max(config.warmup_fraction, 2.0 / total_steps),
+        cycle_momentum=config.optimizer == "sgd",
+    )
+
+
+def _validate(
+    network: nn.Module,
+    images: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    num_classes: int,
+    config: TrainConfig,
+    device: torch.device,
+) -> tuple[float | None, float | None]:
+    """(loss, accuracy) on the validation split; (None, None) when there is none."""
+    if images is None or labels is None or not images.shape[0]:
+        return None, None
+    result = evaluate(network, images, labels, num_classes, device, config.eval_batch_size)
+    return result.loss, result.accuracy
+
+
+def _report_epoch(progress: tqdm[int], record: EpochRecord, epochs: int) -> None:
+    """One log line per epoch, and its figures on the progress bar."""
+    summary = f"loss={record.train_loss:.4f} train_acc={record.train_accuracy:.4f}"
+    if record.val_accuracy is not None:
+        summary += f" val_acc={record.val_accuracy:.4f}"
+    progress.set_postfix_str(summary)
+    logger.info(
+        "event=epoch epoch=%d epochs=%d %s lr=%.4f seconds=%.1f",
+        record.epoch,
+        epochs,
+        summary,
+        record.lr,
+        record.seconds,
+    )

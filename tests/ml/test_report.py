@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ml.report import curves_figure, duration
+from ml.plots import curves_figure
+from ml.report import duration
 
 
 def test_duration_uses_seconds_under_a_minute_and_minutes_above() -> None:

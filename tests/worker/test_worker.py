@@ -17,7 +17,7 @@ from app.settings import Settings
 from app.worker import Worker
 from messaging import BrokerUnavailable, PubSub
 from tests.brokers import connect_options
-from tests.runner.models import PoisonClassifier, TinyClassifier, image
+from tests.ml.models import PoisonClassifier, TinyClassifier, image
 from tests.worker.helpers import (
     nothing_more,
     publish_request,

@@ -16,7 +16,7 @@ from app.worker import Worker
 from ml import ImageClassifier
 from tests.brokers import connect_options
 from tests.e2e import processes
-from tests.runner.models import TinyClassifier, image
+from tests.ml.models import TinyClassifier, image
 from tests.worker.helpers import publish_request, take_results, worker_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.timeout(120)]

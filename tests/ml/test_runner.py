@@ -21,7 +21,7 @@ from ml.runner import (
     Prediction,
     RunnerClosed,
 )
-from tests.runner.models import (
+from tests.ml.models import (
     GatedClassifier,
     PoisonClassifier,
     TinyClassifier,
@@ -40,7 +40,7 @@ async def wait_until_entered(model: GatedClassifier) -> None:
 async def test_concurrent_submits_are_grouped_into_full_batches() -> None:
     """32 concurrent submits with max_batch_size=8 run as four forward passes of 8."""
     model = TinyClassifier()
-    async with ModelRunner(model, max_batch_size=8, max_wait_ms=1000) as runner:
+    async with ModelRunner(model, max_batch_size=8, max_wait_ms=1000, concurrency=1) as runner:
         predictions = await asyncio.gather(*(runner.submit(image(seed=i)) for i in range(32)))
     assert model.calls == [8, 8, 8, 8]
     assert {p.batch_size for p in predictions} == {8}
@@ -52,7 +52,7 @@ async def test_each_caller_gets_the_prediction_for_its_own_image() -> None:
     model = TinyClassifier()
     images = [image(seed=i) for i in range(20)]
     expected = model.predict(torch.stack(images))
-    async with ModelRunner(model, max_batch_size=7, max_wait_ms=2) as runner:
+    async with ModelRunner(model, max_batch_size=7, max_wait_ms=2, concurrency=1) as runner:
         predictions = await asyncio.gather(*(runner.submit(img) for img in images))
     for prediction, row in zip(predictions, expected, strict=True):
         assert isinstance(prediction, Prediction)
@@ -65,7 +65,7 @@ async def test_each_caller_gets_the_prediction_for_its_own_image() -> None:
 async def test_a_lone_image_waits_max_wait_ms_then_runs_alone() -> None:
     """With no other traffic, one image is computed about max_wait_ms after it arrived."""
     model = TinyClassifier()
-    async with ModelRunner(model, max_batch_size=64, max_wait_ms=50) as runner:
+    async with ModelRunner(model, max_batch_size=64, max_wait_ms=50, concurrency=1) as runner:
         prediction = await runner.submit(image(1))
     assert prediction.batch_size == 1
     assert 50 <= prediction.queue_ms < 400
@@ -74,7 +74,7 @@ async def test_a_lone_image_waits_max_wait_ms_then_runs_alone() -> None:
 async def test_the_timer_runs_from_the_oldest_item_not_the_newest() -> None:
     """A later arrival joins the batch but does not push back when the batch closes."""
     model = TinyClassifier()
-    async with ModelRunner(model, max_batch_size=64, max_wait_ms=300) as runner:
+    async with ModelRunner(model, max_batch_size=64, max_wait_ms=300, concurrency=1) as runner:
         first = asyncio.ensure_future(runner.submit(image(1)))
         await asyncio.sleep(0.15)
         second = await runner.submit(image(2))
@@ -89,7 +89,7 @@ async def test_the_timer_runs_from_the_oldest_item_not_the_newest() -> None:
 async def test_an_image_queued_while_the_model_is_busy_runs_as_soon_as_it_is_free() -> None:
     """Its timer started on arrival: once the busy batch ends it is due, so it runs at once."""
     model = GatedClassifier()
-    async with ModelRunner(model, max_batch_size=64, max_wait_ms=200) as runner:
+    async with ModelRunner(model, max_batch_size=64, max_wait_ms=200, concurrency=1) as runner:
         busy = asyncio.ensure_future(runner.submit(image(1)))
         await wait_until_entered(model)
         late = asyncio.ensure_future(runner.submit(image(2)))
@@ -104,7 +104,7 @@ async def test_an_image_queued_while_the_model_is_busy_runs_as_soon_as_it_is_fre
 async def test_an_overdue_batch_waiting_for_the_model_does_not_spin_the_event_loop() -> None:
     """While the model is busy, an overdue batch costs the loop no CPU (the pass needs every core)."""
     model = GatedClassifier()
-    async with ModelRunner(model, max_batch_size=64, max_wait_ms=1) as runner:
+    async with ModelRunner(model, max_batch_size=64, max_wait_ms=1, concurrency=1) as runner:
         busy = asyncio.ensure_future(runner.submit(image(1)))
         await wait_until_entered(model)
         late = asyncio.ensure_future(runner.submit(image(2)))
@@ -120,7 +120,7 @@ async def test_an_overdue_batch_waiting_for_the_model_does_not_spin_the_event_lo
 async def test_images_arriving_during_a_forward_pass_form_the_next_batch() -> None:
     """Pipelining: while one batch computes, the next one fills; never two forward passes at once."""
     model = GatedClassifier()
-    async with ModelRunner(model, max_batch_size=16, max_wait_ms=0) as runner:
+    async with ModelRunner(model, max_batch_size=16, max_wait_ms=0, concurrency=1) as runner:
         busy = asyncio.ensure_future(runner.submit(image(1)))
         await wait_until_entered(model)
         waiting = [asyncio.ensure_future(runner.submit(image(seed=i))) for i in range(10)]
@@ -149,7 +149,7 @@ async def test_a_deep_queue_fills_batches_past_the_preferred_size() -> None:
     """preferred 8, max 64: a burst of 200 computes in passes of 64; a trickle in passes of 8."""
     model = TinyClassifier()
     async with ModelRunner(
-        model, max_batch_size=64, preferred_batch_size=8, max_wait_ms=1000
+        model, max_batch_size=64, preferred_batch_size=8, max_wait_ms=1000, concurrency=1
     ) as runner:
         await asyncio.gather(*(runner.submit(image(seed=i)) for i in range(200)))
         assert model.calls[:3] == [64, 64, 64]
@@ -185,7 +185,7 @@ async def test_concurrency_runs_that_many_passes_side_by_side() -> None:
 async def test_a_full_batch_does_not_wait_for_the_timer() -> None:
     """max_batch_size images close the batch immediately even with a long max_wait_ms."""
     model = TinyClassifier()
-    async with ModelRunner(model, max_batch_size=4, max_wait_ms=10_000) as runner:
+    async with ModelRunner(model, max_batch_size=4, max_wait_ms=10_000, concurrency=1) as runner:
         started = time.monotonic()
         await asyncio.gather(*(runner.submit(image(seed=i)) for i in range(4)))
     assert time.monotonic() - started < 2.0
@@ -204,7 +204,7 @@ async def test_a_full_batch_does_not_wait_for_the_timer() -> None:
 async def test_an_unusable_image_gets_its_own_error_and_the_rest_succeed(bad: object) -> None:
     """A wrong shape or dtype fails with InvalidInput for that caller only."""
     model = TinyClassifier()
-    async with ModelRunner(model, max_batch_size=8, max_wait_ms=5) as runner:
+    async with ModelRunner(model, max_batch_size=8, max_wait_ms=5, concurrency=1) as runner:
         results = await asyncio.gather(
             runner.submit(image(seed=1)),
             runner.submit(bad),  # type: ignore[arg-type]
@@ -220,7 +220,7 @@ async def test_numpy_images_are_accepted() -> None:
     """A uint8 numpy C×H×W array is classified like the same tensor."""
     model = TinyClassifier()
     pixels = image(seed=3)
-    async with ModelRunner(model, max_wait_ms=0) as runner:
+    async with ModelRunner(model, max_wait_ms=0, concurrency=1) as runner:
         from_numpy = await runner.submit(pixels.numpy())
         from_tensor = await runner.submit(pixels)
     assert from_numpy.probabilities == from_tensor.probabilities
@@ -233,7 +233,7 @@ async def test_read_only_arrays_and_tensors_share_a_batch() -> None:
     views = [np.frombuffer(img.numpy().tobytes(), np.uint8).reshape(1, 28, 28) for img in images]
     assert not views[0].flags.writeable
     expected = model.predict(torch.stack(images))
-    async with ModelRunner(model, max_batch_size=6, max_wait_ms=1000) as runner:
+    async with ModelRunner(model, max_batch_size=6, max_wait_ms=1000, concurrency=1) as runner:
         mixed = await asyncio.gather(
             *(runner.submit(v) for v in views[:3]), *(runner.submit(t) for t in images[3:])
         )
@@ -247,7 +247,7 @@ async def test_read_only_arrays_and_tensors_share_a_batch() -> None:
 async def test_a_poison_image_fails_alone_after_its_batch_is_retried_one_by_one() -> None:
     """The forward pass raises for the batch; only the poison image gets ModelError."""
     model = PoisonClassifier()
-    async with ModelRunner(model, max_batch_size=8, max_wait_ms=1000) as runner:
+    async with ModelRunner(model, max_batch_size=8, max_wait_ms=1000, concurrency=1) as runner:
         images = [image(seed=i) for i in range(8)]
         images[3] = image(255)
         results = await asyncio.gather(
@@ -263,7 +263,7 @@ async def test_a_poison_image_fails_alone_after_its_batch_is_retried_one_by_one(
 async def test_a_model_that_returns_the_wrong_number_of_rows_fails_each_item() -> None:
     """One output per input is checked: a short output is a ModelError, never a shifted answer."""
     model = WrongRowsClassifier()
-    async with ModelRunner(model, max_batch_size=4, max_wait_ms=1000) as runner:
+    async with ModelRunner(model, max_batch_size=4, max_wait_ms=1000, concurrency=1) as runner:
         results = await asyncio.gather(
             *(runner.submit(image(seed=i)) for i in range(4)), return_exceptions=True
         )
@@ -274,7 +274,7 @@ async def test_a_model_that_returns_the_wrong_number_of_rows_fails_each_item() -
 async def test_an_already_expired_deadline_is_refused_at_submit() -> None:
     """A deadline in the past raises DeadlineExceeded without queueing."""
     model = TinyClassifier()
-    async with ModelRunner(model, max_wait_ms=0) as runner:
+    async with ModelRunner(model, max_wait_ms=0, concurrency=1) as runner:
         with pytest.raises(DeadlineExceeded):
             await runner.submit(image(1), deadline=time.time() - 1)
     assert model.calls == []
@@ -283,7 +283,7 @@ async def test_an_already_expired_deadline_is_refused_at_submit() -> None:
 async def test_an_image_whose_deadline_passes_in_the_queue_is_dropped_before_compute() -> None:
     """Expired while the model was busy: DeadlineExceeded, and the model never sees it."""
     model = GatedClassifier()
-    async with ModelRunner(model, max_batch_size=8, max_wait_ms=0) as runner:
+    async with ModelRunner(model, max_batch_size=8, max_wait_ms=0, concurrency=1) as runner:
         busy = asyncio.ensure_future(runner.submit(image(1)))
         await wait_until_entered(model)
         expiring = asyncio.ensure_future(runner.submit(image(2), deadline=time.time() + 0.05))
@@ -304,7 +304,9 @@ async def test_a_full_queue_raises_overloaded_at_once() -> None:
     The images waiting are those not yet handed to the model: behind the pass that computes, one
     full batch per `concurrency` is handed over ahead of time and no longer counts."""
     model = GatedClassifier()
-    async with ModelRunner(model, max_batch_size=4, max_wait_ms=0, max_queue=4) as runner:
+    async with ModelRunner(
+        model, max_batch_size=4, max_wait_ms=0, max_queue=4, concurrency=1
+    ) as runner:
         busy = asyncio.ensure_future(runner.submit(image(1)))
         await wait_until_entered(model)
         handed = [asyncio.ensure_future(runner.submit(image(seed=i))) for i in range(4)]
@@ -343,7 +345,7 @@ async def test_submit_before_start_says_how_to_use_the_runner() -> None:
 async def test_a_cancelled_caller_is_skipped_without_blocking_its_batch() -> None:
     """A submit cancelled while queued is not computed; the others in its batch still are."""
     model = GatedClassifier()
-    async with ModelRunner(model, max_batch_size=8, max_wait_ms=0) as runner:
+    async with ModelRunner(model, max_batch_size=8, max_wait_ms=0, concurrency=1) as runner:
         busy = asyncio.ensure_future(runner.submit(image(1)))
         await wait_until_entered(model)
         cancelled = asyncio.ensure_future(runner.submit(image(2)))
@@ -358,7 +360,7 @@ async def test_a_cancelled_caller_is_skipped_without_blocking_its_batch() -> Non
 async def test_stats_report_batch_sizes_and_timings() -> None:
     """The stats snapshot has the batch size histogram, counts and latency percentiles."""
     model = TinyClassifier()
-    async with ModelRunner(model, max_batch_size=5, max_wait_ms=1000) as runner:
+    async with ModelRunner(model, max_batch_size=5, max_wait_ms=1000, concurrency=1) as runner:
         await asyncio.gather(*(runner.submit(image(seed=i)) for i in range(10)))
         stats = runner.stats()
     assert stats.batch_sizes == {5: 2}
@@ -399,7 +401,7 @@ async def test_a_saturated_runner_uses_full_batches() -> None:
     """Under a burst far larger than a batch, nearly every forward pass is full."""
     model = TinyClassifier()
     images = np.random.default_rng(0).integers(0, 255, (512, 1, 28, 28), dtype=np.uint8)
-    async with ModelRunner(model, max_batch_size=64, max_wait_ms=5) as runner:
+    async with ModelRunner(model, max_batch_size=64, max_wait_ms=5, concurrency=1) as runner:
         await asyncio.gather(*(runner.submit(img) for img in images))
     assert sum(model.calls) == 512
     assert model.calls.count(64) >= 7
@@ -444,3 +446,11 @@ def test_batches_form_under_uvloop() -> None:
         predictions = loop_runner.run(burst_then_lone_image())
     assert len(predictions) == 21
     assert max(p.batch_size for p in predictions) == 8
+
+
+def test_the_default_concurrency_is_one_pass_per_usable_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without `concurrency`, the runner takes the worker's CPU layout: one pass per usable core."""
+    monkeypatch.setattr("ml.runner.usable_cores", lambda: 3)
+    assert ModelRunner(TinyClassifier()).concurrency == 3
