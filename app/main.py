@@ -7,6 +7,7 @@ Nothing here (nor anything it imports) imports torch: images are decoded with Pi
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -21,15 +22,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import demo
 from app.api import ops, predictions, stream
 from app.api.gateway import Gateway, PubSubFactory
-from app.errors import error_body, install_error_handlers
+from app.errors import ApiError, error_body, install_error_handlers
 from app.logs import kv
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# Request headers above these sizes are refused with 431 (servers have their own, looser limits).
-MAX_HEADER_BYTES = 16 * 1024
+# One request header above this size is refused with 431; the whole block's limit is a setting
+# (FMNIST_MAX_HEADER_BYTES), which the server (app/server.py) applies as the bytes arrive.
 MAX_HEADER_VALUE_BYTES = 8 * 1024
+# A client refused for a full body budget may try again this soon: bodies in flight finish in seconds.
+RETRY_AFTER_BODY_BUDGET_S = 1
 # At most this long is spent waiting for the broker at startup; the gateway then serves 503s and
 # keeps reconnecting in the background.
 MAX_STARTUP_WAIT_S = 15.0
@@ -66,18 +69,43 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info(kv("gateway_stopped", gateway_id=gateway.gateway_id))
 
 
+class BodyBudget:
+    """Request body bytes held across all requests in flight, against one limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        """Count `size` more bytes as held; 503 + Retry-After when that would pass the limit."""
+        if self.held + size > self.limit:
+            raise ApiError(
+                503,
+                "busy",
+                f"the gateway holds {self.limit} bytes of request bodies already "
+                "(FMNIST_MAX_BODY_BYTES_IN_FLIGHT); retry shortly",
+                headers={"Retry-After": str(RETRY_AFTER_BODY_BUDGET_S), "Connection": "close"},
+            )
+        self.held += size
+
+
 class EdgeMiddleware:
-    """Refuses oversized headers (431) and records every HTTP request's route, status and latency."""
+    """Refuses oversized headers (431), bounds request bodies in total (503) and in time (408), and
+    records every HTTP request's route, status and latency."""
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
         self.app = app
         self.metrics = gateway.metrics
+        settings = gateway.settings
+        self.max_header_bytes = settings.max_header_bytes
+        self.body_timeout_s = settings.body_read_timeout_s
+        self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        oversized = _oversized_header(scope["headers"])
+        oversized = _oversized_header(scope["headers"], self.max_header_bytes)
         if oversized is not None:
             await _refuse_headers(scope, send, oversized)
             return
@@ -93,9 +121,41 @@ class EdgeMiddleware:
                 status = message["status"]
             await send(message)
 
+        bodies = self.bodies
+        body_timeout_s = self.body_timeout_s
+        held = 0
+        deadline: float | None = None
+        body_done = False
+
+        async def receive_bounded() -> Message:
+            nonlocal held, deadline, body_done
+            if body_done:  # later reads only wait for a disconnect
+                return await receive()
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + body_timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    "request_timeout",
+                    f"the request body did not arrive within {body_timeout_s:g} s "
+                    "(FMNIST_BODY_READ_TIMEOUT_S)",
+                    headers={"Connection": "close"},
+                ) from None
+            if message["type"] == "http.request":
+                size = len(message.get("body", b""))
+                if size:
+                    bodies.take(size)
+                    held += size
+                body_done = not message.get("more_body", False)
+            return message
+
         try:
-            await self.app(scope, receive, send_and_record)
+            await self.app(scope, receive_bounded, send_and_record)
         finally:
+            bodies.held -= held
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
@@ -105,14 +165,16 @@ class EdgeMiddleware:
             )
 
 
-def _oversized_header(headers: list[tuple[bytes, bytes]]) -> str | None:
+def _oversized_header(headers: list[tuple[bytes, bytes]], max_total: int) -> str | None:
     total = 0
     for name, value in headers:
         if len(value) > MAX_HEADER_VALUE_BYTES:
             return f"header {name.decode('latin-1')} is {len(value)} bytes; the limit is {MAX_HEADER_VALUE_BYTES}"
         total += len(name) + len(value)
-    if total > MAX_HEADER_BYTES:
-        return f"request headers are {total} bytes; the limit is {MAX_HEADER_BYTES}"
+    if total > max_total:
+        return (
+            f"request headers are {total} bytes; the limit is {max_total} (FMNIST_MAX_HEADER_BYTES)"
+        )
     return None
 
 

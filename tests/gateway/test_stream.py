@@ -182,13 +182,9 @@ async def test_stream_needs_a_key_and_shows_only_the_keys_results() -> None:
     assert pushed["request_id"] == alices
 
 
-async def test_a_client_that_falls_behind_is_closed_with_a_resume_cursor(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_client_that_falls_behind_is_closed_with_a_resume_cursor() -> None:
     """Past the per-socket queue bound the socket gets what was queued, then close 1013 naming `after=`."""
-
-    monkeypatch.setattr(stream, "MAX_QUEUED_MESSAGES", 5)
-    settings = gateway_settings()
+    settings = gateway_settings(stream_max_queued_messages=5)
     async with (
         serving(settings) as (app, base),
         connect(f"ws://{base}/v1/predictions/stream") as socket,
