@@ -14,7 +14,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import messaging
-from app.api import stream
 from app.protocol import ResultMessage
 from tests.gateway.helpers import fashion_like, gateway_settings, png_bytes, serving, worker_running
 
