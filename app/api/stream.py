@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["predictions"])
 
 MAX_ID_CHARS = 128
+# Echoed back in every answer to the message, so bounded: a long one would multiply what is queued.
+MAX_CLIENT_REF_CHARS = 256
+MAX_ECHOED_TYPE_CHARS = 40
 # A close frame to a client that does not read cannot be sent; give up on it after this long.
 CLOSE_WAIT_S = 1.0
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -270,6 +273,12 @@ class StreamSession:
             if not isinstance(message, dict):
                 raise ApiError(422, "invalid_message", "messages must be JSON objects")
             ref = message.get("client_ref")
+            if isinstance(ref, str) and len(ref) > MAX_CLIENT_REF_CHARS:
+                raise ApiError(
+                    422,
+                    "invalid_message",
+                    f"client_ref: at most {MAX_CLIENT_REF_CHARS} characters",
+                )
             client_ref = ref if isinstance(ref, str) else None
             kind = message.get("type")
             if kind == "submit":
@@ -280,7 +289,8 @@ class StreamSession:
                 raise ApiError(
                     422,
                     "invalid_message",
-                    f"unknown message type {kind!r}; use 'submit' or 'subscribe'",
+                    f"unknown message type {repr(kind)[:MAX_ECHOED_TYPE_CHARS]}; "
+                    "use 'submit' or 'subscribe'",
                 )
         except ApiError as exc:
             self._send_error(exc, client_ref)
