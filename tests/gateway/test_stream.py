@@ -253,13 +253,14 @@ async def test_a_client_that_sends_but_never_reads_is_dropped() -> None:
     settings = gateway_settings(stream_max_queued_messages=50, stream_send_timeout_s=0.5)
     async with serving(settings) as (_, base):
         host, port = base.split(":")
-        _, writer = await asyncio.open_connection(host, int(port), limit=1024)
-        writer.transport.pause_reading()  # nothing the server sends is read from here on
+        reader, writer = await asyncio.open_connection(host, int(port), limit=1024)
         writer.write(
             b"GET /v1/predictions/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             b"Sec-WebSocket-Version: 13\r\n\r\n"
         )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        writer.transport.pause_reading()  # nothing the server sends is read from here on
         frame = masked_text_frame(b"[" + b"x" * 1000)  # invalid JSON: each answers an error
         deadline = asyncio.get_running_loop().time() + 20
         dropped = False
