@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # One request header above this size is refused with 431; the whole block's limit is a setting
 # (FMNIST_MAX_HEADER_BYTES), which the server (app/server.py) applies as the bytes arrive.
 MAX_HEADER_VALUE_BYTES = 8 * 1024
+# What a request whose client left before sending its body counts as in /metrics (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
 # A client refused for a full body budget may try again this soon: bodies in flight finish in seconds.
 RETRY_AFTER_BODY_BUDGET_S = 1
 # At most this long is spent waiting for the broker at startup; the gateway then serves 503s and
@@ -150,6 +152,13 @@ class EdgeMiddleware:
                     bodies.take(size)
                     held += size
                 body_done = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                # Gone mid-body: answered (to nobody) like any client error, not logged as a crash.
+                raise ApiError(
+                    CLIENT_CLOSED_REQUEST,
+                    "client_closed_request",
+                    "the client closed the connection before its body arrived",
+                )
             return message
 
         try:

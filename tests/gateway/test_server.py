@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -114,3 +115,21 @@ async def test_bodies_past_the_global_budget_get_503_with_retry_after() -> None:
     status_line, _, rest = raw.partition(b"\r\n")
     assert int(status_line.split()[1]) == 503
     assert b"retry-after: 1" in rest.lower()
+
+
+async def test_a_client_leaving_mid_body_costs_no_error_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that disconnects halfway through its body is logged at most as INFO, never ERROR."""
+    async with serving(gateway_settings()) as (_, base):
+        with caplog.at_level(logging.INFO):
+            async with raw_connection(base) as (_, writer):
+                writer.write(
+                    b"POST /v1/predictions HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                    b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 1000
+                )
+                await writer.drain()
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)  # the server notices the disconnect
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
