@@ -7,7 +7,6 @@ Nothing here (nor anything it imports) imports torch: images are decoded with Pi
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import logging
@@ -92,7 +91,7 @@ class BodyBudget:
 
 
 class EdgeMiddleware:
-    """Refuses oversized headers (431), bounds request bodies in total (503) and in time (408), and
+    """Refuses oversized headers (431), bounds the request body bytes held in total (503), and
     records every HTTP request's route, status and latency."""
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
@@ -100,7 +99,6 @@ class EdgeMiddleware:
         self.metrics = gateway.metrics
         settings = gateway.settings
         self.max_header_bytes = settings.max_header_bytes
-        self.body_timeout_s = settings.body_read_timeout_s
         self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -124,28 +122,15 @@ class EdgeMiddleware:
             await send(message)
 
         bodies = self.bodies
-        body_timeout_s = self.body_timeout_s
         held = 0
-        deadline: float | None = None
         body_done = False
 
         async def receive_bounded() -> Message:
-            nonlocal held, deadline, body_done
+            # The body's read timeout is the server's (app/server.py): it costs nothing per request.
+            nonlocal held, body_done
+            message = await receive()
             if body_done:  # later reads only wait for a disconnect
-                return await receive()
-            if deadline is None:
-                deadline = asyncio.get_running_loop().time() + body_timeout_s
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise ApiError(
-                    408,
-                    "request_timeout",
-                    f"the request body did not arrive within {body_timeout_s:g} s "
-                    "(FMNIST_BODY_READ_TIMEOUT_S)",
-                    headers={"Connection": "close"},
-                ) from None
+                return message
             if message["type"] == "http.request":
                 size = len(message.get("body", b""))
                 if size:

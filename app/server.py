@@ -2,7 +2,8 @@
 
 uvicorn's httptools protocol buffers a request's header block until it is complete, with no limit and
 no timeout; `BoundedHeadersProtocol` counts the bytes as they arrive and answers 431 past
-`FMNIST_MAX_HEADER_BYTES`, or 408 when the block takes longer than `FMNIST_HEADER_READ_TIMEOUT_S`.
+`FMNIST_MAX_HEADER_BYTES`, or 408 when the block takes longer than `FMNIST_HEADER_READ_TIMEOUT_S`;
+a body that takes longer than `FMNIST_BODY_READ_TIMEOUT_S` is answered 408 too.
 `GatewayWebSocketProtocol` answers an over-long websocket request line (414) at once instead of never,
 logs a refused handshake in one line, and drops a client that has not finished closing soon after the
 app is done with it (one that stopped reading never does).
@@ -41,12 +42,14 @@ class ConnectionLimits:
 
     max_header_block_bytes: int
     header_read_timeout_s: float
+    body_read_timeout_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
         return cls(
             max_header_block_bytes=settings.max_header_bytes + REQUEST_LINE_BYTES,
             header_read_timeout_s=settings.header_read_timeout_s,
+            body_read_timeout_s=settings.body_read_timeout_s,
         )
 
 
@@ -75,26 +78,32 @@ def uvicorn_config(app: Any, settings: Settings, *, host: str, port: int) -> Gat
 
 
 def _limits_of(config: uvicorn.Config) -> ConnectionLimits:
-    limits: ConnectionLimits = getattr(config, "connection_limits", None) or ConnectionLimits(
-        max_header_block_bytes=Settings.model_fields["max_header_bytes"].default
-        + REQUEST_LINE_BYTES,
-        header_read_timeout_s=Settings.model_fields["header_read_timeout_s"].default,
+    limits = getattr(config, "connection_limits", None)
+    if isinstance(limits, ConnectionLimits):
+        return limits
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    return ConnectionLimits(
+        max_header_block_bytes=defaults["max_header_bytes"] + REQUEST_LINE_BYTES,
+        header_read_timeout_s=defaults["header_read_timeout_s"],
+        body_read_timeout_s=defaults["body_read_timeout_s"],
     )
-    return limits
 
 
 class BoundedHeadersProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol; a header block over the limit is refused with 431 as it arrives,
-    one slower than the timeout with 408, and a connection that sends nothing is closed after it."""
+    one slower than the timeout with 408, and a connection that sends nothing is closed after it; a
+    body slower than its timeout gets 408 too."""
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         limits = _limits_of(config)
         self._max_header_block = limits.max_header_block_bytes
         self._header_timeout_s = limits.header_read_timeout_s
+        self._body_timeout_s = limits.body_read_timeout_s
         self._awaiting_headers = True
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -102,6 +111,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -120,6 +130,15 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
             elif self._header_timer is None:
                 # Whole header blocks arrive in one read on the hot path and never get here.
                 self._arm_header_timer()
+        elif (
+            not self._awaiting_headers
+            and self._body_timer is None
+            and self.cycle is not None
+            and self.cycle.scope is self.scope  # not a websocket upgrade, which has no cycle
+            and self.cycle.more_body
+        ):
+            # A body that did not come whole with its headers: the clock starts (never on the hot path).
+            self._body_timer = self.loop.call_later(self._body_timeout_s, self._body_timed_out)
 
     def on_headers_complete(self) -> None:
         self._awaiting_headers = False
@@ -130,6 +149,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._awaiting_headers = True
+        self._cancel_body_timer()
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self._header_timeout_s, self._headers_timed_out)
@@ -138,6 +158,27 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or self.transport.is_closing():
+            return
+        if cycle.response_started:
+            self.transport.close()
+            return
+        # The app, waiting for the rest of the body, sees a disconnect once the transport closes.
+        self._refuse(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {self._body_timeout_s:g} s "
+            "(FMNIST_BODY_READ_TIMEOUT_S)",
+        )
 
     def _headers_timed_out(self) -> None:
         self._header_timer = None

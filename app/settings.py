@@ -172,8 +172,8 @@ class Settings(BaseSettings):
     body_read_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="Seconds a request body may take to arrive in full, from its first read; slower "
-        "bodies are answered 408. Raise it for clients uploading large batches over slow links.",
+        description="Seconds a request body may take to arrive in full, from the end of its headers; "
+        "slower bodies are answered 408. Raise it for clients uploading large batches over slow links.",
     )
     max_body_bytes_in_flight: int = Field(
         256 * 1024 * 1024,
