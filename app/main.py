@@ -209,6 +209,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.gateway = gateway
+    app.state.stream_slots = stream.StreamSlots(settings.stream_max_connections)
     install_error_handlers(app)
     app.include_router(predictions.router)
     app.include_router(stream.router)

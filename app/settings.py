@@ -182,6 +182,12 @@ class Settings(BaseSettings):
         "received or handled; a request that would pass it is answered 503 with `Retry-After`. Keep "
         "it at least `FMNIST_MAX_BATCH_UPLOAD_BYTES`, or full-size batches are always refused.",
     )
+    stream_max_connections: int = Field(
+        1_000,
+        ge=1,
+        description="Result streams (websockets) open at once per gateway; one more is refused with 503 "
+        "and `Retry-After`. Each holds up to its queue bound in memory.",
+    )
     stream_max_ids: int = Field(
         10_000,
         ge=1,

@@ -43,23 +43,49 @@ MAX_CLIENT_REF_CHARS = 256
 MAX_ECHOED_TYPE_CHARS = 40
 # A close frame to a client that does not read cannot be sent; give up on it after this long.
 CLOSE_WAIT_S = 1.0
+# Streams last minutes; a refused client retries after this, not at once.
+RETRY_AFTER_FULL_S = 5
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
+
+
+class StreamSlots:
+    """How many result streams are open, against `FMNIST_STREAM_MAX_CONNECTIONS`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def take(self) -> None:
+        """Count one more open stream; 503 + Retry-After when all slots are taken."""
+        if self.open >= self.limit:
+            raise ApiError(
+                503,
+                "busy",
+                f"{self.limit} result streams are open (FMNIST_STREAM_MAX_CONNECTIONS); retry shortly",
+                headers={"Retry-After": str(RETRY_AFTER_FULL_S)},
+            )
+        self.open += 1
 
 
 @router.websocket("/v1/predictions/stream")
 async def stream_predictions(websocket: WebSocket, gateway: GatewayDep) -> None:
     """Results pushed as JSON; submits over the same socket; `after=` resumes without loss."""
+    slots: StreamSlots = websocket.app.state.stream_slots
     try:
         owner = gateway.api_keys.owner_of(websocket)
         ids = _parse_ids(websocket.query_params.get("ids"), gateway.settings.stream_max_ids)
         after = _parse_after(websocket.query_params.get("after"))
+        slots.take()
     except ApiError as exc:
         await _deny(websocket, exc)
         return
-    await websocket.accept()
-    session = StreamSession(websocket, gateway, owner, ids)
-    await session.run(after)
+    try:
+        await websocket.accept()
+        session = StreamSession(websocket, gateway, owner, ids)
+        await session.run(after)
+    finally:
+        slots.open -= 1
 
 
 def _parse_ids(raw: str | None, max_ids: int) -> set[str] | None:

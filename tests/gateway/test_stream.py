@@ -334,3 +334,20 @@ async def test_many_ids_fit_through_subscribe_messages() -> None:
         for start in range(0, len(ids), 1000):
             await socket.send(json.dumps({"type": "subscribe", "ids": ids[start : start + 1000]}))
         await nothing_more(socket)
+
+
+async def test_streams_past_the_connection_cap_are_refused_with_503() -> None:
+    """With FMNIST_STREAM_MAX_CONNECTIONS open, one more handshake gets 503 + Retry-After; a freed
+    slot is taken again."""
+    settings = gateway_settings(stream_max_connections=1)
+    url_of = "ws://{}/v1/predictions/stream".format
+    async with serving(settings) as (_, base):
+        async with connect(url_of(base)):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(url_of(base)):
+                    pass
+        await asyncio.sleep(0.1)  # the server sees the first one go
+        async with connect(url_of(base)) as again:
+            await nothing_more(again)
+    assert refused.value.response.status_code == 503
+    assert refused.value.response.headers["Retry-After"] == "5"
