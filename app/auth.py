@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from starlette.requests import HTTPConnection
 
 from app.errors import ApiError
+from app.logs import is_api_key_parameter
 
 ANONYMOUS = ""  # the owner of every request when auth is off
 
@@ -62,7 +63,23 @@ def presented_key(connection: HTTPConnection) -> str | None:
     if header_key:
         return header_key.strip()
     if connection.scope.get("type") == "websocket":
-        query_key = connection.query_params.get("api_key")
-        if query_key:
-            return query_key
+        return _query_key(connection)
     return None
+
+
+def _query_key(connection: HTTPConnection) -> str | None:
+    """The key in the websocket's query, under any spelling the log redaction also hides
+    (`api_key`, `API_KEY`, `api%5Fkey`); 401 when it is given twice with different values."""
+    keys = {
+        value
+        for name, value in connection.query_params.multi_items()
+        if value and is_api_key_parameter(name)
+    }
+    if len(keys) > 1:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "the API key is given more than once with different values; send `?api_key=KEY` once",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return keys.pop() if keys else None

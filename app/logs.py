@@ -1,4 +1,4 @@
-"""Structured logging: one `key=value` line per event, configured once per process."""
+"""Structured logging: one `key=value` line per event, configured once per process; secrets redacted."""
 
 from __future__ import annotations
 
@@ -6,18 +6,59 @@ import logging
 import re
 import sys
 from typing import Any
+from urllib.parse import unquote_plus
 
 # Browsers cannot set headers on a websocket, so API keys arrive as `?api_key=`; uvicorn logs
-# the full path of each connection. Keys must never reach a log line.
-_SECRET_QUERY = re.compile(r"((?:api_key|apikey|token)=)[^&\s\"']+", re.IGNORECASE)
+# the raw path of each connection. Keys must never reach a log line, however the name is spelled.
+API_KEY_PARAMETER = "api_key"
+_SECRET_PARAMETERS = frozenset({API_KEY_PARAMETER, "apikey", "x_api_key", "token", "access_token"})
+# A `name=value` pair as it appears in a query string or a key=value log line. The name stops at
+# the characters that separate pairs; the value runs to the next separator.
+_PARAMETER = re.compile(r"(?P<name>[^\s=&?;,\"'/]+)=(?P<value>[^&\s\"';,]*)")
+# Credentials in header form, should a header line ever be logged.
+_SECRET_HEADER = re.compile(
+    r"((?:authorization|x-api-key)\s*[:=]\s*\"?(?:bearer\s+)?)[^\s\"',;&]+", re.IGNORECASE
+)
+_MAX_DECODES = 4  # `%255F` decodes to `%5F`, then to `_`; nobody nests deeper by accident
+
+
+def parameter_name(raw: str) -> str:
+    """A query parameter's name as matched for secrets: percent-decoded until stable, case-folded,
+    `-` read as `_`."""
+    name = raw
+    for _ in range(_MAX_DECODES):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    return name.strip().casefold().replace("-", "_")
+
+
+def is_api_key_parameter(name: str) -> bool:
+    """Whether a (decoded) query parameter name carries the API key: the auth code accepts exactly
+    these, so everything it accepts is also redacted."""
+    return parameter_name(name) == API_KEY_PARAMETER
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every secret-named parameter and credential header replaced by `***`."""
+
+    def hide(match: re.Match[str]) -> str:
+        if parameter_name(match["name"]) in _SECRET_PARAMETERS and match["value"]:
+            return f"{match['name']}=***"
+        return match[0]
+
+    return _SECRET_HEADER.sub(r"\1***", _PARAMETER.sub(hide, text))
 
 
 class RedactSecrets(logging.Filter):
-    """Rewrites `api_key=...` (and similar) in a record's message to `api_key=***`."""
+    """Rewrites `api_key=...` (in any spelling or encoding) and credential headers to `***`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = _SECRET_QUERY.sub(r"\1***", message)
+        if "=" not in message and ":" not in message:
+            return True
+        redacted = redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True

@@ -22,15 +22,19 @@ from app import demo
 from app.api import ops, predictions, stream
 from app.api.docs import install_docs
 from app.api.gateway import Gateway, PubSubFactory
-from app.errors import error_body, install_error_handlers
+from app.errors import ApiError, error_body, install_error_handlers
 from app.logs import kv
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# Request headers above these sizes are refused with 431 (servers have their own, looser limits).
-MAX_HEADER_BYTES = 16 * 1024
+# One request header above this size is refused with 431; the whole block's limit is a setting
+# (FMNIST_MAX_HEADER_BYTES), which the server (app/server.py) applies as the bytes arrive.
 MAX_HEADER_VALUE_BYTES = 8 * 1024
+# What a request whose client left before sending its body counts as in /metrics (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+# A client refused for a full body budget may try again this soon: bodies in flight finish in seconds.
+RETRY_AFTER_BODY_BUDGET_S = 1
 # At most this long is spent waiting for the broker at startup; the gateway then serves 503s and
 # keeps reconnecting in the background.
 MAX_STARTUP_WAIT_S = 15.0
@@ -67,18 +71,42 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info(kv("gateway_stopped", gateway_id=gateway.gateway_id))
 
 
+class BodyBudget:
+    """Request body bytes held across all requests in flight, against one limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        """Count `size` more bytes as held; 503 + Retry-After when that would pass the limit."""
+        if self.held + size > self.limit:
+            raise ApiError(
+                503,
+                "busy",
+                f"the gateway holds {self.limit} bytes of request bodies already "
+                "(FMNIST_MAX_BODY_BYTES_IN_FLIGHT); retry shortly",
+                headers={"Retry-After": str(RETRY_AFTER_BODY_BUDGET_S), "Connection": "close"},
+            )
+        self.held += size
+
+
 class EdgeMiddleware:
-    """Refuses oversized headers (431) and records every HTTP request's route, status and latency."""
+    """Refuses oversized headers (431), bounds the request body bytes held in total (503), and
+    records every HTTP request's route, status and latency."""
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
         self.app = app
         self.metrics = gateway.metrics
+        settings = gateway.settings
+        self.max_header_bytes = settings.max_header_bytes
+        self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        oversized = _oversized_header(scope["headers"])
+        oversized = _oversized_header(scope["headers"], self.max_header_bytes)
         if oversized is not None:
             await _refuse_headers(scope, send, oversized)
             return
@@ -94,9 +122,35 @@ class EdgeMiddleware:
                 status = message["status"]
             await send(message)
 
+        bodies = self.bodies
+        held = 0
+        body_done = False
+
+        async def receive_bounded() -> Message:
+            # The body's read timeout is the server's (app/server.py): it costs nothing per request.
+            nonlocal held, body_done
+            message = await receive()
+            if body_done:  # later reads only wait for a disconnect
+                return message
+            if message["type"] == "http.request":
+                size = len(message.get("body", b""))
+                if size:
+                    bodies.take(size)
+                    held += size
+                body_done = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                # Gone mid-body: answered (to nobody) like any client error, not logged as a crash.
+                raise ApiError(
+                    CLIENT_CLOSED_REQUEST,
+                    "client_closed_request",
+                    "the client closed the connection before its body arrived",
+                )
+            return message
+
         try:
-            await self.app(scope, receive, send_and_record)
+            await self.app(scope, receive_bounded, send_and_record)
         finally:
+            bodies.held -= held
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
@@ -106,14 +160,16 @@ class EdgeMiddleware:
             )
 
 
-def _oversized_header(headers: list[tuple[bytes, bytes]]) -> str | None:
+def _oversized_header(headers: list[tuple[bytes, bytes]], max_total: int) -> str | None:
     total = 0
     for name, value in headers:
         if len(value) > MAX_HEADER_VALUE_BYTES:
             return f"header {name.decode('latin-1')} is {len(value)} bytes; the limit is {MAX_HEADER_VALUE_BYTES}"
         total += len(name) + len(value)
-    if total > MAX_HEADER_BYTES:
-        return f"request headers are {total} bytes; the limit is {MAX_HEADER_BYTES}"
+    if total > max_total:
+        return (
+            f"request headers are {total} bytes; the limit is {max_total} (FMNIST_MAX_HEADER_BYTES)"
+        )
     return None
 
 
@@ -156,6 +212,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.gateway = gateway
+    app.state.stream_slots = stream.StreamSlots(settings.stream_max_connections)
     install_error_handlers(app)
     app.include_router(predictions.router)
     app.include_router(stream.router)

@@ -184,6 +184,62 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests accepted but not yet answered, per gateway, before it answers 429.",
     )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="Largest request header block (names and values; the request line may add 8 KiB). "
+        "The server refuses a longer or unterminated block with 431 as it arrives, before buffering it. "
+        "Raise it for clients behind proxies that add many headers.",
+    )
+    header_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a whole request header block, counted from its first "
+        "byte (or from connecting); the connection is then closed (slow-header guard).",
+    )
+    keep_alive_timeout_s: int = Field(
+        5,
+        ge=1,
+        description="Seconds an idle keep-alive connection is held open between requests. Raise it "
+        "behind a load balancer whose own idle timeout is longer.",
+    )
+    body_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request body may take to arrive in full, from the end of its headers; "
+        "slower bodies are answered 408. Raise it for clients uploading large batches over slow links.",
+    )
+    max_body_bytes_in_flight: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="Request body bytes the gateway holds at once across all requests still being "
+        "received or handled; a request that would pass it is answered 503 with `Retry-After`. Keep "
+        "it at least `FMNIST_MAX_BATCH_UPLOAD_BYTES`, or full-size batches are always refused.",
+    )
+    stream_max_connections: int = Field(
+        1_000,
+        ge=1,
+        description="Result streams (websockets) open at once per gateway; one more is refused with 503 "
+        "and `Retry-After`. Each holds up to its queue bound in memory.",
+    )
+    stream_max_ids: int = Field(
+        10_000,
+        ge=1,
+        description="Request ids one result stream may wait for at once (`ids=`, `subscribe`, "
+        "submits); an id leaves the count once its result is pushed.",
+    )
+    stream_max_queued_messages: int = Field(
+        10_000,
+        ge=1,
+        description="Messages (results, acks, errors) queued for one result stream; a client that "
+        "falls this far behind is closed with code 1013 and resumes with `after=`.",
+    )
+    stream_send_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds one websocket send may wait for a client that does not read; the stream "
+        "is then closed with code 1013 and the connection dropped.",
+    )
     max_wait_s: float = Field(30.0, gt=0, description="Cap on `?wait=` for synchronous answers.")
     request_deadline_s: float = Field(
         60.0,

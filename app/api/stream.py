@@ -3,8 +3,11 @@
 Query: `ids=a,b` (only these ids; ids submitted or subscribed on the socket are added), `after=CURSOR`
 (first replay the stored results newer than CURSOR). Server → client: `result` (with `cursor`),
 `accepted`, `error`. Client → server: `submit` (base64 image), `subscribe` (ids). Every request id is
-pushed at most once per connection. A client that cannot keep up is closed with code 1013 once it has
-received everything queued for it; it resumes with `after=<last cursor>` and loses nothing.
+pushed at most once per connection. Everything queued for a client (results, acks, errors) is
+bounded: a client that falls too far behind is closed with code 1013 once it has received what was
+queued, and one that stops reading is closed when a send waits too long; either resumes with
+`after=<last cursor>` and loses nothing. The ids a socket waits for are bounded too; a refused
+`subscribe` adds none.
 """
 
 from __future__ import annotations
@@ -34,42 +37,72 @@ from app.results import StoredResult
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["predictions"])
 
-MAX_QUEUED_MESSAGES = 10_000
-MAX_IDS = 10_000
 MAX_ID_CHARS = 128
+# Echoed back in every answer to the message, so bounded: a long one would multiply what is queued.
+MAX_CLIENT_REF_CHARS = 256
+MAX_ECHOED_TYPE_CHARS = 40
+# A close frame to a client that does not read cannot be sent; give up on it after this long.
+CLOSE_WAIT_S = 1.0
+# Streams last minutes; a refused client retries after this, not at once.
+RETRY_AFTER_FULL_S = 5
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
+
+
+class StreamSlots:
+    """How many result streams are open, against `FMNIST_STREAM_MAX_CONNECTIONS`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def take(self) -> None:
+        """Count one more open stream; 503 + Retry-After when all slots are taken."""
+        if self.open >= self.limit:
+            raise ApiError(
+                503,
+                "busy",
+                f"{self.limit} result streams are open (FMNIST_STREAM_MAX_CONNECTIONS); retry shortly",
+                headers={"Retry-After": str(RETRY_AFTER_FULL_S)},
+            )
+        self.open += 1
 
 
 @router.websocket("/v1/predictions/stream")
 async def stream_predictions(websocket: WebSocket, gateway: GatewayDep) -> None:
     """Results pushed as JSON; submits over the same socket; `after=` resumes without loss."""
+    slots: StreamSlots = websocket.app.state.stream_slots
     try:
         owner = gateway.api_keys.owner_of(websocket)
-        ids = _parse_ids(websocket.query_params.get("ids"))
+        ids = _parse_ids(websocket.query_params.get("ids"), gateway.settings.stream_max_ids)
         after = _parse_after(websocket.query_params.get("after"))
+        slots.take()
     except ApiError as exc:
         await _deny(websocket, exc)
         return
-    await websocket.accept()
-    session = StreamSession(websocket, gateway, owner, ids)
-    await session.run(after)
+    try:
+        await websocket.accept()
+        session = StreamSession(websocket, gateway, owner, ids)
+        await session.run(after)
+    finally:
+        slots.open -= 1
 
 
-def _parse_ids(raw: str | None) -> set[str] | None:
+def _parse_ids(raw: str | None, max_ids: int) -> set[str] | None:
     if raw is None:
         return None
     ids = {part.strip() for part in raw.split(",") if part.strip()}
-    _check_ids(ids)
+    _check_ids(ids, max_ids)
     return ids
 
 
-def _check_ids(ids: set[str]) -> None:
-    if len(ids) > MAX_IDS or any(len(request_id) > MAX_ID_CHARS for request_id in ids):
+def _check_ids(ids: set[str], max_ids: int) -> None:
+    if len(ids) > max_ids or any(len(request_id) > MAX_ID_CHARS for request_id in ids):
         raise ApiError(
             422,
             "validation_error",
-            f"ids: at most {MAX_IDS} ids of at most {MAX_ID_CHARS} characters",
+            f"ids: at most {max_ids} ids (FMNIST_STREAM_MAX_IDS) of at most {MAX_ID_CHARS} "
+            "characters; an id stops counting once its result is pushed",
         )
 
 
@@ -108,7 +141,11 @@ class StreamSession:
         self.websocket = websocket
         self.gateway = gateway
         self.owner = owner
-        self.ids = ids  # None: every result visible to the owner
+        self.ids = ids  # None: every result visible to the owner; else the ids not yet pushed
+        settings = gateway.settings
+        self.max_ids = settings.stream_max_ids
+        self.max_queued = settings.stream_max_queued_messages
+        self.send_timeout_s = settings.stream_send_timeout_s
         self.outbox: asyncio.Queue[StoredResult | dict[str, Any]] = asyncio.Queue()
         self.overflowed = False
         self.last_cursor: int | None = None
@@ -130,11 +167,17 @@ class StreamSession:
         if held is not None:
             held.append(stored)
             return
-        if self.outbox.qsize() >= MAX_QUEUED_MESSAGES:
+        self._enqueue(stored)
+
+    def _enqueue(self, item: StoredResult | dict[str, Any]) -> None:
+        """Queue a message for the client; past the bound, queue the close instead (once)."""
+        if self.overflowed:
+            return
+        if self.outbox.qsize() >= self.max_queued:
             self.overflowed = True
             self.outbox.put_nowait({"type": "overflow"})
             return
-        self.outbox.put_nowait(stored)
+        self.outbox.put_nowait(item)
 
     def _queue_stored(self, request_ids: set[str] | None = None, after: int | None = None) -> None:
         store = self.gateway.store
@@ -156,6 +199,8 @@ class StreamSession:
         sender = asyncio.create_task(self._send_loop(), name="fmnist-stream-sender")
         try:
             await self._receive_loop(sender)
+            if self.overflowed:
+                await asyncio.wait({sender})  # it sends what was queued, then the close
         finally:
             store.remove_listener(self._offer)
             metrics.websockets.dec()
@@ -174,6 +219,8 @@ class StreamSession:
             item = await self.outbox.get()
             if isinstance(item, StoredResult):
                 request_id = item.result.request_id
+                if self.ids is not None:
+                    self.ids.discard(request_id)  # waited for no longer: frees room under the cap
                 if request_id in pushed:
                     continue
                 pushed[request_id] = None
@@ -182,17 +229,42 @@ class StreamSession:
                 self.last_cursor = item.cursor
                 message = {"type": "result", "cursor": item.cursor, **result_body(item)}
             elif item.get("type") == "overflow":
-                reason = f"client too slow; reconnect with after={self.last_cursor or 0}"
                 log.warning(kv("stream_overflow", owner=self.owner, last_cursor=self.last_cursor))
-                await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason=reason)
+                await self._close_too_slow()
                 return
             else:
                 message = item
-            await websocket.send_text(orjson.dumps(message).decode())
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await websocket.send_text(orjson.dumps(message).decode())
+            except TimeoutError:
+                log.warning(
+                    kv(
+                        "stream_send_timeout",
+                        owner=self.owner,
+                        timeout_s=self.send_timeout_s,
+                        last_cursor=self.last_cursor,
+                    )
+                )
+                self.overflowed = True
+                await self._close_too_slow()
+                return
+
+    async def _close_too_slow(self) -> None:
+        """Close with 1013 and the resume cursor; a client that does not read never gets the frame,
+        so the wait is short and the server drops the connection after it."""
+        reason = f"client too slow; reconnect with after={self.last_cursor or 0}"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                await self.websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason=reason)
 
     async def _receive_loop(self, sender: asyncio.Task[None]) -> None:
         websocket = self.websocket
-        while websocket.client_state == WebSocketState.CONNECTED and not sender.done():
+        while (
+            websocket.client_state == WebSocketState.CONNECTED
+            and not sender.done()
+            and not self.overflowed
+        ):
             receive = asyncio.ensure_future(websocket.receive())
             done, _ = await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
             if receive not in done:
@@ -215,7 +287,7 @@ class StreamSession:
         message: dict[str, Any] = {"type": "error", "error": exc.to_body()["error"]}
         if client_ref is not None:
             message["client_ref"] = client_ref
-        self.outbox.put_nowait(message)
+        self._enqueue(message)
 
     async def _handle(self, text: str) -> None:
         client_ref: str | None = None
@@ -227,6 +299,12 @@ class StreamSession:
             if not isinstance(message, dict):
                 raise ApiError(422, "invalid_message", "messages must be JSON objects")
             ref = message.get("client_ref")
+            if isinstance(ref, str) and len(ref) > MAX_CLIENT_REF_CHARS:
+                raise ApiError(
+                    422,
+                    "invalid_message",
+                    f"client_ref: at most {MAX_CLIENT_REF_CHARS} characters",
+                )
             client_ref = ref if isinstance(ref, str) else None
             kind = message.get("type")
             if kind == "submit":
@@ -237,7 +315,8 @@ class StreamSession:
                 raise ApiError(
                     422,
                     "invalid_message",
-                    f"unknown message type {kind!r}; use 'submit' or 'subscribe'",
+                    f"unknown message type {repr(kind)[:MAX_ECHOED_TYPE_CHARS]}; "
+                    "use 'submit' or 'subscribe'",
                 )
         except ApiError as exc:
             self._send_error(exc, client_ref)
@@ -249,10 +328,11 @@ class StreamSession:
                 422, "invalid_message", "subscribe needs `ids`: a list of request id strings"
             )
         new_ids = set(ids)
-        _check_ids(new_ids)
+        _check_ids(new_ids, self.max_ids)
         if self.ids is not None:
+            # Checked before adding: a refused subscribe leaves the socket's ids as they were.
+            _check_ids(self.ids | new_ids, self.max_ids)
             self.ids |= new_ids
-            _check_ids(self.ids)
         self._queue_stored(new_ids)
 
     async def _submit(self, message: dict[str, Any], client_ref: str | None) -> None:
@@ -278,6 +358,13 @@ class StreamSession:
         (decoded,) = await decode_uploads([Upload(data, None)], gateway.policy)
         if isinstance(decoded, ApiError):
             raise decoded
+        if self.ids is not None and len(self.ids) >= self.max_ids:
+            raise ApiError(
+                429,
+                "too_many_ids",
+                f"this stream already waits for {self.max_ids} results (FMNIST_STREAM_MAX_IDS); "
+                "read the pending ones first",
+            )
         (request_id,) = new_request_ids(1)
         if self.ids is not None:
             self.ids.add(request_id)  # before publishing: the result may come back at once
@@ -294,8 +381,6 @@ class StreamSession:
             raise
         finally:
             held = self._held.pop(request_id)
-        self.outbox.put_nowait(
-            {"type": "accepted", "request_id": request_id, "client_ref": client_ref}
-        )
+        self._enqueue({"type": "accepted", "request_id": request_id, "client_ref": client_ref})
         for stored in held:
             self._offer(stored)

@@ -74,6 +74,7 @@ async def serve_http(settings: Settings) -> int:
     import uvicorn
 
     from app.main import create_app
+    from app.server import uvicorn_config
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -89,14 +90,7 @@ async def serve_http(settings: Settings) -> int:
                 for signum in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(signum)
 
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep our key=value logging
-        access_log=False,  # one line per request is too costly at thousands of images/s; see /metrics
-        lifespan="on",
-    )
+    config = uvicorn_config(create_app(settings), settings, host=settings.host, port=settings.port)
     server = Server(config)
     announce = asyncio.create_task(_announce(server, settings))
     try:

@@ -149,11 +149,10 @@ async def serving(settings: Settings, **app_options: Any) -> AsyncIterator[tuple
     """The real app behind a real uvicorn on a free port (for websockets); yields (app, "127.0.0.1:PORT")."""
     import uvicorn
 
+    from app.server import uvicorn_config
+
     app = create_app(settings, **app_options)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", access_log=False
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=0))
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(15):

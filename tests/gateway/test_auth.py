@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from starlette.requests import HTTPConnection
 
-from app.auth import key_fingerprint
+from app.auth import ApiKeys, key_fingerprint
+from app.errors import ApiError
 from tests.gateway.helpers import (
     fashion_like,
     gateway_settings,
@@ -92,3 +94,24 @@ async def test_probes_metrics_and_docs_need_no_key() -> None:
             for path in ("/healthz", "/readyz", "/metrics", "/openapi.json")
         ]
     assert statuses == [200, 200, 200, 200]
+
+
+def websocket_connection(query: bytes) -> HTTPConnection:
+    """A websocket handshake's connection with only a query string, as the server builds it."""
+    return HTTPConnection({"type": "websocket", "query_string": query, "headers": []})
+
+
+@pytest.mark.parametrize(
+    "query", [b"api_key=alice-key", b"api%5Fkey=alice-key", b"API_KEY=alice-key"]
+)
+def test_websocket_key_is_read_under_every_spelling_the_logs_redact(query: bytes) -> None:
+    """Each spelling of `api_key` that the log redaction hides authenticates, and no other."""
+    owner = ApiKeys(KEYS).owner_of(websocket_connection(query))
+    assert owner == key_fingerprint("alice-key")
+
+
+def test_a_websocket_key_given_twice_with_different_values_is_401() -> None:
+    """`?api_key=a&api%5Fkey=b` is refused rather than guessing which key was meant."""
+    with pytest.raises(ApiError) as refused:
+        ApiKeys(KEYS).owner_of(websocket_connection(b"api_key=alice-key&api%5Fkey=bob-key"))
+    assert refused.value.status == 401

@@ -6,7 +6,16 @@ import logging
 import shlex
 import sys
 
-from app.logs import KeyValueFormatter, RedactSecrets, configure_logging, kv
+import pytest
+
+from app.logs import (
+    KeyValueFormatter,
+    RedactSecrets,
+    configure_logging,
+    is_api_key_parameter,
+    kv,
+    redact,
+)
 
 
 def test_kv_quotes_values_with_spaces() -> None:
@@ -94,3 +103,49 @@ def test_configure_logging_renders_with_the_key_value_formatter() -> None:
     assert len(handlers) == 1
     assert isinstance(handlers[0].formatter, KeyValueFormatter)
     assert any(isinstance(f, RedactSecrets) for f in handlers[0].filters)
+
+
+def uvicorn_websocket_record(path: str) -> logging.LogRecord:
+    """The line uvicorn logs for a websocket connection, with `path` as the client sent it."""
+    return logging.LogRecord(
+        "uvicorn.error",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "WebSocket %s" [accepted]',
+        ("127.0.0.1:5000", path),
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "api%5Fkey=sekret-123",
+        "API_KEY=sekret-123",
+        "Api%5fKey=sekret-123",
+        "api%255Fkey=sekret-123",
+        "api-key=sekret-123",
+        "ids=a&api_key=sekret-123&api_key=sekret-123",
+        "api_key=other&api%5Fkey=sekret-123",
+        "%61pi_key=sekret-123",
+    ],
+)
+def test_api_key_in_any_encoding_is_redacted(query: str) -> None:
+    """The key is hidden whatever spelling or percent-encoding of `api_key` carries it."""
+    record = uvicorn_websocket_record(f"/v1/predictions/stream?{query}")
+    RedactSecrets().filter(record)
+    assert "sekret" not in record.getMessage()
+
+
+def test_credential_headers_are_redacted() -> None:
+    """`Authorization: Bearer KEY` and `X-API-Key: KEY` in a log line lose their value."""
+    line = redact("headers authorization: Bearer sekret-1 x-api-key=sekret-2 other=kept")
+    assert "sekret" not in line and "other=kept" in line
+
+
+@pytest.mark.parametrize("name", ["api_key", "API_KEY", "api%5Fkey", "Api-Key"])
+def test_every_name_auth_accepts_is_a_name_redaction_hides(name: str) -> None:
+    """The auth code's test for the key parameter and the redaction agree on each spelling."""
+    assert is_api_key_parameter(name)
+    assert "sekret" not in redact(f"/stream?{name}=sekret")
