@@ -3,6 +3,11 @@
 Every gateway instance sees every result (its own consumer group on the results topic), so any instance
 answers GET for any id once the result arrived; `pending` is known only to the instance that accepted it.
 Workers may publish a request's result twice after a redelivery: the first one wins, later ones are dropped.
+
+The log is the store: a (re)started gateway re-reads the results topic from `now - ttl_s`, so results
+age from their own `completed_at`, not from when they were read. Its `pending` requests come back from
+`AcceptedMarker`s: one small message per submit that the gateway publishes on the results topic next
+to the requests, read back only by a gateway with the same id.
 All methods run on the event loop thread; each result costs O(1) plus one call per live listener.
 """
 
@@ -13,6 +18,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.protocol import ErrorInfo, ResultMessage
 
@@ -41,6 +48,36 @@ class StoredResult:
 
 
 ResultListener = Callable[[StoredResult], None]
+
+MARKER_KIND_ATTR = "kind"
+ACCEPTED_KIND = "accepted"
+
+
+class AcceptedMarker(BaseModel):
+    """Requests one gateway accepted in one submit, on the results topic (attribute `kind=accepted`).
+
+    Results-topic consumers other than gateways skip messages that carry a `kind` attribute.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    gateway_id: str
+    owner: str
+    accepted_at: float = Field(description="unix seconds, as in the requests' `submitted_at`")
+    deadline: float = Field(description="unix seconds, as in the requests' `deadline` attribute")
+    metadata: dict[str, str] = Field(default_factory=dict)
+    request_ids: list[str]
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> AcceptedMarker:
+        """Parse a marker; raises ValueError on anything else."""
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
 
 
 @dataclass(slots=True)
@@ -87,17 +124,46 @@ class ResultStore:
         self._pending.pop(request_id, None)
 
     # --- results ---------------------------------------------------------------------------
-    def add_result(self, result: ResultMessage) -> StoredResult | None:
-        """Store a result, wake its waiters and listeners; None (and nothing else) for a duplicate."""
+    def add_pending_from_marker(self, marker: AcceptedMarker) -> int:
+        """Restore the submissions of a marker read back after a restart; returns how many were new.
+
+        Ids with a result already stay answered; ids past their deadline + grace become `failed` on
+        the next `expire()`.
+        """
+        restored = 0
+        for request_id in marker.request_ids:
+            if request_id in self._results or request_id in self._pending:
+                continue
+            self._pending[request_id] = Submission(
+                request_id, marker.owner, marker.deadline, dict(marker.metadata)
+            )
+            restored += 1
+        return restored
+
+    def add_result(
+        self, result: ResultMessage, *, completed_at: float | None = None
+    ) -> StoredResult | None:
+        """Store a result, wake its waiters and listeners; None (and nothing else) for a duplicate
+        or for a result already older than the TTL.
+
+        With `completed_at` (unix seconds) the result ages from then, not from now: a result read
+        back from the log 9 minutes after it was made expires a minute later with a 10-minute TTL.
+        """
         request_id = result.request_id
         if request_id in self._results:
             self.duplicates += 1
             return None
         self._pending.pop(request_id, None)
         now = self._clock()
+        stored_at = now
+        if completed_at is not None:
+            # A worker's clock ahead of ours must not make a result younger than new.
+            stored_at -= max(0.0, self._wall_clock() - completed_at)
+            if now - stored_at > self.ttl_s:
+                return None  # expired before it was read back
         cursor = max(self._last_cursor + 1, int(self._wall_clock() * 1_000_000))
         self._last_cursor = cursor
-        stored = StoredResult(cursor, result, now)
+        stored = StoredResult(cursor, result, stored_at)
         self._results[request_id] = stored
         self._order.append(stored)
         self._evict(now)
