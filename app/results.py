@@ -38,13 +38,23 @@ class Submission:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+# A result read back after a restart gets the cursor the gateway that first stored it would have given
+# it at the latest: its completion time plus this bound on the delay from a worker to a gateway. A
+# stream resuming with an old gateway's cursor then gets every result it had not seen (and, again,
+# those that completed within this bound before its cursor).
+READ_BACK_CURSOR_LAG_S = 2.0
+
+
 @dataclass(slots=True)
 class StoredResult:
     """A result and its cursor: an increasing integer (the store time in µs) that streams resume after."""
 
     cursor: int
     result: ResultMessage
-    stored_at: float  # monotonic seconds
+    stored_at: float  # monotonic seconds it ages from
+    read_back: bool = (
+        False  # re-read from the log after a (re)start: its cursor is not in store order
+    )
 
 
 ResultListener = Callable[[StoredResult], None]
@@ -109,6 +119,7 @@ class ResultStore:
         self._listeners: list[ResultListener] = []
         self._idempotency: OrderedDict[tuple[str, str], _IdempotencyRecord] = OrderedDict()
         self._last_cursor = 0
+        self._read_back_held = 0  # read-back results in `_order`: while > 0 it is not cursor order
         self.duplicates = 0
 
     # --- submissions -----------------------------------------------------------------------
@@ -141,13 +152,15 @@ class ResultStore:
         return restored
 
     def add_result(
-        self, result: ResultMessage, *, completed_at: float | None = None
+        self, result: ResultMessage, *, completed_at: float | None = None, read_back: bool = False
     ) -> StoredResult | None:
         """Store a result, wake its waiters and listeners; None (and nothing else) for a duplicate
         or for a result already older than the TTL.
 
         With `completed_at` (unix seconds) the result ages from then, not from now: a result read
         back from the log 9 minutes after it was made expires a minute later with a 10-minute TTL.
+        `read_back` marks a result re-read after a (re)start: its cursor comes from `completed_at`
+        (see READ_BACK_CURSOR_LAG_S), so streams resuming with an earlier gateway's cursor go on.
         """
         request_id = result.request_id
         if request_id in self._results:
@@ -161,9 +174,14 @@ class ResultStore:
             stored_at -= max(0.0, self._wall_clock() - completed_at)
             if now - stored_at > self.ttl_s:
                 return None  # expired before it was read back
-        cursor = max(self._last_cursor + 1, int(self._wall_clock() * 1_000_000))
-        self._last_cursor = cursor
-        stored = StoredResult(cursor, result, stored_at)
+        if read_back and completed_at is not None:
+            cursor = int((completed_at + READ_BACK_CURSOR_LAG_S) * 1_000_000)
+            self._read_back_held += 1
+        else:
+            read_back = False
+            cursor = max(self._last_cursor + 1, int(self._wall_clock() * 1_000_000))
+        self._last_cursor = max(self._last_cursor, cursor)
+        stored = StoredResult(cursor, result, stored_at, read_back)
         self._results[request_id] = stored
         self._order.append(stored)
         self._evict(now)
@@ -218,11 +236,16 @@ class ResultStore:
 
     def results_after(self, cursor: int) -> Iterator[StoredResult]:
         """Stored results with a cursor greater than `cursor`, oldest first (for stream resume)."""
+        horizon = self._clock() - self.ttl_s
+        if self._read_back_held:
+            # Results read back after a restart sit in arrival order, not cursor order.
+            found = [s for s in self._order if s.cursor > cursor and s.stored_at >= horizon]
+            yield from sorted(found, key=lambda stored: stored.cursor)
+            return
         start = len(self._order)
         # Resuming clients are usually close to the newest result: scan back from the end.
         while start > 0 and self._order[start - 1].cursor > cursor:
             start -= 1
-        horizon = self._clock() - self.ttl_s
         for index in range(start, len(self._order)):
             stored = self._order[index]
             if stored.stored_at >= horizon:
@@ -302,5 +325,6 @@ class ResultStore:
         horizon = now - self.ttl_s
         while order and (len(order) > self.max_results or order[0].stored_at < horizon):
             oldest = order.popleft()
+            self._read_back_held -= oldest.read_back
             if self._results.get(oldest.result.request_id) is oldest:
                 del self._results[oldest.result.request_id]

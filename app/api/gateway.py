@@ -250,11 +250,15 @@ class Gateway:
                     metrics.errors.labels("malformed_result").inc()
                     await message.ack()
                     continue
-                if result.completed_at >= live_since:
-                    replaying = False
-                else:
+                read_back = result.completed_at < live_since
+                if read_back:
                     replayed += 1
-                if store.add_result(result, completed_at=result.completed_at) is not None:
+                else:
+                    replaying = False
+                if (
+                    store.add_result(result, completed_at=result.completed_at, read_back=read_back)
+                    is not None
+                ):
                     metrics.record_result(result)
                 elif not replaying:  # during the read-back, known results are expected again
                     metrics.duplicate_results.inc()

@@ -347,9 +347,17 @@ async def test_subscription_started_at_a_time_skips_what_came_before(broker_url:
 
 
 async def test_subscription_started_at_a_time_rereads_what_its_group_acked(
-    broker_url: str,
+    broker_url: str, request: pytest.FixtureRequest
 ) -> None:
     """A start time wins over the group's position: acked messages published after it come again."""
+    if broker_url.startswith("gcp://"):
+        # The emulator accepts the seek and a plain Pull then returns the messages again, but its
+        # StreamingPull never delivers them; Google's service does. Strict: tells us when it does.
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True, reason="the Pub/Sub emulator's StreamingPull ignores seek-to-time"
+            )
+        )
     topic, group = unique_name("reread"), unique_name("g")
     broker_url = seekable(broker_url)
     async with open_broker(broker_url) as pubsub:
