@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import messaging
 from app.protocol import ResultMessage
-from app.results import EXPIRY_GRACE_S, AcceptedMarker, ResultStore, Submission
+from app.results import (
+    ACCEPTED_KIND,
+    EXPIRY_GRACE_S,
+    MARKER_KIND_ATTR,
+    AcceptedMarker,
+    ResultStore,
+    Submission,
+)
+from tests.gateway.helpers import gateway_settings, running_gateway
 
 
 class Clock:
@@ -169,3 +179,32 @@ def test_a_stream_resuming_after_a_restart_gets_only_what_it_had_not_seen() -> N
     store.add_result(result("seen-too"), completed_at=wall.now - 8, read_back=True)
     store.add_result(result("live"))
     assert [s.result.request_id for s in store.results_after(old_cursor)] == ["unseen", "live"]
+
+
+# --- read back by a starting gateway ---------------------------------------------------------------
+
+
+async def test_a_starting_gateway_serves_results_and_pending_ids_from_the_log() -> None:
+    """A gateway started on a log answers its earlier results and its own markers' ids as pending."""
+    settings = gateway_settings(gateway_id="restarted")
+    now = time.time()
+    marker = AcceptedMarker(
+        gateway_id="restarted", owner="", accepted_at=now - 2, deadline=now + 60, request_ids=["p1"]
+    )
+    foreign = AcceptedMarker(
+        gateway_id="another", owner="", accepted_at=now - 2, deadline=now + 60, request_ids=["p2"]
+    )
+    done = ResultMessage(request_id="r1", status="completed", label=3, completed_at=now - 540)
+    async with messaging.connect(settings.broker_url) as pubsub:
+        await pubsub.publish(settings.results_topic, done.to_bytes(), key="r1")
+        for accepted in (marker, foreign):
+            await pubsub.publish(
+                settings.results_topic,
+                accepted.to_bytes(),
+                attributes={MARKER_KIND_ATTR: ACCEPTED_KIND},
+            )
+        async with running_gateway(settings) as (_, client):
+            answers = {i: await client.get(f"/v1/predictions/{i}") for i in ("r1", "p1", "p2")}
+    assert answers["r1"].json()["status"] == "completed"
+    assert (answers["p1"].status_code, answers["p1"].json()["status"]) == (200, "pending")
+    assert answers["p2"].status_code == 404
