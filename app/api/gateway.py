@@ -226,17 +226,15 @@ class Gateway:
         replaying = True
         replayed = restored = 0
         while True:
-            if replaying:
-                try:
-                    async with asyncio.timeout(_REPLAY_QUIET_S):
-                        messages = await subscription.receive_batch(_RESULTS_CHUNK)
-                except TimeoutError:
-                    messages = []
-                    replaying = False
+            try:
+                async with asyncio.timeout(_REPLAY_QUIET_S if replaying else None):
+                    messages = await subscription.receive_batch(_RESULTS_CHUNK)
+            except TimeoutError:
+                messages = []
+                replaying = False
             else:
-                messages = await subscription.receive_batch(_RESULTS_CHUNK)
                 if not messages:
-                    break
+                    break  # the subscription ended
             for message in messages:
                 if message.attributes.get(MARKER_KIND_ATTR) == ACCEPTED_KIND:
                     restored += self._restore_pending(message.data, live_since)
@@ -305,9 +303,8 @@ class Gateway:
                 key=self.gateway_id,
                 attributes={MARKER_KIND_ATTR: ACCEPTED_KIND},
             )
-        except (
-            Exception
-        ) as exc:  # the requests are accepted without it; a restart answers 404 sooner
+        except Exception as exc:
+            # The requests stand without it: only a restart before their results answers 404.
             log.warning(kv("accepted_marker_failed", broker=self.broker_url, error=exc))
 
     def _restore_pending(self, data: bytes, live_since: float) -> int:
