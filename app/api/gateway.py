@@ -216,7 +216,7 @@ class Gateway:
     async def _consume(self, subscription: Subscription) -> None:
         """Store results as they come; ready (`_consuming`) once the read-back of the last TTL caught up.
 
-        Caught up means: a receive found nothing for `_REPLAY_QUIET_S`, or a result completed after
+        Caught up means: a receive found nothing for `_REPLAY_QUIET_S` (at once in process), or a result completed after
         the read-back began arrived (live traffic reached us), or `result_replay_timeout_s` passed.
         """
         store = self.store
@@ -225,9 +225,12 @@ class Gateway:
         replay_deadline = time.monotonic() + self.settings.result_replay_timeout_s
         replaying = True
         replayed = restored = 0
+        # An in-process broker queues its whole history at join: nothing ready means caught up.
+        pubsub = self._pubsub
+        quiet_s = 0.0 if pubsub is not None and pubsub.publishes_in_process else _REPLAY_QUIET_S
         while True:
             try:
-                async with asyncio.timeout(_REPLAY_QUIET_S if replaying else None):
+                async with asyncio.timeout(quiet_s if replaying else None):
                     messages = await subscription.receive_batch(_RESULTS_CHUNK)
             except TimeoutError:
                 messages = []
