@@ -3,6 +3,11 @@
 Every gateway instance sees every result (its own consumer group on the results topic), so any instance
 answers GET for any id once the result arrived; `pending` is known only to the instance that accepted it.
 Workers may publish a request's result twice after a redelivery: the first one wins, later ones are dropped.
+
+The log is the store: a (re)started gateway re-reads the results topic from `now - ttl_s`, so results
+age from their own `completed_at`, not from when they were read. Its `pending` requests come back from
+`AcceptedMarker`s: one small message per submit that the gateway publishes on the results topic next
+to the requests, read back only by a gateway with the same id.
 All methods run on the event loop thread; each result costs O(1) plus one call per live listener.
 """
 
@@ -13,6 +18,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.protocol import ErrorInfo, ResultMessage
 
@@ -31,16 +38,56 @@ class Submission:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+# A result read back after a restart gets the cursor the gateway that first stored it would have given
+# it at the latest: its completion time plus this bound on the delay from a worker to a gateway. A
+# stream resuming with an old gateway's cursor then gets every result it had not seen (and, again,
+# those that completed within this bound before its cursor).
+READ_BACK_CURSOR_LAG_S = 2.0
+
+
 @dataclass(slots=True)
 class StoredResult:
     """A result and its cursor: an increasing integer (the store time in µs) that streams resume after."""
 
     cursor: int
     result: ResultMessage
-    stored_at: float  # monotonic seconds
+    stored_at: float  # monotonic seconds it ages from
+    read_back: bool = (
+        False  # re-read from the log after a (re)start: its cursor is not in store order
+    )
 
 
 ResultListener = Callable[[StoredResult], None]
+
+MARKER_KIND_ATTR = "kind"
+ACCEPTED_KIND = "accepted"
+
+
+class AcceptedMarker(BaseModel):
+    """Requests one gateway accepted in one submit, on the results topic (attribute `kind=accepted`).
+
+    Results-topic consumers other than gateways skip messages that carry a `kind` attribute.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    gateway_id: str
+    owner: str
+    accepted_at: float = Field(description="unix seconds, as in the requests' `submitted_at`")
+    deadline: float = Field(description="unix seconds, as in the requests' `deadline` attribute")
+    metadata: dict[str, str] = Field(default_factory=dict)
+    request_ids: list[str]
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> AcceptedMarker:
+        """Parse a marker; raises ValueError on anything else."""
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
 
 
 @dataclass(slots=True)
@@ -72,6 +119,7 @@ class ResultStore:
         self._listeners: list[ResultListener] = []
         self._idempotency: OrderedDict[tuple[str, str], _IdempotencyRecord] = OrderedDict()
         self._last_cursor = 0
+        self._read_back_held = 0  # read-back results in `_order`: while > 0 it is not cursor order
         self.duplicates = 0
 
     # --- submissions -----------------------------------------------------------------------
@@ -87,17 +135,53 @@ class ResultStore:
         self._pending.pop(request_id, None)
 
     # --- results ---------------------------------------------------------------------------
-    def add_result(self, result: ResultMessage) -> StoredResult | None:
-        """Store a result, wake its waiters and listeners; None (and nothing else) for a duplicate."""
+    def add_pending_from_marker(self, marker: AcceptedMarker) -> int:
+        """Restore the submissions of a marker read back after a restart; returns how many were new.
+
+        Ids with a result already stay answered; ids past their deadline + grace become `failed` on
+        the next `expire()`.
+        """
+        restored = 0
+        for request_id in marker.request_ids:
+            if request_id in self._results or request_id in self._pending:
+                continue
+            self._pending[request_id] = Submission(
+                request_id, marker.owner, marker.deadline, dict(marker.metadata)
+            )
+            restored += 1
+        return restored
+
+    def add_result(
+        self, result: ResultMessage, *, completed_at: float | None = None, read_back: bool = False
+    ) -> StoredResult | None:
+        """Store a result, wake its waiters and listeners; None (and nothing else) for a duplicate
+        or for a result already older than the TTL.
+
+        With `completed_at` (unix seconds) the result ages from then, not from now: a result read
+        back from the log 9 minutes after it was made expires a minute later with a 10-minute TTL.
+        `read_back` marks a result re-read after a (re)start: its cursor comes from `completed_at`
+        (see READ_BACK_CURSOR_LAG_S), so streams resuming with an earlier gateway's cursor go on.
+        """
         request_id = result.request_id
         if request_id in self._results:
             self.duplicates += 1
             return None
         self._pending.pop(request_id, None)
         now = self._clock()
-        cursor = max(self._last_cursor + 1, int(self._wall_clock() * 1_000_000))
-        self._last_cursor = cursor
-        stored = StoredResult(cursor, result, now)
+        stored_at = now
+        if completed_at is not None:
+            # A worker's clock ahead of ours must not make a result younger than new.
+            stored_at -= max(0.0, self._wall_clock() - completed_at)
+            if now - stored_at > self.ttl_s:
+                return None  # expired before it was read back
+        if read_back and completed_at is not None:
+            cursor = int((completed_at + READ_BACK_CURSOR_LAG_S) * 1_000_000)
+            self._read_back_held += 1
+        else:
+            read_back = False
+            cursor = max(self._last_cursor + 1, int(self._wall_clock() * 1_000_000))
+        self._last_cursor = max(self._last_cursor, cursor)
+        stored = StoredResult(cursor, result, stored_at, read_back)
         self._results[request_id] = stored
         self._order.append(stored)
         self._evict(now)
@@ -152,11 +236,16 @@ class ResultStore:
 
     def results_after(self, cursor: int) -> Iterator[StoredResult]:
         """Stored results with a cursor greater than `cursor`, oldest first (for stream resume)."""
+        horizon = self._clock() - self.ttl_s
+        if self._read_back_held:
+            # Results read back after a restart sit in arrival order, not cursor order.
+            found = [s for s in self._order if s.cursor > cursor and s.stored_at >= horizon]
+            yield from sorted(found, key=lambda stored: stored.cursor)
+            return
         start = len(self._order)
         # Resuming clients are usually close to the newest result: scan back from the end.
         while start > 0 and self._order[start - 1].cursor > cursor:
             start -= 1
-        horizon = self._clock() - self.ttl_s
         for index in range(start, len(self._order)):
             stored = self._order[index]
             if stored.stored_at >= horizon:
@@ -236,5 +325,6 @@ class ResultStore:
         horizon = now - self.ttl_s
         while order and (len(order) > self.max_results or order[0].stored_at < horizon):
             oldest = order.popleft()
+            self._read_back_held -= oldest.read_back
             if self._results.get(oldest.result.request_id) is oldest:
                 del self._results[oldest.result.request_id]

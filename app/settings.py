@@ -250,6 +250,14 @@ class Settings(BaseSettings):
     result_store_size: int = Field(
         100_000, ge=1, description="Most results kept in memory per gateway."
     )
+    result_replay_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a starting (or reconnecting) gateway may spend re-reading the results "
+        "topic's last FMNIST_RESULT_TTL_S before it reports ready anyway; results it has not re-read by "
+        "then arrive later. Raise it when a large results backlog makes /readyz turn green before the "
+        "old results are served.",
+    )
 
     opentelemetry: bool = Field(
         False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
@@ -15,7 +16,10 @@ from messaging.errors import BrokerUnavailable, MessagingError, NotConnected
 
 logger = logging.getLogger("messaging")
 
-StartPosition = Literal["earliest", "latest"]
+StartPosition = Literal["earliest", "latest"] | float
+"""Where a subscription starts: "earliest" / "latest" for a group without a position yet, or a unix
+time in seconds (a float): every start, whatever the group committed, at the first message published
+at or after that time."""
 
 # The intersection of what Kafka (`[A-Za-z0-9._-]`, <= 249) and Pub/Sub (starts with a letter,
 # 3..255 characters) accept, so a topic that works on one backend works on all of them.
@@ -35,6 +39,19 @@ def check_group_name(group: str) -> None:
         raise ValueError(
             f"invalid group name {group!r}: use 1-100 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )
+
+
+def _check_start(start: object) -> StartPosition:
+    if start == "earliest" or start == "latest":
+        return start
+    if (
+        isinstance(start, int | float)
+        and not isinstance(start, bool)
+        and math.isfinite(start)
+        and start >= 0
+    ):
+        return float(start)
+    raise ValueError(f"start must be 'earliest', 'latest' or a unix time in seconds, got {start!r}")
 
 
 class Message:
@@ -367,14 +384,20 @@ class PubSub(ABC):
     ) -> Subscription:
         """Messages of `topic` for consumer `group`: the same group shares the work, another group gets its own copy.
 
-        `start` applies only when the group has no position yet. At most `max_in_flight` messages
-        are delivered and not yet settled at any time (flow control).
+        `start` is "earliest" or "latest" (where a group without a position yet begins: the oldest
+        retained message or the next one published), or a unix time in seconds as a float: the
+        subscription then begins at the first message published at or after that time, whatever the
+        group committed before, and again on each rebalance that gives it a partition (Kafka), so
+        it re-reads a window of the log. Messages published before the time may still arrive within
+        the backend's precision (milliseconds on Kafka, the record's broker time on Pub/Sub); a time
+        before the retention window starts at the oldest retained message. Meant for groups of one
+        consumer (a gateway's results); on a shared group it redelivers the window to the group.
+        At most `max_in_flight` messages are delivered and not yet settled at any time (flow control).
         """
         self._require_connected()
         self._check_topic(topic)
         check_group_name(group)
-        if start not in ("earliest", "latest"):
-            raise ValueError(f"start must be 'earliest' or 'latest', got {start!r}")
+        start = _check_start(start)
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         subscription = self._subscription(

@@ -8,6 +8,10 @@
   (`?topic_retention_s=0` creates topics without retention: then every new group starts "latest".
   The emulator cannot seek ordered subscriptions: there, `start` takes effect only with
   `?ordering=false`; otherwise a new group sees what the topic retained.)
+  A subscription started at a time (`start=<unix seconds>`) seeks the group's subscription to that
+  time each time it opens: messages published since (within the topic's retention) are delivered
+  again, acked or not. The emulator seeks unordered subscriptions only; on an ordered one it logs
+  `pubsub_seek_unsupported` and the subscription keeps its own position (unacked messages only).
 * Keys become ordering keys (subscriptions have message ordering on), so messages with one key
   arrive in order, as on Kafka; attributes are Pub/Sub attributes. Pub/Sub hands out the next
   message of a key only after the previous one was acked: give messages that a consumer should
@@ -36,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from messaging._base import Message, PubSub, StartPosition, Subscription
 from messaging._url import BrokerURL, OptionReader
@@ -138,6 +142,8 @@ class GoogleSubscription(Subscription):
         pubsub = self._google
         await pubsub._ensure_topic_once(self.topic)
         path = await pubsub._ensure_subscription(self.topic, self.group, self.start_position)
+        if isinstance(self.start_position, float):
+            await pubsub._seek(path, self.start_position, "the start time")
         self._loop = asyncio.get_running_loop()
         self._stream = pubsub.subscriber.subscribe(
             path,
@@ -336,11 +342,12 @@ class GooglePubSub(PubSub):
         except google_errors.AlreadyExists:
             pass  # the group has a position already: `start` does not apply
         else:
-            await self._position_new_group(path, start)
+            if isinstance(start, str):  # a start time is sought on every open instead
+                await self._position_new_group(path, start)
         self._known_subscriptions.add(path)
         return path
 
-    async def _position_new_group(self, path: str, start: StartPosition) -> None:
+    async def _position_new_group(self, path: str, start: Literal["earliest", "latest"]) -> None:
         """Seek a new subscription to `start`: back over the topic's retention, or to now.
 
         Seeking to now makes "latest" exact even where a new subscription would see retained
@@ -348,22 +355,27 @@ class GooglePubSub(PubSub):
         """
         if start == "earliest" and not self.options.topic_retention_s:
             return
-        since = Timestamp()
-        since.FromNanoseconds(time.time_ns())
+        since = time.time()
         if start == "earliest":
-            since.FromSeconds(since.seconds - self.options.topic_retention_s)
+            since -= self.options.topic_retention_s
+        await self._seek(path, since, f"the {start} position")
+
+    async def _seek(self, path: str, since: float, what: str) -> None:
+        """Seek the subscription to unix time `since`; the emulator refuses it on ordered subscriptions."""
+        when = Timestamp()
+        when.FromNanoseconds(int(since * 1e9))
         try:
             await self._blocking(
-                lambda: self.subscriber.seek(request={"subscription": path, "time": since}),
-                f"seek {path} to the {start} position",
+                lambda: self.subscriber.seek(request={"subscription": path, "time": when}),
+                f"seek {path} to {what}",
             )
         except google_errors.MethodNotImplemented:
             # The emulator has no seek on ordered subscriptions; the service has.
             logger.warning(
-                "event=pubsub_seek_unsupported subscription=%s start=%s effect=%s",
+                "event=pubsub_seek_unsupported subscription=%s to=%s effect=%s",
                 path,
-                start,
-                "the group starts wherever the server puts a new subscription",
+                what,
+                "the group starts wherever the server puts it",
             )
 
     def _subscription(

@@ -10,6 +10,10 @@
   when it and every earlier offset of its partition were acked (acks may come out of order); commits
   are coalesced in the background. On a rebalance the acked prefix of revoked partitions is
   committed and their unsettled messages are dropped locally: the partition's new owner gets them.
+* A subscription started at a time (`start=<unix seconds>`) seeks every partition it is assigned,
+  on every (re)assignment, to the first record whose timestamp is at or after that time
+  (`offsets_for_times`), or to the end where no record is that new; the group's committed offsets
+  are ignored for those partitions.
 * `nack()` hands the message back to this subscription's own queue (it is delivered again soon);
   its offset stays uncommitted, so if this consumer dies first another member of the group gets it.
 
@@ -413,7 +417,7 @@ class _RebalanceHook(ConsumerRebalanceListener):
         await self._subscription._partitions_revoked(list(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self._subscription._partitions_assigned(list(assigned))
+        await self._subscription._partitions_assigned(list(assigned))
 
 
 class KafkaSubscription(Subscription):
@@ -456,7 +460,9 @@ class KafkaSubscription(Subscription):
             group_id=self.group,
             client_id=options.client_id,
             enable_auto_commit=False,
-            auto_offset_reset=self.start_position,
+            auto_offset_reset=self.start_position
+            if isinstance(self.start_position, str)
+            else "latest",
             max_partition_fetch_bytes=options.max_message_bytes,
             fetch_max_bytes=max(options.max_message_bytes, 50 * 1024 * 1024),
             session_timeout_ms=options.session_timeout_ms,
@@ -498,9 +504,20 @@ class KafkaSubscription(Subscription):
         # A receiver waiting for messages must learn that the fetch loop ended.
         self._pump_task.add_done_callback(lambda _: self._wake_receiver())
 
-    def _partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+    async def _partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
             self._partitions[tp] = _PartitionAcks(tp)
+        if assigned and isinstance(self.start_position, float):
+            try:
+                await self._seek_to_time(assigned, self.start_position)
+            except KafkaError as exc:  # aiokafka would swallow it: say what it means
+                logger.warning(
+                    "event=kafka_seek_failed topic=%s group=%s error=%r effect=%s",
+                    self.topic,
+                    self.group,
+                    exc,
+                    "the partitions start at the group's committed offsets",
+                )
         if assigned:
             self._assigned.set()
         elif not self._warned_idle:
@@ -530,6 +547,31 @@ class KafkaSubscription(Subscription):
             self.topic,
             self._kafka.partitions,
             self.topic,
+        )
+
+    async def _seek_to_time(self, assigned: list[TopicPartition], since: float) -> None:
+        """Position each partition at its first record at or after `since` (unix seconds), else at its end."""
+        consumer = self._consumer
+        assert consumer is not None
+        since_ms = int(since * 1000)
+        found = await consumer.offsets_for_times({tp: since_ms for tp in assigned})
+        at_end = []
+        for tp in assigned:
+            hit = found.get(tp)
+            # Kafka answers "no such record" as None; Tansu as offset 0 with timestamp -1.
+            if hit is None or hit.timestamp < since_ms:
+                at_end.append(tp)
+            else:
+                consumer.seek(tp, hit.offset)
+        if at_end:
+            await consumer.seek_to_end(*at_end)
+        logger.info(
+            "event=kafka_seek_to_time topic=%s group=%s since=%.3f partitions=%s at_end=%s",
+            self.topic,
+            self.group,
+            since,
+            sorted(tp.partition for tp in assigned),
+            sorted(tp.partition for tp in at_end),
         )
 
     async def _partitions_revoked(self, revoked: list[TopicPartition]) -> None:

@@ -4,9 +4,12 @@ Every `connect("memory://NAME")` in one process shares the broker called NAME (`
 `memory://default`), so a gateway and a worker in one process talk through it. It follows the
 same contract as Kafka and Pub/Sub:
 
-* a topic keeps its last `retain` messages (and at most `retain_bytes`), like a Kafka log with
-  size retention: a group that subscribes for the first time with `start="earliest"` begins
-  with those; with `start="latest"` it begins empty;
+* a topic keeps its last `retain` messages (at most `retain_bytes`, and with `retain_s` > 0 none
+  older than that many seconds), like a Kafka log with size and time retention: a group that
+  subscribes for the first time with `start="earliest"` begins with those; with `start="latest"`
+  it begins empty; a subscription started at a time (a float) replaces its group's queue with the
+  retained messages published at or after that time, whatever the group had;
+* everything lives in this process: a restart loses every topic, group and retained message;
 * each group keeps its own backlog of unacknowledged messages; the consumers attached to a group
   share it (one delivery per message while nobody fails), different groups each get every message;
 * `nack()` puts the message back at the front of its group's backlog; a subscription closed with
@@ -17,7 +20,8 @@ same contract as Kafka and Pub/Sub:
   attached never blocks publishers: it keeps its newest `max_backlog` messages and drops the oldest,
   as a Kafka log drops old segments.
 
-Options (URL query): `max_backlog`, `max_backlog_bytes`, `publish_timeout`, `retain`, `retain_bytes`.
+Options (URL query): `max_backlog`, `max_backlog_bytes`, `publish_timeout`, `retain`, `retain_bytes`,
+`retain_s` (0: no age bound).
 Single event loop: a named broker is meant to be used from one event loop at a time.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +52,7 @@ class MemoryLimits:
     publish_timeout: float = 10.0
     retain: int = 10_000
     retain_bytes: int = 64 * 1024 * 1024
+    retain_s: float = 0.0  # 0: retained messages are bounded by count and bytes only
 
     @classmethod
     def from_url(cls, url: BrokerURL) -> MemoryLimits:
@@ -59,6 +65,7 @@ class MemoryLimits:
             publish_timeout=options.number("publish_timeout", cls.publish_timeout),
             retain=options.integer("retain", cls.retain),
             retain_bytes=options.integer("retain_bytes", cls.retain_bytes),
+            retain_s=options.number("retain_s", cls.retain_s),
         )
         options.finish()
         return limits
@@ -67,13 +74,16 @@ class MemoryLimits:
 class _Entry:
     """One published message, shared (read-only) by every group's backlog."""
 
-    __slots__ = ("attributes", "data", "key", "size")
+    __slots__ = ("attributes", "data", "key", "published_at", "size")
 
-    def __init__(self, data: bytes, key: str | None, attributes: dict[str, str]) -> None:
+    def __init__(
+        self, data: bytes, key: str | None, attributes: dict[str, str], published_at: float
+    ) -> None:
         self.data = data
         self.key = key
         self.attributes = attributes
         self.size = len(data)
+        self.published_at = published_at  # unix seconds
 
 
 def _wake_one(waiters: deque[asyncio.Future[None]]) -> None:
@@ -127,6 +137,15 @@ class _Group:
         if self.consumer_waiters:
             _wake_one(self.consumer_waiters)
 
+    def replace_queue(self, entries: list[_Entry]) -> None:
+        """Queue exactly `entries` (a subscription started at a time); delivered ones stay held."""
+        for entry in self.pending:
+            self.unacked -= 1
+            self.unacked_bytes -= entry.size
+        self.pending = deque(entries)
+        self.unacked += len(entries)
+        self.unacked_bytes += sum(entry.size for entry in entries)
+
     def requeue(self, entry: _Entry) -> None:
         self.pending.appendleft(entry)
         if self.consumer_waiters:
@@ -157,16 +176,27 @@ class _Topic:
         self.retained_bytes += entry.size
         while len(self.retained) > limits.retain or self.retained_bytes > limits.retain_bytes:
             self.retained_bytes -= self.retained.popleft().size
+        self.forget_older(entry.published_at, limits)
 
-    def join(self, group_name: str, start: StartPosition) -> _Group:
+    def forget_older(self, now: float, limits: MemoryLimits) -> None:
+        """Drop retained messages older than `retain_s` (when set)."""
+        if not limits.retain_s:
+            return
+        horizon = now - limits.retain_s
+        while self.retained and self.retained[0].published_at < horizon:
+            self.retained_bytes -= self.retained.popleft().size
+
+    def join(self, group_name: str, start: StartPosition, limits: MemoryLimits) -> _Group:
         group = self.groups.get(group_name)
+        created = group is None
         if group is None:
             group = self.groups[group_name] = _Group(group_name)
-            if start == "earliest":
-                for entry in self.retained:
-                    group.pending.append(entry)
-                    group.unacked += 1
-                    group.unacked_bytes += entry.size
+        if isinstance(start, float):
+            self.forget_older(time.time(), limits)
+            group.replace_queue([e for e in self.retained if e.published_at >= start])
+        elif created and start == "earliest":
+            self.forget_older(time.time(), limits)
+            group.replace_queue(list(self.retained))
         group.subscribers += 1
         return group
 
@@ -228,12 +258,15 @@ class MemorySubscription(Subscription):
     ) -> None:
         super().__init__(pubsub, topic, group=group, start=start, max_in_flight=max_in_flight)
         self._broker = pubsub.broker
+        self._limits = pubsub.limits
         self._group: _Group | None = None
         self._unsettled: dict[MemoryMessage, None] = {}  # insertion-ordered, for requeue on close
         self._waiter: asyncio.Future[None] | None = None
 
     async def _open(self) -> None:
-        self._group = self._broker.topic(self.topic).join(self.group, self.start_position)
+        self._group = self._broker.topic(self.topic).join(
+            self.group, self.start_position, self._limits
+        )
 
     async def _wait_for_messages(self) -> None:
         group = self._group
@@ -323,6 +356,7 @@ class MemoryPubSub(PubSub):
             data if type(data) is bytes else bytes(data),
             key,
             dict(attributes) if attributes else {},
+            time.time(),
         )
         limits = self.limits
         groups = state.groups.values()

@@ -35,7 +35,14 @@ from app.protocol import (
     encode_metadata,
     encode_shape,
 )
-from app.results import ResultStore, Submission
+from app.results import (
+    ACCEPTED_KIND,
+    EXPIRY_GRACE_S,
+    MARKER_KIND_ATTR,
+    AcceptedMarker,
+    ResultStore,
+    Submission,
+)
 from app.settings import Settings
 from messaging import BacklogFull, MessagingError, PubSub, Subscription, parse_broker_url
 
@@ -49,6 +56,8 @@ _PING_INTERVAL_S = 2.0
 _SWEEP_INTERVAL_S = 1.0
 _MAX_BACKOFF_S = 5.0
 _RESULTS_CHUNK = 512  # results taken from the subscription in one go
+# The results read-back counts as caught up once a receive waits this long for nothing.
+_REPLAY_QUIET_S = 0.5
 
 
 def input_shape_of(settings: Settings) -> tuple[int, int, int]:
@@ -178,10 +187,13 @@ class Gateway:
                     self.settings.results_topic,
                     self.settings.deadletter_topic,
                 )
+                # The log is the store: re-read the results of the last TTL, whatever the group
+                # committed, so a restarted gateway serves what it accepted before.
+                replay_from = time.time() - self.settings.result_ttl_s
                 subscription = pubsub.subscribe(
                     self.settings.results_topic,
                     group=self.results_group,
-                    start="latest",
+                    start=replay_from,
                     max_in_flight=4096,
                 )
                 await subscription.start()
@@ -202,9 +214,7 @@ class Gateway:
             self._pubsub = pubsub
             self._results = subscription
             self._broker_reachable = True
-            self._consuming = True
             self.metrics.broker_up.set(1)
-            self._first_attempt.set()
             log.info(kv("broker_connected", broker=self.broker_url, group=self.results_group))
             monitor = asyncio.create_task(self._monitor(pubsub), name="fmnist-broker-ping")
             try:
@@ -227,10 +237,35 @@ class Gateway:
                 await asyncio.sleep(backoff)
 
     async def _consume(self, subscription: Subscription) -> None:
+        """Store results as they come; ready (`_consuming`) once the read-back of the last TTL caught up.
+
+        Caught up means: a receive found nothing for `_REPLAY_QUIET_S` (at once in process), or a result completed after
+        the read-back began arrived (live traffic reached us), or `result_replay_timeout_s` passed.
+        """
         store = self.store
         metrics = self.metrics
-        while messages := await subscription.receive_batch(_RESULTS_CHUNK):
+        live_since = time.time()
+        replay_deadline = time.monotonic() + self.settings.result_replay_timeout_s
+        replaying = True
+        replayed = restored = 0
+        # An in-process broker queues its whole history at join: nothing ready means caught up.
+        pubsub = self._pubsub
+        quiet_s = 0.0 if pubsub is not None and pubsub.publishes_in_process else _REPLAY_QUIET_S
+        while True:
+            try:
+                async with asyncio.timeout(quiet_s if replaying else None):
+                    messages = await subscription.receive_batch(_RESULTS_CHUNK)
+            except TimeoutError:
+                messages = []
+                replaying = False
+            else:
+                if not messages:
+                    break  # the subscription ended
             for message in messages:
+                if message.attributes.get(MARKER_KIND_ATTR) == ACCEPTED_KIND:
+                    restored += self._restore_pending(message.data, live_since)
+                    await message.ack()
+                    continue
                 try:
                     result = ResultMessage.from_bytes(message.data)
                 except ValueError as exc:
@@ -239,13 +274,81 @@ class Gateway:
                     metrics.errors.labels("malformed_result").inc()
                     await message.ack()
                     continue
-                if store.add_result(result) is None:
-                    metrics.duplicate_results.inc()
+                read_back = result.completed_at < live_since
+                if read_back:
+                    replayed += 1
                 else:
+                    replaying = False
+                if (
+                    store.add_result(result, completed_at=result.completed_at, read_back=read_back)
+                    is not None
+                ):
                     metrics.record_result(result)
+                elif not replaying:  # during the read-back, known results are expected again
+                    metrics.duplicate_results.inc()
                 await message.ack()
+            if replaying and time.monotonic() > replay_deadline:
+                replaying = False
+            if not replaying and not self._consuming:
+                self._consuming = True
+                self._first_attempt.set()
+                log.info(
+                    kv(
+                        "results_caught_up",
+                        group=self.results_group,
+                        replayed=replayed,
+                        pending_restored=restored,
+                        took_s=round(time.time() - live_since, 3),
+                    )
+                )
         if not self._stopping:
             raise MessagingError("the results subscription ended")
+
+    async def _mark_accepted(
+        self,
+        pubsub: PubSub,
+        owner: str,
+        accepted_at: float,
+        deadline: float,
+        metadata: dict[str, str],
+        fresh: Sequence[tuple[int, str, bytes, object]],
+    ) -> None:
+        """Publish the marker that lets this gateway, restarted, answer `pending` for these ids."""
+        marker = AcceptedMarker(
+            gateway_id=self.gateway_id,
+            owner=owner,
+            accepted_at=accepted_at,
+            deadline=deadline,
+            metadata=metadata,
+            request_ids=[request_id for _, request_id, _, _ in fresh],
+        )
+        try:
+            await pubsub.publish(
+                self.settings.results_topic,
+                marker.to_bytes(),
+                key=self.gateway_id,
+                attributes={MARKER_KIND_ATTR: ACCEPTED_KIND},
+            )
+        except Exception as exc:
+            # The requests stand without it: only a restart before their results answers 404.
+            log.warning(kv("accepted_marker_failed", broker=self.broker_url, error=exc))
+
+    def _restore_pending(self, data: bytes, live_since: float) -> int:
+        """This gateway's requests from before a restart: `pending` again until their results come."""
+        try:
+            marker = AcceptedMarker.from_bytes(data)
+        except ValueError as exc:
+            log.warning(kv("malformed_marker", error=exc))
+            return 0
+        # Markers of this process are for requests it knows; expired ones could only turn into a
+        # `failed` that beats their real result, still further along the log.
+        if (
+            marker.gateway_id != self.gateway_id
+            or marker.accepted_at >= live_since
+            or marker.deadline + EXPIRY_GRACE_S < time.time()
+        ):
+            return 0
+        return self.store.add_pending_from_marker(marker)
 
     async def _monitor(self, pubsub: PubSub) -> None:
         while True:
@@ -384,7 +487,8 @@ class Gateway:
                 else:
                     results.append(None)
         else:
-            results = await self._publish_within_timeout(sends)
+            marker = self._mark_accepted(pubsub, owner, submitted_at, deadline, meta, fresh)
+            *results, _ = await self._publish_within_timeout([*sends, marker])
         failures = 0
         for (index, request_id, _, claim), outcome in zip(fresh, results, strict=True):
             if isinstance(outcome, BaseException):

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import messaging
 from app.protocol import ResultMessage
-from app.results import EXPIRY_GRACE_S, ResultStore, Submission
+from app.results import (
+    ACCEPTED_KIND,
+    EXPIRY_GRACE_S,
+    MARKER_KIND_ATTR,
+    AcceptedMarker,
+    ResultStore,
+    Submission,
+)
+from tests.gateway.helpers import gateway_settings, running_gateway
 
 
 class Clock:
@@ -121,3 +131,80 @@ def test_listeners_see_each_new_result_once() -> None:
     store.add_result(result("a"))
     store.add_result(result("b"))
     assert seen == ["a", "b"]
+
+
+def test_a_result_read_back_ages_from_its_completion() -> None:
+    """A result re-read 9 minutes after it completed expires 1 minute later with a 10-minute TTL."""
+    clock, wall = Clock(), Clock()
+    store = ResultStore(max_results=10, ttl_s=600, clock=clock, wall_clock=wall)
+    store.add_result(result("old"), completed_at=wall.now - 540)
+    assert store.get_result("old") is not None
+    clock.now += 61
+    assert store.get_result("old") is None
+
+
+def test_a_result_older_than_the_ttl_is_not_stored() -> None:
+    """A result read back after its TTL passed is dropped, not served and not counted as a duplicate."""
+    wall = Clock()
+    store = ResultStore(max_results=10, ttl_s=600, wall_clock=wall)
+    assert store.add_result(result("stale"), completed_at=wall.now - 601) is None
+    assert store.get_result("stale") is None and store.duplicates == 0
+
+
+def test_a_marker_restores_pending_except_answered_ids() -> None:
+    """An accepted marker read back makes its ids pending again, except those with a result."""
+    store = ResultStore(max_results=10, ttl_s=60)
+    store.add_result(result("done"))
+    marker = AcceptedMarker(
+        gateway_id="g",
+        owner="alice",
+        accepted_at=1.0,
+        deadline=2.0,
+        metadata={"k": "v"},
+        request_ids=["done", "waiting"],
+    )
+    assert store.add_pending_from_marker(AcceptedMarker.from_bytes(marker.to_bytes())) == 1
+    pending = store.get_pending("waiting")
+    assert pending is not None and (pending.owner, pending.metadata) == ("alice", {"k": "v"})
+    assert store.get_pending("done") is None
+
+
+def test_a_stream_resuming_after_a_restart_gets_only_what_it_had_not_seen() -> None:
+    """After a restart, results_after(old cursor) skips read-back results completed well before it."""
+    wall = Clock()
+    store = ResultStore(max_results=10, ttl_s=600, wall_clock=wall)
+    old_cursor = int((wall.now - 5) * 1_000_000)  # what the client saw last, 5 s before the restart
+    store.add_result(result("seen"), completed_at=wall.now - 10, read_back=True)
+    store.add_result(result("unseen"), completed_at=wall.now - 4, read_back=True)
+    store.add_result(result("seen-too"), completed_at=wall.now - 8, read_back=True)
+    store.add_result(result("live"))
+    assert [s.result.request_id for s in store.results_after(old_cursor)] == ["unseen", "live"]
+
+
+# --- read back by a starting gateway ---------------------------------------------------------------
+
+
+async def test_a_starting_gateway_serves_results_and_pending_ids_from_the_log() -> None:
+    """A gateway started on a log answers its earlier results and its own markers' ids as pending."""
+    settings = gateway_settings(gateway_id="restarted")
+    now = time.time()
+    marker = AcceptedMarker(
+        gateway_id="restarted", owner="", accepted_at=now - 2, deadline=now + 60, request_ids=["p1"]
+    )
+    foreign = AcceptedMarker(
+        gateway_id="another", owner="", accepted_at=now - 2, deadline=now + 60, request_ids=["p2"]
+    )
+    done = ResultMessage(request_id="r1", status="completed", label=3, completed_at=now - 540)
+    async with messaging.connect(settings.broker_url) as pubsub:
+        await pubsub.publish(settings.results_topic, done.to_bytes(), key="r1")
+        for accepted in (marker, foreign):
+            await pubsub.publish(
+                settings.results_topic,
+                accepted.to_bytes(),
+                attributes={MARKER_KIND_ATTR: ACCEPTED_KIND},
+            )
+        async with running_gateway(settings) as (_, client):
+            answers = {i: await client.get(f"/v1/predictions/{i}") for i in ("r1", "p1", "p2")}
+    assert answers["r1"].json()["status"] == "completed"
+    assert (answers["p1"].status_code, answers["p1"].json()["status"]) == (200, "pending")
+    assert answers["p2"].status_code == 404

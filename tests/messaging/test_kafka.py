@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 import pytest
 
@@ -78,3 +80,43 @@ async def test_acked_messages_are_not_delivered_to_the_next_consumer(kafka_url: 
             message = await asyncio.wait_for(anext(messages), 20)
             await message.ack()
     assert message.data == b"3"
+
+
+@pytest.mark.kafka
+async def test_a_start_time_holds_after_a_rebalance(kafka_url: str) -> None:
+    """A member joining a start-time group makes the partitions re-seek: the window is read again."""
+    topic, group = unique_name("rebalance"), unique_name("g")
+    options = connect_options(kafka_url)
+    keys = [f"k{i}" for i in range(8)]  # spread over the partitions
+    async with messaging.connect(kafka_url, **options) as publisher:
+        await publisher.ensure_topics(topic)
+        since = time.time()
+        await asyncio.sleep(0.1)  # record timestamps are in ms: keep `since` clearly before them
+        first_broker = messaging.connect(kafka_url, **options)
+        second_broker = messaging.connect(kafka_url, **options)
+        async with first_broker, first_broker.subscribe(topic, group=group, start=since) as first:
+            for key in keys:
+                await publisher.publish(topic, key.encode(), key=key)
+            for message in [await asyncio.wait_for(anext(first), 20) for _ in keys]:
+                await message.ack()
+            await asyncio.sleep(0.5)  # the commits land: without a re-seek nobody reads these again
+            async with (
+                second_broker,
+                second_broker.subscribe(topic, group=group, start=since) as second,
+            ):
+                again: set[bytes] = set()
+                everything = asyncio.Event()
+
+                async def drain(messages: messaging.Subscription) -> None:
+                    async for message in messages:
+                        again.add(message.data)
+                        await message.ack()
+                        if again >= {key.encode() for key in keys}:
+                            everything.set()
+
+                tasks = [asyncio.create_task(drain(first)), asyncio.create_task(drain(second))]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(everything.wait(), 20)
+                for task in tasks:
+                    task.cancel()
+    assert set(again) == {key.encode() for key in keys}

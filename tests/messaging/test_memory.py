@@ -109,3 +109,38 @@ def test_unknown_memory_option_is_rejected() -> None:
     """A typo in a memory:// option is an error listing the accepted ones."""
     with pytest.raises(ValueError, match="max_backlog"):
         messaging.connect("memory://x?max_backlogg=3")
+
+
+async def test_retained_messages_older_than_retain_s_are_not_replayed() -> None:
+    """With ?retain_s=, a subscription started at a time gets only retained messages younger than that."""
+    url = f"memory://{unique_name('age')}?retain_s=0.3"
+    topic = unique_name("t")
+    async with messaging.connect(url) as pubsub:
+        await pubsub.publish(topic, b"old")
+        await asyncio.sleep(0.5)
+        await pubsub.publish(topic, b"young")
+        async with pubsub.subscribe(topic, group="late", start=0.0) as messages:
+            message = await asyncio.wait_for(anext(messages), 5)
+            await message.ack()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(messages), 0.5)
+    assert message.data == b"young"
+
+
+async def test_a_start_time_replaces_the_groups_queue() -> None:
+    """A subscription started at a time re-queues its group from the history, without duplicates."""
+    name, topic = unique_name("requeue"), unique_name("t")
+    async with messaging.connect(f"memory://{name}") as pubsub:
+        async with pubsub.subscribe(topic, group="g") as messages:
+            await pubsub.publish(topic, b"acked")
+            first = await asyncio.wait_for(anext(messages), 5)
+            await first.ack()
+            await pubsub.publish(topic, b"queued")  # still in the group's queue at close
+        async with pubsub.subscribe(topic, group="g", start=0.0) as messages:
+            received = [await asyncio.wait_for(anext(messages), 5) for _ in range(2)]
+            for message in received:
+                await message.ack()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(messages), 0.5)
+        assert shared_broker(name).backlog(topic, "g") == 0
+    assert [m.data for m in received] == [b"acked", b"queued"]
