@@ -305,6 +305,9 @@ class StreamSession:
                     "invalid_message",
                     f"client_ref: at most {MAX_CLIENT_REF_CHARS} characters",
                 )
+            if isinstance(ref, str) and not _encodes_as_utf8(ref):
+                # It is echoed in every answer, and a lone surrogate cannot be sent as JSON text.
+                raise ApiError(422, "invalid_message", "client_ref must be valid Unicode text")
             client_ref = ref if isinstance(ref, str) else None
             kind = message.get("type")
             if kind == "submit":
@@ -384,3 +387,11 @@ class StreamSession:
         self._enqueue({"type": "accepted", "request_id": request_id, "client_ref": client_ref})
         for stored in held:
             self._offer(stored)
+
+
+def _encodes_as_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

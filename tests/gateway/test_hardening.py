@@ -423,6 +423,26 @@ async def test_lone_surrogate_in_websocket_metadata_is_an_error_frame() -> None:
     assert still_open["error"]["code"] == "invalid_message"
 
 
+async def test_lone_surrogate_in_websocket_client_ref_is_an_error_frame() -> None:
+    """A client_ref holding a lone surrogate (echoed in every answer) gets an error; the socket stays open."""
+    submit = {
+        "type": "submit",
+        "image": base64.b64encode(png_bytes(fashion_like())).decode(),
+        "client_ref": "\ud800",
+    }
+    async with (
+        serving(gateway_settings()) as (_, base),
+        connect(f"ws://{base}/v1/predictions/stream") as socket,
+    ):
+        await socket.send(json.dumps(submit))  # ASCII JSON: the surrogate travels as \ud800
+        refused = json.loads(await asyncio.wait_for(socket.recv(), 5))
+        await socket.send(json.dumps({"type": "dance"}))
+        still_open = json.loads(await asyncio.wait_for(socket.recv(), 5))
+    assert refused["error"]["code"] == "invalid_message"
+    assert "client_ref" in refused["error"]["message"]
+    assert still_open["error"]["code"] == "invalid_message"
+
+
 async def test_field_name_inside_a_quoted_filename_is_not_the_field_name() -> None:
     """`filename="x; name=file; .txt"` does not make a part the `file` field: only the real one counts."""
     boundary = "b0undary"
