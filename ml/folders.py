@@ -39,7 +39,18 @@ __all__ = [
 ]
 
 # torchvision's `IMG_EXTENSIONS` plus GIF, compared case-insensitively.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".pgm",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+)
 # Pillow modes that hold one channel (with or without alpha); every other mode converts to RGB.
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 # Share of the memory available now that the decoded tensor may take, leaving room for training.
@@ -69,7 +80,9 @@ def find_images(root: str | os.PathLike[str]) -> tuple[list[str], list[tuple[Pat
     """(class names, [(image path, label)]) of an image folder, in ImageFolder's order."""
     directory = Path(root)
     if not directory.is_dir():
-        raise DataError(f"{directory} is not a directory; give a folder with one sub-folder per class")
+        raise DataError(
+            f"{directory} is not a directory; give a folder with one sub-folder per class"
+        )
     classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
     if len(classes) < 2:
         raise DataError(
@@ -143,7 +156,9 @@ def load_image_folder(
         size = inferred[1:] if size is None else size
     height, width = int(size[0]), int(size[1])
     if channels not in (1, 3) or height < 1 or width < 1:
-        raise DataError(f"can convert images to 1 or 3 channels of a positive size, not {channels}×{height}×{width}")
+        raise DataError(
+            f"can convert images to 1 or 3 channels of a positive size, not {channels}×{height}×{width}"
+        )
     needed = len(items) * channels * height * width
     available = _available_memory()
     if available is not None and needed > _MEMORY_SHARE * available:
@@ -159,7 +174,8 @@ def load_image_folder(
                 pixels = to_model_input(image, channels, height, width)
         except DataError:
             raise
-        except Exception as exc:  # decoders raise many types on a damaged file; all mean "unreadable"
+        # Decoders raise many types on a damaged file; all of them mean "unreadable".
+        except Exception as exc:
             raise DataError(f"{path} could not be decoded: {exc}") from exc
         images[index] = np.frombuffer(pixels, dtype=np.uint8).reshape(channels, height, width)
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
@@ -202,7 +218,9 @@ def folder_splits(
     return FolderSplits(train=train, val=val, root=Path(root))
 
 
-def check_classes(folder_classes: Sequence[str], model_classes: Sequence[str], root: object) -> list[int]:
+def check_classes(
+    folder_classes: Sequence[str], model_classes: Sequence[str], root: object
+) -> list[int]:
     """The model's label for each folder class; a `DataError` naming the folders the model does not know."""
     index = {name: i for i, name in enumerate(model_classes)}
     unknown = [name for name in folder_classes if name not in index]

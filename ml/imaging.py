@@ -39,7 +39,9 @@ def to_model_input(
     `channels` 1 gives grayscale, any other count RGB (3); `auto_invert` turns the dark-on-light
     inversion of grayscale images on or off."""
     if channels not in (1, 3):
-        raise ValueError(f"the image policy converts to 1 (grayscale) or 3 (RGB) channels, not {channels}")
+        raise ValueError(
+            f"the image policy converts to 1 (grayscale) or 3 (RGB) channels, not {channels}"
+        )
     grayscale = channels == 1
     if grayscale and image.mode == "L" and image.size == (width, height):
         # The hot path (already the model's size): plain bytes operations, no numpy round trip.

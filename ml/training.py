@@ -90,7 +90,9 @@ class TrainConfig:
     def resolved(self) -> tuple[int, float, float]:
         """(batch_size, lr, warmup_fraction) after `resolve`."""
         if self.batch_size is None or self.lr is None or self.warmup_fraction is None:
-            raise ValueError("call resolve(train_size) first: batch_size, lr or warmup_fraction is unset")
+            raise ValueError(
+                "call resolve(train_size) first: batch_size, lr or warmup_fraction is unset"
+            )
         return self.batch_size, self.lr, self.warmup_fraction
 
 
