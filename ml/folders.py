@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "FolderSplits",
     "check_classes",
+    "describe",
     "find_images",
     "folder_for_model",
     "folder_splits",
@@ -258,3 +259,12 @@ def folder_for_model(
     dataset = load_image_folder(root, channels=channels, size=(height, width))
     labels = torch.tensor(mapping, dtype=torch.int64)[dataset.labels]
     return TensorImageDataset(dataset.images, labels, class_names)
+
+
+def describe(root: str | os.PathLike[str], dataset: TensorImageDataset, part: str = "") -> str:
+    """One line for model cards and reports: which folder, how many images of which shape and classes."""
+    c, h, w = (int(n) for n in dataset.images.shape[1:])
+    present = sorted(set(dataset.labels.tolist()))
+    names = ", ".join(dataset.class_names[i] for i in present)
+    where = f"{part} of image folder" if part else "image folder"
+    return f"{where} `{Path(root)}`: {len(dataset)} images, {c}×{h}×{w}, classes {names}"
