@@ -17,6 +17,7 @@ from ml.training import (
     auto_batch_size,
     auto_lr,
     auto_warmup_fraction,
+    fit,
 )
 from tests.ml.shapes import SHAPE_NAMES, shapes
 
@@ -119,3 +120,30 @@ def test_three_epochs_on_3000_fashion_mnist_images_pass_75_percent(
     result = classifier.evaluate(splits.test)
     assert result.num_samples == 10_000
     assert result.accuracy >= 0.75
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.0])
+def test_gradient_clipping_bounds_the_first_step(clip: float) -> None:
+    """With grad_clip=c one SGD step moves the weights by at most lr·(1 + momentum)·c; 0 turns it off."""
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        network[1].weight.fill_(100.0)  # confident and wrong: a huge gradient
+    images = torch.ones(8, 1, 2, 2)
+    labels = torch.zeros(8, dtype=torch.int64)
+    with torch.no_grad():
+        labels[:] = 1 - network(images).argmax(1)
+    config = TrainConfig(
+        epochs=1,
+        batch_size=8,
+        lr=0.1,
+        warmup_fraction=0.5,
+        weight_decay=0.0,
+        grad_clip=clip,
+        crop_padding=0,
+        progress=False,
+    )
+    before = network[1].weight.detach().clone()
+    history = fit(network, images, labels, None, None, 2, config, torch.device("cpu"))
+    moved = float((network[1].weight.detach() - before).norm())
+    bound = 0.1 * (1 + 0.9) * 0.5 + 1e-6
+    assert history.epochs and ((moved <= bound) if clip else (moved > bound))
