@@ -147,3 +147,16 @@ def test_gradient_clipping_bounds_the_first_step(clip: float) -> None:
     moved = float((network[1].weight.detach() - before).norm())
     bound = 0.1 * (1 + 0.9) * 0.5 + 1e-6
     assert history.epochs and ((moved <= bound) if clip else (moved > bound))
+
+
+def test_the_checkpoint_records_the_batch_size_and_rate_actually_used() -> None:
+    """After fit, the training record holds the resolved values, not None."""
+    images, labels = shapes(40, seed=0, size=8)
+    classifier = ImageClassifier(3, 4, (8, 8), SHAPE_NAMES, widths=(8, 16), convs_per_stage=(1, 1))
+    classifier.fit(TensorImageDataset(images, labels, SHAPE_NAMES), epochs=1, progress=False)
+    recorded = classifier.metadata()["training"]["config"]
+    assert (recorded["batch_size"], recorded["lr"], recorded["warmup_fraction"]) == (
+        32,
+        pytest.approx(0.025),
+        pytest.approx(0.05),
+    )
