@@ -24,19 +24,30 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters of one training run (stored in the checkpoint's metadata)."""
+    """Hyperparameters of one training run (stored in the checkpoint's metadata).
+
+    `batch_size`, `lr` and `warmup_fraction` default to None: `fit` then sets them from the size of the
+    training set (`resolve`), so that short runs on small data sets take enough, small enough steps.
+    Given explicitly they are used as they are (the shipped model's recipe gives all three)."""
 
     epochs: int = 20
-    batch_size: int = 256
-    # Peak learning rate of the one-cycle schedule (SGD: ~0.1-0.4; AdamW: ~1e-3-5e-3).
-    lr: float = 0.2
+    # Images per step; None: `auto_batch_size` of the training set.
+    batch_size: int | None = None
+    # Peak learning rate (SGD: ~0.02-0.4; AdamW: ~1e-3-5e-3); None: `auto_lr` of the batch size.
+    lr: float | None = None
     optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
     momentum: float = 0.9
     # Decoupled from BatchNorm and bias parameters, which decay does not help.
     weight_decay: float = 5e-4
-    # Fraction of steps spent warming up to the peak learning rate.
-    warmup_fraction: float = 0.25
-    label_smoothing: float = 0.1
+    # Fraction of steps spent warming up to the peak learning rate; None: `auto_warmup_fraction`.
+    warmup_fraction: float | None = None
+    # "cosine": linear warm-up, then cosine annealing to zero, fixed momentum. "one-cycle": torch's
+    # OneCycleLR (cosine warm-up from lr/25, momentum cycled), the recipe of the shipped model.
+    schedule: str = "cosine"
+    # Gradients are rescaled to at most this L2 norm (0: off): a bad batch early on cannot throw
+    # the weights far, which on small data sets is what made the loss jump between epochs.
+    grad_clip: float = 2.0
+    label_smoothing: float = 0.0
     # Random-crop augmentation: pad by this many pixels, crop back at a random offset (0: off).
     crop_padding: int = 2
     # Mirror half the images left-right. Right for clothes; wrong for digits or text, so off by default.
@@ -49,16 +60,70 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
-            raise ValueError("need epochs >= 1, batch_size >= 2 and lr > 0")
+        if self.epochs < 1 or (self.batch_size is not None and self.batch_size < 2):
+            raise ValueError("need epochs >= 1 and batch_size >= 2")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError("need lr > 0")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.crop_padding < 0 or not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("need crop_padding >= 0 and 0 <= label_smoothing < 1")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if not 0.0 < self.warmup_fraction < 1.0:
+        if self.warmup_fraction is not None and not 0.0 < self.warmup_fraction < 1.0:
             raise ValueError("warmup_fraction must be in (0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
+
+    def resolve(self, train_size: int) -> None:
+        """Fill in the automatic (None) fields for a training set of `train_size` images, in place,
+        so the checkpoint records what was used."""
+        if self.batch_size is None:
+            self.batch_size = auto_batch_size(train_size)
+        if self.lr is None:
+            self.lr = auto_lr(self.batch_size, self.optimizer)
+        if self.warmup_fraction is None:
+            self.warmup_fraction = auto_warmup_fraction(self.epochs)
+
+    def resolved(self) -> tuple[int, float, float]:
+        """(batch_size, lr, warmup_fraction) after `resolve`."""
+        if self.batch_size is None or self.lr is None or self.warmup_fraction is None:
+            raise ValueError(
+                "call resolve(train_size) first: batch_size, lr or warmup_fraction is unset"
+            )
+        return self.batch_size, self.lr, self.warmup_fraction
+
+
+SCHEDULES = ("cosine", "one-cycle")
+# The batch size and SGD learning rate the scaling rules start from (the shipped model's).
+_REFERENCE_BATCH, _REFERENCE_LR = 256, 0.2
+_ADAMW_LR = 2e-3
+
+
+def auto_batch_size(train_size: int) -> int:
+    """The largest power of two that gives at least 64 steps per epoch, within 32..256.
+
+    Large sets get 256 (fast per image); a few thousand images get 32, so that a three-epoch run
+    still takes a few hundred steps."""
+    batch = 32
+    while batch < _REFERENCE_BATCH and train_size // (2 * batch) >= 64:
+        batch *= 2
+    return batch
+
+
+def auto_lr(batch_size: int, optimizer: str = "sgd") -> float:
+    """The peak learning rate for `batch_size`: 0.2 at 256 for SGD, scaled linearly with the batch
+    (Goyal et al.); AdamW's is 2e-3 at every batch size."""
+    if optimizer == "adamw":
+        return _ADAMW_LR
+    return _REFERENCE_LR * batch_size / _REFERENCE_BATCH
+
+
+def auto_warmup_fraction(epochs: int) -> float:
+    """Linear warm-up over 5% of the steps or the first epoch, whichever is shorter."""
+    return min(0.05, 1.0 / epochs)
 
 
 @dataclass
@@ -214,9 +279,10 @@ def _optimizer(network: nn.Module, config: TrainConfig) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    _, lr, _ = config.resolved()
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
 
 
 @torch.inference_mode()
@@ -284,7 +350,8 @@ def train_one_epoch(
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
-    batches = list(_batches(images.shape[0], config.batch_size, generator))
+    batch_size, _, _ = config.resolved()
+    batches = list(_batches(images.shape[0], batch_size, generator))
     progress = tqdm(
         batches, desc=description, leave=False, disable=not config.progress, unit="batch"
     )
@@ -297,6 +364,8 @@ def train_one_epoch(
         loss = F.cross_entropy(logits.float(), target, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
         # Accumulate on the device: a .item() per step would stall a GPU every batch.
@@ -322,11 +391,15 @@ def fit(
     config: TrainConfig,
     device: torch.device,
 ) -> TrainingHistory:
-    """Train `network` in place with a one-cycle schedule; validate after every epoch."""
+    """Train `network` in place (warm-up, then annealing); validate after every epoch.
+
+    Fills in `config`'s automatic fields first (`TrainConfig.resolve`)."""
     generator = torch.Generator().manual_seed(config.seed)
-    samples_per_epoch = _samples_per_epoch(int(train_images.shape[0]), config.batch_size)
+    config.resolve(int(train_images.shape[0]))
+    batch_size, _, _ = config.resolved()
+    samples_per_epoch = _samples_per_epoch(int(train_images.shape[0]), batch_size)
     optimizer = _optimizer(network, config)
-    total_steps = config.epochs * max(samples_per_epoch // config.batch_size, 1)
+    total_steps = config.epochs * max(samples_per_epoch // batch_size, 1)
     scheduler = _scheduler(optimizer, config, total_steps)
     history = TrainingHistory(
         train_size=int(train_images.shape[0]),
@@ -380,16 +453,26 @@ def _samples_per_epoch(count: int, batch_size: int) -> int:
 def _scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """One-cycle learning rate over `total_steps`: warm-up, then cosine annealing."""
-    if (
-        total_steps < 8
-    ):  # too few steps for a warm-up and an annealing phase (OneCycleLR divides by zero)
+    """The learning rate over `total_steps` (see `TrainConfig.schedule`)."""
+    _, lr, warmup_fraction = config.resolved()
+    if config.schedule == "cosine":
+        warmup = max(1, round(warmup_fraction * total_steps))
+
+        def factor(step: int) -> float:
+            """Linear from 1/warmup up to 1 over the warm-up, then cosine down to zero."""
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(total_steps - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if total_steps < 8:  # too few steps for a one-cycle warm-up and annealing (it divides by zero)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=config.lr,
+        max_lr=lr,
         total_steps=total_steps,
-        pct_start=max(config.warmup_fraction, 2.0 / total_steps),
+        pct_start=max(warmup_fraction, 2.0 / total_steps),
         cycle_momentum=config.optimizer == "sgd",
     )
 

@@ -124,3 +124,21 @@ def test_a_corrupted_copy_of_the_real_files_fails_loudly(
     damaged.write_bytes(damaged.read_bytes()[:-100])
     with pytest.raises(DataError, match="t10k-labels"):
         load_fashion_mnist("test", tmp_path)
+
+
+@pytest.mark.data
+def test_subset_limits_the_training_images_and_leaves_the_test_set_whole(
+    fashion_mnist_dir: Path,
+) -> None:
+    """subset=N: N training images in all (a tenth of them for validation), the 10k test set untouched."""
+    splits = fashion_mnist_splits(fashion_mnist_dir, val_size=5_000, seed=0, subset=3_000)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (2_700, 300, 10_000)
+
+
+@pytest.mark.data
+def test_subset_is_a_seeded_sample_of_every_class(fashion_mnist_dir: Path) -> None:
+    """A subset is drawn at random by the seed, so every class is in it and the seed reproduces it."""
+    splits = fashion_mnist_splits(fashion_mnist_dir, seed=1, subset=1_000)
+    again = fashion_mnist_splits(fashion_mnist_dir, seed=1, subset=1_000)
+    assert torch.equal(splits.train.images, again.train.images)
+    assert set(splits.train.labels.tolist()) == set(range(10))
