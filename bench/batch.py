@@ -50,7 +50,7 @@ def compute_ceiling(
     import torch
 
     from app.settings import Settings
-    from app.worker import inference_layout, resolve_precision
+    from app.worker.consumer import inference_layout, resolve_precision
     from ml import ImageClassifier
 
     settings = Settings()

@@ -112,8 +112,8 @@ def test_serve_batching_flags_override_the_environment(monkeypatch: pytest.Monke
     """`fmnist serve --max-batch-size … --max-wait-ms …` win over FMNIST_* variables; unset flags
     leave the environment's value."""
     from app.cli import build_parser
-    from app.commands.gateway import settings_from_args
-    from app.commands.serve import batching_overrides
+    from app.cli.gateway import settings_from_args
+    from app.cli.serve import batching_overrides
 
     monkeypatch.setenv("FMNIST_MAX_BATCH_SIZE", "64")
     monkeypatch.setenv("FMNIST_PREFERRED_BATCH_SIZE", "16")

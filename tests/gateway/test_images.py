@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from app import images as images_module
-from app.errors import ApiError
-from app.images import (
+from app.gateway.errors import ApiError
+from app.gateway.images import (
     ImagePolicy,
     decode_array,
     decode_array_batch,

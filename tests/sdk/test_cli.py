@@ -21,9 +21,9 @@ import pytest
 from fmnist_client import AsyncClient, Client, Prediction
 from PIL import Image
 
-from app.commands.listen import ListenStats, percentile
-from app.commands.send_images import SendSummary, load_test_set, send_images
-from app.test_set import IDX_IMAGES_MAGIC, read_idx
+from app.cli.listen import ListenStats, percentile
+from app.cli.send_images import SendSummary, load_test_set, send_images
+from app.gateway.test_set import IDX_IMAGES_MAGIC, read_idx
 from tests.conftest import REPO_ROOT
 from tests.e2e.processes import free_port
 from tests.sdk.conftest import LiveServer, sdk_settings, service_app

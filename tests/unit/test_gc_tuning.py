@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.commands import tune_garbage_collector
+from app.cli.prologue import tune_garbage_collector
 
 
 @pytest.fixture

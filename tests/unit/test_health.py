@@ -1,4 +1,4 @@
-"""app/health.py: the worker's /healthz and /readyz responder."""
+"""app/worker/health.py: the worker's /healthz and /readyz responder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from app.health import health_server
+from app.worker.health import health_server
 
 
 async def test_healthz_answers_while_readyz_reports_the_reason_it_is_not_ready() -> None:

@@ -14,7 +14,7 @@ import messaging
 from app import protocol
 from app import worker as worker_module
 from app.settings import Settings
-from app.worker import Worker
+from app.worker.consumer import Worker
 from messaging import BrokerUnavailable, PubSub
 from tests.brokers import connect_options
 from tests.ml.models import PoisonClassifier, TinyClassifier, image

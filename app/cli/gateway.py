@@ -10,7 +10,7 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-from app.commands import tune_garbage_collector
+from app.cli.prologue import tune_garbage_collector
 from app.logs import configure_logging, kv
 from app.settings import Settings
 from messaging import parse_broker_url
@@ -73,8 +73,8 @@ async def serve_http(settings: Settings) -> int:
     """Serve the gateway app with uvicorn until SIGTERM/SIGINT; log its URL once it listens."""
     import uvicorn
 
-    from app.main import create_app
-    from app.server import uvicorn_config
+    from app.gateway.main import create_app
+    from app.gateway.server import uvicorn_config
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from starlette.requests import HTTPConnection
 
-from app.errors import ApiError
+from app.gateway.errors import ApiError
 from app.logs import is_api_key_parameter
 
 ANONYMOUS = ""  # the owner of every request when auth is off

@@ -26,13 +26,13 @@ from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app.api.gateway import Gateway, new_request_ids
-from app.api.intake import Upload, check_metadata, decode_uploads
-from app.api.models import result_body
-from app.deps import GatewayDep
-from app.errors import ApiError
+from app.gateway.deps import GatewayDep
+from app.gateway.errors import ApiError
+from app.gateway.intake import Upload, check_metadata, decode_uploads
+from app.gateway.models import result_body
+from app.gateway.results import StoredResult
+from app.gateway.service import Gateway, new_request_ids
 from app.logs import kv
-from app.results import StoredResult
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["predictions"])

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from app.commands.send_images import add_gateway_arguments, require_sdk
+from app.cli.send_images import add_gateway_arguments, require_sdk
 
 if TYPE_CHECKING:
     from fmnist_client import AsyncClient, Prediction, StreamEvent

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from app.api.gateway import Gateway
+from app.gateway.service import Gateway
 from app.settings import Settings
 
 # Dependencies are `async def` on purpose: FastAPI runs sync ones in a thread pool, one thread hop

@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.errors import ErrorDetail
+from app.gateway.errors import ErrorDetail
+from app.gateway.results import StoredResult, Submission
 from app.protocol import ErrorInfo
-from app.results import StoredResult, Submission
 
 
 class Links(BaseModel):

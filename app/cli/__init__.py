@@ -1,4 +1,4 @@
-"""The `fmnist` command line: one sub-command per module in `app.commands`."""
+"""The `fmnist` command line: one sub-command per module in this package."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fmnist-service {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        module = importlib.import_module(f"app.commands.{name}")
+        module = importlib.import_module(f"app.cli.{name}")
         module.register(subparsers)
     return parser
 

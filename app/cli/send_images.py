@@ -90,7 +90,7 @@ def _positive_int(text: str) -> int:
 
 def load_test_set(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
     """The test images (N×28×28) and labels, or exit with where it looked and how to get them."""
-    from app.test_set import (
+    from app.gateway.test_set import (
         IDX_IMAGES_MAGIC,
         IDX_LABELS_MAGIC,
         TestSetMissing,

@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.commands import passive_torch_threads, tune_garbage_collector
-from app.health import health_server
+from app.cli.prologue import passive_torch_threads, tune_garbage_collector
 from app.logs import configure_logging, kv
 from app.settings import Settings
+from app.worker.health import health_server
 
 if TYPE_CHECKING:
-    from app.worker import Worker
+    from app.worker.consumer import Worker
 
 logger = logging.getLogger("app.worker")
 
@@ -123,7 +123,7 @@ class _HealthState:
 async def _run(settings: Settings, stop: asyncio.Event, state: _HealthState) -> int:
     import messaging
     from app.broker import connect_broker
-    from app.worker import Worker, load_classifier
+    from app.worker.consumer import Worker, load_classifier
     from ml.checkpoint import CheckpointError
 
     # The model first: a wrong path fails in a second instead of after the broker's timeout.

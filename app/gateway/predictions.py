@@ -9,8 +9,16 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Path, Request, Response
 
-from app.api.gateway import Accepted, Gateway
-from app.api.intake import (
+from app.gateway.deps import GatewayDep, OwnerDep, caller_of
+from app.gateway.errors import ApiError, error_responses
+from app.gateway.images import (
+    NPY_TYPES,
+    SUPPORTED_IMAGE_TYPES,
+    decode_array,
+    decode_array_batch,
+    media_type,
+)
+from app.gateway.intake import (
     Upload,
     batch_item_key,
     check_idempotency_key,
@@ -20,16 +28,8 @@ from app.api.intake import (
     parse_multipart_files,
     read_body,
 )
-from app.api.models import BatchResponse, PredictionResponse, pending_body, result_body
-from app.deps import GatewayDep, OwnerDep, caller_of
-from app.errors import ApiError, error_responses
-from app.images import (
-    NPY_TYPES,
-    SUPPORTED_IMAGE_TYPES,
-    decode_array,
-    decode_array_batch,
-    media_type,
-)
+from app.gateway.models import BatchResponse, PredictionResponse, pending_body, result_body
+from app.gateway.service import Accepted, Gateway
 
 router = APIRouter(prefix="/v1", tags=["predictions"])
 

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 from PIL import Image, ImageOps
 
-from app.errors import ApiError
+from app.gateway.errors import ApiError
 
 try:  # libspng: decodes a small PNG about 3x faster than Pillow (see `_gray_png_at_model_size`)
     import pyspng as _spng

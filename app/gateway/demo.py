@@ -17,12 +17,11 @@ from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from app.api.intake import Upload, decode_uploads, read_body
-from app.deps import GatewayDep, SettingsDep, get_owner
-from app.errors import ApiError, error_responses
-from app.images import SUPPORTED_IMAGE_TYPES
-from app.logs import kv
-from app.test_set import (
+from app.gateway.deps import GatewayDep, SettingsDep, get_owner
+from app.gateway.errors import ApiError, error_responses
+from app.gateway.images import SUPPORTED_IMAGE_TYPES
+from app.gateway.intake import Upload, decode_uploads, read_body
+from app.gateway.test_set import (
     HOW_TO_GET_DATA,
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
@@ -31,6 +30,7 @@ from app.test_set import (
     find_test_files,
     read_idx,
 )
+from app.logs import kv
 
 logger = logging.getLogger(__name__)
 

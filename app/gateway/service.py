@@ -1,6 +1,6 @@
 """The gateway runtime behind the routes: broker link (connect, reconnect, results consumer), limits, publishing.
 
-One `Gateway` per app, created by `create_app` and reached by routes through `app.deps`. It survives a
+One `Gateway` per app, created by `create_app` and reached by routes through `app.gateway.deps`. It survives a
 broker that is down at start or goes away later: routes answer 503 + Retry-After meanwhile, a background
 loop reconnects, and the gateway serves again without a restart.
 """
@@ -17,12 +17,20 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.auth import ApiKeys
 from app.broker import connect_broker
-from app.errors import ApiError
-from app.images import ImagePolicy
+from app.gateway.auth import ApiKeys
+from app.gateway.errors import ApiError
+from app.gateway.images import ImagePolicy
+from app.gateway.metrics import GatewayMetrics
+from app.gateway.results import (
+    ACCEPTED_KIND,
+    EXPIRY_GRACE_S,
+    MARKER_KIND_ATTR,
+    AcceptedMarker,
+    ResultStore,
+    Submission,
+)
 from app.logs import kv
-from app.metrics import GatewayMetrics
 from app.protocol import (
     DEADLINE_ATTR,
     METADATA_ATTR,
@@ -34,14 +42,6 @@ from app.protocol import (
     decode_shape,
     encode_metadata,
     encode_shape,
-)
-from app.results import (
-    ACCEPTED_KIND,
-    EXPIRY_GRACE_S,
-    MARKER_KIND_ATTR,
-    AcceptedMarker,
-    ResultStore,
-    Submission,
 )
 from app.settings import Settings
 from messaging import BacklogFull, MessagingError, PubSub, Subscription, parse_broker_url

@@ -12,8 +12,8 @@ from typing import Any
 from anyio import to_thread
 from fastapi import Request
 
-from app.errors import ApiError
-from app.images import ImageHeader, ImagePolicy, decode_pixels, read_header
+from app.gateway.errors import ApiError
+from app.gateway.images import ImageHeader, ImagePolicy, decode_pixels, read_header
 
 MAX_METADATA_BYTES = 1024
 MAX_IDEMPOTENCY_KEY_CHARS = 255

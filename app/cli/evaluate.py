@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.commands.train import HelpFormatter
+from app.cli.train import HelpFormatter
 from app.logs import configure_logging, kv
 
 if TYPE_CHECKING:

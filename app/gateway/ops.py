@@ -6,10 +6,10 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.gateway import RETRY_AFTER_BROKER_S
-from app.api.models import HealthResponse, StatsResponse
-from app.deps import GatewayDep, get_owner
-from app.errors import error_responses
+from app.gateway.deps import GatewayDep, get_owner
+from app.gateway.errors import error_responses
+from app.gateway.models import HealthResponse, StatsResponse
+from app.gateway.service import RETRY_AFTER_BROKER_S
 
 router = APIRouter(tags=["operations"])
 

@@ -21,7 +21,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from app.errors import error_body
+from app.gateway.errors import error_body
 from app.logs import kv
 from app.settings import Settings
 

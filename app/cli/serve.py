@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from app.commands import passive_torch_threads, tune_garbage_collector
-from app.commands.gateway import add_http_arguments, serve_http, settings_from_args
+from app.cli.gateway import add_http_arguments, serve_http, settings_from_args
+from app.cli.prologue import passive_torch_threads, tune_garbage_collector
 from app.logs import configure_logging, kv
 from app.settings import Settings
 
@@ -103,7 +103,7 @@ async def serve_all(settings: Settings) -> int:
     """Start the worker (it loads the model), then the gateway on the same broker; stop in reverse."""
     import messaging
     from app.broker import connect_broker
-    from app.worker import Worker
+    from app.worker.consumer import Worker
     from ml.checkpoint import CheckpointError
 
     pubsub = connect_broker(settings)

@@ -1,6 +1,6 @@
 """The gateway application: `create_app(settings)` wires routes, errors, edge limits and the broker lifespan.
 
-    uvicorn --factory app.main:create_app      # or `fmnist gateway` / `fmnist serve`
+    uvicorn --factory app.gateway.main:create_app      # or `fmnist gateway` / `fmnist serve`
 
 Nothing here (nor anything it imports) imports torch: images are decoded with Pillow and numpy.
 """
@@ -18,18 +18,17 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import demo
-from app.api import ops, predictions, stream
-from app.api.docs import install_docs
-from app.api.gateway import Gateway, PubSubFactory
-from app.errors import ApiError, error_body, install_error_handlers
+from app.gateway import demo, ops, predictions, stream
+from app.gateway.docs import install_docs
+from app.gateway.errors import ApiError, error_body, install_error_handlers
+from app.gateway.service import Gateway, PubSubFactory
 from app.logs import kv
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 # One request header above this size is refused with 431; the whole block's limit is a setting
-# (FMNIST_MAX_HEADER_BYTES), which the server (app/server.py) applies as the bytes arrive.
+# (FMNIST_MAX_HEADER_BYTES), which the server (app/gateway/server.py) applies as the bytes arrive.
 MAX_HEADER_VALUE_BYTES = 8 * 1024
 # What a request whose client left before sending its body counts as in /metrics (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
@@ -127,7 +126,7 @@ class EdgeMiddleware:
         body_done = False
 
         async def receive_bounded() -> Message:
-            # The body's read timeout is the server's (app/server.py): it costs nothing per request.
+            # The body's read timeout is the server's (app/gateway/server.py): it costs nothing per request.
             nonlocal held, body_done
             message = await receive()
             if body_done:  # later reads only wait for a disconnect
