@@ -123,7 +123,8 @@ class _HealthState:
 async def _run(settings: Settings, stop: asyncio.Event, state: _HealthState) -> int:
     import messaging
     from app.broker import connect_broker
-    from app.worker.consumer import Worker, load_classifier
+    from app.worker.consumer import Worker
+    from app.worker.inference import load_classifier
     from ml.checkpoint import CheckpointError
 
     # The model first: a wrong path fails in a second instead of after the broker's timeout.

@@ -35,6 +35,7 @@ from app import protocol
 from app.logs import kv
 from app.protocol import ErrorInfo, ResultMessage
 from app.settings import Settings
+from app.worker.inference import load_classifier, worker_layout
 from messaging import Message, MessagingError, PubSub, Subscription
 from ml.runner import (
     DeadlineExceeded,
@@ -179,7 +180,7 @@ class Worker:
         owns_model = self._classifier is None
         if self._classifier is None:
             self._classifier = await asyncio.to_thread(load_classifier, settings)
-        layout = inference_layout(settings, self._classifier)
+        layout = worker_layout(settings, self._classifier)
         if owns_model:  # this worker loaded the process's model, so it sets torch's thread count
             torch.set_num_threads(layout.threads)
         runner = ModelRunner(
@@ -514,57 +515,3 @@ class Worker:
         text = f"{error} (failed {attempt} of FMNIST_MAX_ATTEMPTS={self.settings.max_attempts} attempts)"
         await self._dead_letter(message, ModelError.code, text)
         await self._publish_failure(message, request_id, metadata, ModelError.code, text)
-
-
-class InferenceLayout(NamedTuple):
-    concurrency: int
-    """Forward passes at once (`ModelRunner(concurrency=...)`)."""
-    threads: int
-    """torch intra-op threads for each pass."""
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. under `taskset` or a cgroup cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def inference_layout(settings: Settings, classifier: BatchPredictor) -> InferenceLayout:
-    """How a worker spreads forward passes over the machine: `FMNIST_INFERENCE_CONCURRENCY` and
-    `FMNIST_INFERENCE_THREADS`, or by default one pass per core (at most 4) with the cores shared out.
-
-    On CPU, passes side by side on one thread each beat one pass on many threads, whose threads wait
-    for each other at every op: 15,000 vs 6,900 images/s at batch 32 on 2 cores. A GPU runs one pass.
-    """
-    cores = usable_cores()
-    on_gpu = str(getattr(classifier, "device", "cpu")) != "cpu"
-    concurrency = settings.inference_concurrency or (1 if on_gpu else min(cores, 4))
-    threads = settings.inference_threads or max(1, cores // concurrency)
-    return InferenceLayout(concurrency, threads)
-
-
-def native_bf16() -> bool:
-    """This CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), so bf16 inference pays off."""
-    cpu = torch.cpu
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
-def resolve_precision(choice: str) -> str:
-    """`FMNIST_INFERENCE_PRECISION` made concrete: `auto` is bf16 on a CPU-only machine whose CPU has
-    native bfloat16 (as OpenVINO's CPU plugin chooses by default), fp32 elsewhere (GPUs included)."""
-    if choice != "auto":
-        return choice
-    return "bf16" if native_bf16() and not torch.cuda.is_available() else "fp32"
-
-
-def load_classifier(settings: Settings) -> BatchPredictor:
-    """Load the checkpoint the worker serves, `settings.model_path` (blocking: call it in a thread)."""
-    from ml import ImageClassifier
-
-    classifier: BatchPredictor = ImageClassifier.load(
-        settings.model_path, precision=resolve_precision(settings.inference_precision)
-    )
-    return classifier

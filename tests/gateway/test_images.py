@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import images as images_module
+from app.gateway import images as images_module
 from app.gateway.errors import ApiError
 from app.gateway.images import (
     ImagePolicy,
