@@ -10,8 +10,8 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-from app.cli.prologue import tune_garbage_collector
-from app.logs import configure_logging, kv
+from app.cli.prologue import INVALID_SETTING_STATUS, start_command
+from app.logs import kv
 from app.settings import Settings
 from messaging import parse_broker_url
 
@@ -44,20 +44,15 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from_args(args: argparse.Namespace, **more: object) -> Settings:
-    """Environment settings, overridden by the flags that were given."""
-    overrides = {"host": args.host, "port": args.port, "broker_url": args.broker, **more}
-    return Settings(**{name: value for name, value in overrides.items() if value is not None})
+def http_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The HTTP flags' settings (unset flags leave the environment's value)."""
+    return {"host": args.host, "port": args.port, "broker_url": args.broker}
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-    except ValueError as exc:  # pydantic's ValidationError names the field and the limit
-        print(f"fmnist gateway: invalid setting: {exc}")
-        return 2
-    configure_logging(settings.log_level)
-    tune_garbage_collector(settings.gc_threshold)
+    settings = start_command("gateway", http_overrides(args))
+    if settings is None:
+        return INVALID_SETTING_STATUS
     if settings.broker_url.startswith("memory://"):
         logger.warning(
             kv(

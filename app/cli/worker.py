@@ -6,12 +6,16 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.cli.prologue import passive_torch_threads, tune_garbage_collector
-from app.logs import configure_logging, kv
+from app.cli.prologue import (
+    INVALID_SETTING_STATUS,
+    add_batching_arguments,
+    batching_overrides,
+    start_command,
+)
+from app.logs import kv
 from app.settings import Settings
 from app.worker.health import health_server
 
@@ -40,43 +44,24 @@ def register(subparsers: Any) -> None:
         "--model", metavar="PATH", type=Path, help="checkpoint to serve (FMNIST_MODEL_PATH)"
     )
     parser.add_argument(
-        "--max-batch-size", type=int, metavar="N", help="largest batch (FMNIST_MAX_BATCH_SIZE)"
-    )
-    parser.add_argument(
-        "--max-wait-ms",
-        type=float,
-        metavar="MS",
-        help="longest wait for a batch to fill, from its oldest image (FMNIST_MAX_WAIT_MS)",
-    )
-    parser.add_argument(
         "--worker-id",
         metavar="ID",
         help="id stamped on results (FMNIST_WORKER_ID; default host-pid)",
     )
+    add_batching_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Environment settings, overridden by the flags that were given."""
+def run(args: argparse.Namespace) -> int:
     overrides = {
         "broker_url": args.broker,
         "model_path": args.model,
-        "max_batch_size": args.max_batch_size,
-        "max_wait_ms": args.max_wait_ms,
         "worker_id": args.worker_id,
+        **batching_overrides(args),
     }
-    return Settings(**{name: value for name, value in overrides.items() if value is not None})
-
-
-def run(args: argparse.Namespace) -> int:
-    passive_torch_threads()
-    try:
-        settings = settings_from_args(args)
-    except ValueError as exc:  # pydantic's ValidationError names the field and the limit
-        print(f"fmnist worker: invalid setting: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    tune_garbage_collector(settings.gc_threshold)
+    settings = start_command("worker", overrides, runs_model=True)
+    if settings is None:
+        return INVALID_SETTING_STATUS
     if settings.broker_url.startswith("memory://"):
         logger.error(
             kv(

@@ -1,4 +1,4 @@
-"""Server processes collect garbage less often (FMNIST_GC_THRESHOLD)."""
+"""app/cli/prologue.py: what every server command does first (settings, exit 2, GC tuning)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,26 @@ def test_zero_keeps_pythons_defaults() -> None:
     before = gc.get_threshold()
     tune_garbage_collector(0)
     assert gc.get_threshold() == before
+
+
+@pytest.mark.parametrize("command", ["serve", "gateway", "worker"])
+def test_every_server_command_reports_an_invalid_setting_on_stderr_and_exits_2(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared prologue: an invalid FMNIST_ variable gives exit 2 and names the setting."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    monkeypatch.setenv("FMNIST_MAX_QUEUE", "0")
+    result = subprocess.run(
+        [sys.executable, "-m", "app", command],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"fmnist {command}: invalid setting" in result.stderr and "max_queue" in result.stderr

@@ -112,15 +112,15 @@ def test_serve_batching_flags_override_the_environment(monkeypatch: pytest.Monke
     """`fmnist serve --max-batch-size … --max-wait-ms …` win over FMNIST_* variables; unset flags
     leave the environment's value."""
     from app.cli import build_parser
-    from app.cli.gateway import settings_from_args
-    from app.cli.serve import batching_overrides
+    from app.cli.gateway import http_overrides
+    from app.cli.prologue import batching_overrides, settings_from
 
     monkeypatch.setenv("FMNIST_MAX_BATCH_SIZE", "64")
     monkeypatch.setenv("FMNIST_PREFERRED_BATCH_SIZE", "16")
     args = build_parser().parse_args(
         ["serve", "--max-batch-size", "8", "--max-wait-ms", "1.5", "--inference-concurrency", "2"]
     )
-    settings = settings_from_args(args, **batching_overrides(args))
+    settings = settings_from({**http_overrides(args), **batching_overrides(args)})
     assert settings.max_batch_size == 8 and settings.max_wait_ms == 1.5
     assert settings.inference_concurrency == 2
     assert settings.preferred_batch_size == 16
@@ -136,7 +136,7 @@ def test_serve_refuses_a_batching_flag_out_of_range(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2
-    assert "invalid setting" in result.stdout and "max_batch_size" in result.stdout
+    assert "invalid setting" in result.stderr and "max_batch_size" in result.stderr
 
 
 def test_serve_batches_no_larger_than_its_flag(tmp_path: Path) -> None:

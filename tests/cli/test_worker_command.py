@@ -42,3 +42,16 @@ def test_an_invalid_flag_value_names_the_setting() -> None:
     result = fmnist_worker("--max-batch-size", "0")
     assert result.returncode == 2
     assert "max_batch_size" in result.stderr
+
+
+def test_the_worker_takes_the_batching_flags_serve_takes() -> None:
+    """`fmnist worker` has serve's batching flags, and they override FMNIST_* variables."""
+    from app.cli import build_parser
+    from app.cli.prologue import BATCHING_FLAGS, batching_overrides, settings_from
+
+    args = build_parser().parse_args(
+        ["worker", "--preferred-batch-size", "4", "--inference-concurrency", "3"]
+    )
+    assert set(batching_overrides(args)) == {name for name, *_ in BATCHING_FLAGS.values()}
+    settings = settings_from(batching_overrides(args))
+    assert settings.preferred_batch_size == 4 and settings.inference_concurrency == 3
