@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 from app.cli.send_images import add_gateway_arguments, require_sdk
+from ml.runner_stats import LatencySummary
 
 if TYPE_CHECKING:
     from fmnist_client import AsyncClient, Prediction, StreamEvent
@@ -145,14 +146,6 @@ async def wait_until_ready(client: AsyncClient, link: LinkReport) -> None:
         delay = min(READY_POLL_MAX_S, delay * 2)
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile `q` (0-100) of an ascending list; NaN when empty."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 @dataclass
 class ListenStats:
     """Running tallies over the results received."""
@@ -232,8 +225,8 @@ def _percent(fraction: float) -> str:
 def _latency_line(name: str, values: list[float], what: str) -> str:
     if not values:
         return f"{name:<15}n/a ({what})"
-    ordered = sorted(values)
-    figures = "  ".join(f"p{q} {percentile(ordered, q):.1f}" for q in (50, 90, 99))
+    summary = LatencySummary.of(values)
+    figures = f"p50 {summary.p50:.1f}  p90 {summary.p90:.1f}  p99 {summary.p99:.1f}"
     return f"{name:<15}{figures}  ({what})"
 
 

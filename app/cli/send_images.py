@@ -90,18 +90,18 @@ def _positive_int(text: str) -> int:
 
 def load_test_set(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
     """The test images (N×28×28) and labels, or exit with where it looked and how to get them."""
-    from app.gateway.test_set import (
+    from ml.readers import (
         IDX_IMAGES_MAGIC,
         IDX_LABELS_MAGIC,
-        TestSetMissing,
-        find_test_files,
+        DataError,
+        fashion_mnist_test_files,
         read_idx,
     )
 
     try:
-        images_path, labels_path = find_test_files(data_dir)
+        images_path, labels_path = fashion_mnist_test_files(data_dir)
         return read_idx(images_path, IDX_IMAGES_MAGIC), read_idx(labels_path, IDX_LABELS_MAGIC)
-    except (TestSetMissing, ValueError, OSError, EOFError) as exc:
+    except (DataError, ValueError, OSError, EOFError) as exc:
         raise SystemExit(f"fmnist send-images: {exc}") from None
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
-import struct
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -21,16 +19,18 @@ from app.gateway.deps import GatewayDep, SettingsDep, get_owner
 from app.gateway.errors import ApiError, error_responses
 from app.gateway.images import SUPPORTED_IMAGE_TYPES
 from app.gateway.intake import Upload, decode_uploads, read_body
-from app.gateway.test_set import (
-    HOW_TO_GET_DATA,
+from app.logs import kv
+from ml.readers import (
+    HOW_TO_GET,
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
-    TestSetMissing,
+    CheckpointError,
+    DataError,
     count_idx_items,
-    find_test_files,
+    fashion_mnist_test_files,
+    read_checkpoint_metadata,
     read_idx,
 )
-from app.logs import kv
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ PAGE_HEADERS = {
 MAX_TEST_IMAGES = 2000
 # Checkpoints are safetensors files whose header metadata holds the classifier's JSON under this
 # key (see ml/checkpoint.py); only the header is read here, never the weights.
-CHECKPOINT_METADATA_KEY = "fmnist"
-MAX_CHECKPOINT_HEADER_BYTES = 16 * 1024 * 1024
 
 
 class TestImagesAvailability(BaseModel):
@@ -112,8 +110,8 @@ class ModelInfo(BaseModel):
 def find_test_data(data_dir: Path | None) -> tuple[Path, Path]:
     """The test images and labels files: in `data_dir` if given, else the usual places (404 if none)."""
     try:
-        return find_test_files(data_dir)
-    except TestSetMissing as exc:
+        return fashion_mnist_test_files(data_dir)
+    except DataError as exc:
         raise ApiError(404, "test_data_missing", str(exc)) from None
 
 
@@ -123,18 +121,18 @@ def load_test_set(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.
     try:
         images = read_idx(images_path, IDX_IMAGES_MAGIC)
         labels = read_idx(labels_path, IDX_LABELS_MAGIC)
-    except (OSError, EOFError, ValueError) as exc:
+    except (DataError, OSError, EOFError, ValueError) as exc:
         raise ApiError(
             503,
             "test_data_unreadable",
-            f"cannot read the Fashion-MNIST test set ({exc}); reinstall it: {HOW_TO_GET_DATA}",
+            f"cannot read the Fashion-MNIST test set ({exc}); reinstall it: {HOW_TO_GET}",
         ) from exc
     if images.shape[0] != labels.shape[0]:
         raise ApiError(
             503,
             "test_data_unreadable",
             f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
-            f"{labels.shape[0]} labels; reinstall them: {HOW_TO_GET_DATA}",
+            f"{labels.shape[0]} labels; reinstall them: {HOW_TO_GET}",
         )
     return images, labels
 
@@ -156,22 +154,6 @@ def model_input_png(model_input: bytes, shape: tuple[int, int, int]) -> bytes:
     channels, height, width = shape
     planes = np.frombuffer(model_input, np.uint8).reshape(channels, height, width)
     return png_of(planes.transpose(1, 2, 0) if channels == 3 else planes[0])
-
-
-def read_checkpoint_metadata(path: Path) -> dict[str, Any]:
-    """The classifier metadata in a checkpoint's safetensors header (raises OSError/ValueError)."""
-    with path.open("rb") as handle:
-        size_field = handle.read(8)
-        if len(size_field) < 8:
-            raise ValueError(f"{path} is too short to be a safetensors file")
-        (header_size,) = struct.unpack("<Q", size_field)
-        if header_size > MAX_CHECKPOINT_HEADER_BYTES:
-            raise ValueError(f"{path} has a {header_size}-byte header; not a checkpoint")
-        header = json.loads(handle.read(header_size))
-    metadata = json.loads(header["__metadata__"][CHECKPOINT_METADATA_KEY])
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{path}: classifier metadata is not a JSON object")
-    return metadata
 
 
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
@@ -201,7 +183,7 @@ def demo_config(settings: SettingsDep) -> DemoConfig:
         availability = TestImagesAvailability(available=False, message=exc.message)
     except (OSError, EOFError, ValueError) as exc:
         availability = TestImagesAvailability(
-            available=False, message=f"cannot read the test set ({exc}): {HOW_TO_GET_DATA}"
+            available=False, message=f"cannot read the test set ({exc}): {HOW_TO_GET}"
         )
     return DemoConfig(auth_required=bool(settings.api_keys), test_images=availability)
 
@@ -261,7 +243,7 @@ def demo_model(settings: SettingsDep) -> ModelInfo:
             version=str(version) if version is not None else None,
             input_shape=[int(d) for d in input_shape] if isinstance(input_shape, list) else None,
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
         logger.info(kv("demo_model_info_unavailable", path=settings.model_path, reason=exc))
         return ModelInfo()
 

@@ -11,6 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from app.protocol import ResultMessage
+from ml.runner_stats import LatencySummary
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -183,9 +184,5 @@ class GatewayMetrics:
 def _percentiles(samples: deque[float]) -> dict[str, float | None]:
     if not samples:
         return {"p50": None, "p99": None}
-    ordered = sorted(samples)
-    last = len(ordered) - 1
-    return {
-        "p50": round(ordered[round(0.50 * last)], 3),
-        "p99": round(ordered[round(0.99 * last)], 3),
-    }
+    summary = LatencySummary.of(samples)
+    return {"p50": round(summary.p50, 3), "p99": round(summary.p99, 3)}

@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 
 from app.gateway.main import create_app
-from app.gateway.test_set import TEST_IMAGES_FILE, TEST_LABELS_FILE
 from app.settings import Settings
+from ml.readers import FILES
+
+TEST_IMAGES_FILE, TEST_LABELS_FILE = FILES["test"]
 
 API_KEY = "demo-routes-key"
 

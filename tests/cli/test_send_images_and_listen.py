@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import math
 import os
 import re
 import signal
@@ -21,9 +20,9 @@ import pytest
 from fmnist_client import AsyncClient, Client, Prediction
 from PIL import Image
 
-from app.cli.listen import ListenStats, percentile
+from app.cli.listen import ListenStats, _latency_line
 from app.cli.send_images import SendSummary, load_test_set, send_images
-from app.gateway.test_set import IDX_IMAGES_MAGIC, read_idx
+from ml.readers import IDX_IMAGES_MAGIC, read_idx
 from tests.conftest import REPO_ROOT
 from tests.e2e.processes import free_port
 from tests.sdk.conftest import LiveServer, sdk_settings, service_app
@@ -156,7 +155,7 @@ def test_idx_reader_refuses_other_files(tmp_path: Path) -> None:
     bogus = tmp_path / "t10k-images-idx3-ubyte.gz"
     bogus.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 12))
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b""))
-    with pytest.raises(SystemExit, match="not an IDX file"):
+    with pytest.raises(SystemExit, match="not an IDX image file"):
         load_test_set(tmp_path)
 
 
@@ -179,11 +178,13 @@ def test_idx_reader_reads_the_real_test_set(fashion_mnist_dir: Path) -> None:
     assert images.shape == (10000, 28, 28) and str(images.dtype) == "uint8"
 
 
-def test_percentile_is_nearest_rank() -> None:
-    """p50/p90/p99 of 1..100 are 50/90/99; an empty list gives NaN."""
+def test_listen_latency_line_uses_the_shared_percentiles() -> None:
+    """`fmnist listen` prints the percentiles of ml.runner_stats (one helper for the project)."""
     values = [float(v) for v in range(1, 101)]
-    assert [percentile(values, q) for q in (50, 90, 99)] == [50.0, 90.0, 99.0]
-    assert math.isnan(percentile([], 50))
+    line = _latency_line("service", values, "gateway to result")
+    expected = np.percentile(values, [50, 90, 99])
+    assert f"p50 {expected[0]:.1f}  p90 {expected[1]:.1f}  p99 {expected[2]:.1f}" in line
+    assert "n/a" in _latency_line("service", [], "gateway to result")
 
 
 def _result(label: int, true_label: str | None, status: str = "completed") -> Prediction:
