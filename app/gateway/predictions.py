@@ -29,7 +29,8 @@ from app.gateway.intake import (
     read_body,
 )
 from app.gateway.models import BatchResponse, PredictionResponse, pending_body, result_body
-from app.gateway.service import Accepted, Gateway
+from app.gateway.service import Gateway
+from app.gateway.submission import Accepted
 
 router = APIRouter(prefix="/v1", tags=["predictions"])
 

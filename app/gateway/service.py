@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from app.broker import connect_broker
 from app.gateway.auth import ApiKeys
@@ -30,21 +28,26 @@ from app.gateway.results import (
     ResultStore,
     Submission,
 )
+from app.gateway.submission import (
+    Accepted,
+    FreshImage,
+    IdempotencyClaim,
+    claim_idempotency_keys,
+    new_request_ids,
+    outcome_of,
+    publish_within_timeout,
+    release_claims,
+    request_attributes,
+)
 from app.logs import kv
 from app.protocol import (
-    DEADLINE_ATTR,
-    METADATA_ATTR,
-    OWNER_ATTR,
     REQUEST_ID_ATTR,
-    SHAPE_ATTR,
-    SUBMITTED_AT_ATTR,
     ResultMessage,
     decode_shape,
-    encode_metadata,
     encode_shape,
 )
 from app.settings import Settings
-from messaging import BacklogFull, MessagingError, PubSub, Subscription, parse_broker_url
+from messaging import BacklogFull, Message, MessagingError, PubSub, Subscription, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +68,13 @@ def input_shape_of(settings: Settings) -> tuple[int, int, int]:
     return decode_shape(settings.input_shape)
 
 
-def new_request_ids(count: int) -> list[str]:
-    """`count` random 128-bit ids as 32 hex characters, from one read of the OS's random source."""
-    pool = os.urandom(16 * count).hex()
-    return [pool[i : i + 32] for i in range(0, 32 * count, 32)]
+@dataclass(slots=True)
+class _ReadBack:
+    """Where the read-back of the results topic stands (`Gateway._consume`)."""
 
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """One image taken in: its request id, and whether it repeats an earlier submit (idempotency)."""
-
-    request_id: str
-    repeated: bool = False
+    replaying: bool = True
+    replayed: int = 0
+    restored: int = 0
 
 
 class Gateway:
@@ -242,67 +240,68 @@ class Gateway:
         Caught up means: a receive found nothing for `_REPLAY_QUIET_S` (at once in process), or a result completed after
         the read-back began arrived (live traffic reached us), or `result_replay_timeout_s` passed.
         """
-        store = self.store
-        metrics = self.metrics
         live_since = time.time()
         replay_deadline = time.monotonic() + self.settings.result_replay_timeout_s
-        replaying = True
-        replayed = restored = 0
+        progress = _ReadBack()
         # An in-process broker queues its whole history at join: nothing ready means caught up.
         pubsub = self._pubsub
         quiet_s = 0.0 if pubsub is not None and pubsub.publishes_in_process else _REPLAY_QUIET_S
         while True:
             try:
-                async with asyncio.timeout(quiet_s if replaying else None):
+                async with asyncio.timeout(quiet_s if progress.replaying else None):
                     messages = await subscription.receive_batch(_RESULTS_CHUNK)
             except TimeoutError:
                 messages = []
-                replaying = False
+                progress.replaying = False
             else:
                 if not messages:
                     break  # the subscription ended
             for message in messages:
-                if message.attributes.get(MARKER_KIND_ATTR) == ACCEPTED_KIND:
-                    restored += self._restore_pending(message.data, live_since)
-                    await message.ack()
-                    continue
-                try:
-                    result = ResultMessage.from_bytes(message.data)
-                except ValueError as exc:
-                    # A malformed result can never become valid: drop it, loudly.
-                    log.warning(kv("malformed_result", key=message.key, error=exc))
-                    metrics.errors.labels("malformed_result").inc()
-                    await message.ack()
-                    continue
-                read_back = result.completed_at < live_since
-                if read_back:
-                    replayed += 1
-                else:
-                    replaying = False
-                if (
-                    store.add_result(result, completed_at=result.completed_at, read_back=read_back)
-                    is not None
-                ):
-                    metrics.record_result(result)
-                elif not replaying:  # during the read-back, known results are expected again
-                    metrics.duplicate_results.inc()
-                await message.ack()
-            if replaying and time.monotonic() > replay_deadline:
-                replaying = False
-            if not replaying and not self._consuming:
+                await self._take_result(message, live_since, progress)
+            if progress.replaying and time.monotonic() > replay_deadline:
+                progress.replaying = False
+            if not progress.replaying and not self._consuming:
                 self._consuming = True
                 self._first_attempt.set()
                 log.info(
                     kv(
                         "results_caught_up",
                         group=self.results_group,
-                        replayed=replayed,
-                        pending_restored=restored,
+                        replayed=progress.replayed,
+                        pending_restored=progress.restored,
                         took_s=round(time.time() - live_since, 3),
                     )
                 )
         if not self._stopping:
             raise MessagingError("the results subscription ended")
+
+    async def _take_result(self, message: Message, live_since: float, progress: _ReadBack) -> None:
+        """Store one message of the results topic (a result, or an accepted marker), then ack it."""
+        if message.attributes.get(MARKER_KIND_ATTR) == ACCEPTED_KIND:
+            progress.restored += self._restore_pending(message.data, live_since)
+            await message.ack()
+            return
+        try:
+            result = ResultMessage.from_bytes(message.data)
+        except ValueError as exc:
+            # A malformed result can never become valid: drop it, loudly.
+            log.warning(kv("malformed_result", key=message.key, error=exc))
+            self.metrics.errors.labels("malformed_result").inc()
+            await message.ack()
+            return
+        read_back = result.completed_at < live_since
+        if read_back:
+            progress.replayed += 1
+        else:
+            progress.replaying = False
+        stored = self.store.add_result(
+            result, completed_at=result.completed_at, read_back=read_back
+        )
+        if stored is not None:
+            self.metrics.record_result(result)
+        elif not progress.replaying:  # during the read-back, known results are expected again
+            self.metrics.duplicate_results.inc()
+        await message.ack()
 
     async def _mark_accepted(
         self,
@@ -311,7 +310,7 @@ class Gateway:
         accepted_at: float,
         deadline: float,
         metadata: dict[str, str],
-        fresh: Sequence[tuple[int, str, bytes, object]],
+        fresh: Sequence[FreshImage],
     ) -> None:
         """Publish the marker that lets this gateway, restarted, answer `pending` for these ids."""
         marker = AcceptedMarker(
@@ -320,7 +319,7 @@ class Gateway:
             accepted_at=accepted_at,
             deadline=deadline,
             metadata=metadata,
-            request_ids=[request_id for _, request_id, _, _ in fresh],
+            request_ids=[image.request_id for image in fresh],
         )
         try:
             await pubsub.publish(
@@ -409,123 +408,91 @@ class Gateway:
         payloads: Sequence[bytes],
         *,
         metadata: dict[str, str] | None = None,
-        idempotency: Sequence[tuple[str, str] | None] | None = None,
+        idempotency: Sequence[IdempotencyClaim | None] | None = None,
         request_ids: Sequence[str] | None = None,
     ) -> list[Accepted | ApiError]:
         """Publish normalised images; one `Accepted` (or the error that refused it) per payload, in order.
 
-        `idempotency[i]` is `(key, fingerprint)` or None; a key seen before (for this owner) returns the
-        earlier request id without publishing, or 422 when the earlier request had another body.
-        `request_ids` lets a caller choose the ids (the websocket must know them before publishing).
-        Raises 503 when the broker is down and 429 when the in-flight cap would be exceeded.
+        `idempotency[i]` is `(key, body fingerprint)` or None; a key seen before (for this owner)
+        returns the earlier request id without publishing, or 422 when the earlier request had
+        another body. `request_ids` lets a caller choose the ids (the websocket must know them
+        before publishing). Raises 503 when the broker is down and 429 when the cap on requests in
+        flight would be exceeded.
         """
         pubsub = self.require_ready()
-        store = self.store
-        outcomes: list[Accepted | ApiError] = []
-        fresh: list[tuple[int, str, bytes, tuple[str, str] | None]] = []
         ids = request_ids or new_request_ids(len(payloads))
-        for index, payload in enumerate(payloads):
-            request_id = ids[index]
-            claim = idempotency[index] if idempotency else None
-            if claim is not None:
-                earlier = store.claim_idempotency_key(owner, claim[0], claim[1], request_id)
-                if earlier is not None:
-                    earlier_id, earlier_fingerprint = earlier
-                    if earlier_fingerprint != claim[1]:
-                        outcomes.append(
-                            ApiError(
-                                422,
-                                "idempotency_key_reused",
-                                "this Idempotency-Key was already used with a different request body; "
-                                "use a new key for a new request",
-                                request_id=earlier_id,
-                            )
-                        )
-                    else:
-                        outcomes.append(Accepted(earlier_id, repeated=True))
-                    continue
-            outcomes.append(Accepted(request_id))
-            fresh.append((index, request_id, payload, claim))
+        outcomes, fresh = claim_idempotency_keys(self.store, owner, payloads, ids, idempotency)
         if not fresh:
             return outcomes
         try:
             self.check_capacity(len(fresh))
         except ApiError:
-            for _, request_id, _, claim in fresh:
-                if claim is not None:
-                    store.release_idempotency_key(owner, claim[0], request_id)
+            release_claims(self.store, owner, fresh)
             raise
+        results = await self._publish(pubsub, owner, metadata or {}, fresh)
+        self._settle(owner, fresh, results, outcomes)
+        return outcomes
 
+    async def _publish(
+        self, pubsub: PubSub, owner: str, metadata: dict[str, str], fresh: list[FreshImage]
+    ) -> list[object]:
+        """Publish the images as pending requests; per image None, or the exception that failed it."""
         submitted_at = time.time()
         deadline = submitted_at + self.settings.request_deadline_s
-        common = {
-            SHAPE_ATTR: self.shape_attr,
-            SUBMITTED_AT_ATTR: repr(submitted_at),
-            DEADLINE_ATTR: repr(deadline),
-            OWNER_ATTR: owner,
-        }
-        if metadata:
-            common[METADATA_ATTR] = encode_metadata(metadata)
-        meta = metadata or {}
+        common = request_attributes(
+            shape=self.shape_attr,
+            owner=owner,
+            submitted_at=submitted_at,
+            deadline=deadline,
+            metadata=metadata,
+        )
         topic = self.settings.requests_topic
-        for _, request_id, _, _ in fresh:
-            store.add_pending(Submission(request_id, owner, deadline, meta))
+        for image in fresh:
+            self.store.add_pending(Submission(image.request_id, owner, deadline, metadata))
         sends = [
             pubsub.publish(
-                topic, payload, key=request_id, attributes={**common, REQUEST_ID_ATTR: request_id}
+                topic,
+                image.payload,
+                key=image.request_id,
+                attributes={**common, REQUEST_ID_ATTR: image.request_id},
             )
-            for _, request_id, payload, _ in fresh
+            for image in fresh
         ]
-        results: list[object]
         if pubsub.publishes_in_process:
-            results = []
-            for send in sends:
-                try:
-                    await send
-                except Exception as exc:
-                    results.append(exc)
-                else:
-                    results.append(None)
-        else:
-            marker = self._mark_accepted(pubsub, owner, submitted_at, deadline, meta, fresh)
-            *results, _ = await self._publish_within_timeout([*sends, marker])
-        failures = 0
-        for (index, request_id, _, claim), outcome in zip(fresh, results, strict=True):
-            if isinstance(outcome, BaseException):
-                failures += 1
-                store.discard_pending(request_id)
-                if claim is not None:
-                    store.release_idempotency_key(owner, claim[0], request_id)
-                outcomes[index] = self._publish_error(outcome, request_id)
-        if failures:
+            return [await outcome_of(send) for send in sends]
+        marker = self._mark_accepted(pubsub, owner, submitted_at, deadline, metadata, fresh)
+        *results, _ = await publish_within_timeout(
+            [*sends, marker], self.settings.publish_timeout_s
+        )
+        return results
+
+    def _settle(
+        self,
+        owner: str,
+        fresh: list[FreshImage],
+        results: list[object],
+        outcomes: list[Accepted | ApiError],
+    ) -> None:
+        """Turn failed publishes into errors (pending entry and idempotency key released), log, count."""
+        failed = [
+            (image, outcome)
+            for image, outcome in zip(fresh, results, strict=True)
+            if isinstance(outcome, BaseException)
+        ]
+        for image, outcome in failed:
+            self.store.discard_pending(image.request_id)
+            outcomes[image.index] = self._publish_error(outcome, image.request_id)
+        release_claims(self.store, owner, [image for image, _ in failed])
+        if failed:
             log.warning(
                 kv(
                     "publish_failed",
                     broker=self.broker_url,
-                    count=failures,
-                    error=outcomes[fresh[0][0]],
+                    count=len(failed),
+                    error=outcomes[fresh[0].index],
                 )
             )
-        self.metrics.record_accepted(len(fresh) - failures)
-        return outcomes
-
-    async def _publish_within_timeout(self, sends: list[Coroutine[Any, Any, None]]) -> list[object]:
-        """Run the publishes concurrently (the broker batches them and one slow ack does not
-        serialise the rest); those not accepted within `publish_timeout_s` fail with TimeoutError,
-        so that a client waits a bounded time for its 503 and never gets a late 202."""
-        tasks = [asyncio.ensure_future(send) for send in sends]
-        _, pending = await asyncio.wait(tasks, timeout=self.settings.publish_timeout_s)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-        timeout = TimeoutError(
-            f"not accepted within {self.settings.publish_timeout_s:g} s (FMNIST_PUBLISH_TIMEOUT_S)"
-        )
-        return [
-            timeout if task in pending or task.cancelled() else (task.exception() or None)
-            for task in tasks
-        ]
+        self.metrics.record_accepted(len(fresh) - len(failed))
 
     def _publish_error(self, exc: BaseException, request_id: str) -> ApiError:
         if isinstance(exc, BacklogFull):

@@ -31,7 +31,8 @@ from app.gateway.errors import ApiError
 from app.gateway.intake import Upload, check_metadata, decode_uploads
 from app.gateway.models import result_body
 from app.gateway.results import StoredResult
-from app.gateway.service import Gateway, new_request_ids
+from app.gateway.service import Gateway
+from app.gateway.submission import new_request_ids
 from app.logs import kv
 
 log = logging.getLogger(__name__)
