@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 from app.logs import configure_logging
 from app.settings import Settings
@@ -20,7 +21,7 @@ INVALID_SETTING_STATUS = 2
 
 
 def start_command(
-    command: str, overrides: Mapping[str, object], *, runs_model: bool = False
+    command: str, overrides: Mapping[str, Any], *, runs_model: bool = False
 ) -> Settings | None:
     """The shared prologue: settings from the environment with `overrides` (None: not given) on
     top, then logging and GC tuning. Prints why and returns None when a setting is invalid; the
@@ -28,9 +29,7 @@ def start_command(
     if runs_model:
         passive_torch_threads()
     try:
-        settings = Settings(
-            **{name: value for name, value in overrides.items() if value is not None}
-        )
+        settings = settings_from(overrides)
     except ValueError as exc:  # pydantic's ValidationError names the field and the limit
         print(f"fmnist {command}: invalid setting: {exc}", file=sys.stderr)
         return None
@@ -39,7 +38,7 @@ def start_command(
     return settings
 
 
-def settings_from(overrides: Mapping[str, object]) -> Settings:
+def settings_from(overrides: Mapping[str, Any]) -> Settings:
     """Environment settings with the flags that were given (not None) on top; raises ValueError."""
     return Settings(**{name: value for name, value in overrides.items() if value is not None})
 

@@ -481,7 +481,7 @@ class Gateway:
         ]
         for image, outcome in failed:
             self.store.discard_pending(image.request_id)
-            outcomes[image.index] = self._publish_error(outcome, image.request_id)
+            outcomes[image.position] = self._publish_error(outcome, image.request_id)
         release_claims(self.store, owner, [image for image, _ in failed])
         if failed:
             log.warning(
@@ -489,7 +489,7 @@ class Gateway:
                     "publish_failed",
                     broker=self.broker_url,
                     count=len(failed),
-                    error=outcomes[fresh[0].index],
+                    error=outcomes[fresh[0].position],
                 )
             )
         self.metrics.record_accepted(len(fresh) - len(failed))

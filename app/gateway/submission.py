@@ -45,7 +45,7 @@ class Accepted:
 class FreshImage(NamedTuple):
     """An image to publish: its position in the request, its new id, its bytes and its claim."""
 
-    index: int
+    position: int
     request_id: str
     payload: bytes
     claim: IdempotencyClaim | None
