@@ -238,7 +238,7 @@ def batch_item_key(key: str, index: int) -> str:
     return f"{key}\x1fbatch\x1f{index}"
 
 
-def fingerprint(data: bytes, metadata: dict[str, str] | None) -> str:
+def body_fingerprint(data: bytes, metadata: dict[str, str] | None) -> str:
     """What makes two submits "the same request" for idempotency: the bytes and the metadata."""
     digest = hashlib.blake2b(data, digest_size=16)
     if metadata:

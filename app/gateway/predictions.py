@@ -21,9 +21,9 @@ from app.gateway.images import (
 from app.gateway.intake import (
     Upload,
     batch_item_key,
+    body_fingerprint,
     check_idempotency_key,
     decode_uploads,
-    fingerprint,
     parse_metadata,
     parse_multipart_files,
     read_body,
@@ -208,7 +208,7 @@ async def create_prediction(request: Request) -> Response:
     key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
     try:
         raw, payload = await _read_single_image(request, gateway)
-        claim = [(key, fingerprint(raw, meta))] if key is not None else None
+        claim = [(key, body_fingerprint(raw, meta))] if key is not None else None
         (outcome,) = await gateway.submit(owner, [payload], metadata=meta, idempotency=claim)
         if isinstance(outcome, ApiError):
             raise outcome
@@ -264,7 +264,7 @@ async def create_predictions_batch(request: Request) -> Response:
             (index, item) for index, item in enumerate(decoded) if not isinstance(item, ApiError)
         ]
         claims: list[tuple[str, str] | None] | None = (
-            [(batch_item_key(key, index), fingerprint(raws[index], meta)) for index, _ in good]
+            [(batch_item_key(key, index), body_fingerprint(raws[index], meta)) for index, _ in good]
             if key is not None
             else None
         )

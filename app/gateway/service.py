@@ -59,6 +59,7 @@ _PING_INTERVAL_S = 2.0
 _SWEEP_INTERVAL_S = 1.0
 _MAX_BACKOFF_S = 5.0
 _RESULTS_CHUNK = 512  # results taken from the subscription in one go
+_RESULTS_MAX_UNACKED = 4096  # results delivered to the gateway and not yet stored and acked
 # The results read-back counts as caught up once a receive waits this long for nothing.
 _REPLAY_QUIET_S = 0.5
 
@@ -192,7 +193,7 @@ class Gateway:
                     self.settings.results_topic,
                     group=self.results_group,
                     start=replay_from,
-                    max_in_flight=4096,
+                    max_in_flight=_RESULTS_MAX_UNACKED,
                 )
                 await subscription.start()
             except asyncio.CancelledError:
@@ -392,12 +393,12 @@ class Gateway:
 
     def check_capacity(self, count: int) -> None:
         in_flight = self.store.pending_count
-        limit = self.settings.max_in_flight
-        if in_flight + count > limit:
+        pending_cap = self.settings.max_in_flight  # requests accepted and not yet answered
+        if in_flight + count > pending_cap:
             raise ApiError(
                 429,
                 "too_many_requests",
-                f"{in_flight} requests in flight, {count} more would exceed the limit of {limit} "
+                f"{in_flight} requests in flight, {count} more would exceed the limit of {pending_cap} "
                 "(FMNIST_MAX_IN_FLIGHT); retry later",
                 headers={"Retry-After": str(RETRY_AFTER_OVERLOAD_S)},
             )

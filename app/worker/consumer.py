@@ -201,7 +201,7 @@ class Worker:
                 settings.requests_topic,
                 group=settings.worker_group,
                 start="earliest",
-                max_in_flight=self.max_in_flight,
+                max_in_flight=self.max_unacked,
             )
             await subscription.start()
         except BaseException:
@@ -222,7 +222,7 @@ class Worker:
                 max_batch_size=runner.max_batch_size,
                 preferred_batch_size=runner.preferred_batch_size,
                 max_wait_ms=runner.max_wait_ms,
-                max_in_flight=self.max_in_flight,
+                max_in_flight=self.max_unacked,
                 concurrency=runner.concurrency,
                 torch_threads=torch.get_num_threads(),
                 precision=getattr(runner.classifier, "precision", "n/a"),
@@ -230,7 +230,7 @@ class Worker:
         )
 
     @property
-    def max_in_flight(self) -> int:
+    def max_unacked(self) -> int:
         """Requests delivered and not yet acked: enough for every pass the runner may hand to the
         model (2 per `concurrency`), one batch filling and one being published, but never more than
         the runner may queue."""
