@@ -124,7 +124,7 @@ RUN --mount=type=bind,from=builder,source=/wheels/app,target=/wheels/app \
     set -eux; \
     pip install --no-cache-dir --no-index --no-deps --find-links=/wheels/app fmnist-service; \
     fmnist --help > /dev/null; \
-    python -c "import sys, app.main; assert 'torch' not in sys.modules, 'the gateway imported torch'"
+    python -c "import sys, app.gateway.main; assert 'torch' not in sys.modules, 'the gateway imported torch'"
 
 USER 10001:10001
 EXPOSE 8000

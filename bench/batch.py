@@ -43,14 +43,14 @@ def compute_ceiling(
 ) -> list[tuple[int, float]]:
     """images/s of `ImageClassifier.predict` at each batch size, on real test images (uint8 N×1×28×28),
     laid out as the server's workers compute: the same precision (`FMNIST_INFERENCE_PRECISION`,
-    `auto` by default) and the same passes side by side (`inference_layout`: on 2 cores, two threads
+    `auto` by default) and the same passes side by side (`worker_layout`: on 2 cores, two threads
     each running its own passes on one torch thread)."""
     import threading
 
     import torch
 
     from app.settings import Settings
-    from app.worker import inference_layout, resolve_precision
+    from app.worker.inference import resolve_precision, worker_layout
     from ml import ImageClassifier
 
     settings = Settings()
@@ -58,7 +58,7 @@ def compute_ceiling(
     classifier = ImageClassifier.load(
         checkpoint, device="cpu", precision=resolve_precision(settings.inference_precision)
     )
-    layout = inference_layout(settings, classifier)
+    layout = worker_layout(settings, classifier)
     torch.set_num_threads(layout.threads)
     pixels, _ = load_test_images(DATA_DIR, images)
     data = torch.from_numpy(pixels.copy()).unsqueeze(1)

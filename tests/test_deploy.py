@@ -674,7 +674,7 @@ def test_gateway_code_path_imports_only_what_the_gateway_image_installs(
         if not {canonicalize_name(d) for d in distributions} & allowed
     )
     assert "torch" in blocked, "torch should be outside the gateway image"
-    modules = ["app.main", "app.commands.gateway", "messaging.kafka", "messaging.gcp"]
+    modules = ["app.gateway.main", "app.cli.gateway", "messaging.kafka", "messaging.gcp"]
     result = subprocess.run(
         [sys.executable, "-c", BLOCKING_IMPORTER, json.dumps(blocked), *modules],
         cwd=REPO_ROOT,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # The precision our workers use here (FMNIST_INFERENCE_PRECISION, `auto` by default), so the
 # comparison is between serving layers, on the same model computing the same way.
 from app.settings import Settings
-from app.worker import resolve_precision
+from app.worker.inference import resolve_precision
 from ml import ImageClassifier
 
 

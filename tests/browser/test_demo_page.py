@@ -332,7 +332,7 @@ def test_upload_thumbnail_is_what_the_model_saw(
     """An upload's thumbnail holds the model's 28×28 input (inverted, trimmed, resized), not the file."""
     from PIL import Image
 
-    from app.images import ImagePolicy, decode_image
+    from app.gateway.images import ImagePolicy, decode_image
 
     images, _ = first_test_images(fashion_mnist_dir, 1)
     photo = tmp_path / "photo.png"

@@ -16,15 +16,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.main import create_app
+from app.gateway.main import create_app
 from app.settings import Settings
-from app.test_set import TEST_IMAGES_FILE, TEST_LABELS_FILE
+from ml.readers import FILES
+
+TEST_IMAGES_FILE, TEST_LABELS_FILE = FILES["test"]
 
 API_KEY = "demo-routes-key"
 
 
 def idx_arrays(directory: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The raw test images and labels, parsed here independently of app.demo."""
+    """The raw test images and labels, parsed here independently of app.gateway.demo."""
     images = np.frombuffer(
         gzip.decompress((directory / TEST_IMAGES_FILE).read_bytes()), np.uint8, offset=16
     )
@@ -259,7 +261,7 @@ async def test_model_input_is_the_normalised_upload_as_png(
     client: httpx.AsyncClient, fashion_mnist_dir: Path
 ) -> None:
     """/v1/demo/model-input returns, as a PNG, the exact 28×28 input the prediction route would publish."""
-    from app.images import ImagePolicy, decode_image
+    from app.gateway.images import ImagePolicy, decode_image
 
     images, _ = idx_arrays(fashion_mnist_dir)
     upload = light_background_png(images[0], scale=8)

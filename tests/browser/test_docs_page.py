@@ -1,4 +1,4 @@
-"""The API docs (app/api/docs.py) in headless Chromium with every request off this machine refused."""
+"""The API docs (app/gateway/docs.py) in headless Chromium with every request off this machine refused."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from app.metrics import GatewayMetrics
+from app.gateway.metrics import GatewayMetrics
 from app.settings import Settings
 from tests.conftest import REPO_ROOT, missing_service
 from tests.gateway.helpers import gateway_settings, running_gateway

@@ -90,7 +90,7 @@ def outcome(e2e_log_dir: Path, e2e_checkpoint: Path, fashion_mnist_dir: Path) ->
         server.wait_for_http(f"http://{base}/readyz", timeout=90)
         classify(base, pngs[0])  # warm: the first request allocates what every later one reuses
         result.rss_before_kib = server.rss_kib()
-        # The PNG runs alone, after the rest: its decoding is another change's fix (app/images.py),
+        # The PNG runs alone, after the rest: its decoding is another change's fix (app/gateway/images.py),
         # and its phase's figures then say which part of the corpus a failure comes from.
         with observed(server, base, result, "connection attacks"):
             asyncio.run(run_connection_attacks(base, result))

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 import messaging
-from app.main import create_app
+from app.gateway.main import create_app
 from app.protocol import METADATA_ATTR, OWNER_ATTR, REQUEST_ID_ATTR, ResultMessage, decode_metadata
 from app.settings import Settings
 from tests.brokers import broker_env, unique_name
@@ -149,7 +149,7 @@ async def serving(settings: Settings, **app_options: Any) -> AsyncIterator[tuple
     """The real app behind a real uvicorn on a free port (for websockets); yields (app, "127.0.0.1:PORT")."""
     import uvicorn
 
-    from app.server import uvicorn_config
+    from app.gateway.server import uvicorn_config
 
     app = create_app(settings, **app_options)
     server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=0))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from starlette.requests import HTTPConnection
 
-from app.auth import ApiKeys, key_fingerprint
-from app.errors import ApiError
+from app.gateway.auth import ApiKeys, key_fingerprint
+from app.gateway.errors import ApiError
 from tests.gateway.helpers import (
     fashion_like,
     gateway_settings,

@@ -1,4 +1,4 @@
-"""The API docs pages (app/api/docs.py): served from the gateway's own files, each operation listed once."""
+"""The API docs pages (app/gateway/docs.py): served from the gateway's own files, each operation listed once."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 
-from app.main import create_app
+from app.gateway.main import create_app
 from tests.gateway.helpers import gateway_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import images as images_module
-from app.errors import ApiError
-from app.images import (
+from app.gateway import images as images_module
+from app.gateway.errors import ApiError
+from app.gateway.images import (
     ImagePolicy,
     decode_array,
     decode_array_batch,

@@ -12,7 +12,7 @@ import pytest
 from anyio import to_thread
 
 import messaging
-from app.api import intake
+from app.gateway import intake
 from app.protocol import ResultMessage
 from tests.gateway.helpers import (
     fashion_like,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import messaging
-from app.worker import Worker
+from app.worker.consumer import Worker
 from ml import ImageClassifier
 from tests.gateway.helpers import (
     fashion_like,

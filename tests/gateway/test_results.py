@@ -6,8 +6,7 @@ import asyncio
 import time
 
 import messaging
-from app.protocol import ResultMessage
-from app.results import (
+from app.gateway.results import (
     ACCEPTED_KIND,
     EXPIRY_GRACE_S,
     MARKER_KIND_ATTR,
@@ -15,6 +14,7 @@ from app.results import (
     ResultStore,
     Submission,
 )
+from app.protocol import ResultMessage
 from tests.gateway.helpers import gateway_settings, running_gateway
 
 

@@ -1,4 +1,4 @@
-"""The server under the gateway (app/server.py and the edge middleware) against raw sockets: header
+"""The server under the gateway (app/gateway/server.py and the edge middleware) against raw sockets: header
 blocks bounded in size and time, bodies bounded in time and in total, idle connections closed."""
 
 from __future__ import annotations

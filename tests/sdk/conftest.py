@@ -18,9 +18,9 @@ from fastapi import FastAPI
 from fmnist_client import AsyncClient
 
 import messaging
-from app.main import create_app
+from app.gateway.main import create_app
 from app.settings import Settings
-from app.worker import Worker
+from app.worker.consumer import Worker
 from ml import CLASS_NAMES, ImageClassifier
 from tests.e2e.processes import free_port
 

@@ -12,9 +12,10 @@ import torch
 
 import messaging
 from app import protocol
-from app import worker as worker_module
 from app.settings import Settings
-from app.worker import Worker
+from app.worker import consumer as worker_module
+from app.worker import inference
+from app.worker.consumer import Worker
 from messaging import BrokerUnavailable, PubSub
 from tests.brokers import connect_options
 from tests.ml.models import PoisonClassifier, TinyClassifier, image
@@ -302,13 +303,13 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_has_native_bf16(
     """`auto` follows the hardware; explicit choices are kept as they are."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(worker_module, "native_bf16", lambda native=native: native)
-        assert worker_module.resolve_precision("auto") == expected
-        assert worker_module.resolve_precision("fp32") == "fp32"
-        assert worker_module.resolve_precision("bf16") == "bf16"
+        monkeypatch.setattr(inference, "native_bf16", lambda native=native: native)
+        assert inference.resolve_precision("auto") == expected
+        assert inference.resolve_precision("fp32") == "fp32"
+        assert inference.resolve_precision("bf16") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(worker_module, "native_bf16", lambda: True)
-    assert worker_module.resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(inference, "native_bf16", lambda: True)
+    assert inference.resolve_precision("auto") == "fp32"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -321,6 +322,6 @@ def test_the_worker_loads_its_model_in_the_configured_precision(
     path = tmp_path / "model.safetensors"
     ImageClassifier(widths=(4, 8), convs_per_stage=(1, 1)).save(path)
     settings = Settings(model_path=path, inference_precision=precision)
-    classifier = worker_module.load_classifier(settings)
+    classifier = inference.load_classifier(settings)
     assert isinstance(classifier, ImageClassifier)
     assert classifier.precision == precision

@@ -12,7 +12,7 @@ import pytest
 import messaging
 from app.protocol import ResultMessage
 from app.settings import Settings
-from app.worker import Worker
+from app.worker.consumer import Worker
 from ml import ImageClassifier
 from tests.brokers import connect_options
 from tests.e2e import processes

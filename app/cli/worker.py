@@ -1,0 +1,153 @@
+"""`fmnist worker`: run one inference worker against a broker until SIGTERM/SIGINT, then drain and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.cli.prologue import (
+    INVALID_SETTING_STATUS,
+    add_batching_arguments,
+    batching_overrides,
+    start_command,
+)
+from app.logs import kv
+from app.settings import Settings
+from app.worker.health import health_server
+
+if TYPE_CHECKING:
+    from app.worker.consumer import Worker
+
+logger = logging.getLogger("app.worker")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="consume image requests from the broker, classify them in batches, publish results",
+        description=(
+            "Run one inference worker. Settings come from FMNIST_* environment variables; the flags "
+            "below override them. SIGTERM or Ctrl-C drains (in-flight requests are computed, published "
+            "and acked) and exits 0. Start several workers on one broker to share the load."
+        ),
+    )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="broker URL, kafka://host:9092 or gcp://PROJECT (FMNIST_BROKER_URL)",
+    )
+    parser.add_argument(
+        "--model", metavar="PATH", type=Path, help="checkpoint to serve (FMNIST_MODEL_PATH)"
+    )
+    parser.add_argument(
+        "--worker-id",
+        metavar="ID",
+        help="id stamped on results (FMNIST_WORKER_ID; default host-pid)",
+    )
+    add_batching_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {
+        "broker_url": args.broker,
+        "model_path": args.model,
+        "worker_id": args.worker_id,
+        **batching_overrides(args),
+    }
+    settings = start_command("worker", overrides, runs_model=True)
+    if settings is None:
+        return INVALID_SETTING_STATUS
+    if settings.broker_url.startswith("memory://"):
+        logger.error(
+            kv(
+                "worker_refused",
+                reason="memory:// lives inside one process; a separate worker cannot reach it",
+                fix="use `fmnist serve` (gateway and worker in one process) or --broker kafka://HOST:9092",
+            )
+        )
+        return 2
+    return asyncio.run(run_worker(settings))
+
+
+async def run_worker(settings: Settings) -> int:
+    """Load the model, connect, consume until a stop signal, drain. Returns the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    state = _HealthState(stop)
+    # Up before the model loads, so a startup probe sees the process alive while it loads.
+    async with health_server(settings.host, settings.worker_health_port, state.readiness):
+        try:
+            return await _run(settings, stop, state)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+
+class _HealthState:
+    """What a worker's /readyz reports: ready once consuming, not ready while loading or draining."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.worker: Worker | None = None
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.stop.is_set():
+            return False, "draining"
+        if self.worker is None:
+            return False, "loading the model and joining the group"
+        return True, "consuming"
+
+
+async def _run(settings: Settings, stop: asyncio.Event, state: _HealthState) -> int:
+    import messaging
+    from app.broker import connect_broker
+    from app.worker.consumer import Worker
+    from app.worker.inference import load_classifier
+    from ml.checkpoint import CheckpointError
+
+    # The model first: a wrong path fails in a second instead of after the broker's timeout.
+    try:
+        classifier = await asyncio.to_thread(load_classifier, settings)
+    except (CheckpointError, FileNotFoundError) as exc:
+        logger.error(
+            kv(
+                "worker_failed",
+                error=exc,
+                fix="pass --model PATH (FMNIST_MODEL_PATH) or run `make train`",
+            )
+        )
+        return 1
+    try:
+        pubsub = connect_broker(settings)
+    except (ValueError, messaging.MissingDependency) as exc:  # bad URL or missing extra
+        logger.error(kv("worker_failed", error=exc, setting="--broker / FMNIST_BROKER_URL"))
+        return 2
+    try:
+        async with pubsub, Worker(settings, pubsub, classifier) as worker:
+            state.worker = worker
+            return await _serve_until_stopped(worker, stop)
+    except messaging.MessagingError as exc:
+        logger.error(kv("worker_failed", error=exc))
+        return 1
+
+
+async def _serve_until_stopped(worker: Worker, stop: asyncio.Event) -> int:
+    stop_requested = asyncio.ensure_future(stop.wait())
+    consuming = asyncio.ensure_future(worker.wait())
+    await asyncio.wait({stop_requested, consuming}, return_when=asyncio.FIRST_COMPLETED)
+    stop_requested.cancel()
+    if consuming.done():
+        consuming.result()  # the subscription ended by itself: surface its error
+        logger.error(kv("worker_stopped", worker_id=worker.worker_id, reason="subscription ended"))
+        return 1
+    logger.info(kv("worker_draining", worker_id=worker.worker_id))
+    await worker.drain()
+    consuming.cancel()
+    return 0

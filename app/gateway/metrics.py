@@ -1,0 +1,188 @@
+"""Gateway telemetry: Prometheus series (one registry per app) and the `/v1/stats` snapshot for the demo page."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as TallyCounter
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from app.protocol import ResultMessage
+from ml.runner_stats import LatencySummary
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_SAMPLE_WINDOW = 2048  # recent results kept for percentiles
+_RATE_WINDOW_S = 10  # throughput is averaged over this many whole seconds
+
+
+class GatewayMetrics:
+    """Everything the gateway counts. `record_result` is O(1); snapshots do the sorting."""
+
+    def __init__(
+        self, in_flight: Callable[[], int], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        self._in_flight = in_flight
+        r = self.registry
+        self.http_requests = Counter(
+            "fmnist_http_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "fmnist_http_request_duration_seconds",
+            "Time to answer an HTTP request.",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter(
+            "fmnist_predictions",
+            "Prediction requests by outcome: accepted, completed, failed, rejected.",
+            ["outcome"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "fmnist_errors",
+            "Errors answered to clients or reported by workers, by code.",
+            ["code"],
+            registry=r,
+        )
+        self.in_flight_gauge = Gauge(
+            "fmnist_in_flight",
+            "Requests accepted by this gateway and not yet answered.",
+            registry=r,
+        )
+        self.in_flight_gauge.set_function(lambda: float(self._in_flight()))
+        self.broker_up = Gauge(
+            "fmnist_broker_up",
+            "1 when the broker is reachable and the results consumer runs.",
+            registry=r,
+        )
+        self.websockets = Gauge("fmnist_websocket_connections", "Open result streams.", registry=r)
+        self.batch_size = Histogram(
+            "fmnist_batch_size",
+            "Batch size that computed each result, as reported by workers.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "fmnist_queue_seconds",
+            "Time a request waited for its batch, as reported by workers.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "fmnist_inference_seconds",
+            "Forward-pass time of the batch that computed each result.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.duplicate_results = Counter(
+            "fmnist_duplicate_results",
+            "Results dropped because the request id already had one.",
+            registry=r,
+        )
+        # Bound children, resolved once: `labels()` costs more than the increment itself.
+        self._completed = self.predictions.labels("completed")
+        self._failed = self.predictions.labels("failed")
+        self._accepted = self.predictions.labels("accepted")
+        self._rejected = self.predictions.labels("rejected")
+        # For /v1/stats.
+        self.completed = 0
+        self.failed = 0
+        self._queue_ms: deque[float] = deque(maxlen=_SAMPLE_WINDOW)
+        self._inference_ms: deque[float] = deque(maxlen=_SAMPLE_WINDOW)
+        self._batches: TallyCounter[int] = TallyCounter()
+        self._recent_batch_ids: deque[str] = deque(maxlen=4096)
+        self._recent_batch_set: set[str] = set()
+        self._per_second: deque[list[int]] = deque(maxlen=_RATE_WINDOW_S + 1)  # [second, count]
+
+    def record_result(self, result: ResultMessage) -> None:
+        """Count one stored (first) result."""
+        if result.status == "completed":
+            self.completed += 1
+            self._completed.inc()
+        else:
+            self.failed += 1
+            self._failed.inc()
+            if result.error is not None:
+                self.errors.labels(result.error.code).inc()
+        if result.queue_ms is not None:
+            self._queue_ms.append(result.queue_ms)
+            self.queue_seconds.observe(result.queue_ms / 1000)
+        if result.inference_ms is not None:
+            self._inference_ms.append(result.inference_ms)
+            self.inference_seconds.observe(result.inference_ms / 1000)
+        if result.batch_size is not None:
+            self.batch_size.observe(result.batch_size)
+            batch_id = result.batch_id
+            # Every result of a batch carries its size: count each batch once for the distribution.
+            if batch_id is None or batch_id not in self._recent_batch_set:
+                self._batches[result.batch_size] += 1
+                if batch_id is not None:
+                    if len(self._recent_batch_ids) == self._recent_batch_ids.maxlen:
+                        self._recent_batch_set.discard(self._recent_batch_ids[0])
+                    self._recent_batch_ids.append(batch_id)
+                    self._recent_batch_set.add(batch_id)
+        second = int(self._clock())
+        if self._per_second and self._per_second[-1][0] == second:
+            self._per_second[-1][1] += 1
+        else:
+            self._per_second.append([second, 1])
+
+    def record_rejection(self, code: str) -> None:
+        self._rejected.inc()
+        self.errors.labels(code).inc()
+
+    def record_accepted(self, count: int = 1) -> None:
+        self._accepted.inc(count)
+
+    def throughput_per_s(self) -> float:
+        now = int(self._clock())
+        window_start = now - _RATE_WINDOW_S
+        total = sum(count for second, count in self._per_second if window_start <= second < now)
+        return total / _RATE_WINDOW_S
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """The `/v1/stats` body."""
+        return {
+            "in_flight": self._in_flight(),
+            "completed": self.completed,
+            "failed": self.failed,
+            "throughput_per_s": round(self.throughput_per_s(), 2),
+            "batch_sizes": {str(size): n for size, n in sorted(self._batches.items())},
+            "queue_ms": _percentiles(self._queue_ms),
+            "inference_ms": _percentiles(self._inference_ms),
+        }
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _percentiles(samples: deque[float]) -> dict[str, float | None]:
+    if not samples:
+        return {"p50": None, "p99": None}
+    summary = LatencySummary.of(samples)
+    return {"p50": round(summary.p50, 3), "p99": round(summary.p99, 3)}
