@@ -42,7 +42,7 @@ from messaging.errors import MissingDependency
 
 try:  # before the submodules, so that a missing library gives the one message below
     import google.api_core.exceptions
-    import google.cloud.pubsub_v1
+    import google.cloud.pubsub_v1  # noqa: F401
     import grpc  # noqa: F401
 except ImportError as missing:  # pragma: no cover - exercised by a test that hides the library
     raise MissingDependency(
