@@ -87,6 +87,28 @@ async def test_same_clients_publish_and_consume_after_the_emulator_restarts_empt
         await received.ack()
 
 
+async def test_a_deleted_subscription_is_noticed_by_its_stream_and_re_created(
+    emulator: RestartableEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A streaming pull ended by NotFound starts the recovery; the re-created subscription receives."""
+    caplog.set_level(logging.INFO, logger="messaging")
+    async with (
+        messaging.connect(emulator.url, connect_timeout=3) as pubsub,
+        pubsub.subscribe("requests", group="workers") as messages,
+    ):
+        subscriber = pubsub.subscriber  # type: ignore[attr-defined]
+        path = subscriber.subscription_path(GCP_TEST_PROJECT, "requests.workers")
+        await asyncio.to_thread(subscriber.delete_subscription, subscription=path)
+        # Too quick to catch `healthy` False by polling: wait for the recovery's last line.
+        async with asyncio.timeout(RECOVERY_TIMEOUT_S):
+            while "event=pubsub_link_restored" not in caplog.text:  # noqa: ASYNC110 - a log line, no event
+                await asyncio.sleep(0.05)
+        assert "subscriptions=requests.workers " in caplog.text
+        await pubsub.publish("requests", b"after", key="b")
+        received = await asyncio.wait_for(anext(messages), 10)
+        assert (received.key, received.data) == ("b", b"after")
+
+
 async def test_a_publish_during_the_outage_fails_within_the_connect_timeout(
     emulator: RestartableEmulator,
 ) -> None:
