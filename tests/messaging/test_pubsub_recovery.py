@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,18 @@ def emulator(tmp_path: Path) -> Iterator[RestartableEmulator]:
         broker.kill()
 
 
+@contextlib.asynccontextmanager
+async def _workers(
+    emulator: RestartableEmulator, connect_timeout: float = 3.0
+) -> AsyncIterator[tuple[PubSub, Subscription]]:
+    """A PubSub on the emulator and the "workers" group's subscription to "requests", started."""
+    async with (
+        messaging.connect(emulator.url, connect_timeout=connect_timeout) as pubsub,
+        pubsub.subscribe("requests", group="workers") as messages,
+    ):
+        yield pubsub, messages
+
+
 async def _recovered(pubsub: PubSub, subscription: Subscription) -> None:
     async with asyncio.timeout(RECOVERY_TIMEOUT_S):
         while not (pubsub.link_up and subscription.healthy):  # noqa: ASYNC110 - state of a client, no event
@@ -71,10 +84,7 @@ async def test_same_clients_publish_and_consume_after_the_emulator_restarts_empt
     emulator: RestartableEmulator,
 ) -> None:
     """After an empty restart the topic and subscription are re-created and the same subscription receives a new publish."""
-    async with (
-        messaging.connect(emulator.url, connect_timeout=3) as pubsub,
-        pubsub.subscribe("requests", group="workers") as messages,
-    ):
+    async with _workers(emulator) as (pubsub, messages):
         await pubsub.publish("requests", b"before", key="a")
         first = await asyncio.wait_for(anext(messages), 10)
         await first.ack()
@@ -92,10 +102,7 @@ async def test_a_deleted_subscription_is_noticed_by_its_stream_and_re_created(
 ) -> None:
     """A streaming pull ended by NotFound starts the recovery; the re-created subscription receives."""
     caplog.set_level(logging.INFO, logger="messaging")
-    async with (
-        messaging.connect(emulator.url, connect_timeout=3) as pubsub,
-        pubsub.subscribe("requests", group="workers") as messages,
-    ):
+    async with _workers(emulator) as (pubsub, messages):
         subscriber = pubsub.subscriber  # type: ignore[attr-defined]
         path = subscriber.subscription_path(GCP_TEST_PROJECT, "requests.workers")
         await asyncio.to_thread(subscriber.delete_subscription, subscription=path)
@@ -113,10 +120,7 @@ async def test_a_publish_during_the_outage_fails_within_the_connect_timeout(
     emulator: RestartableEmulator,
 ) -> None:
     """A publish while the emulator is away raises BrokerUnavailable within the connect timeout."""
-    async with (
-        messaging.connect(emulator.url, connect_timeout=2) as pubsub,
-        pubsub.subscribe("requests", group="workers"),
-    ):
+    async with _workers(emulator, connect_timeout=2) as (pubsub, _):
         await pubsub.publish("requests", b"before", key="a")
         emulator.kill()
         started = time.monotonic()
@@ -130,10 +134,7 @@ async def test_an_outage_logs_one_line_per_state_change(
 ) -> None:
     """One link_lost, one recreated (naming the topic and the subscription), one link_restored."""
     caplog.set_level(logging.INFO, logger="messaging")
-    async with (
-        messaging.connect(emulator.url, connect_timeout=3) as pubsub,
-        pubsub.subscribe("requests", group="workers") as messages,
-    ):
+    async with _workers(emulator) as (pubsub, messages):
         await _restart_empty(emulator, pubsub)
         await _recovered(pubsub, messages)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=pubsub_")]
@@ -149,10 +150,7 @@ async def test_link_and_subscription_report_unhealthy_during_the_outage(
     emulator: RestartableEmulator,
 ) -> None:
     """While the emulator is away, link_up and the subscription's healthy are False (readiness reads them)."""
-    async with (
-        messaging.connect(emulator.url, connect_timeout=3) as pubsub,
-        pubsub.subscribe("requests", group="workers") as messages,
-    ):
+    async with _workers(emulator) as (pubsub, messages):
         assert pubsub.link_up and messages.healthy
         emulator.kill()
         async with asyncio.timeout(10):
