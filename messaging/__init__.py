@@ -17,7 +17,7 @@ Backends are chosen by URL scheme; Kafka and Pub/Sub need the `kafka` / `gcp` ex
 
 from __future__ import annotations
 
-from messaging._base import Message, PubSub, StartPosition, Subscription
+from messaging._base import Message, Outgoing, PubSub, StartPosition, Subscription
 from messaging._url import SUPPORTED_SCHEMES, parse_broker_url
 from messaging.errors import (
     BacklogFull,
@@ -35,6 +35,7 @@ __all__ = [
     "MessagingError",
     "MissingDependency",
     "NotConnected",
+    "Outgoing",
     "PubSub",
     "StartPosition",
     "Subscription",

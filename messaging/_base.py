@@ -7,7 +7,8 @@ import logging
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
 
@@ -52,6 +53,32 @@ def _check_start(start: object) -> StartPosition:
     ):
         return float(start)
     raise ValueError(f"start must be 'earliest', 'latest' or a unix time in seconds, got {start!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message for `PubSub.publish_many`: its bytes, ordering key and attributes."""
+
+    data: bytes
+    key: str | None = None
+    attributes: Mapping[str, str] | None = None
+
+
+OutgoingItem = Outgoing | tuple[bytes, str | None, Mapping[str, str] | None]
+"""An `Outgoing`, or the tuple `(data, key, attributes)`."""
+
+
+def _outgoing(item: object) -> Outgoing:
+    """`item` as an `Outgoing`; a TypeError naming what is wrong with it otherwise."""
+    if isinstance(item, tuple) and len(item) == 3:
+        item = Outgoing(*item)
+    if not isinstance(item, Outgoing):
+        raise TypeError(f"expected Outgoing or (data, key, attributes), got {item!r:.80}")
+    if not isinstance(item.data, bytes | bytearray | memoryview):
+        raise TypeError(f"message data must be bytes, got {type(item.data).__name__}")
+    if item.key is not None and not isinstance(item.key, str):
+        raise TypeError(f"message key must be a str or None, got {type(item.key).__name__}")
+    return item
 
 
 class Message:
@@ -373,6 +400,31 @@ class PubSub(ABC):
         self._check_topic(topic)
         # Pub/Sub cannot tell an empty ordering key from none: make "" mean None everywhere.
         await self._publish(topic, data, key or None, attributes)
+
+    async def publish_many(
+        self, topic: str, items: Iterable[OutgoingItem]
+    ) -> list[Exception | None]:
+        """Publish every item; one outcome per item, in order: None once accepted, else its error.
+
+        Never raises for one item (a malformed item gets its TypeError as its outcome); a broker
+        outage gives every item its `BrokerUnavailable`. In-process brokers publish in turn (cheaper
+        than a task per message); remote ones concurrently, so that the client batches them and one
+        slow acknowledgement does not hold up the rest. A backend may override it.
+        """
+        if self._state != "connected":
+            self._require_connected()
+        self._check_topic(topic)
+        if self.publishes_in_process:
+            return [await self._publish_outcome(topic, item) for item in items]
+        return list(await asyncio.gather(*(self._publish_outcome(topic, i) for i in items)))
+
+    async def _publish_outcome(self, topic: str, item: object) -> Exception | None:
+        try:
+            message = _outgoing(item)
+            await self.publish(topic, message.data, key=message.key, attributes=message.attributes)
+        except Exception as exc:
+            return exc
+        return None
 
     def subscribe(
         self,

@@ -385,3 +385,55 @@ async def test_start_must_be_a_position_or_a_time(start: object) -> None:
     async with open_broker(f"memory://{unique_name('start')}") as pubsub:
         with pytest.raises(ValueError, match="unix time in seconds"):
             pubsub.subscribe("topic", group="g", start=start)  # type: ignore[arg-type]
+
+
+async def test_publish_many_delivers_every_item_and_answers_none_for_each(broker_url: str) -> None:
+    """publish_many takes Outgoing and (data, key, attributes) items and returns None per accepted item, in order."""
+    topic = unique_name("pm")
+    items = [
+        messaging.Outgoing(b"one", key="k1", attributes={"n": "1"}),
+        (b"two", "k2", {"n": "2"}),
+        (b"three", None, None),
+    ]
+    async with (
+        open_broker(broker_url) as pubsub,
+        pubsub.subscribe(topic, group=unique_name("g")) as messages,
+    ):
+        outcomes = await pubsub.publish_many(topic, items)
+        received = await take(messages, 3)
+        for message in received:
+            await message.ack()
+    assert outcomes == [None, None, None]
+    assert sorted((m.data, m.key, m.attributes) for m in received) == [
+        (b"one", "k1", {"n": "1"}),
+        (b"three", None, {}),
+        (b"two", "k2", {"n": "2"}),
+    ]
+
+
+async def test_publish_many_fails_a_bad_item_alone_and_in_its_place(broker_url: str) -> None:
+    """A malformed item gets its TypeError as its outcome, in its position; the others are published."""
+    topic = unique_name("pb")
+    async with (
+        open_broker(broker_url) as pubsub,
+        pubsub.subscribe(topic, group=unique_name("g")) as messages,
+    ):
+        outcomes = await pubsub.publish_many(
+            topic,
+            [(b"first", "a", None), ("not bytes", "b", None), (b"last", "c", None)],  # type: ignore[list-item]
+        )
+        received = await take(messages, 2)
+        for message in received:
+            await message.ack()
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], TypeError)
+    assert sorted(m.data for m in received) == [b"first", b"last"]
+
+
+async def test_publish_many_after_close_raises_not_connected(broker_url: str) -> None:
+    """publish_many on a closed PubSub raises NotConnected for the call, not per item."""
+    pubsub = open_broker(broker_url)
+    async with pubsub:
+        pass
+    with pytest.raises(messaging.NotConnected):
+        await pubsub.publish_many(unique_name("pc"), [(b"x", None, None)])
