@@ -18,7 +18,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck train evaluate bench clean
+.PHONY: run test lint typecheck train evaluate bench clean proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,8 @@ evaluate: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+## proto: regenerate the Open Inference Protocol's gRPC code (app/gateway/v2/) from its .proto (KServe's)
+PROTO_COMMAND := python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. app/gateway/v2/grpc_predict_v2.proto
+proto: $(VENV)/.installed-dev
+	$(BIN)/$(PROTO_COMMAND)

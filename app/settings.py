@@ -271,6 +271,19 @@ class Settings(BaseSettings):
         description="Allocations between Python's young-generation garbage collections in serve, gateway "
         "and worker processes (Python's default is 700; 0 keeps it). Higher cuts tail latency under load.",
     )
+    # Open Inference Protocol (v2) over gRPC, beside the HTTP server (app/gateway/v2/).
+    grpc_enabled: bool = Field(
+        True,
+        description="Serve the Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`) "
+        "beside HTTP in `fmnist serve` and `fmnist gateway`. Turn it off where nothing speaks gRPC or "
+        "its port is taken.",
+    )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC service, on FMNIST_HOST; 0 turns it off (as FMNIST_GRPC_ENABLED=false).",
+    )
 
     # --- logging ----------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

@@ -42,11 +42,21 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="broker URL: memory://, kafka://host:9092 or gcp://PROJECT (FMNIST_BROKER_URL)",
     )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        help="port of the Open Inference Protocol gRPC service (FMNIST_GRPC_PORT, default 8001; 0 = off)",
+    )
 
 
 def http_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The HTTP flags' settings (unset flags leave the environment's value)."""
-    return {"host": args.host, "port": args.port, "broker_url": args.broker}
+    return {
+        "host": args.host,
+        "port": args.port,
+        "broker_url": args.broker,
+        "grpc_port": args.grpc_port,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,14 +95,29 @@ async def serve_http(settings: Settings) -> int:
                 for signum in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(signum)
 
-    config = uvicorn_config(create_app(settings), settings, host=settings.host, port=settings.port)
+    app = create_app(settings)
+    config = uvicorn_config(app, settings, host=settings.host, port=settings.port)
     server = Server(config)
+    grpc = await start_grpc(app, settings)  # the v2 gRPC service, on this loop beside uvicorn
     announce = asyncio.create_task(_announce(server, settings))
     try:
         await server.serve()
     finally:
         announce.cancel()
+        if grpc is not None:
+            await grpc.stop()
     return 0 if server.started else 1
+
+
+async def start_grpc(app: Any, settings: Settings) -> Any:
+    """The started Open Inference Protocol gRPC server, or None when turned off."""
+    if not settings.grpc_enabled or settings.grpc_port == 0:
+        return None
+    from app.gateway.v2.grpc_server import GrpcServer
+
+    server = GrpcServer(app, settings.host, settings.grpc_port, settings.max_batch_upload_bytes)
+    await server.start()
+    return server
 
 
 async def _announce(server: Any, settings: Settings) -> None:

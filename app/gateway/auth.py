@@ -33,7 +33,12 @@ class ApiKeys:
         """The caller's owner fingerprint; 401 without a key, 403 with a wrong one."""
         if not self._keys:
             return ANONYMOUS
-        presented = presented_key(connection)
+        return self.owner_of_key(presented_key(connection))
+
+    def owner_of_key(self, presented: str | None) -> str:
+        """The owner fingerprint of a presented key (None: none sent); 401/403 as `owner_of`."""
+        if not self._keys:
+            return ANONYMOUS
         if presented is None:
             raise ApiError(
                 401,

@@ -22,6 +22,7 @@ from app.gateway import demo, ops, predictions, stream
 from app.gateway.docs import install_docs
 from app.gateway.errors import ApiError, error_body, install_error_handlers
 from app.gateway.service import Gateway, PubSubFactory
+from app.gateway.v2 import rest as v2_rest
 from app.logs import kv
 from app.settings import Settings, get_settings
 
@@ -206,6 +207,10 @@ def create_app(
         openapi_tags=[
             {"name": "predictions", "description": "Submit images, read and stream results."},
             {"name": "operations", "description": "Health, readiness and metrics."},
+            {
+                "name": "open inference protocol (v2)",
+                "description": "KServe/Triton v2 REST API (also served over gRPC).",
+            },
         ],
         **_telemetry_options(settings),
     )
@@ -214,6 +219,7 @@ def create_app(
     app.state.stream_slots = stream.StreamSlots(settings.stream_max_connections)
     install_error_handlers(app)
     app.include_router(predictions.router)
+    app.include_router(v2_rest.router)
     app.include_router(stream.router)
     app.include_router(ops.router)
     app.include_router(demo.router)

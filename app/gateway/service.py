@@ -20,6 +20,7 @@ from app.gateway.auth import ApiKeys
 from app.gateway.errors import ApiError
 from app.gateway.images import ImagePolicy
 from app.gateway.metrics import GatewayMetrics
+from app.gateway.registry import ModelRegistry, ModelVersion
 from app.gateway.results import (
     ACCEPTED_KIND,
     EXPIRY_GRACE_S,
@@ -102,6 +103,7 @@ class Gateway:
             auto_invert=settings.auto_invert,
         )
         self.shape_attr = encode_shape(self.policy.shape)
+        self.registry = ModelRegistry(settings, ready=lambda: self.ready)
         self._factory = pubsub_factory or connect_broker
         self._pubsub: PubSub | None = None
         self._results: Subscription | None = None
@@ -380,6 +382,10 @@ class Gateway:
                 )
 
     # --- submitting ------------------------------------------------------------------------
+    def policy_for(self, model: ModelVersion | None) -> ImagePolicy:
+        """The image policy that fits uploads to `model`'s input (None: the default model)."""
+        return self.policy  # one model until the registry learns several (issue 14)
+
     def require_ready(self) -> PubSub:
         pubsub = self._pubsub
         if pubsub is None or not self.ready:
@@ -408,6 +414,7 @@ class Gateway:
         owner: str,
         payloads: Sequence[bytes],
         *,
+        model: ModelVersion | None = None,
         metadata: dict[str, str] | None = None,
         idempotency: Sequence[IdempotencyClaim | None] | None = None,
         request_ids: Sequence[str] | None = None,
@@ -417,7 +424,7 @@ class Gateway:
         `idempotency[i]` is `(key, body fingerprint)` or None; a key seen before (for this owner)
         returns the earlier request id without publishing, or 422 when the earlier request had
         another body. `request_ids` lets a caller choose the ids (the websocket must know them
-        before publishing). Raises 503 when the broker is down and 429 when the cap on requests in
+        before publishing). `model` (None: the default) names the model; one today (issue 14). Raises 503 when the broker is down and 429 when the cap on requests in
         flight would be exceeded.
         """
         pubsub = self.require_ready()

@@ -259,7 +259,10 @@ def fmnist(
 ) -> ManagedProcess:
     """`fmnist COMMAND ARGS` as a child process with `FMNIST_*` settings in `env` (not started)."""
     argv = [sys.executable, "-m", "app", command, *args]
-    return ManagedProcess(name, argv, log_dir=log_dir, env=dict(env))
+    # A free gRPC port unless given: gateways side by side must not all bind the default 8001.
+    return ManagedProcess(
+        name, argv, log_dir=log_dir, env={"FMNIST_GRPC_PORT": str(free_port()), **env}
+    )
 
 
 def broker_env(broker_url: str, emulator_port: int | None = None) -> dict[str, str]:
