@@ -279,6 +279,7 @@ class Gateway:
         # An in-process broker queues its whole history at join: nothing ready means caught up.
         pubsub = self._pubsub
         quiet_s = 0.0 if pubsub is not None and pubsub.publishes_in_process else _REPLAY_QUIET_S
+        self._check_caught_up(progress, live_since)  # with shared state there is no read-back
         while True:
             try:
                 async with asyncio.timeout(quiet_s if progress.replaying else None):
@@ -296,20 +297,25 @@ class Gateway:
                     await self._take_result(message, live_since, progress)
             if progress.replaying and time.monotonic() > replay_deadline:
                 progress.replaying = False
-            if not progress.replaying and not self._consuming:
-                self._consuming = True
-                self._first_attempt.set()
-                log.info(
-                    kv(
-                        "results_caught_up",
-                        group=self.results_group,
-                        replayed=progress.replayed,
-                        pending_restored=progress.restored,
-                        took_s=round(time.time() - live_since, 3),
-                    )
-                )
+            self._check_caught_up(progress, live_since)
         if not self._stopping:
             raise MessagingError("the results subscription ended")
+
+    def _check_caught_up(self, progress: _ReadBack, live_since: float) -> None:
+        """Turn ready (`_consuming`) once the read-back is over; log it once."""
+        if progress.replaying or self._consuming:
+            return
+        self._consuming = True
+        self._first_attempt.set()
+        log.info(
+            kv(
+                "results_caught_up",
+                group=self.results_group,
+                replayed=progress.replayed,
+                pending_restored=progress.restored,
+                took_s=round(time.time() - live_since, 3),
+            )
+        )
 
     async def _take_result(self, message: Message, live_since: float, progress: _ReadBack) -> None:
         """Store one message of the results topic (a result, or an accepted marker), then ack it."""

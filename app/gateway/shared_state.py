@@ -126,6 +126,11 @@ class SharedState:
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        """Connect in the background; returns after the first ping, answered or not."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.ping()
+                self._mark(True)
         self._tasks = [
             asyncio.create_task(self._monitor(), name="fmnist-shared-state-ping"),
             asyncio.create_task(self._listen(), name="fmnist-shared-state-listen"),
@@ -318,7 +323,7 @@ class SharedState:
         gateway_prefix = self._key("gw", "")
         for result, data in results:
             rid = result.request_id
-            self._store_script(
+            await self._store_script(
                 keys=[
                     self._key("result", rid),
                     self._key("pending", rid),
