@@ -89,7 +89,7 @@ async def test_a_request_submitted_on_one_gateway_is_answered_by_the_other(
 async def test_an_idempotency_key_is_honoured_across_gateways(redis_address: str) -> None:
     """The same Idempotency-Key sent to A then to B answers A's request id, and publishes once."""
     settings = shared_settings(redis_address)
-    async with two_gateways(settings) as ((app_a, a), (app_b, b)):
+    async with two_gateways(settings) as ((_, a), (app_b, b)):
         first = await submit(a, 4, **{"Idempotency-Key": "upload-1"})
         again = await submit(b, 4, **{"Idempotency-Key": "upload-1"})
         other_body = await submit(b, 5, **{"Idempotency-Key": "upload-1"})
@@ -119,7 +119,9 @@ async def test_each_result_is_decoded_by_one_gateway(redis_address: str) -> None
     """With shared state the gateways share the results topic: results decoded in all equal results made."""
     settings = shared_settings(redis_address)
     async with two_gateways(settings) as ((app_a, a), (app_b, b)):
-        ids = [(await submit(client, i)).json()["request_id"] for i, client in enumerate([a, b] * 5)]
+        ids = [
+            (await submit(client, i)).json()["request_id"] for i, client in enumerate([a, b] * 5)
+        ]
         async with worker_running(settings):
             for request_id in ids:
                 await poll(a, request_id)
@@ -134,18 +136,21 @@ async def test_a_stream_on_one_gateway_gets_results_of_the_other_and_resumes(
 ) -> None:
     """A stream on B pushes the result of a request accepted by A; resuming with its cursor on A replays the next."""
     settings = shared_settings(redis_address)
-    async with serving(settings) as (_, base_a), serving(twin(settings)) as (_, base_b):
-        async with httpx.AsyncClient(base_url=f"http://{base_a}") as a:
-            async with worker_running(settings):
-                async with connect(f"ws://{base_b}/v1/predictions/stream") as socket:
-                    first_id = (await submit(a, 1)).json()["request_id"]
-                    pushed = json.loads(await asyncio.wait_for(socket.recv(), 15))
-                second_id = (await submit(a, 2)).json()["request_id"]
-                await poll(a, second_id)
-            async with connect(
-                f"ws://{base_a}/v1/predictions/stream?after={pushed['cursor']}"
-            ) as socket:
-                resumed = json.loads(await asyncio.wait_for(socket.recv(), 5))
+    async with (
+        serving(settings) as (_, base_a),
+        serving(twin(settings)) as (_, base_b),
+        httpx.AsyncClient(base_url=f"http://{base_a}") as a,
+    ):
+        async with worker_running(settings):
+            async with connect(f"ws://{base_b}/v1/predictions/stream") as socket:
+                first_id = (await submit(a, 1)).json()["request_id"]
+                pushed = json.loads(await asyncio.wait_for(socket.recv(), 15))
+            second_id = (await submit(a, 2)).json()["request_id"]
+            await poll(a, second_id)
+        async with connect(
+            f"ws://{base_a}/v1/predictions/stream?after={pushed['cursor']}"
+        ) as socket:
+            resumed = json.loads(await asyncio.wait_for(socket.recv(), 5))
     assert (pushed["request_id"], pushed["label"]) == (first_id, 1)
     assert (resumed["request_id"], resumed["label"]) == (second_id, 2)
 
