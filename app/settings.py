@@ -259,6 +259,33 @@ class Settings(BaseSettings):
         "old results are served.",
     )
 
+    # --- shared state (gateways acting as one) ---------------------------------------------------
+    shared_state_url: str | None = Field(
+        None,
+        description="Redis URL (`redis://[:password@]host:6379/0`, `rediss://` for TLS) that makes gateways behind "
+        "one load balancer act as one: results, pending ids and idempotency keys live there, and the gateways "
+        "share the results topic in one consumer group. Unset (the default): one gateway, nothing shared. "
+        "Needs `pip install 'fmnist-service[redis]'`.",
+    )
+    shared_state_prefix: str = Field(
+        "fmnist",
+        min_length=1,
+        description="Prefix of every Redis key and channel the gateways use. Change it when several "
+        "deployments share one Redis.",
+    )
+    shared_state_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds a Redis command may take before the gateway counts Redis as down (then /readyz "
+        "answers 503 and submits 503 + Retry-After). Raise it for a Redis far away.",
+    )
+    shared_results_group: str = Field(
+        "gateways",
+        min_length=1,
+        description="Consumer group the gateways share on the results topic when FMNIST_SHARED_STATE_URL is "
+        "set: each result is taken by one gateway, which writes it to Redis.",
+    )
+
     opentelemetry: bool = Field(
         False,
         description="FastAPI's native OpenTelemetry tracing, metrics and logs (global providers). Off by "

@@ -5,6 +5,8 @@ Fixtures for every test module (registered from tests/conftest.py):
 * `kafka_bootstrap` -> "127.0.0.1:PORT", `kafka_url` -> "kafka://127.0.0.1:PORT?<Tansu test timings>"
   (session: one Tansu);
 * `pubsub_emulator_host` -> "127.0.0.1:PORT", `gcp_url` -> "gcp://fmnist-test?emulator=127.0.0.1:PORT&ack_deadline_s=10";
+* `redis_address` -> "127.0.0.1:PORT" (session: one `redis-server`, no persistence; the gateways' shared
+  state; give each test its own key prefix with `unique_name`);
 * `broker_url`: parametrized over memory / kafka / gcp (marked `kafka` / `gcp`); memory URLs are fresh
   per test. Give each test fresh topics and groups with `unique_name(prefix)`.
 
@@ -169,6 +171,27 @@ def start_pubsub_emulator(log_dir: Path) -> BrokerProcess:
     return emulator
 
 
+def start_redis(log_dir: Path) -> BrokerProcess:
+    """Start Debian's `redis-server` (no persistence) on a free port; raises RuntimeError saying why it could not."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(
+            "redis-server is missing; `apt-get install redis-server`, or set FMNIST_TEST_REDIS=host:port"
+        )
+    port = free_port()
+    server = BrokerProcess(
+        "redis-server",
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        port,
+        log_dir / "redis.log",
+    )
+    problem = server.wait_until_listening(STARTUP_TIMEOUT_S)
+    if problem:
+        server.stop()
+        raise RuntimeError(f"could not start redis-server: {problem}")
+    return server
+
+
 def _external_or_started(
     env_var: str, start: Callable[[Path], BrokerProcess], log_dir: Path
 ) -> Iterator[str]:
@@ -211,6 +234,14 @@ def kafka_url(kafka_bootstrap: str) -> str:
     if os.environ.get("FMNIST_TEST_KAFKA"):
         return f"kafka://{kafka_bootstrap}"
     return f"kafka://{kafka_bootstrap}?{KAFKA_TEST_TUNING}"
+
+
+@pytest.fixture(scope="session")
+def redis_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """host:port of a Redis: `FMNIST_TEST_REDIS`, or a `redis-server` started for this session."""
+    yield from _external_or_started(
+        "FMNIST_TEST_REDIS", start_redis, tmp_path_factory.mktemp("redis")
+    )
 
 
 @pytest.fixture(scope="session")

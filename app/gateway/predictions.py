@@ -29,6 +29,7 @@ from app.gateway.intake import (
     read_body,
 )
 from app.gateway.models import BatchResponse, PredictionResponse, pending_body, result_body
+from app.gateway.results import StoredResult, Submission
 from app.gateway.service import Gateway
 from app.gateway.submission import Accepted
 
@@ -217,10 +218,11 @@ async def create_prediction(request: Request) -> Response:
         raise
     request_id = outcome.request_id
     location = {"Location": f"/v1/predictions/{request_id}"}
-    stored = await gateway.store.wait_for(request_id, wait_s)
-    if stored is not None:
-        return _json(result_body(stored), 200, location)
-    return _json(pending_body(request_id, gateway.store.get_pending(request_id)), 202, location)
+    await gateway.wait_for_all(owner, [request_id], wait_s)
+    found = await gateway.lookup(request_id)
+    if isinstance(found, StoredResult):
+        return _json(result_body(found), 200, location)
+    return _json(pending_body(request_id, found), 202, location)
 
 
 @router.post(
@@ -287,20 +289,19 @@ async def create_predictions_batch(request: Request) -> Response:
             gateway.metrics.record_rejection(item.code)
     accepted_ids = [item.request_id for item in items if isinstance(item, Accepted)]
     if wait_s > 0 and accepted_ids:
-        await gateway.store.wait_for_all(accepted_ids, wait_s)
-    store = gateway.store
+        await gateway.wait_for_all(owner, accepted_ids, wait_s)
     body_items: list[dict[str, Any]] = []
     all_done = True
     for index, item in enumerate(items):
         if isinstance(item, ApiError):
             body_items.append({"index": index, "error": item.to_body()["error"]})
             continue
-        stored = store.get_result(item.request_id)
-        if stored is None:
-            all_done = False
-            body_items.append(pending_body(item.request_id, store.get_pending(item.request_id)))
+        found = await gateway.lookup(item.request_id)
+        if isinstance(found, StoredResult):
+            body_items.append(result_body(found))
         else:
-            body_items.append(result_body(stored))
+            all_done = False
+            body_items.append(pending_body(item.request_id, found))
     return _json({"items": body_items}, 200 if all_done else 202)
 
 
@@ -318,13 +319,11 @@ async def get_prediction(
     ],
 ) -> Response:
     """`pending`, `completed` or `failed`; 404 for an unknown or expired id, or another key's request."""
-    store = gateway.store
-    stored = store.get_result(request_id)
-    if stored is not None and stored.result.owner == owner:
-        return _json(result_body(stored), 200)
-    submission = store.get_pending(request_id)
-    if submission is not None and submission.owner == owner:
-        return _json(pending_body(request_id, submission), 200)
+    found = await gateway.lookup(request_id)
+    if isinstance(found, StoredResult) and found.result.owner == owner:
+        return _json(result_body(found), 200)
+    if isinstance(found, Submission) and found.owner == owner:
+        return _json(pending_body(request_id, found), 200)
     raise ApiError(
         404,
         "not_found",

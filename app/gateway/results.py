@@ -2,6 +2,8 @@
 
 Every gateway instance sees every result (its own consumer group on the results topic), so any instance
 answers GET for any id once the result arrived; `pending` is known only to the instance that accepted it.
+With shared state (`app/gateway/shared_state.py`) the gateways share one group and Redis holds results,
+pending ids and idempotency keys; this store is then each gateway's local view of them.
 Workers may publish a request's result twice after a redelivery: the first one wins, later ones are dropped.
 
 The log is the store: a (re)started gateway re-reads the results topic from `now - ttl_s`, so results
@@ -127,6 +129,9 @@ class ResultStore:
     def pending_count(self) -> int:
         return len(self._pending)
 
+    def pending_ids(self) -> list[str]:
+        return list(self._pending)
+
     def add_pending(self, submission: Submission) -> None:
         self._pending[submission.request_id] = submission
 
@@ -152,7 +157,12 @@ class ResultStore:
         return restored
 
     def add_result(
-        self, result: ResultMessage, *, completed_at: float | None = None, read_back: bool = False
+        self,
+        result: ResultMessage,
+        *,
+        completed_at: float | None = None,
+        read_back: bool = False,
+        cursor: int | None = None,
     ) -> StoredResult | None:
         """Store a result, wake its waiters and listeners; None (and nothing else) for a duplicate
         or for a result already older than the TTL.
@@ -161,6 +171,7 @@ class ResultStore:
         back from the log 9 minutes after it was made expires a minute later with a 10-minute TTL.
         `read_back` marks a result re-read after a (re)start: its cursor comes from `completed_at`
         (see READ_BACK_CURSOR_LAG_S), so streams resuming with an earlier gateway's cursor go on.
+        `cursor` is one given by the gateways' shared state (Redis), the same on every gateway.
         """
         request_id = result.request_id
         if request_id in self._results:
@@ -174,7 +185,9 @@ class ResultStore:
             stored_at -= max(0.0, self._wall_clock() - completed_at)
             if now - stored_at > self.ttl_s:
                 return None  # expired before it was read back
-        if read_back and completed_at is not None:
+        if cursor is not None:
+            read_back = False
+        elif read_back and completed_at is not None:
             cursor = int((completed_at + READ_BACK_CURSOR_LAG_S) * 1_000_000)
             self._read_back_held += 1
         else:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from app.broker import connect_broker
 from app.gateway.auth import ApiKeys
 from app.gateway.errors import ApiError
@@ -27,8 +29,10 @@ from app.gateway.results import (
     MARKER_KIND_ATTR,
     AcceptedMarker,
     ResultStore,
+    StoredResult,
     Submission,
 )
+from app.gateway.shared_state import SharedState
 from app.gateway.submission import (
     Accepted,
     FreshImage,
@@ -38,6 +42,7 @@ from app.gateway.submission import (
     outcome_of,
     publish_within_timeout,
     release_claims,
+    repeat_of,
     request_attributes,
 )
 from app.logs import kv
@@ -63,6 +68,7 @@ _RESULTS_CHUNK = 512  # results taken from the subscription in one go
 _RESULTS_MAX_UNACKED = 4096  # results delivered to the gateway and not yet stored and acked
 # The results read-back counts as caught up once a receive waits this long for nothing.
 _REPLAY_QUIET_S = 0.5
+_SHARED_RETRY_S = 0.5  # between tries to write a chunk of results while Redis is down
 
 
 def input_shape_of(settings: Settings) -> tuple[int, int, int]:
@@ -86,11 +92,29 @@ class Gateway:
         self.settings = settings
         self.gateway_id = settings.gateway_id or secrets.token_hex(4)
         self.results_group = f"gateway-{self.gateway_id}"
+        self.shared: SharedState | None = None
+        if settings.shared_state_url:
+            # One group for all gateways: each result is decoded once, by one of them.
+            self.results_group = settings.shared_results_group
+            self.shared = SharedState(
+                settings.shared_state_url,
+                prefix=settings.shared_state_prefix,
+                gateway_id=self.gateway_id,
+                ttl_s=settings.result_ttl_s,
+                timeout_s=settings.shared_state_timeout_s,
+                sink=self._take_shared,
+            )
+            self.shared.on_reconnect = self._resync_pending
         self.broker_url = parse_broker_url(settings.broker_url).redacted
         self.store = ResultStore(
             max_results=settings.result_store_size, ttl_s=settings.result_ttl_s
         )
         self.metrics = GatewayMetrics(in_flight=lambda: self.store.pending_count)
+        self.results_decoded = Counter(
+            "fmnist_results_decoded",
+            "Results this gateway decoded from the results topic (with shared state: its share).",
+            registry=self.metrics.registry,
+        )
         self.api_keys = ApiKeys(settings.api_keys)
         channels, height, width = input_shape_of(settings)
         self.policy = ImagePolicy(
@@ -123,6 +147,7 @@ class Gateway:
         pubsub, results = self._pubsub, self._results
         return (
             pubsub is not None
+            and (self.shared is None or self.shared.healthy)
             and self._consuming
             and self._broker_reachable
             and pubsub.link_up
@@ -134,6 +159,8 @@ class Gateway:
     def broker_status(self) -> str:
         if self.ready:
             return "ok"
+        if self.shared is not None and not self.shared.healthy:
+            return self.shared.last_error
         pubsub, results = self._pubsub, self._results
         if pubsub is not None and self._broker_reachable and self._consuming:
             if not pubsub.link_up:
@@ -156,6 +183,8 @@ class Gateway:
             asyncio.create_task(self._maintain_link(), name="fmnist-broker-link"),
             asyncio.create_task(self._sweep(), name="fmnist-result-sweeper"),
         ]
+        if self.shared is not None:
+            await self.shared.start()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await self._first_attempt.wait()
@@ -176,6 +205,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.shared is not None:
+            await self.shared.stop()
 
     async def _maintain_link(self) -> None:
         backoff = 0.2
@@ -189,12 +220,13 @@ class Gateway:
                     self.settings.deadletter_topic,
                 )
                 # The log is the store: re-read the results of the last TTL, whatever the group
-                # committed, so a restarted gateway serves what it accepted before.
+                # committed, so a restarted gateway serves what it accepted before. With shared
+                # state Redis is the store: the shared group goes on where it committed.
                 replay_from = time.time() - self.settings.result_ttl_s
                 subscription = pubsub.subscribe(
                     self.settings.results_topic,
                     group=self.results_group,
-                    start=replay_from,
+                    start="earliest" if self.shared is not None else replay_from,
                     max_in_flight=_RESULTS_MAX_UNACKED,
                 )
                 await subscription.start()
@@ -245,10 +277,11 @@ class Gateway:
         """
         live_since = time.time()
         replay_deadline = time.monotonic() + self.settings.result_replay_timeout_s
-        progress = _ReadBack()
+        progress = _ReadBack(replaying=self.shared is None)
         # An in-process broker queues its whole history at join: nothing ready means caught up.
         pubsub = self._pubsub
         quiet_s = 0.0 if pubsub is not None and pubsub.publishes_in_process else _REPLAY_QUIET_S
+        self._check_caught_up(progress, live_since)  # with shared state there is no read-back
         while True:
             try:
                 async with asyncio.timeout(quiet_s if progress.replaying else None):
@@ -259,24 +292,32 @@ class Gateway:
             else:
                 if not messages:
                     break  # the subscription ended
-            for message in messages:
-                await self._take_result(message, live_since, progress)
+            if self.shared is not None:
+                await self._share_results(messages)
+            else:
+                for message in messages:
+                    await self._take_result(message, live_since, progress)
             if progress.replaying and time.monotonic() > replay_deadline:
                 progress.replaying = False
-            if not progress.replaying and not self._consuming:
-                self._consuming = True
-                self._first_attempt.set()
-                log.info(
-                    kv(
-                        "results_caught_up",
-                        group=self.results_group,
-                        replayed=progress.replayed,
-                        pending_restored=progress.restored,
-                        took_s=round(time.time() - live_since, 3),
-                    )
-                )
+            self._check_caught_up(progress, live_since)
         if not self._stopping:
             raise MessagingError("the results subscription ended")
+
+    def _check_caught_up(self, progress: _ReadBack, live_since: float) -> None:
+        """Turn ready (`_consuming`) once the read-back is over; log it once."""
+        if progress.replaying or self._consuming:
+            return
+        self._consuming = True
+        self._first_attempt.set()
+        log.info(
+            kv(
+                "results_caught_up",
+                group=self.results_group,
+                replayed=progress.replayed,
+                pending_restored=progress.restored,
+                took_s=round(time.time() - live_since, 3),
+            )
+        )
 
     async def _take_result(self, message: Message, live_since: float, progress: _ReadBack) -> None:
         """Store one message of the results topic (a result, or an accepted marker), then ack it."""
@@ -284,13 +325,8 @@ class Gateway:
             progress.restored += self._restore_pending(message.data, live_since)
             await message.ack()
             return
-        try:
-            result = ResultMessage.from_bytes(message.data)
-        except ValueError as exc:
-            # A malformed result can never become valid: drop it, loudly.
-            log.warning(kv("malformed_result", key=message.key, error=exc))
-            self.metrics.errors.labels("malformed_result").inc()
-            await message.ack()
+        result = await self._decode(message)
+        if result is None:
             return
         read_back = result.completed_at < live_since
         if read_back:
@@ -305,6 +341,134 @@ class Gateway:
         elif not progress.replaying:  # during the read-back, known results are expected again
             self.metrics.duplicate_results.inc()
         await message.ack()
+
+    async def _decode(self, message: Message) -> ResultMessage | None:
+        """The result in a results-topic message, counted; None (and the message acked) if malformed."""
+        self.results_decoded.inc()
+        try:
+            return ResultMessage.from_bytes(message.data)
+        except ValueError as exc:
+            # A malformed result can never become valid: drop it, loudly.
+            log.warning(kv("malformed_result", key=message.key, error=exc))
+            self.metrics.errors.labels("malformed_result").inc()
+            await message.ack()
+            return None
+
+    async def _share_results(self, messages: Sequence[Message]) -> None:
+        """Write this gateway's share of the results to Redis (first per id wins), then ack them.
+
+        While Redis is down the chunk is retried and stays unacked: nothing taken is lost.
+        """
+        shared = self.shared
+        assert shared is not None
+        horizon = time.time() - self.settings.result_ttl_s
+        batch: list[tuple[ResultMessage, bytes]] = []
+        for message in messages:
+            if message.attributes.get(MARKER_KIND_ATTR) == ACCEPTED_KIND:
+                continue  # markers serve the single-gateway read-back only
+            result = await self._decode(message)
+            if result is not None and result.completed_at >= horizon:
+                batch.append((result, message.data))
+        while True:
+            try:
+                cursors = await shared.store_results(batch)
+            except Exception as exc:
+                log.debug(kv("shared_results_store_failed", error=exc))
+                await asyncio.sleep(_SHARED_RETRY_S)
+                continue
+            break
+        for (result, _), cursor in zip(batch, cursors, strict=True):
+            if cursor:
+                self.metrics.record_result(result)
+            else:
+                self.metrics.duplicate_results.inc()
+        for message in messages:
+            await message.ack()
+
+    def _take_shared(self, result: ResultMessage, cursor: int) -> StoredResult | None:
+        """A result from Redis (a channel or a lookup) into the local store, under its shared cursor."""
+        return self.store.add_result(result, completed_at=result.completed_at, cursor=cursor)
+
+    async def _resync_pending(self) -> None:
+        """After (re)subscribing: fetch results of local pending ids published while unsubscribed."""
+        shared = self.shared
+        if shared is None:
+            return
+        for cursor, result in await shared.get_results(self.store.pending_ids()):
+            self._take_shared(result, cursor)
+
+    # --- reading results (one gateway, or any of them with shared state) ------------------
+    async def lookup(self, request_id: str) -> StoredResult | Submission | None:
+        """The result of `request_id`, else its pending submission, else None: locally, then in Redis."""
+        found = self.store.get_result(request_id) or self.store.get_pending(request_id)
+        shared = self.shared
+        if found is not None or shared is None:
+            return found
+        try:
+            for cursor, result in await shared.get_results([request_id]):
+                return self._take_shared(result, cursor) or self.store.get_result(request_id)
+            return await shared.get_pending(request_id)
+        except Exception as exc:
+            raise self._shared_unavailable(exc) from None
+
+    async def wait_for_all(self, owner: str, request_ids: list[str], wait_s: float) -> None:
+        """Return once every id has a result (here or, with shared state, on any gateway), or after `wait_s`."""
+        shared = self.shared
+        if shared is None or wait_s <= 0:
+            await self.store.wait_for_all(request_ids, wait_s)
+            return
+        # Ids this gateway accepted come on its own channel; others on their owner's.
+        foreign = [rid for rid in request_ids if self.store.get_pending(rid) is None]
+        if not foreign:
+            await self.store.wait_for_all(request_ids, wait_s)
+            return
+        await self.watch(owner)
+        try:
+            missing = [rid for rid in foreign if self.store.get_result(rid) is None]
+            for cursor, result in await shared.get_results(missing):
+                self._take_shared(result, cursor)
+            await self.store.wait_for_all(request_ids, wait_s)
+        finally:
+            await shared.unwatch(owner)
+
+    async def watch(self, owner: str) -> None:
+        """With shared state: receive `owner`'s results from any gateway until `shared.unwatch`."""
+        if self.shared is not None:
+            try:
+                await self.shared.watch(owner)
+            except Exception as exc:
+                await self.shared.unwatch(owner)
+                raise self._shared_unavailable(exc) from None
+
+    async def stored_results(
+        self, owner: str, request_ids: set[str] | None, after: int | None
+    ) -> list[StoredResult]:
+        """With shared state: `owner`'s results after the cursor, and those of `request_ids`, from Redis."""
+        shared = self.shared
+        if shared is None:
+            return []
+        found: list[tuple[int, ResultMessage]] = []
+        try:
+            if after is not None:
+                found += await shared.results_after(owner, after)
+            found += await shared.get_results(sorted(request_ids or ()))
+        except Exception as exc:
+            raise self._shared_unavailable(exc) from None
+        stored = []
+        for cursor, result in found:
+            # The local copy when there is one, else a view under the shared cursor (not stored:
+            # an old result would reach every stream of this gateway as new).
+            local = self.store.get_result(result.request_id)
+            stored.append(local or StoredResult(cursor, result, time.monotonic()))
+        return stored
+
+    def _shared_unavailable(self, exc: BaseException) -> ApiError:
+        return ApiError(
+            503,
+            "shared_state_unavailable",
+            f"the gateways' shared state is unreachable ({exc}); retry later",
+            headers={"Retry-After": str(RETRY_AFTER_BROKER_S)},
+        )
 
     async def _mark_accepted(
         self,
@@ -375,6 +539,12 @@ class Gateway:
             expired = self.store.expire()
             for stored in expired:
                 self.metrics.record_result(stored.result)
+            if expired and self.shared is not None:
+                # Other gateways answer these ids too; a real result already there still wins.
+                with contextlib.suppress(Exception):
+                    await self.shared.store_results(
+                        [(stored.result, stored.result.to_bytes()) for stored in expired]
+                    )
             if expired:
                 # One line per sweep, not per request: an outage can expire thousands at once.
                 log.warning(
@@ -429,17 +599,73 @@ class Gateway:
         """
         pubsub = self.require_ready()
         ids = request_ids or new_request_ids(len(payloads))
-        outcomes, fresh = claim_idempotency_keys(self.store, owner, payloads, ids, idempotency)
+        if self.shared is None:
+            outcomes, fresh = claim_idempotency_keys(self.store, owner, payloads, ids, idempotency)
+        else:
+            outcomes, fresh = await self._claim_shared(owner, payloads, ids, idempotency)
         if not fresh:
             return outcomes
         try:
             self.check_capacity(len(fresh))
+            if self.shared is not None:
+                await self._add_shared_pending(owner, metadata or {}, fresh)
         except ApiError:
-            release_claims(self.store, owner, fresh)
+            await self._release_claims(owner, fresh)
             raise
         results = await self._publish(pubsub, owner, metadata or {}, fresh)
-        self._settle(owner, fresh, results, outcomes)
+        await self._settle(owner, fresh, results, outcomes)
         return outcomes
+
+    async def _claim_shared(
+        self,
+        owner: str,
+        payloads: Sequence[bytes],
+        request_ids: Sequence[str],
+        claims: Sequence[IdempotencyClaim | None] | None,
+    ) -> tuple[list[Accepted | ApiError], list[FreshImage]]:
+        """`claim_idempotency_keys` against Redis: a key is honoured across gateways."""
+        shared = self.shared
+        assert shared is not None
+        outcomes: list[Accepted | ApiError] = []
+        fresh: list[FreshImage] = []
+        for index, payload in enumerate(payloads):
+            request_id = request_ids[index]
+            claim = claims[index] if claims else None
+            if claim is not None:
+                try:
+                    earlier = await shared.claim_idempotency_key(
+                        owner, claim[0], claim[1], request_id
+                    )
+                except Exception as exc:
+                    await self._release_claims(owner, fresh)
+                    raise self._shared_unavailable(exc) from None
+                if earlier is not None:
+                    outcomes.append(repeat_of(earlier, claim))
+                    continue
+            outcomes.append(Accepted(request_id))
+            fresh.append(FreshImage(index, request_id, payload, claim))
+        return outcomes, fresh
+
+    async def _add_shared_pending(
+        self, owner: str, metadata: dict[str, str], fresh: list[FreshImage]
+    ) -> None:
+        """Record the ids in Redis before publishing, so any gateway answers `pending` for them."""
+        shared = self.shared
+        assert shared is not None
+        deadline = time.time() + self.settings.request_deadline_s
+        try:
+            await shared.add_pending(
+                [Submission(image.request_id, owner, deadline, metadata) for image in fresh]
+            )
+        except Exception as exc:
+            raise self._shared_unavailable(exc) from None
+
+    async def _release_claims(self, owner: str, images: Sequence[FreshImage]) -> None:
+        if self.shared is None:
+            release_claims(self.store, owner, images)
+            return
+        claimed = [(image.claim[0], image.request_id) for image in images if image.claim]
+        await self.shared.release_idempotency_keys(owner, claimed)
 
     async def _publish(
         self, pubsub: PubSub, owner: str, metadata: dict[str, str], fresh: list[FreshImage]
@@ -468,13 +694,15 @@ class Gateway:
         ]
         if pubsub.publishes_in_process:
             return [await outcome_of(send) for send in sends]
+        if self.shared is not None:  # pending ids live in Redis: no marker
+            return await publish_within_timeout(sends, self.settings.publish_timeout_s)
         marker = self._mark_accepted(pubsub, owner, submitted_at, deadline, metadata, fresh)
         *results, _ = await publish_within_timeout(
             [*sends, marker], self.settings.publish_timeout_s
         )
         return results
 
-    def _settle(
+    async def _settle(
         self,
         owner: str,
         fresh: list[FreshImage],
@@ -490,7 +718,9 @@ class Gateway:
         for image, outcome in failed:
             self.store.discard_pending(image.request_id)
             outcomes[image.position] = self._publish_error(outcome, image.request_id)
-        release_claims(self.store, owner, [image for image, _ in failed])
+        await self._release_claims(owner, [image for image, _ in failed])
+        if failed and self.shared is not None:
+            await self.shared.discard_pending([image.request_id for image, _ in failed])
         if failed:
             log.warning(
                 kv(

@@ -193,9 +193,13 @@ class StreamSession:
     async def run(self, after: int | None) -> None:
         store = self.gateway.store
         metrics = self.gateway.metrics
-        # Replay first, then listen; no await in between, so nothing falls in a gap.
-        self._queue_stored(self.ids, after)
-        store.add_listener(self._offer)
+        shared = self.gateway.shared
+        if shared is None:
+            # Replay first, then listen; no await in between, so nothing falls in a gap.
+            self._queue_stored(self.ids, after)
+            store.add_listener(self._offer)
+        elif not await self._replay_shared(after):
+            return
         metrics.websockets.inc()
         sender = asyncio.create_task(self._send_loop(), name="fmnist-stream-sender")
         try:
@@ -204,6 +208,8 @@ class StreamSession:
                 await asyncio.wait({sender})  # it sends what was queued, then the close
         finally:
             store.remove_listener(self._offer)
+            if shared is not None:
+                await shared.unwatch(self.owner)
             metrics.websockets.dec()
             sender.cancel()
             try:
@@ -212,6 +218,35 @@ class StreamSession:
                 pass
             except Exception as exc:  # the client went away mid-send: nothing left to tell it
                 log.debug(kv("stream_send_failed", owner=self.owner, error=exc))
+
+    async def _replay_shared(self, after: int | None) -> bool:
+        """With shared state: hold live results, subscribe to the owner's, replay from Redis, then the
+        held ones. False (the socket closed with 1013) when Redis cannot be reached."""
+        live: list[StoredResult] = []
+        store = self.gateway.store
+        shared = self.gateway.shared
+        assert shared is not None
+        store.add_listener(live.append)
+        try:
+            await self.gateway.watch(self.owner)
+            try:
+                replayed = await self.gateway.stored_results(self.owner, self.ids, after)
+            except ApiError:
+                await shared.unwatch(self.owner)
+                raise
+        except ApiError as exc:
+            store.remove_listener(live.append)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_WAIT_S):
+                    await self.websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason=exc.message[:120])
+            return False
+        for stored in replayed:
+            self._offer(stored)
+        store.remove_listener(live.append)
+        store.add_listener(self._offer)
+        for stored in live:
+            self._offer(stored)
+        return True
 
     async def _send_loop(self) -> None:
         websocket = self.websocket
@@ -314,7 +349,7 @@ class StreamSession:
             if kind == "submit":
                 await self._submit(message, client_ref)
             elif kind == "subscribe":
-                self._subscribe(message)
+                await self._subscribe(message)
             else:
                 raise ApiError(
                     422,
@@ -325,7 +360,7 @@ class StreamSession:
         except ApiError as exc:
             self._send_error(exc, client_ref)
 
-    def _subscribe(self, message: dict[str, Any]) -> None:
+    async def _subscribe(self, message: dict[str, Any]) -> None:
         ids = message.get("ids")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ApiError(
@@ -337,7 +372,11 @@ class StreamSession:
             # Checked before adding: a refused subscribe leaves the socket's ids as they were.
             _check_ids(self.ids | new_ids, self.max_ids)
             self.ids |= new_ids
-        self._queue_stored(new_ids)
+        if self.gateway.shared is None:
+            self._queue_stored(new_ids)
+        else:
+            for stored in await self.gateway.stored_results(self.owner, new_ids, None):
+                self._offer(stored)
 
     async def _submit(self, message: dict[str, Any], client_ref: str | None) -> None:
         gateway = self.gateway

@@ -68,14 +68,14 @@ def claim_idempotency_keys(
         if claim is not None:
             earlier = store.claim_idempotency_key(owner, claim[0], claim[1], request_id)
             if earlier is not None:
-                outcomes.append(_repeat_of(earlier, claim))
+                outcomes.append(repeat_of(earlier, claim))
                 continue
         outcomes.append(Accepted(request_id))
         fresh.append(FreshImage(index, request_id, payload, claim))
     return outcomes, fresh
 
 
-def _repeat_of(earlier: tuple[str, str], claim: IdempotencyClaim) -> Accepted | ApiError:
+def repeat_of(earlier: tuple[str, str], claim: IdempotencyClaim) -> Accepted | ApiError:
     earlier_id, earlier_body_fingerprint = earlier
     if earlier_body_fingerprint == claim[1]:
         return Accepted(earlier_id, repeated=True)

@@ -237,3 +237,18 @@ def test_the_dashboard_queries_only_metrics_the_gateway_exports() -> None:
 
 def _identifiers(expr: str) -> set[str]:
     return set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", expr))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateways_take_the_shared_state_url_from_an_optional_secret(overlay: str) -> None:
+    """Every overlay's gateway reads FMNIST_SHARED_STATE_URL from a Secret that may be absent (one gateway)."""
+    (gateway,) = [
+        doc
+        for doc in render(overlay)
+        if doc["kind"] == "Deployment" and "gateway" in doc["metadata"]["name"]
+    ]
+    env = {
+        item["name"]: item for item in gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    reference = env["FMNIST_SHARED_STATE_URL"]["valueFrom"]["secretKeyRef"]
+    assert reference["optional"] is True
