@@ -1,0 +1,99 @@
+"""The CPU runtime of every form: the whole pass exported (`torch.export`) and compiled ahead of time by
+AOTInductor into a shared library, cached on disk, run as one call that does not take the GIL back.
+
+Why: an eager pass takes the GIL back between every op, so in a worker whose event loop keeps the GIL
+busy each batch waits on the loop many times over. The frozen TorchScript graph that avoided this is
+deprecated; of its successors, AOTInductor ran fastest beside a busy Python thread, and `torch.compile`
+still takes the GIL between kernels (figures and commands: `bench/gil_contention.py` in
+docs/benchmarks.md). Compiling needs a C++ compiler (g++) in the worker image; it costs seconds once per
+(model, precision, torch build, CPU), and the package is cached so that later starts load it at once.
+Where export or compilation fails, the pass stays eager and a warning says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ml.serving.served import content_version
+
+__all__ = ["RUNTIMES", "aot_compiled", "default_cache_dir"]
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "aoti", "eager")
+# The largest batch the compiled program accepts; the runner's batches are far smaller.
+MAX_BATCH = 4096
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/fmnist-service/aoti` (`~/.cache/fmnist-service/aoti` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fmnist-service" / "aoti"
+
+
+def aot_compiled(
+    whole_pass: torch.nn.Module,
+    example: torch.Tensor,
+    *,
+    key: str,
+    cache_dir: Path | None = None,
+    runners: int = 1,
+) -> tuple[Forward, str]:
+    """`whole_pass` (uint8 N×C×H×W → N×K, on the CPU) as an AOTInductor program, and the runtime's
+    name: "aoti", or "eager" where it could not be built. `key` names what the program computes
+    (model version and precision); `runners` is how many calls may run at once."""
+    directory = cache_dir or default_cache_dir()
+    package = directory / (
+        content_version(
+            key,
+            torch.__version__,
+            torch.backends.cpu.get_cpu_capability(),
+            str(tuple(example.shape[1:])),
+            str(example.dtype),
+        )
+        + ".pt2"
+    )
+    started = time.perf_counter()
+    try:
+        cached = package.is_file()
+        if not cached:
+            _compile(whole_pass, example, package)
+        from torch._inductor.package import load_package
+
+        program = load_package(str(package), num_runners=max(1, runners))
+        with torch.inference_mode():
+            program(example)
+    except Exception as exc:  # no compiler, an op AOTInductor cannot lower, a damaged cache file
+        logger.warning("event=aoti_unavailable error=%r action=eager", exc)
+        return whole_pass, "eager"
+    logger.info(
+        "event=aoti_ready package=%s cached=%s seconds=%.1f",
+        package,
+        cached,
+        time.perf_counter() - started,
+    )
+    return program, "aoti"
+
+
+def _compile(whole_pass: torch.nn.Module, example: torch.Tensor, package: Path) -> None:
+    """Export with a dynamic batch dimension, compile, and move the package into place atomically."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with torch.no_grad():
+        program = torch.export.export(whole_pass, (example,), dynamic_shapes=({0: batch},))
+    package.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".pt2", dir=package.parent)
+    os.close(handle)
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=temporary)
+        os.replace(temporary, package)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
