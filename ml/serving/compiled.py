@@ -28,9 +28,6 @@ __all__ = ["RUNTIMES", "aot_compiled", "default_cache_dir"]
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "aoti", "eager")
-# The largest batch the compiled program accepts; the runner's batches are far smaller.
-MAX_BATCH = 4096
-
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -86,9 +83,11 @@ def aot_compiled(
 
 def _compile(whole_pass: torch.nn.Module, example: torch.Tensor, package: Path) -> None:
     """Export with a dynamic batch dimension, compile, and move the package into place atomically."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    # AUTO: the batch dimension keeps whatever bounds an exported program inside already has.
     with torch.no_grad():
-        program = torch.export.export(whole_pass, (example,), dynamic_shapes=({0: batch},))
+        program = torch.export.export(
+            whole_pass, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+        )
     package.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=".pt2", dir=package.parent)
     os.close(handle)

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 _CLASS_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts")
+_TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.load` is deprecated"
 
 
 def model_form(source: str | Path) -> str:
@@ -228,10 +230,17 @@ def _load_exported(path: Path, options: _Options) -> ServedModel:
                 exported = move_to_device_pass(exported, device)
             program: torch.nn.Module = exported.module()
         else:
-            program = torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():
+                # TorchScript is the legacy form this loader still accepts: hide exactly torch's
+                # notice that it is deprecated, no other warning.
+                warnings.filterwarnings(
+                    "ignore", message=_TORCHSCRIPT_DEPRECATED, category=FutureWarning
+                )
+                program = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch raises RuntimeError, ValueError or zip errors for a bad file
         raise ModelLoadError(f"{path}: cannot load the program ({exc})") from exc
-    whole_pass = _SpecPass(program, spec, device).eval()
+    # No .eval(): an exported program refuses train()/eval() calls, and is in eval form already.
+    whole_pass = _SpecPass(program, spec, device)
     whole_pass.bf16 = options.precision == "bf16"
     version = content_version(path.read_bytes(), json.dumps(spec.to_json(), sort_keys=True))
     if path.suffix.lower() == ".pt2":
@@ -362,19 +371,21 @@ def _class_forward(instance: Any, options: _Options) -> Forward:
 
 # --- checked once at load ------------------------------------------------------------------------
 def _check_answers(served: ServedModel) -> None:
-    """Run a batch of two black images: the model must answer one row per image, one column per class."""
-    example = torch.zeros((2, *served.input_shape), dtype=torch.uint8)
-    try:
-        probabilities = served.predict(example)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{served.description.source}: the model fails on a batch of two {served.input_shape} uint8 "
-            f"images ({exc}); check input_shape, and export with a dynamic batch dimension "
-            "(torch.export.Dim) so that the runner can batch"
-        ) from exc
-    expected = (2, len(served.class_names))
-    if tuple(probabilities.shape) != expected:
-        raise ModelSpecError(
-            f"{served.description.source}: the model answers shape {tuple(probabilities.shape)} for "
-            f"two images; expected {expected}: one column per class name"
-        )
+    """Run batches of one and of three black images: the model must answer each, one row per image
+    and one column per class (two sizes, so that a program exported for one batch size is caught)."""
+    for count in (1, 3):
+        example = torch.zeros((count, *served.input_shape), dtype=torch.uint8)
+        try:
+            probabilities = served.predict(example)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{served.description.source}: the model fails on a batch of {count} "
+                f"{served.input_shape} uint8 images ({exc}); check input_shape, and export with a "
+                "dynamic batch dimension (torch.export.Dim) so that the runner can batch"
+            ) from exc
+        expected = (count, len(served.class_names))
+        if tuple(probabilities.shape) != expected:
+            raise ModelSpecError(
+                f"{served.description.source}: the model answers shape {tuple(probabilities.shape)} "
+                f"for {count} image(s); expected {expected}: one column per class name"
+            )
