@@ -7,13 +7,17 @@ deprecated; of its successors, AOTInductor ran fastest beside a busy Python thre
 still takes the GIL between kernels (figures and commands: `bench/gil_contention.py` in
 docs/benchmarks.md). Compiling needs a C++ compiler (g++) in the worker image; it costs seconds once per
 (model, precision, torch build, CPU), and the package is cached so that later starts load it at once.
-Where export or compilation fails, the pass stays eager and a warning says why.
+Where export or compilation fails, the pass stays eager and a warning says why. A new package is first
+loaded and run in a child process (loading one has crashed the whole process on some torch builds and
+machines, a fault no `except` catches); only a package that passed is loaded here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,11 +63,14 @@ def aot_compiled(
         )
         + ".pt2"
     )
+    verified = package.with_suffix(".verified")
     started = time.perf_counter()
     try:
-        cached = package.is_file()
+        cached = verified.is_file() and package.is_file()
         if not cached:
             _compile(whole_pass, example, package)
+            _verify_in_child(package, example)
+            verified.touch()
         from torch._inductor.package import load_package
 
         program = load_package(str(package), num_runners=max(1, runners))
@@ -79,6 +86,36 @@ def aot_compiled(
         time.perf_counter() - started,
     )
     return program, "aoti"
+
+
+# Loads a package and runs it once on zeros of the example's shape: exits 0 when it works.
+_VERIFY = """
+import sys, torch
+from torch._inductor.package import load_package
+shape = tuple(int(d) for d in sys.argv[2].split(","))
+with torch.inference_mode():
+    load_package(sys.argv[1])(torch.zeros(shape, dtype=getattr(torch, sys.argv[3])))
+"""
+
+
+def _verify_in_child(package: Path, example: torch.Tensor) -> None:
+    """Load and run `package` in a child process first; a crash there is a RuntimeError here."""
+    shape = ",".join(str(d) for d in example.shape)
+    dtype = str(example.dtype).removeprefix("torch.")
+    result = subprocess.run(
+        [sys.executable, "-c", _VERIFY, str(package), shape, dtype],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode != 0:
+        package.unlink(missing_ok=True)
+        tail = result.stderr.strip().splitlines()[-1:] or [""]
+        raise RuntimeError(
+            f"the compiled program failed its trial run in a child process "
+            f"(exit status {result.returncode}): {tail[0]}"
+        )
 
 
 def _compile(whole_pass: torch.nn.Module, example: torch.Tensor, package: Path) -> None:

@@ -160,7 +160,7 @@ def test_on_the_cpu_a_checkpoint_runs_as_a_cached_aoti_program(
     images = torch.randint(0, 256, (7, 3, 12, 16), dtype=torch.uint8)
     compiled = load_model(checkpoint, device="cpu", precision="fp32", cache_dir=tmp_path)
     assert compiled.description.runtime == "aoti"
-    assert [p.suffix for p in tmp_path.iterdir()] == [".pt2"]
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".pt2", ".verified"]
     eager = load_model(checkpoint, device="cpu", precision="fp32", runtime="eager")
     torch.testing.assert_close(compiled.predict(images), eager.predict(images))
     again = load_model(checkpoint, device="cpu", precision="fp32", cache_dir=tmp_path)
@@ -197,3 +197,16 @@ async def test_deadlines_apply_to_a_checkpoint(checkpoint: Path) -> None:
     """An image that expires while a served checkpoint is busy is never computed."""
     served = load_model(checkpoint, device="cpu", runtime="eager")
     await check_deadline_drops_before_compute(Gated(served))
+
+
+def test_a_compiled_program_that_crashes_its_trial_process_is_not_loaded(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A package whose trial run dies (as a segfault would) leaves the pass eager, never loaded here."""
+    from ml.serving import compiled
+
+    monkeypatch.setattr(compiled, "_VERIFY", "import os; os.abort()")
+    served = load_model(checkpoint, device="cpu", cache_dir=tmp_path)
+    assert served.description.runtime == "eager"
+    assert "trial run" in caplog.text and "exit status -6" in caplog.text
+    assert list(tmp_path.glob("*.pt2")) == [] and list(tmp_path.glob("*.verified")) == []
