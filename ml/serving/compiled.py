@@ -64,12 +64,24 @@ def aot_compiled(
         + ".pt2"
     )
     verified = package.with_suffix(".verified")
+    failed = package.with_suffix(".failed")
+    if failed.is_file():  # a failure is remembered, so that each start does not compile again
+        logger.warning(
+            "event=aoti_unavailable error=%r action=eager remembered=%s",
+            failed.read_text(errors="replace").strip(),
+            failed,
+        )
+        return whole_pass, "eager"
     started = time.perf_counter()
     try:
         cached = verified.is_file() and package.is_file()
         if not cached:
             _compile(whole_pass, example, package)
-            _verify_in_child(package, example)
+            try:
+                _verify_in_child(package, example)
+            except RuntimeError as exc:
+                failed.write_text(f"{exc}\n")
+                raise
             verified.touch()
         from torch._inductor.package import load_package
 

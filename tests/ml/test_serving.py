@@ -210,3 +210,18 @@ def test_a_compiled_program_that_crashes_its_trial_process_is_not_loaded(
     assert served.description.runtime == "eager"
     assert "trial run" in caplog.text and "exit status -6" in caplog.text
     assert list(tmp_path.glob("*.pt2")) == [] and list(tmp_path.glob("*.verified")) == []
+
+
+def test_a_remembered_compile_failure_skips_compiling_on_the_next_load(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a failed trial run, the next start goes straight to eager without compiling again."""
+    from ml.serving import compiled
+
+    monkeypatch.setattr(compiled, "_VERIFY", "import os; os.abort()")
+    load_model(checkpoint, device="cpu", cache_dir=tmp_path)
+    compiles: list[object] = []
+    monkeypatch.setattr(compiled, "_compile", lambda *args: compiles.append(args))
+    again = load_model(checkpoint, device="cpu", cache_dir=tmp_path)
+    assert again.description.runtime == "eager" and compiles == []
+    assert "remembered=" in caplog.text
