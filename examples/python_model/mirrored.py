@@ -11,6 +11,7 @@ change; `preprocess` and `postprocess` are optional and shown for completeness.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -26,7 +27,7 @@ class MirroredFashion:
     tag = "tta"
     input_shape = (1, 28, 28)
     # What the gateway should do with an upload before it reaches `preprocess` (announced as is).
-    preprocessing = {"resize": "fit", "auto_invert": True}
+    preprocessing: ClassVar[dict[str, object]] = {"resize": "fit", "auto_invert": True}
 
     def setup(self, device: torch.device) -> None:
         self.classifier = ImageClassifier.load(CHECKPOINT, device=device)

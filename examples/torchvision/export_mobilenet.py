@@ -75,7 +75,10 @@ def main() -> int:
             loss.backward()
             optimizer.step()
             schedule.step()
-        print(f"epoch {epoch + 1}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"epoch {epoch + 1}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
     recalibrate_batchnorm(model, images[:4096])
     model.eval()
     with torch.inference_mode():

@@ -1,9 +1,11 @@
 """`load_model`: one entry point for the three forms a worker can serve.
 
-    load_model("models/fmnist.safetensors")            an `ImageClassifier` checkpoint
-    load_model("exports/resnet.pt2")                   a `torch.export` program, with a spec beside it
-    load_model("exports/resnet.pt")                    a TorchScript module, with a spec beside it
-    load_model("my_package.models:Shapes")             a Python class (`ml.serving.protocol`)
+```python
+load_model("models/fmnist.safetensors")  # an `ImageClassifier` checkpoint
+load_model("exports/resnet.pt2")  # a `torch.export` program, with a spec beside it
+load_model("exports/resnet.pt")  # a TorchScript module, with a spec beside it
+load_model("my_package.models:Shapes")  # a Python class (`ml.serving.protocol`)
+```
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ _TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.load` is deprecated"
 
 
 def model_form(source: str | Path) -> str:
-    """"checkpoint", "exported" or "python", from the file suffix or the `package.module:Class` form."""
+    """The form of `source`: "checkpoint", "exported" or "python", from the file suffix or the `package.module:Class` form."""
     text = str(source)
     suffix = Path(text).suffix.lower()
     if suffix == ".safetensors":
@@ -86,7 +88,9 @@ def load_model(
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     target = resolve_device(device)
     arithmetic = resolve_precision(precision, target)
-    passes = concurrency or inference_layout(usable_cores(), on_gpu=target.type == "cuda").concurrency
+    passes = (
+        concurrency or inference_layout(usable_cores(), on_gpu=target.type == "cuda").concurrency
+    )
     options = _Options(target, arithmetic, runtime, passes, cache_dir)
     form = model_form(source)
     if form == "checkpoint":
@@ -141,7 +145,7 @@ class _Options:
             )
 
         def eager(images: torch.Tensor) -> torch.Tensor:
-            return whole_pass(images.to(device, non_blocking=True))  # type: ignore[no-any-return]
+            return whole_pass(images.to(device, non_blocking=True))
 
         return eager, "eager"
 
@@ -248,7 +252,7 @@ def _load_exported(path: Path, options: _Options) -> ServedModel:
     else:
         # A TorchScript module already runs its whole graph in one call; export cannot capture it.
         def forward(images: torch.Tensor) -> torch.Tensor:
-            return whole_pass(images.to(device, non_blocking=True))  # type: ignore[no-any-return]
+            return whole_pass(images.to(device, non_blocking=True))
 
         runtime = "torchscript"
     description = ModelDescription(
@@ -288,7 +292,7 @@ def _load_python(source: str, options: _Options) -> ServedModel:
         raise ModelLoadError(
             f"{source}: the class lacks {', '.join(missing)}(); see ml.serving.protocol for what it must provide"
         )
-    instance = target()
+    instance: Any = target()
     instance.setup(options.device)
     shape, class_names = _class_metadata(source, instance)
     preprocessing = _class_preprocessing(source, instance, shape[0])

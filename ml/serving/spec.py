@@ -173,7 +173,9 @@ def read_spec(path: str | os.PathLike[str]) -> ModelSpec:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelSpecError(f"{source}: cannot read the model spec ({exc})") from exc
     if not isinstance(data, dict):
-        raise ModelSpecError(f"{source}: a model spec is a table of keys, got {type(data).__name__}")
+        raise ModelSpecError(
+            f"{source}: a model spec is a table of keys, got {type(data).__name__}"
+        )
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise ModelSpecError(f"{source}: unknown key(s) {unknown}; known: {sorted(_KEYS)}")

@@ -169,7 +169,10 @@ def test_on_the_cpu_a_checkpoint_runs_as_a_cached_aoti_program(
 
 
 def test_a_failed_compilation_falls_back_to_eager_with_a_warning(
-    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Without a working compiler the model is still served, eagerly, and the log says why."""
 
@@ -200,7 +203,10 @@ async def test_deadlines_apply_to_a_checkpoint(checkpoint: Path) -> None:
 
 
 def test_a_compiled_program_that_crashes_its_trial_process_is_not_loaded(
-    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A package whose trial run dies (as a segfault would) leaves the pass eager, never loaded here."""
     from ml.serving import compiled
@@ -213,7 +219,10 @@ def test_a_compiled_program_that_crashes_its_trial_process_is_not_loaded(
 
 
 def test_a_remembered_compile_failure_skips_compiling_on_the_next_load(
-    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """After a failed trial run, the next start goes straight to eager without compiling again."""
     from ml.serving import compiled

@@ -164,7 +164,9 @@ async def test_a_poison_image_fails_alone_on_an_exported_program(tiny: Path) -> 
 
 async def test_deadlines_apply_to_an_exported_program(tiny: Path) -> None:
     """An image that expires while a served .pt2 is busy is never computed."""
-    await check_deadline_drops_before_compute(Gated(load_model(tiny, device="cpu", runtime="eager")))
+    await check_deadline_drops_before_compute(
+        Gated(load_model(tiny, device="cpu", runtime="eager"))
+    )
 
 
 def test_an_exported_program_compiles_with_aoti_to_the_same_answers(
@@ -203,4 +205,6 @@ def test_the_torchscript_export_answers_as_the_pt2(fashion_mnist_dir: Path) -> N
         scripted = load_model(MOBILENET.with_suffix(".pt"), device="cpu", precision="fp32")
     exported = load_model(MOBILENET, device="cpu", precision="fp32", runtime="eager")
     assert scripted.description.runtime == "torchscript"
-    torch.testing.assert_close(scripted.predict(images), exported.predict(images), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        scripted.predict(images), exported.predict(images), atol=1e-5, rtol=0
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -24,8 +26,8 @@ class Brightness:
 
     class_names = ("dark", "mid", "light")
     input_shape = (1, 8, 8)
-    preprocessing = {"mean": [0.5], "std": [0.25], "resize": "stretch"}
-    setups: list[torch.device] = []
+    preprocessing: ClassVar[dict[str, object]] = {"mean": [0.5], "std": [0.25], "resize": "stretch"}
+    setups: ClassVar[list[torch.device]] = []
 
     def setup(self, device: torch.device) -> None:
         self.setups.append(device)
