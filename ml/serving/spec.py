@@ -160,7 +160,7 @@ def find_spec(program: str | os.PathLike[str]) -> Path:
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise ModelSpecError(
         f"{path}: an exported program needs a model spec beside it (name, input_shape, class_names; "
-        f"see docs/model.md); looked for {tried}"
+        f"see examples/README.md); looked for {tried}"
     )
 
 
