@@ -64,9 +64,7 @@ class Counts:
     in_flight: float
 
     def __sub__(self, other: Counts) -> Counts:
-        return Counts(
-            self.accepted - other.accepted, self.decoded - other.decoded, self.in_flight
-        )
+        return Counts(self.accepted - other.accepted, self.decoded - other.decoded, self.in_flight)
 
 
 def parse_counts(text: str) -> Counts:
@@ -98,7 +96,9 @@ def split(total: int, gateways: int, first_percent: float | None) -> list[int]:
 
 def schedule(counts: Sequence[int]) -> list[int]:
     """Gateway index per request, interleaved so every gateway's requests spread over the phase."""
-    slots = [((k + 0.5) / count, gateway) for gateway, count in enumerate(counts) for k in range(count)]
+    slots = [
+        ((k + 0.5) / count, gateway) for gateway, count in enumerate(counts) for k in range(count)
+    ]
     return [gateway for _, gateway in sorted(slots)]
 
 
@@ -171,7 +171,9 @@ class Cluster:
                 gateways.append(gateway.start())
                 self.urls.append(f"http://127.0.0.1:{port}")
             for gateway, url in zip(gateways, self.urls, strict=True):
-                gateway.wait_for_http(f"{url}/readyz", timeout=self.remaining("the gateways were ready"))
+                gateway.wait_for_http(
+                    f"{url}/readyz", timeout=self.remaining("the gateways were ready")
+                )
             yield self
 
     async def counts(self, client: httpx.AsyncClient) -> list[Counts]:
@@ -250,9 +252,7 @@ async def measure(cluster: Cluster, pngs: Sequence[bytes]) -> list[str]:
             )
             lines += rows(n, args.partitions, name, added)
             decoded = sum(c.decoded for c in added)
-            worst = max(
-                (c.decoded / c.accepted if c.accepted else float("inf")) for c in added
-            )
+            worst = max((c.decoded / c.accepted if c.accepted else float("inf")) for c in added)
             verdict = "holds" if worst <= BOUND else "does not hold"
             lines.append(
                 f"<!-- N={n} P={args.partitions} {name}: {decoded:.0f} results decoded for "
@@ -287,7 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="fmnist-bench-gateways-"))
     pngs, _ = load_test_pngs(DATA_DIR, 256)
     print(f"# {machine_context()}; checkpoint {args.checkpoint}; logs in {log_dir}")
-    print("| gateways | results partitions | phase | gateway | accepted | share | decoded | decoded / (share × total) |")
+    print(
+        "| gateways | results partitions | phase | gateway | accepted | share | decoded | decoded / (share × total) |"
+    )
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     failed = False
     for gateways in args.gateways:
@@ -301,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed = True
             continue
         print("\n".join(lines))
-        print(f"<!-- N={gateways}: stack up, measured and stopped in {time.monotonic() - started:.0f} s -->")
+        print(
+            f"<!-- N={gateways}: stack up, measured and stopped in {time.monotonic() - started:.0f} s -->"
+        )
         sys.stdout.flush()
     return 1 if failed else 0
 
