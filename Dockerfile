@@ -1,23 +1,23 @@
 # syntax=docker/dockerfile:1
-# fmnist-service images, one build, three targets (see docs/deployment.md):
+# fmnist-service images, one build, four targets (see docs/deployment.md):
 #
-#   docker build --target gateway -t fmnist-service:gateway .   # HTTP gateway only, without torch
-#   docker build --target worker  -t fmnist-service:worker  .   # batched CPU inference, consumes the broker
-#   docker build                  -t fmnist-service:serve   .   # everything in one container (`fmnist serve`)
+#   docker build --target gateway     -t fmnist-service:gateway     .   # HTTP gateway only, without torch
+#   docker build --target worker      -t fmnist-service:worker      .   # batched CPU inference, consumes the broker
+#   docker build --target worker-cuda -t fmnist-service:worker-cuda .   # the same worker on an NVIDIA GPU
+#   docker build                      -t fmnist-service:serve       .   # everything in one container (`fmnist serve`)
 #
-# Every download happens in `builder`; the runtime stages install offline from its wheels, which are
-# bind-mounted only while a RUN installs them, so no wheel ever lands in an image layer.
+# Every download happens in `builder` and the `torch-*-wheels` stages; the runtime stages install
+# offline from their wheels, which are bind-mounted only while a RUN installs them, so no wheel ever
+# lands in an image layer. BuildKit builds only the stages a target needs: the CPU targets never
+# download the CUDA build, and `worker-cuda` never downloads the CPU one.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# Keep in step with TORCH_SPEC in the Makefile (tests/test_deploy.py checks it).
+# Keep in step with TORCH_SPEC in the Makefile (tests/deploy/test_dockerfile.py checks it).
 ARG TORCH_VERSION=2.14.1
 
 # ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 
-ARG TORCH_VERSION
-# The CPU-only build (no CUDA libraries); the same index as `make run TORCH_VARIANT=cpu`.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Broker backends every image carries, so one image serves memory://, kafka:// and gcp:// URLs.
 ARG EXTRAS=kafka,gcp
 # Distributions only the model code needs. The gateway image leaves them out: its code path never
@@ -26,48 +26,16 @@ ARG MODEL_ONLY="torch safetensors tqdm matplotlib"
 
 # The requirement lists are derived from pyproject.toml, never copied by hand, so a dependency added
 # there reaches both images; the only hand-kept list is MODEL_ONLY above.
-COPY <<'PY' /build/requirements_for_image.py
-"""Print one image's requirements: pyproject's dependencies plus EXTRAS, minus EXCLUDED names.
-
-usage: requirements_for_image.py PYPROJECT EXTRAS [EXCLUDED ...]   (EXTRAS comma-separated)
-"""
-
-import re
-import sys
-import tomllib
-
-
-def canonical_name(requirement: str) -> str:
-    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
-    if match is None:
-        sys.exit(f"cannot read a distribution name from requirement {requirement!r}")
-    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
-
-
-pyproject_path, extras, *excluded = sys.argv[1:]
-with open(pyproject_path, "rb") as file:
-    project = tomllib.load(file)["project"]
-requirements = list(project["dependencies"])
-for extra in filter(None, extras.split(",")):
-    requirements += project["optional-dependencies"][extra]
-declared = {canonical_name(requirement) for requirement in requirements}
-skipped = {canonical_name(name) for name in excluded}
-if stale := skipped - declared:
-    sys.exit(f"excluded names are not dependencies in {pyproject_path}: {sorted(stale)}")
-for requirement in requirements:
-    if canonical_name(requirement) not in skipped:
-        print(requirement)
-PY
+COPY deploy/docker/requirements_for_image.py /build/
 
 WORKDIR /src
 # Dependencies first, from pyproject.toml alone: editing the code does not download them again.
 COPY pyproject.toml ./
 RUN set -eux; \
-    mkdir -p /wheels/deps /wheels/torch /wheels/app; \
+    mkdir -p /wheels/deps /wheels/app; \
     python /build/requirements_for_image.py pyproject.toml "${EXTRAS}" torch > /wheels/deps/worker.txt; \
     python /build/requirements_for_image.py pyproject.toml "${EXTRAS}" ${MODEL_ONLY} > /wheels/deps/gateway.txt; \
-    pip wheel --no-cache-dir --prefer-binary --wheel-dir /wheels/deps -r /wheels/deps/worker.txt; \
-    pip wheel --no-cache-dir --wheel-dir /wheels/torch --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+    pip wheel --no-cache-dir --prefer-binary --wheel-dir /wheels/deps -r /wheels/deps/worker.txt
 
 COPY README.md ./
 COPY app/ app/
@@ -78,7 +46,23 @@ COPY models/ models/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/app .
 
 # ---------------------------------------------------------------------------------------------------
-# What both images share: a non-root user, tini, a virtualenv owned by root (read-only to the service).
+# The CPU-only torch build (no CUDA libraries), from the same index as `make run TORCH_VARIANT=cpu`.
+FROM ${PYTHON_IMAGE} AS torch-cpu-wheels
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip wheel --no-cache-dir --wheel-dir /wheels/torch --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+# The CUDA build with the CUDA runtime, cuDNN and NCCL as wheels beside it, so the runtime image needs
+# no CUDA base image: only the host's NVIDIA driver, which the NVIDIA Container Toolkit mounts in.
+# cu130 is the CUDA release the pinned torch is built against on PyPI; any cuXYZ index that carries
+# TORCH_VERSION works, as long as the nodes' driver supports that CUDA release.
+FROM ${PYTHON_IMAGE} AS torch-cuda-wheels
+ARG TORCH_VERSION
+ARG TORCH_CUDA_INDEX_URL=https://download.pytorch.org/whl/cu130
+RUN pip wheel --no-cache-dir --wheel-dir /wheels/torch --index-url "${TORCH_CUDA_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+# ---------------------------------------------------------------------------------------------------
+# What every image shares: a non-root user, tini, a virtualenv owned by root (read-only to the service).
 FROM ${PYTHON_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="fmnist-service" \
@@ -137,7 +121,7 @@ FROM runtime AS torch-runtime
 ARG TORCH_VERSION
 
 RUN --mount=type=bind,from=builder,source=/wheels/deps,target=/wheels/deps \
-    --mount=type=bind,from=builder,source=/wheels/torch,target=/wheels/torch \
+    --mount=type=bind,from=torch-cpu-wheels,source=/wheels/torch,target=/wheels/torch \
     set -eux; \
     pip install --no-cache-dir --no-index --find-links=/wheels/torch --find-links=/wheels/deps \
         "torch==${TORCH_VERSION}" -r /wheels/deps/worker.txt; \
@@ -161,7 +145,37 @@ HEALTHCHECK NONE
 CMD ["fmnist", "worker"]
 
 # ---------------------------------------------------------------------------------------------------
-# The default target: gateway + worker + embedded broker in one process, like `make run`.
+# The worker on an NVIDIA GPU: the torch-runtime recipe with the CUDA build of the same torch release.
+# The build has no GPU, so it checks that torch is a CUDA build, not that a GPU answers; a node needs
+# the NVIDIA driver (and, on Kubernetes, NVIDIA's device plugin: docs/deployment.md).
+FROM runtime AS worker-cuda
+ARG TORCH_VERSION
+
+RUN --mount=type=bind,from=builder,source=/wheels/deps,target=/wheels/deps \
+    --mount=type=bind,from=torch-cuda-wheels,source=/wheels/torch,target=/wheels/torch \
+    set -eux; \
+    pip install --no-cache-dir --no-index --find-links=/wheels/torch --find-links=/wheels/deps \
+        "torch==${TORCH_VERSION}" -r /wheels/deps/worker.txt; \
+    python -c "import torch; assert torch.version.cuda is not None, 'expected a CUDA torch build'"
+RUN --mount=type=bind,from=builder,source=/wheels/app,target=/wheels/app \
+    set -eux; \
+    pip install --no-cache-dir --no-index --no-deps --find-links=/wheels/app fmnist-service; \
+    pip check; \
+    fmnist --help > /dev/null
+
+COPY models/ /app/models/
+# FMNIST_DEVICE=cuda, not auto: this image is meant for a GPU, so it should not fall back to CPU unnoticed.
+# The NVIDIA Container Toolkit mounts the driver's compute libraries only when asked for `compute`; which
+# GPUs a container sees is left to `docker run --gpus` or the device plugin (NVIDIA_VISIBLE_DEVICES).
+ENV FMNIST_MODEL_PATH=/app/models/fmnist.safetensors \
+    FMNIST_DEVICE=cuda \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+USER 10001:10001
+HEALTHCHECK NONE
+CMD ["fmnist", "worker"]
+
+# ---------------------------------------------------------------------------------------------------
+# The default target (the last stage): gateway + worker + embedded broker in one process, like `make run`.
 FROM torch-runtime AS serve
 
 EXPOSE 8000
