@@ -76,7 +76,7 @@ def test_triton_metadata_describes_the_model(
     assert seen["class_names"][0] == "Ankle boot"  # the first test image
 
 
-@pytest.mark.parametrize("client", ["triton-http", "triton-grpc"])
+@pytest.mark.parametrize("client", CLIENTS)
 def test_client_classifies_test_images_on_kafka(
     client: str, kafka_stack: Stack, fashion_mnist_dir: Path
 ) -> None:
