@@ -34,7 +34,6 @@ MAX_HEADER_VALUE_BYTES = 8 * 1024
 # What a request whose client left before sending its body counts as in /metrics (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 # A client refused for a full body budget may try again this soon: bodies in flight finish in seconds.
-RETRY_AFTER_BODY_BUDGET_S = 1
 # At most this long is spent waiting for the broker at startup; the gateway then serves 503s and
 # keeps reconnecting in the background.
 MAX_STARTUP_WAIT_S = 15.0
@@ -71,26 +70,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info(kv("gateway_stopped", gateway_id=gateway.gateway_id))
 
 
-class BodyBudget:
-    """Request body bytes held across all requests in flight, against one limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def take(self, size: int) -> None:
-        """Count `size` more bytes as held; 503 + Retry-After when that would pass the limit."""
-        if self.held + size > self.limit:
-            raise ApiError(
-                503,
-                "busy",
-                f"the gateway holds {self.limit} bytes of request bodies already "
-                "(FMNIST_MAX_BODY_BYTES_IN_FLIGHT); retry shortly",
-                headers={"Retry-After": str(RETRY_AFTER_BODY_BUDGET_S), "Connection": "close"},
-            )
-        self.held += size
-
-
 class EdgeMiddleware:
     """Refuses oversized headers (431), bounds the request body bytes held in total (503), and
     records every HTTP request's route, status and latency."""
@@ -100,7 +79,7 @@ class EdgeMiddleware:
         self.metrics = gateway.metrics
         settings = gateway.settings
         self.max_header_bytes = settings.max_header_bytes
-        self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
+        self.bodies = gateway.bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -150,7 +129,7 @@ class EdgeMiddleware:
         try:
             await self.app(scope, receive_bounded, send_and_record)
         finally:
-            bodies.held -= held
+            bodies.release(held)
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]

@@ -19,6 +19,7 @@ from prometheus_client import Counter
 
 from app.broker import connect_broker
 from app.gateway.auth import ApiKeys
+from app.gateway.bodies import BodyBudget
 from app.gateway.errors import ApiError
 from app.gateway.images import ImagePolicy
 from app.gateway.metrics import GatewayMetrics
@@ -117,6 +118,7 @@ class Gateway:
         )
         self.api_keys = ApiKeys(settings.api_keys)
         channels, height, width = input_shape_of(settings)
+        self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
         self.policy = ImagePolicy(
             channels=channels,
             height=height,

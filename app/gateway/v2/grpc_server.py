@@ -116,8 +116,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         gateway = self.gateway
+        held = 0
         try:
             owner = self._owner(context)
+            # gRPC has read the whole message already; counting it bounds what requests in flight hold.
+            gateway.bodies.take(request.ByteSize())
+            held = request.ByteSize()
             model = gateway.registry.resolve(request.model_name, request.model_version or None)
             gateway.require_ready()
             inputs = input_tensors(request)
@@ -126,6 +130,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except ApiError as exc:
             gateway.metrics.record_rejection(exc.code)
             await self._abort(context, exc)
+        finally:
+            gateway.bodies.release(held)
         tensor = pb.ModelInferResponse.InferOutputTensor
         return pb.ModelInferResponse(
             model_name=model.name,

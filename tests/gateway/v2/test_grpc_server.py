@@ -114,6 +114,16 @@ async def test_overload_is_resource_exhausted_with_retry_after() -> None:
     assert ("retry-after", "1") in tuple(raised.value.trailing_metadata() or ())
 
 
+async def test_a_message_past_the_body_budget_is_unavailable_with_retry_after() -> None:
+    """gRPC requests count against FMNIST_MAX_BODY_BYTES_IN_FLIGHT as HTTP bodies do: past it, UNAVAILABLE."""
+    async with grpc_stub(gateway_settings(max_body_bytes_in_flight=64)) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ModelInfer(infer_request(pixels(1, 2), raw=True))
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "FMNIST_MAX_BODY_BYTES_IN_FLIGHT" in (raised.value.details() or "")
+    assert ("retry-after", "1") in tuple(raised.value.trailing_metadata() or ())
+
+
 def test_generated_code_is_what_make_proto_writes(tmp_path: Path) -> None:
     """Regenerating from grpc_predict_v2.proto (the Makefile's command) gives the checked-in files."""
     makefile = (REPO / "Makefile").read_text()
