@@ -61,7 +61,8 @@ def server_for(
     """A fresh server of `broker` with `settings` (and, on Kafka, its URL query)."""
     env = {k: v for k, v in settings.items() if k != KAFKA_OPTIONS}
     if broker == "kafka":
-        return ours_kafka(checkpoint, log_dir, options=settings.get(KAFKA_OPTIONS, ""), **env)
+        options = settings.get(KAFKA_OPTIONS, "")
+        return ours_kafka(checkpoint, log_dir, options=options, **env)  # type: ignore[arg-type]
     if KAFKA_OPTIONS in settings:
         raise SystemExit(f"{KAFKA_OPTIONS} needs --broker kafka")
     return ours_memory(checkpoint, log_dir, **env)

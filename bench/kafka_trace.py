@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
-import messaging
 from bench.http_single import DATA_DIR, REPO_ROOT, Server, machine_context, ours_kafka
+from messaging import connect
 from tests.brokers import start_tansu
 from tests.e2e.images import load_test_pngs
 
@@ -58,7 +58,7 @@ async def hop(
     topic, group = f"trace-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
     publish_ms: list[float] = []
     receive_ms: list[float] = []
-    async with messaging.connect(url, kafka_idempotence=False, kafka_partitions=1) as pubsub:
+    async with connect(url, kafka_idempotence=False, kafka_partitions=1) as pubsub:
         await pubsub.ensure_topics(topic)
         async with pubsub.subscribe(topic, group=group, start="latest") as subscription:
             for _ in range(count):

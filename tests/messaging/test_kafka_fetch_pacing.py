@@ -42,12 +42,12 @@ async def test_records_shorten_the_fetch_wait_until_the_topic_goes_idle(kafka_ur
     """After a record the consumer fetches with fetch_busy_wait_ms; a second without one restores fetch_max_wait_ms."""
     url = paced_url(kafka_url)
     topic, group = unique_name("pacing"), unique_name("g")
-    async with messaging.connect(url, **connect_options(url)) as pubsub:
-        async with pubsub.subscribe(topic, group=group) as messages:
-            assert fetch_wait_ms(messages) == IDLE_WAIT_MS
-            await pubsub.publish(topic, b"one", key="k")
-            message = await asyncio.wait_for(anext(messages), 20)
-            await message.ack()
-            assert fetch_wait_ms(messages) == BUSY_WAIT_MS
-            await asyncio.sleep(2.0)  # longer than the pump's one-second getmany
-            assert fetch_wait_ms(messages) == IDLE_WAIT_MS
+    pubsub = messaging.connect(url, **connect_options(url))
+    async with pubsub, pubsub.subscribe(topic, group=group) as messages:
+        assert fetch_wait_ms(messages) == IDLE_WAIT_MS
+        await pubsub.publish(topic, b"one", key="k")
+        message = await asyncio.wait_for(anext(messages), 20)
+        await message.ack()
+        assert fetch_wait_ms(messages) == BUSY_WAIT_MS
+        await asyncio.sleep(2.0)  # longer than the pump's one-second getmany
+        assert fetch_wait_ms(messages) == IDLE_WAIT_MS
