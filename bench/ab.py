@@ -2,9 +2,12 @@
 
     .venv/bin/python -m bench.ab --mode batch "FMNIST_MAX_BATCH_SIZE=32" "FMNIST_MAX_BATCH_SIZE=128"
     .venv/bin/python -m bench.ab --mode single --rounds 3 "" "FMNIST_INFERENCE_CONCURRENCY=1"
+    .venv/bin/python -m bench.ab --broker kafka --mode single "" "KAFKA_OPTIONS=linger_ms=0"
 
 Each argument is one configuration: space-separated `FMNIST_*=value` settings for the server (`""`
-is the defaults). Every round starts a fresh `fmnist serve` per configuration, in turn, warms it up
+is the defaults); with `--broker kafka`, `KAFKA_OPTIONS=a=1&b=2` sets the broker URL's query string
+(default: none, the backend's defaults). Every round starts a fresh server per configuration (`fmnist
+serve`, or Tansu + `fmnist worker` + `fmnist gateway` processes), in turn, warms it up
 and measures it with wrk: `--mode batch` sends `POST /v1/predictions:batch?wait=30` with 256 real
 test PNGs per request at 4 connections, `--mode single` one PNG per `POST /v1/predictions?wait=10`
 at 64 connections. Shared machines drift by tens of percent within minutes, so only configurations
@@ -18,6 +21,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 sys.path.insert(
@@ -27,9 +31,11 @@ sys.path.insert(
 from bench.http_single import (
     DATA_DIR,
     REPO_ROOT,
+    Server,
     machine_context,
     measure,
     multipart_body,
+    ours_kafka,
     ours_memory,
     write_bodies,
 )
@@ -40,16 +46,33 @@ def parse_configuration(text: str) -> dict[str, str]:
     settings = {}
     for item in text.split():
         name, sep, value = item.partition("=")
-        if not sep or not name.startswith("FMNIST_"):
-            raise SystemExit(f"expected FMNIST_NAME=value, got {item!r}")
+        if not sep or not (name.startswith("FMNIST_") or name == KAFKA_OPTIONS):
+            raise SystemExit(f"expected FMNIST_NAME=value or {KAFKA_OPTIONS}=query, got {item!r}")
         settings[name] = value
     return settings
+
+
+KAFKA_OPTIONS = "KAFKA_OPTIONS"
+
+
+def server_for(
+    broker: str, checkpoint: Path, log_dir: Path, settings: dict[str, str]
+) -> AbstractContextManager[Server]:
+    """A fresh server of `broker` with `settings` (and, on Kafka, its URL query)."""
+    env = {k: v for k, v in settings.items() if k != KAFKA_OPTIONS}
+    if broker == "kafka":
+        options = settings.get(KAFKA_OPTIONS, "")
+        return ours_kafka(checkpoint, log_dir, options=options, **env)  # type: ignore[arg-type]
+    if KAFKA_OPTIONS in settings:
+        raise SystemExit(f"{KAFKA_OPTIONS} needs --broker kafka")
+    return ours_memory(checkpoint, log_dir, **env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configurations", nargs="+", help='e.g. "FMNIST_MAX_BATCH_SIZE=32"')
     parser.add_argument("--mode", choices=["batch", "single"], default="batch")
+    parser.add_argument("--broker", choices=["memory", "kafka"], default="memory")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -74,12 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         bodies = write_bodies(log_dir / "single", [multipart_body([p], "file") for p in pngs[:256]])
         body_count = 256
     connections = args.connections or connections
-    print(f"# {machine_context()}; mode {args.mode}, {connections} connections; logs in {log_dir}")
+    print(
+        f"# {machine_context()}; {args.broker} broker, mode {args.mode}, {connections} connections; "
+        f"logs in {log_dir}"
+    )
 
     rates: dict[str, list[float]] = {name: [] for name, _ in configurations}
     for round_number in range(1, args.rounds + 1):
         for name, settings in configurations:
-            with ours_memory(args.checkpoint, log_dir, **settings) as server:
+            with server_for(args.broker, args.checkpoint, log_dir, settings) as server:
                 server.path = path
                 result = measure(
                     name,
@@ -94,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rates[name].append(result.images_per_s)
             print(
                 f"# round {round_number}: {name}: {result.images_per_s:,.0f} images/s, "
-                f"p99 {result.p99_ms:.1f} ms, {result.not_completed} not completed",
+                f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+                f"{result.not_completed} not completed",
                 flush=True,
             )
     print("| configuration | median images/s | rounds |\n| --- | ---: | --- |")

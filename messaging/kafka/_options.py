@@ -12,7 +12,9 @@ from messaging.kafka._security import KafkaSecurity
 class KafkaOptions:
     """Client tuning read from the URL query; the defaults suit production."""
 
-    linger_ms: int = 2
+    # Under load the producer batches anyway (one request in flight per broker while records queue
+    # behind it), so lingering only delays each publish at light load.
+    linger_ms: int = 0
     # aiokafka's default (16 KiB) is too small for a batch request's publishes, which then spin in
     # its accumulator (each waiter wakes on every drain); 1 MiB holds a whole 256-image batch
     # request, and bigger batches cost nothing when idle (docs/benchmarks.md has the figures).
@@ -22,8 +24,12 @@ class KafkaOptions:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
-    # Brokers that hold a fetch for the full wait (Tansu does) add this to every hop at low load.
+    # Brokers that answer a waiting fetch late (Tansu does) add up to this to every hop at low load;
+    # it applies while the topic is idle (no record for a second), so it bounds idle polling.
     fetch_max_wait_ms: int = 100
+    # The fetch wait while records flow, so a broker that answers late costs little per hop; an
+    # idle consumer goes back to fetch_max_wait_ms. 0 (or >= fetch_max_wait_ms) keeps one wait.
+    fetch_busy_wait_ms: int = 5
     rebalance_timeout_ms: int = 0  # 0: aiokafka's default (the session timeout)
     replication_factor: int = 0  # 0: min(3, number of brokers)
     client_id: str = "fmnist"
@@ -51,6 +57,7 @@ class KafkaOptions:
                 "max_poll_interval_ms", cls.max_poll_interval_ms, minimum=100
             ),
             fetch_max_wait_ms=read.integer("fetch_max_wait_ms", cls.fetch_max_wait_ms),
+            fetch_busy_wait_ms=read.integer("fetch_busy_wait_ms", cls.fetch_busy_wait_ms),
             rebalance_timeout_ms=read.integer("rebalance_timeout_ms", cls.rebalance_timeout_ms),
             replication_factor=read.integer("replication_factor", cls.replication_factor),
             client_id=read.text("client_id", cls.client_id) or cls.client_id,

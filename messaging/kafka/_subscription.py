@@ -109,6 +109,7 @@ class KafkaSubscription(Subscription):
         self._rejoining = False  # the link broke; healthy again once the group assigned us anew
         self._fetch_failing = False
         self._warned_idle = False
+        self._fetch_busy = False
 
     @property
     def healthy(self) -> bool:
@@ -270,6 +271,7 @@ class KafkaSubscription(Subscription):
                 await asyncio.sleep(0.5)
                 continue
             self._fetch_failing = False
+            self._pace_fetches(busy=bool(batches))
             for tp, records in batches.items():
                 partition = self._partitions.get(tp)
                 if partition is None:
@@ -296,6 +298,25 @@ class KafkaSubscription(Subscription):
                     )
             if self._ready:
                 self._wake_receiver()
+
+    def _pace_fetches(self, *, busy: bool) -> None:
+        """Fetch with the short wait while records flow, with `fetch_max_wait_ms` once a fetch
+        round came back empty for a whole `getmany` (a second): prompt hops under traffic on
+        brokers that answer a waiting fetch late, few polls when idle."""
+        options = self._kafka.options
+        if (
+            busy == self._fetch_busy
+            or not 0 < options.fetch_busy_wait_ms < options.fetch_max_wait_ms
+        ):
+            return
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        if fetcher is None or not hasattr(fetcher, "_fetch_max_wait_ms"):
+            return  # an aiokafka without this attribute: keep its one wait
+        self._fetch_busy = busy
+        # aiokafka reads it for every fetch request it builds (0.14: Fetcher._fetch_max_wait_ms).
+        fetcher._fetch_max_wait_ms = (
+            options.fetch_busy_wait_ms if busy else options.fetch_max_wait_ms
+        )
 
     def _wake_receiver(self) -> None:
         receiver = self._receiver

@@ -352,10 +352,11 @@ async def test_subscription_started_at_a_time_rereads_what_its_group_acked(
     """A start time wins over the group's position: acked messages published after it come again."""
     if broker_url.startswith("gcp://"):
         # The emulator accepts the seek and a plain Pull then returns the messages again, but its
-        # StreamingPull never delivers them; Google's service does. Strict: tells us when it does.
+        # StreamingPull usually never delivers them (Google's service does); not strict, since a
+        # later emulator stream sometimes does deliver them.
         request.applymarker(
             pytest.mark.xfail(
-                strict=True, reason="the Pub/Sub emulator's StreamingPull ignores seek-to-time"
+                strict=False, reason="the Pub/Sub emulator's StreamingPull ignores seek-to-time"
             )
         )
     topic, group = unique_name("reread"), unique_name("g")

@@ -1,0 +1,171 @@
+"""Where a Kafka round trip spends its time: one hop through `messaging`, then the whole service, at light load.
+
+    .venv/bin/python -m bench.kafka_trace hop --options "fetch_max_wait_ms=100" "fetch_max_wait_ms=5"
+    .venv/bin/python -m bench.kafka_trace roundtrip --options "" "fetch_max_wait_ms=5" --requests 200
+
+`hop` starts Tansu and sends one message at a time (every `--interval-ms`, so the consumer is idle
+in between) through our `messaging` Kafka backend, with each URL query in turn, and reports per
+configuration: how long `publish` took (the broker's acknowledgement, after the producer's linger)
+and how long from the publish call to the consumer's `receive` (publish + the consumer's fetch).
+
+`roundtrip` starts Tansu + `fmnist worker` + `fmnist gateway` per configuration and sends
+single-image `POST /v1/predictions?wait=10` one at a time. Each answer carries the worker's
+timings, so one request's time splits into: intake (client send to the gateway's `submitted_at`),
+request hop + model queue (`queue_ms`: `submitted_at` to inference, broker transit included),
+inference (`inference_ms`), and back (the worker's `completed_at` to the answer at the client: the
+result's publish, the gateway's fetch and store, the HTTP answer). All clocks are this machine's.
+Configurations alternate request by request in rounds (`--rounds`), so drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+
+from bench.http_single import DATA_DIR, REPO_ROOT, Server, machine_context, ours_kafka
+from messaging import connect
+from tests.brokers import start_tansu
+from tests.e2e.images import load_test_pngs
+
+
+def quantiles(values: Sequence[float]) -> str:
+    """p50 / p90 of `values` (ms), as text."""
+    if not values:
+        return "n/a"
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    return f"{statistics.median(ordered):.1f} / {p90:.1f}"
+
+
+# --- one hop through messaging -------------------------------------------------------------------
+
+
+async def hop(
+    bootstrap: str, options: str, count: int, interval_s: float
+) -> tuple[list[float], list[float]]:
+    """Publish `count` messages one at a time; (publish ms, publish-to-receive ms) per message."""
+    url = f"kafka://{bootstrap}" + (f"?{options}" if options else "")
+    topic, group = f"trace-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    publish_ms: list[float] = []
+    receive_ms: list[float] = []
+    async with connect(url, kafka_idempotence=False, kafka_partitions=1) as pubsub:
+        await pubsub.ensure_topics(topic)
+        async with pubsub.subscribe(topic, group=group, start="latest") as subscription:
+            for _ in range(count):
+                started = time.perf_counter()
+                await pubsub.publish(topic, b"x" * 784, key=uuid.uuid4().hex)
+                published = time.perf_counter()
+                message = await asyncio.wait_for(anext(subscription), 10)
+                received = time.perf_counter()
+                await message.ack()
+                publish_ms.append((published - started) * 1000)
+                receive_ms.append((received - started) * 1000)
+                # Publish at a random point of the consumer's fetch cycle, as real traffic does.
+                await asyncio.sleep(interval_s * (0.5 + (len(publish_ms) * 0.618) % 1.0))
+    return publish_ms, receive_ms
+
+
+def run_hop(configurations: Sequence[str], count: int, interval_ms: float) -> None:
+    log_dir = Path(tempfile.mkdtemp(prefix="fmnist-trace-"))
+    broker = start_tansu(log_dir)
+    try:
+        print("| URL options | publish p50 / p90 ms | publish to receive p50 / p90 ms |")
+        print("| --- | ---: | ---: |")
+        for options in configurations:
+            publish_ms, receive_ms = asyncio.run(
+                hop(f"127.0.0.1:{broker.port}", options, count, interval_ms / 1000)
+            )
+            print(
+                f"| {options or '(defaults)'} | {quantiles(publish_ms)} | {quantiles(receive_ms)} |"
+            )
+    finally:
+        broker.stop()
+
+
+# --- the whole service ---------------------------------------------------------------------------
+
+
+def round_trips(server: Server, pngs: Sequence[bytes], count: int) -> Iterator[dict[str, float]]:
+    """Send `count` single-image requests one at a time; the split of each, in ms."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=15) as client:
+        for index in range(count):
+            png = pngs[index % len(pngs)]
+            sent = time.time()
+            response = client.post(
+                "/v1/predictions?wait=10",
+                files={"file": ("image.png", png, "image/png")},
+            )
+            answered = time.time()
+            body = response.json()
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code}: {body}")
+            inference, queue = body["inference_ms"], body["queue_ms"]
+            completed = body["completed_at"]
+            submitted = completed - (queue + inference) / 1000
+            yield {
+                "total": (answered - sent) * 1000,
+                "intake": (submitted - sent) * 1000,
+                "hop_and_queue": queue,
+                "inference": inference,
+                "back": (answered - completed) * 1000,
+            }
+            time.sleep(0.02)
+
+
+def run_roundtrip(configurations: Sequence[str], count: int, rounds: int, checkpoint: Path) -> None:
+    log_dir = Path(tempfile.mkdtemp(prefix="fmnist-trace-"))
+    pngs, _ = load_test_pngs(DATA_DIR, 64)
+    splits: dict[str, list[dict[str, float]]] = {c: [] for c in configurations}
+    with ExitStack() as stack:
+        servers = {
+            options: stack.enter_context(ours_kafka(checkpoint, log_dir, options=options))
+            for options in configurations
+        }
+        per_round = max(1, count // rounds)
+        for _ in range(rounds):
+            for options, server in servers.items():
+                splits[options].extend(round_trips(server, pngs, per_round))
+    parts = ("total", "intake", "hop_and_queue", "inference", "back")
+    print("| URL options | " + " | ".join(f"{p} p50 / p90 ms" for p in parts) + " |")
+    print("| --- |" + " ---: |" * len(parts))
+    for options, rows in splits.items():
+        cells = " | ".join(quantiles([row[p] for row in rows]) for p in parts)
+        print(f"| {options or '(defaults)'} | {cells} |")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["hop", "roundtrip"])
+    parser.add_argument("--options", nargs="+", default=[""], help="kafka:// URL query strings")
+    parser.add_argument("--count", type=int, default=100, help="messages per configuration (hop)")
+    parser.add_argument(
+        "--interval-ms", type=float, default=30.0, help="gap between messages (hop)"
+    )
+    parser.add_argument("--requests", type=int, default=200, help="requests per configuration")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations (roundtrip)")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=REPO_ROOT / "models" / "fmnist.safetensors"
+    )
+    args = parser.parse_args(argv)
+    print(f"# {machine_context()}")
+    if args.what == "hop":
+        run_hop(args.options, args.count, args.interval_ms)
+    else:
+        run_roundtrip(args.options, args.requests, args.rounds, args.checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
