@@ -8,8 +8,7 @@ import math
 import os
 import platform
 import threading
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -47,13 +46,9 @@ PRECISIONS = ("fp32", "bf16")
 logger = logging.getLogger(__name__)
 
 
-# torch.jit's deprecation notices, matched exactly so that no other warning is hidden (see `_cpu_graph`).
-_TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.(trace|trace_method|freeze)` is deprecated"
-
-
 class _Probabilities(torch.nn.Module):
-    """The whole inference pass as one module (traced into one graph on the CPU): layout, network,
-    temperature, softmax. The temperature is a buffer, so freezing folds it into the graph."""
+    """The whole inference pass as one module: layout, network, temperature, softmax. `ml.serving`
+    compiles it into one program (the temperature, a buffer, becomes a constant of that program)."""
 
     temperature: torch.Tensor
 
@@ -139,14 +134,10 @@ class ImageClassifier:
         # What `calibrate` measured on held-out data (temperature, NLL and ECE before and after).
         self.calibration: dict[str, Any] = {}
         self._temperature = 1.0
-        self._inference: ConvNet | None = None
-        self._eager_pass: _Probabilities | None = None
-        # Several forward threads may ask for the same graph at once: it is built once, and
-        # `warnings.catch_warnings` (process-wide state) is entered by one thread at a time.
-        self._graph_lock = threading.Lock()
-        # CPU forward passes as TorchScript, one per (input dtype, precision): the graph bakes in
-        # the uint8-or-float branch of the normalisation and the arithmetic; see `_cpu_graph`.
-        self._graphs: dict[tuple[torch.dtype, str], Callable[[torch.Tensor], torch.Tensor]] = {}
+        # Several forward threads may ask for the same pass at once: it is built once.
+        self._pass_lock = threading.Lock()
+        # The whole inference pass for each precision; see `inference_pass`.
+        self._passes: dict[str, _Probabilities] = {}
         self._version: str | None = None
         self._precision = "fp32"
 
@@ -162,7 +153,8 @@ class ImageClassifier:
 
     @property
     def version(self) -> str:
-        """First 12 hex chars of the sha256 of the weights: changes exactly when the weights do."""
+        """First 12 hex chars of the sha256 of the weights: changes exactly when the weights do (the
+        served version, `ml.serving`, also covers the temperature)."""
         if self._version is None:
             self._version = weights_version(self.network.state_dict())
         return self._version
@@ -207,11 +199,9 @@ class ImageClassifier:
         self._forget_compiled()
 
     def _forget_compiled(self) -> None:
-        """Drop the inference copies and graphs, after the weights or the temperature change."""
-        with self._graph_lock:
-            self._inference = None
-            self._eager_pass = None
-            self._graphs = {}
+        """Drop the inference passes, after the weights or the temperature change."""
+        with self._pass_lock:
+            self._passes = {}
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(
@@ -229,67 +219,33 @@ class ImageClassifier:
             raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
         if images.is_floating_point() and images.dtype != torch.float32:
             images = images.float()
-        if self._inference is None or self._eager_pass is None:
-            with self._graph_lock:
-                if self._inference is None or self._eager_pass is None:
-                    inference = fused_for_inference(self.network)
-                    self._eager_pass = _Probabilities(inference, self._temperature).eval()
-                    self._inference = inference
-        if images.device.type == "cpu":
-            graph = self._cpu_graph(images)
-            if graph is not None:
-                # One call that releases the GIL once for the whole pass: a server's forward
-                # threads otherwise queue for the GIL between every op (see `_cpu_graph`).
-                with torch.inference_mode():
-                    return graph(images)
-        with torch.inference_mode(), self._autocast():
-            probabilities = self._eager_pass(images.to(self.device))
+        with torch.inference_mode():
+            probabilities = self.inference_pass()(images.to(self.device))
         return probabilities.float().cpu()
 
-    def _cpu_graph(self, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The whole pass (fused network, temperature, softmax) as a frozen TorchScript graph on the
-        CPU; None elsewhere.
+    def inference_pass(self, precision: str | None = None) -> torch.nn.Module:
+        """The whole pass of `predict` as one eval-mode module (BatchNorm folded into the convs,
+        temperature, softmax): uint8 or float N×C×H×W on `device` → N×K probabilities, at `precision`
+        (default: the classifier's). What `ml.serving` compiles for serving.
 
-        For bf16 the graph holds a copy with bfloat16 convs and linear layers: the numbers
-        `torch.autocast` gives, without casting the weights on every call (checked by tests).
-
-        Why: an eager forward pass takes the GIL back between every op, so in a server whose event
-        loop keeps the GIL busy, each batch waits on the loop many times over; TorchScript runs the
-        whole graph without the GIL (figures: `bench/gil_contention.py` in docs/benchmarks.md). torch marks `torch.jit.trace` (and the `trace_method` it calls) and `torch.jit.freeze` deprecated (a FutureWarning on
-        every call), but nothing else runs a whole pass without the GIL on the CPU yet
-        (`torch.compile` still takes the GIL between kernels), so exactly those two notices are
-        silenced here. If tracing fails, predict falls back to the eager module. Same outputs
-        (checked by tests).
+        For bf16 it holds a copy with bfloat16 convs and linear layers: the numbers `torch.autocast`
+        gives, without casting the weights on every call (checked by tests), and a pass that
+        `torch.export` can capture whole.
         """
-        if self.device.type != "cpu":
-            return None
-        key = (example.dtype, self._precision)
-        graph = self._graphs.get(key)
-        if graph is not None:
-            return graph
-        with self._graph_lock:
-            graph = self._graphs.get(key)
-            if graph is None and self._inference is not None:
-                graph = self._trace(example)
-                self._graphs[key] = graph
-        return graph
-
-    def _trace(self, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Trace and freeze the whole pass for `example`'s dtype at the current precision; eager on failure."""
-        assert self._inference is not None
-        network = self._inference
-        if self._precision == "bf16":
-            network = bf16_for_inference(network)
-        whole_pass = _Probabilities(network, self._temperature).eval()
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.filterwarnings(
-                    "ignore", message=_TORCHSCRIPT_DEPRECATED, category=FutureWarning
-                )
-                return torch.jit.freeze(torch.jit.trace(whole_pass, example, check_trace=False))
-        except Exception as exc:  # an architecture TorchScript cannot trace: stay eager
-            logger.warning("event=torchscript_unavailable error=%r action=eager", exc)
-            return whole_pass
+        chosen = self._precision if precision is None else precision
+        if chosen not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {chosen!r}")
+        whole_pass = self._passes.get(chosen)
+        if whole_pass is None:
+            with self._pass_lock:
+                whole_pass = self._passes.get(chosen)
+                if whole_pass is None:
+                    network = fused_for_inference(self.network)
+                    if chosen == "bf16":
+                        network = bf16_for_inference(network)
+                    whole_pass = _Probabilities(network, self._temperature).eval()
+                    self._passes[chosen] = whole_pass
+        return whole_pass
 
     # --- training and evaluation ----------------------------------------------------------------
     def fit(

@@ -77,33 +77,28 @@ def test_fused_inference_matches_the_training_network() -> None:
     torch.testing.assert_close(classifier.predict(images), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_cpu_graph_gives_the_eager_probabilities_for_every_batch_size_and_dtype() -> None:
-    """The TorchScript forward used on the CPU matches the eager module for uint8 and float, any N."""
+def test_inference_pass_gives_the_training_network_probabilities_for_uint8_and_float() -> None:
+    """The folded whole pass `predict` runs matches the training network for uint8 and float, any N."""
     classifier = small_classifier()
-    for count in (1, 7, 64, 130):
+    for count in (1, 7, 130):
         images = torch.randint(0, 256, (count, 1, 28, 28), dtype=torch.uint8)
         for batch in (images, images.float() / 255.0):
-            graph_probabilities = classifier.predict(batch)
             with torch.inference_mode():
-                assert classifier._inference is not None
-                eager = torch.softmax(classifier._inference(batch).float(), 1)
-            torch.testing.assert_close(graph_probabilities, eager, atol=1e-6, rtol=1e-5)
-    assert set(classifier._graphs) == {(torch.uint8, "fp32"), (torch.float32, "fp32")}
-    assert all(isinstance(g, torch.jit.ScriptModule) for g in classifier._graphs.values())
+                expected = torch.softmax(classifier.network.eval()(batch), 1)
+            torch.testing.assert_close(classifier.predict(batch), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_bf16_cpu_graph_gives_the_autocast_probabilities() -> None:
-    """The bf16 graph (bfloat16 weights cast once) computes what eager `torch.autocast` computes."""
+def test_bf16_inference_pass_gives_the_autocast_probabilities() -> None:
+    """The bf16 pass (bfloat16 weights cast once) computes what eager `torch.autocast` computes."""
     classifier = small_classifier(precision="bf16")
-    for count in (1, 64):
-        images = torch.randint(0, 256, (count, 1, 28, 28), dtype=torch.uint8)
-        graph_probabilities = classifier.predict(images)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            assert classifier._inference is not None
-            autocast = torch.softmax(classifier._inference(images).float(), 1)
-        assert graph_probabilities.dtype == torch.float32
-        torch.testing.assert_close(graph_probabilities, autocast, atol=1e-3, rtol=0)
-    assert isinstance(classifier._graphs[(torch.uint8, "bf16")], torch.jit.ScriptModule)
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    served = classifier.predict(images)
+    fp32_pass = classifier.inference_pass("fp32")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = fp32_pass(images).float()
+    assert served.dtype == torch.float32
+    torch.testing.assert_close(served, autocast, atol=1e-3, rtol=0)
+    assert next(classifier.inference_pass().parameters()).dtype == torch.bfloat16
 
 
 def test_shapes_are_known_at_construction() -> None:
@@ -205,8 +200,8 @@ def test_unknown_precision_is_refused() -> None:
         small_classifier(precision="fp16")
 
 
-def test_temperature_divides_the_logits_inside_the_cpu_graph() -> None:
-    """With temperature 0.5 the traced graph returns softmax(logits / 0.5) for uint8 and float input."""
+def test_temperature_divides_the_logits_inside_the_inference_pass() -> None:
+    """With temperature 0.5 the whole pass returns softmax(logits / 0.5) for uint8 and float input."""
     classifier = small_classifier()
     classifier.temperature = 0.5
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
@@ -215,11 +210,10 @@ def test_temperature_divides_the_logits_inside_the_cpu_graph() -> None:
         with torch.inference_mode():
             expected = torch.softmax(classifier.network.eval()(batch) / 0.5, 1)
         torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
-    assert all(isinstance(g, torch.jit.ScriptModule) for g in classifier._graphs.values())
 
 
-def test_changing_the_temperature_rebuilds_the_graph() -> None:
-    """A graph traced at T = 1 is not reused after the temperature changes."""
+def test_changing_the_temperature_rebuilds_the_inference_pass() -> None:
+    """A pass built at T = 1 is not reused after the temperature changes."""
     classifier = small_classifier()
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     plain = classifier.predict(images)
@@ -276,27 +270,27 @@ def test_checkpoint_with_a_negative_temperature_is_incompatible(tmp_path: Path) 
         ImageClassifier.load(path, device="cpu")
 
 
-def test_first_predict_calls_from_two_threads_emit_no_torchscript_warning() -> None:
-    """Tracing on two forward threads at once leaks no torch.jit deprecation warning to the logs."""
+def test_first_predict_calls_from_two_threads_build_one_inference_pass() -> None:
+    """Two forward threads asking for the pass at once share one module, with no warning."""
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    classifier = small_classifier()
+    start = threading.Barrier(2)
+    built: list[torch.nn.Module] = []
+
+    def first_call() -> None:
+        start.wait()
+        classifier.predict(images)
+        built.append(classifier.inference_pass())
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(5):  # the race needs both threads tracing at once; give it a few chances
-            classifier = small_classifier()
-            start = threading.Barrier(2)
-
-            def first_call(
-                model: ImageClassifier = classifier, gate: threading.Barrier = start
-            ) -> None:
-                gate.wait()
-                model.predict(images)
-
-            threads = [threading.Thread(target=first_call) for _ in range(2)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-    assert [str(w.message) for w in caught if "torch.jit" in str(w.message)] == []
+        threads = [threading.Thread(target=first_call) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(built) == 2 and built[0] is built[1]
+    assert [str(w.message) for w in caught] == []
 
 
 @pytest.fixture(scope="module")
