@@ -99,6 +99,9 @@ class Gateway:
         self._results: Subscription | None = None
         self._broker_reachable = False
         self._consuming = False
+        self._models_known = (
+            asyncio.Event()
+        )  # set once the read-back of the control topic caught up
         self._last_broker_error = "not connected yet"
         self._first_attempt = (
             asyncio.Event()
@@ -109,11 +112,13 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Broker reachable, its link up (topics in place) and the results consumer receiving."""
+        """Broker reachable, its link up (topics in place), the results consumer receiving and the
+        models announced before this gateway started learned."""
         pubsub, results = self._pubsub, self._results
         return (
             pubsub is not None
             and self._consuming
+            and self._models_known.is_set()
             and self._broker_reachable
             and pubsub.link_up
             and results is not None
@@ -149,6 +154,8 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await self._first_attempt.wait()
+                if self._consuming:
+                    await self._models_known.wait()
         if not self.ready:
             log.warning(
                 kv(
@@ -209,7 +216,10 @@ class Gateway:
             self.metrics.broker_up.set(1)
             log.info(kv("broker_connected", broker=self.broker_url, group=self.results_group))
             monitor = asyncio.create_task(self._monitor(pubsub), name="fmnist-broker-ping")
-            learner = asyncio.create_task(self._learn_models(control), name="fmnist-models")
+            quiet_s = 0.0 if pubsub.publishes_in_process else _REPLAY_QUIET_S
+            learner = asyncio.create_task(
+                self._learn_models(control, quiet_s), name="fmnist-models"
+            )
             try:
                 await self._consume(subscription)
             except asyncio.CancelledError:
@@ -219,6 +229,7 @@ class Gateway:
                 log.warning(kv("results_consumer_failed", broker=self.broker_url, error=exc))
             finally:
                 self._consuming = False
+                self._models_known.clear()
                 self._pubsub = None
                 self._results = None
                 self.metrics.broker_up.set(0)
@@ -244,11 +255,21 @@ class Gateway:
             raise
         return control
 
-    async def _learn_models(self, control: Subscription) -> None:
-        """Feed the registry from the workers' announcements until the subscription ends."""
+    async def _learn_models(self, control: Subscription, quiet_s: float) -> None:
+        """Feed the registry from the workers' announcements until the subscription ends; the read-back
+        has caught up (`_models_known`) once a receive waited `quiet_s` for nothing."""
         live_since = time.time()
         try:
-            while messages := await control.receive_batch(_CONTROL_CHUNK):
+            while True:
+                try:
+                    caught_up = self._models_known.is_set()
+                    async with asyncio.timeout(None if caught_up else quiet_s):
+                        messages = await control.receive_batch(_CONTROL_CHUNK)
+                except TimeoutError:
+                    self._models_known.set()
+                    continue
+                if not messages:
+                    break
                 for message in messages:
                     self._learn(message.data, live_since)
                     await message.ack()
