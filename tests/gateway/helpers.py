@@ -21,6 +21,7 @@ from app.protocol import (
     METADATA_ATTR,
     OWNER_ATTR,
     REQUEST_ID_ATTR,
+    SHAPE_ATTR,
     ModelAnnouncement,
     ResultMessage,
     decode_metadata,
@@ -176,6 +177,11 @@ async def stand_in_worker(
                 if delay_s:
                     await asyncio.sleep(delay_s)
                 attributes = message.attributes
+                c, h, w = model.input_shape
+                if attributes.get(SHAPE_ATTR) != f"{c},{h},{w}" or len(message.data) != c * h * w:
+                    # As a real worker: a payload that is not the model's input is refused.
+                    await message.ack()
+                    continue
                 label = label_of(message.data)
                 probabilities = [0.0] * 10
                 probabilities[label] = 1.0
@@ -183,7 +189,7 @@ async def stand_in_worker(
                     request_id=attributes[REQUEST_ID_ATTR],
                     status="completed",
                     label=label,
-                    class_name=CLASS_NAMES[label],
+                    class_name=model.class_names[label % len(model.class_names)],
                     probabilities=probabilities,
                     model=model.name,
                     model_version=model.version,
