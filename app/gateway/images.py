@@ -284,6 +284,13 @@ def _open_header(data: bytes, image_format: str) -> Image.Image:
 
 def normalise(image: Image.Image, policy: ImagePolicy) -> bytes:
     """Turn a decoded Pillow image into the model's uint8 C×H×W bytes (see the module docstring)."""
+    if policy.channels not in (1, 3):
+        raise ApiError(
+            422,
+            "unsupported_model_input",
+            f"the model takes {policy.channels}-channel images, which no image file converts to "
+            "(1: grayscale, 3: RGB); send its input as a uint8 .npy array (application/x-npy)",
+        )
     grayscale = policy.channels == 1
     if grayscale and image.mode == "L" and image.size == (policy.width, policy.height):
         # The hot path (already the model's size): plain bytes operations, no numpy round trip.

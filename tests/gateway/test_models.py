@@ -184,3 +184,16 @@ def test_the_newest_live_version_answers_unpinned_requests() -> None:
     registry.learn(announcement("w2", version="bbbbbbbbbbbb"))
     registry.learn(announcement("w2", version="bbbbbbbbbbbb", status="leaving"))
     assert registry.resolve("fmnist").version == "aaaaaaaaaaaa"
+
+
+async def test_an_image_for_a_four_channel_model_is_422() -> None:
+    """A model taking 4-channel input refuses an image upload with 422 unsupported_model_input."""
+    settings = gateway_settings()
+    rgba = announcement("rgba", name="rgba", version="dddddddddddd", input_shape=(4, 8, 8))
+    async with running_gateway(settings, announce=False) as (_, client):
+        await announce_model(settings, rgba)
+        response = await client.post(
+            "/v1/models/rgba/predictions", content=png_bytes(fashion_like()), headers=PNG
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "unsupported_model_input"
