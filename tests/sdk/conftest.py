@@ -37,7 +37,9 @@ def sdk_settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def service_app(settings: Settings, classifier: ImageClassifier | None) -> FastAPI:
+def service_app(
+    settings: Settings, classifier: ImageClassifier | None, *, announce: bool = True
+) -> FastAPI:
     """The gateway app; with a classifier, a worker on the same broker runs inside its lifespan
     (what `fmnist serve` does), so one ASGI app answers predictions end to end."""
     app = create_app(settings)
@@ -48,8 +50,8 @@ def service_app(settings: Settings, classifier: ImageClassifier | None) -> FastA
         async with gateway_lifespan(app):
             gateway = app.state.gateway
             if classifier is None:
-                # A model with a live worker that never answers: requests are accepted and wait.
-                gateway.registry.learn(announcement(heartbeat_s=3600))
+                if announce:  # a model with a live worker that never answers: requests wait
+                    gateway.registry.learn(announcement(heartbeat_s=3600))
                 yield
                 return
             async with (
@@ -88,9 +90,15 @@ def asgi_client(classifier: ImageClassifier) -> ClientFactory:
 
     @asynccontextmanager
     async def open_client(
-        *, worker: bool = True, api_key: str | None = None, **overrides: Any
+        *,
+        worker: bool = True,
+        announce: bool = True,
+        api_key: str | None = None,
+        **overrides: Any,
     ) -> AsyncIterator[AsyncClient]:
-        app = service_app(sdk_settings(**overrides), classifier if worker else None)
+        app = service_app(
+            sdk_settings(**overrides), classifier if worker else None, announce=announce
+        )
         transport = httpx.ASGITransport(app=app)
         async with (
             app.router.lifespan_context(app),
