@@ -197,3 +197,21 @@ async def test_an_image_for_a_four_channel_model_is_422() -> None:
         )
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "unsupported_model_input"
+
+
+async def test_a_v2_version_route_reaches_only_that_version() -> None:
+    """POST /v2/models/fmnist/versions/<hash>/infer is answered by a worker of that version only."""
+    settings = gateway_settings(request_deadline_s=3.0)
+    only = announcement("pinned-only", version="aaaaaaaaaaaa", tag="v1")
+    pixels = [[[fashion_like(4).tolist()]]]
+    body = {
+        "inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": pixels}]
+    }
+    async with (
+        running_gateway(settings, announce=False) as (_, client),
+        stand_ins(settings, {"model": only, "pinned_only": True}),
+    ):
+        response = await client.post("/v2/models/fmnist/versions/aaaaaaaaaaaa/infer", json=body)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert outputs["label"]["data"] == [4]
