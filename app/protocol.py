@@ -1,6 +1,7 @@
 """The wire format between gateway and workers: request attributes and the result message.
 
-Requests (`fmnist.requests`, key = request id): the payload is the image as raw uint8 pixels,
+Requests (`<requests_topic>.<model>`, e.g. `fmnist.requests.fmnist`, key = request id; see
+`requests_topic_for`): the payload is the image as raw uint8 pixels,
 C×H×W, row-major, already normalised to the model's input by the gateway. Attributes carry
 everything else (all values are strings, as every broker allows):
 
@@ -14,9 +15,19 @@ everything else (all values are strings, as every broker allows):
 | `metadata`     | JSON object of client strings echoed in the result (optional)   |
 | `attempt`      | try number, 1 on first publish; a worker re-queues a request    |
 |                | with it raised by one after a model error                       |
+| `model`        | the model's name                                                 |
+| `model_version`| the version the request was pinned to (only on pinned requests) |
 
 Results (`fmnist.results`, key = request id): one JSON `ResultMessage` per request. A worker may
 publish the same request id twice after a redelivery; consumers keep the first.
+Each model has its own requests topic and worker group, so it scales and shows its backlog on its
+own; a request pinned to a version goes to that version's topic (`<requests_topic>.<model>.v-<version>`), which only workers of that version read, in their own group: no
+worker ever holds a request it cannot answer, so nothing is handed back and forth.
+
+Models (`fmnist.control`): each worker publishes a `ModelAnnouncement` per model it serves when it
+starts, again every heartbeat interval, and once with `status: leaving` when it drains. Gateways
+learn the models, versions and live workers from them.
+
 Dead letters (`fmnist.deadletter`): the original payload and attributes plus `error_code` and
 `error_message` attributes.
 """
@@ -24,6 +35,7 @@ Dead letters (`fmnist.deadletter`): the original payload and attributes plus `er
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +49,33 @@ METADATA_ATTR = "metadata"
 ATTEMPT_ATTR = "attempt"
 ERROR_CODE_ATTR = "error_code"
 ERROR_MESSAGE_ATTR = "error_message"
+MODEL_ATTR = "model"
+MODEL_VERSION_ATTR = "model_version"
+
+# A model name is part of topic and group names: Kafka and Pub/Sub both accept these characters.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it can name a model (letters, digits, `_`, `-`; up to 63); else ValueError."""
+    if not MODEL_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"model name {name!r}: use letters, digits, '_' and '-' (at most 63, starting with a "
+            "letter or digit); it becomes part of topic names"
+        )
+    return name
+
+
+def requests_topic_for(requests_topic: str, model: str, version: str | None = None) -> str:
+    """The topic of `model`'s requests (`fmnist.requests.fmnist`), or of those pinned to `version`."""
+    topic = f"{requests_topic}.{model}"
+    return topic if version is None else f"{topic}.v-{version}"
+
+
+def worker_group_for(worker_group: str, model: str, version: str | None = None) -> str:
+    """The consumer group of `model`'s workers (`workers.fmnist`), or of `version`'s pinned requests."""
+    group = f"{worker_group}.{model}"
+    return group if version is None else f"{group}.v-{version}"
 
 
 class ErrorInfo(BaseModel):
@@ -58,6 +97,7 @@ class ResultMessage(BaseModel):
     label: int | None = None
     class_name: str | None = None
     probabilities: list[float] | None = None
+    model: str | None = None
     model_version: str | None = None
     batch_id: str | None = None
     batch_size: int | None = None
@@ -74,6 +114,34 @@ class ResultMessage(BaseModel):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ResultMessage:
+        return cls.model_validate_json(data)
+
+
+class ModelAnnouncement(BaseModel):
+    """A worker's word about one model it serves, on the control topic: sent at start, every
+    `heartbeat_s`, and with `status="leaving"` when it drains. Live while heartbeats are fresh."""
+
+    model_config = ConfigDict(frozen=True)
+
+    worker_id: str
+    name: str
+    version: str = Field(description="content hash of what changes the answers")
+    tag: str | None = None
+    input_shape: tuple[int, int, int] = Field(description="C, H, W")
+    dtype: str = "uint8"
+    class_names: tuple[str, ...]
+    preprocessing: dict[str, object] = Field(default_factory=dict)
+    precision: str = ""
+    device: str = ""
+    status: Literal["live", "leaving"] = "live"
+    sent_at: float = Field(description="unix seconds, the worker's clock")
+    heartbeat_s: float = Field(gt=0, description="the worker announces again within this")
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ModelAnnouncement:
         return cls.model_validate_json(data)
 
 

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
         description="Broker URL: `memory://` (embedded), `kafka://host:9092[,host2:9092]` or `gcp://PROJECT_ID`.",
     )
     requests_topic: str = Field(
-        "fmnist.requests", description="Topic the gateway publishes images to."
+        "fmnist.requests",
+        description="Prefix of the requests topics: each model's requests go to `<prefix>.<model>` "
+        "(e.g. `fmnist.requests.fmnist`), requests pinned to a version to `<prefix>.<model>.v-<version>`.",
     )
     results_topic: str = Field(
         "fmnist.results", description="Topic the workers publish results to."
@@ -45,7 +47,30 @@ class Settings(BaseSettings):
     deadletter_topic: str = Field(
         "fmnist.deadletter", description="Topic for poison messages, with the error attached."
     )
-    worker_group: str = Field("workers", description="Consumer group shared by all workers.")
+    worker_group: str = Field(
+        "workers",
+        description="Prefix of the workers' consumer groups: `<prefix>.<model>`, one per model, so each "
+        "model scales on its own.",
+    )
+    control_topic: str = Field(
+        "fmnist.control",
+        description="Topic on which workers announce the models they serve (with heartbeats) and "
+        "gateways learn them.",
+    )
+    heartbeat_interval_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="Workers announce each model again this often; a gateway counts a worker live "
+        "for three intervals after its last announcement. Lower it to notice dead workers sooner, "
+        "raise it to send fewer control messages.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="Model that `/v1/predictions` (no model named) goes to. Default: `fmnist serve`'s "
+        "first `--model`, else the first model the gateway learned. Set it on gateways of a "
+        "deployment that serves several models, so that they all agree.",
+    )
     broker_connect_timeout_s: float = Field(
         10.0, gt=0, description="Seconds to wait for the broker before raising `BrokerUnavailable`."
     )
@@ -72,6 +97,12 @@ class Settings(BaseSettings):
     data_dir: Path | None = Field(
         None,
         description="Directory with the Fashion-MNIST IDX `.gz` files (default: search the usual places).",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where workers run their models: `auto` (CUDA when torch sees a GPU, else the CPU), "
+        "`cpu`, `cuda` or `cuda:N`. Workers announce the device they use.",
     )
     inference_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
@@ -167,14 +198,11 @@ class Settings(BaseSettings):
     max_batch_upload_bytes: int = Field(
         64 * 1024 * 1024, ge=1, description="Largest `POST /v1/predictions:batch` body (413 above)."
     )
-    input_shape: str = Field(
-        "1,28,28",
-        description="The model's input `C,H,W`; the gateway fits uploads to it (workers reject other shapes).",
-    )
     auto_invert: bool = Field(
         True,
-        description="Single-channel models: invert uploads whose border is mostly light, so dark-on-white "
-        "photos and drawings look like Fashion-MNIST.",
+        description="Single-channel models that ask for it in their preprocessing (the Fashion-MNIST "
+        "checkpoints do): invert uploads whose border is mostly light, so dark-on-white photos and "
+        "drawings look like Fashion-MNIST. False turns it off for every model.",
     )
     max_batch_images: int = Field(
         256, ge=1, description="Most images in one `POST /v1/predictions:batch`."
@@ -332,13 +360,12 @@ class Settings(BaseSettings):
             return installed_model_path() or value
         return value
 
-    @field_validator("input_shape")
+    @field_validator("default_model")
     @classmethod
-    def _check_shape(cls, value: str) -> str:
-        parts = value.split(",")
-        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"input_shape must be three positive integers C,H,W, got {value!r}")
-        return value
+    def _check_model_name(cls, value: str | None) -> str | None:
+        from app.protocol import check_model_name
+
+        return None if not value else check_model_name(value)
 
     @model_validator(mode="after")
     def _check_topics(self) -> Settings:

@@ -99,7 +99,12 @@ def run_block(block: CodeBlock, service_url: str) -> subprocess.CompletedProcess
     return subprocess.run(
         [*RUNNERS[block.info.split()[0]], code],
         cwd=block.readme.parent,
-        env={**os.environ, "FMNIST_URL": service_url},
+        # The `fmnist` and `python` a reader's blocks call: this interpreter's environment's.
+        env={
+            **os.environ,
+            "FMNIST_URL": service_url,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        },
         capture_output=True,
         text=True,
         timeout=BLOCK_TIMEOUT_S,

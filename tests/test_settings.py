@@ -29,7 +29,8 @@ def test_api_keys_are_read_comma_separated(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("FMNIST_INPUT_SHAPE", "1,28"),
+        ("FMNIST_DEFAULT_MODEL", "no/slashes"),
+        ("FMNIST_DEVICE", "tpu"),
         ("FMNIST_MAX_BATCH_SIZE", "0"),
         ("FMNIST_RESULTS_TOPIC", "ab"),
     ],

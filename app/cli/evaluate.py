@@ -40,6 +40,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="directory with the IDX .gz files (default: FMNIST_DATA_DIR, then /usr/share/datasets/fashion-mnist)",
     )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="evaluate on this image folder (DIR/<class>/<image>; the classes must be the model's) "
+        "instead of the Fashion-MNIST test set",
+    )
+    parser.add_argument(
+        "--convert",
+        action="store_true",
+        help="with --data: fit images of another size or mode to the model's input by the image "
+        "policy (as the gateway fits uploads) instead of refusing them",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     parser.add_argument(
         "--report-dir",
@@ -132,17 +146,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print("fmnist evaluate: --card needs --precision fp32 (it reports both)", file=sys.stderr)
         return 2
     from ml import CheckpointError, DataError, ImageClassifier, load_fashion_mnist
+    from ml.folders import describe, folder_for_model
     from ml.report import evaluate_bf16, evaluation_report, measure_precisions, write_model_card
 
+    data: str | None = None
     try:
         classifier = ImageClassifier.load(
             args.checkpoint, device=args.device, precision=args.precision
         )
-        test = load_fashion_mnist("test", args.data_dir)
+        if args.data is not None:
+            test = folder_for_model(
+                args.data, classifier.input_shape, classifier.class_names, convert=args.convert
+            )
+            data = describe(args.data, test)
+        else:
+            test = load_fashion_mnist("test", args.data_dir)
     except (CheckpointError, DataError) as exc:
         print(f"fmnist evaluate: {exc}", file=sys.stderr)
         return 2
-    if classifier.input_shape != (1, 28, 28) or classifier.num_classes != len(test.class_names):
+    if args.data is not None and (args.calibrate or args.card):
+        print("fmnist evaluate: --calibrate and --card work on Fashion-MNIST only", file=sys.stderr)
+        return 2
+    if (
+        args.data is None and classifier.input_shape != (1, 28, 28)
+    ) or classifier.num_classes != len(test.class_names):
         print(
             f"fmnist evaluate: {args.checkpoint} takes {classifier.input_shape} images in "
             f"{classifier.num_classes} classes, not Fashion-MNIST (1×28×28, 10 classes)",
@@ -224,7 +251,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
         print("model card: " + ", ".join(str(p) for p in card.values()), file=sys.stderr)
     if not args.no_report:
-        paths = evaluation_report(classifier, args.checkpoint, result, args.report_dir)
+        paths = evaluation_report(classifier, args.checkpoint, result, args.report_dir, data=data)
         print(
             "report: " + ", ".join(str(p) for p in paths.values()),
             file=sys.stderr if args.json else sys.stdout,

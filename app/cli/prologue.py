@@ -119,3 +119,52 @@ def tune_garbage_collector(threshold: int) -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(threshold, gen1, gen2)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model [NAME=]SOURCE`, repeatable, and `--device`: what a command that runs models serves."""
+    parser.add_argument(
+        "--model",
+        metavar="[NAME=]SOURCE",
+        action="append",
+        default=[],
+        help="a model to serve, repeatable: a checkpoint (.safetensors), an exported program (.pt2 or "
+        "TorchScript .pt, with its spec beside it) or package.module:Class; NAME= names it (default: "
+        "the file's stem or the spec's name). Without it: FMNIST_MODEL_PATH",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where the models run (FMNIST_DEVICE; auto: CUDA when available)",
+    )
+
+
+def parse_model_option(text: str) -> tuple[str | None, str]:
+    """`NAME=SOURCE` or a bare `SOURCE` (named by the model itself); ValueError on a bad name."""
+    from app.protocol import check_model_name
+
+    name, sep, source = text.partition("=")
+    if not sep or "/" in name or ":" in name:
+        return None, text
+    if not source:
+        raise ValueError(f"--model {text!r}: NAME=SOURCE needs a source after '='")
+    return check_model_name(name), source
+
+
+def model_options(
+    args: argparse.Namespace, settings: Settings
+) -> list[tuple[str | None, str]] | None:
+    """The (name, source) pairs of `--model` (FMNIST_MODEL_PATH without one); None after printing
+    why a `--model` is invalid (the caller exits 2)."""
+    if not args.model:
+        return [(None, str(settings.model_path))]
+    try:
+        models = [parse_model_option(text) for text in args.model]
+    except ValueError as exc:
+        print(f"fmnist: {exc}", file=sys.stderr)
+        return None
+    names = [name for name, _ in models if name is not None]
+    if len(names) != len(set(names)):
+        print(f"fmnist: --model names a model twice: {names}", file=sys.stderr)
+        return None
+    return models

@@ -57,6 +57,15 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (for logs and CI)"
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="send to this model (default: the service's default model; it must take "
+        "Fashion-MNIST's 28×28 grayscale images or fit them to its input)",
+    )
+    parser.add_argument(
+        "--version", default=None, help="pin a version of the model: its hash or tag"
+    )
     parser.set_defaults(func=run)
 
 
@@ -135,8 +144,11 @@ async def send_images(
     concurrency: int,
     summary: SendSummary,
     on_sent: Callable[[], object] | None = None,
+    model: str | None = None,
+    version: str | None = None,
 ) -> None:
-    """Submit `images[i]` for each i in `indices`, paced to `rate` per second, `concurrency` at a time."""
+    """Submit `images[i]` for each i in `indices`, paced to `rate` per second, `concurrency` at a
+    time, to `model` at `version` (default: the default model, its newest live version)."""
     from fmnist_client import FmnistError
 
     slots = asyncio.Semaphore(concurrency)
@@ -150,7 +162,7 @@ async def send_images(
             "sent_at": f"{time.time():.6f}",
         }
         try:
-            await client.submit(images[index], metadata=metadata)
+            await client.submit(images[index], metadata=metadata, model=model, version=version)
             summary.accepted += 1
         except FmnistError as error:
             summary.failures[error.code] += 1
@@ -201,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
                     concurrency=args.concurrency,
                     summary=summary,
                     on_sent=bar.update,
+                    model=args.model,
+                    version=args.version,
                 )
 
     interrupted = False

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
-from pathlib import Path
 from typing import Any
 
 from app.cli.gateway import add_http_arguments, http_overrides, serve_http
 from app.cli.prologue import (
     INVALID_SETTING_STATUS,
     add_batching_arguments,
+    add_model_arguments,
     batching_overrides,
+    model_options,
     start_command,
 )
 from app.logs import kv
@@ -27,40 +29,52 @@ def register(subparsers: Any) -> None:
         help="run gateway + worker + embedded broker in one process (the quick start)",
         description=(
             "Run everything in one process: the HTTP gateway, one inference worker and, by default, the "
-            "embedded memory:// broker. Open http://127.0.0.1:8000/ for the demo page and /docs for the "
+            "embedded memory:// broker, one worker per --model. Open http://127.0.0.1:8000/ for the demo page and /docs for the "
             "API. Settings come from FMNIST_* environment variables; the flags override them. SIGTERM "
             "or Ctrl-C stops the server, then the worker drains."
         ),
     )
     add_http_arguments(parser)
-    parser.add_argument(
-        "--model", metavar="PATH", type=Path, help="checkpoint to serve (FMNIST_MODEL_PATH)"
-    )
+    add_model_arguments(parser)
     add_batching_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {**http_overrides(args), "model_path": args.model, **batching_overrides(args)}
+    overrides = {**http_overrides(args), "device": args.device, **batching_overrides(args)}
     settings = start_command("serve", overrides, runs_model=True)
     if settings is None:
         return INVALID_SETTING_STATUS
-    return asyncio.run(serve_all(settings))
+    models = model_options(args, settings)
+    if models is None:
+        return INVALID_SETTING_STATUS
+    return asyncio.run(serve_all(settings, models))
 
 
-async def serve_all(settings: Settings) -> int:
-    """Start the worker (it loads the model), then the gateway on the same broker; stop in reverse."""
+async def serve_all(settings: Settings, models: list[tuple[str | None, str]] | None = None) -> int:
+    """Start one worker per model (each loads its model), then the gateway on the same broker, whose
+    default model is the first (unless FMNIST_DEFAULT_MODEL says); stop in reverse."""
     import messaging
     from app.broker import connect_broker
     from app.worker.consumer import Worker
     from ml.checkpoint import CheckpointError
+    from ml.serving import ModelLoadError
 
     pubsub = connect_broker(settings)
     try:
-        async with pubsub, Worker(settings, pubsub):
+        async with pubsub, contextlib.AsyncExitStack() as stack:
+            workers = [
+                await stack.enter_async_context(Worker(settings, pubsub, name=name, source=source))
+                for name, source in models or [(None, str(settings.model_path))]
+            ]
+            if settings.default_model is None:
+                settings = settings.model_copy(update={"default_model": workers[0].model_name})
             return await serve_http(settings)
     except messaging.MessagingError as exc:
         logger.error(kv("serve_failed", error=exc))
+        return 1
+    except ModelLoadError as exc:
+        logger.error(kv("serve_failed", error=exc, fix="see docs/model.md for what --model takes"))
         return 1
     except (CheckpointError, FileNotFoundError) as exc:
         logger.error(

@@ -1,4 +1,4 @@
-"""`fmnist train`: train the classifier on Fashion-MNIST, save the checkpoint and write its report."""
+"""`fmnist train`: train the classifier on Fashion-MNIST or an image folder, save the checkpoint and write its report."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from app.logs import configure_logging, kv
 
 logger = logging.getLogger("fmnist.train")
 
-DEFAULT_OUT = Path("models/fmnist.safetensors")
+SHIPPED = Path("models/fmnist.safetensors")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -51,10 +52,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train the classifier on Fashion-MNIST and write checkpoint + model card",
+        help="train the classifier on Fashion-MNIST or your image folder; write checkpoint + model card",
         description=(
-            "Train on the Fashion-MNIST training set (minus a seeded validation split), evaluate once "
-            "on the 10k test set, save a .safetensors checkpoint and write a report beside it: "
+            "Train on the Fashion-MNIST training set (minus a seeded validation split) and evaluate once "
+            "on the 10k test set, or, with --data DIR, on an image folder (one sub-folder per class, any "
+            "channels and size) evaluated on its seeded validation split; save a .safetensors "
+            "checkpoint (default models/<name>.safetensors, never over an existing file without "
+            "--force or an explicit --out) and write a report beside it: "
             "loss/accuracy curves, confusion matrix, reliability diagram and a model card with CPU "
             "throughput. After training, a temperature is fitted on the validation split so that "
             "served probabilities are calibrated (see the card's Calibration section)."
@@ -62,6 +66,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="train on this image folder (DIR/<class>/<image>) instead of Fashion-MNIST",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="with --data: the share of each class held out (seeded) for validation, the "
+        "temperature and the report",
+    )
     data.add_argument(
         "--data-dir",
         type=Path,
@@ -76,7 +94,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "(0: train on all 60k and serve uncalibrated probabilities)",
     )
     data.add_argument(
-        "--subset", type=int, default=None, help="use only this many training images (quick runs)"
+        "--subset",
+        type=int,
+        default=None,
+        help="train on a seeded random N of the 60k training images; the validation split is carved "
+        "from them (at most a tenth); the test set stays whole",
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -89,8 +111,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     model.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=35, help="passes over the training set")
-    optim.add_argument("--batch-size", type=int, default=256, help="images per training step")
-    optim.add_argument("--lr", type=float, default=0.2, help="peak one-cycle learning rate")
+    optim.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per training step (default: scaled to the training set's size)",
+    )
+    optim.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: scaled to the batch size)",
+    )
+    optim.add_argument(
+        "--schedule",
+        choices=("cosine", "one-cycle"),
+        default="cosine",
+        help="learning-rate schedule after the warm-up",
+    )
+    optim.add_argument(
+        "--grad-clip",
+        type=float,
+        default=2.0,
+        help="clip the gradient's global norm to this (0: off)",
+    )
     optim.add_argument(
         "--optimizer",
         choices=("sgd", "adamw"),
@@ -106,12 +150,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     optim.add_argument(
         "--label-smoothing",
         type=float,
-        default=0.1,
+        default=0.0,
         help="label smoothing of the training loss (the fitted temperature undoes the "
         "under-confidence it leaves)",
     )
     optim.add_argument(
-        "--warmup", type=float, default=0.25, help="fraction of steps warming up to the peak lr"
+        "--warmup",
+        type=float,
+        default=None,
+        help="fraction of steps warming up to the peak lr (default: scaled to the run's length)",
     )
     optim.add_argument(
         "--crop-padding", type=int, default=2, help="random-crop padding in pixels (0: off)"
@@ -130,7 +177,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="fixes the initial weights, the validation split, batch order and augmentation",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint path (.safetensors)")
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="checkpoint path (.safetensors); named explicitly it may replace an existing file "
+        "(default: models/<name>.safetensors, refused when it exists unless --force)",
+    )
+    run.add_argument(
+        "--name",
+        default=None,
+        help="the model's name, for the default --out (default: the --data folder's name, else "
+        "fmnist-trained)",
+    )
+    run.add_argument(
+        "--force", action="store_true", help="let the default --out replace an existing file"
+    )
     run.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)"
     )
@@ -185,9 +247,15 @@ def run_train(args: argparse.Namespace) -> int:
     from ml import DataError, ImageClassifier, TrainConfig, fashion_mnist_splits
     from ml.report import duration, evaluate_bf16, measure_precisions, write_model_card
 
+    out = output_path(args)
+    if out is None:
+        return 2
+    args.out = out
     if args.threads:
         torch.set_num_threads(args.threads)
     command = args.command_line(args)
+    if args.data is not None:
+        return _train_on_folder(args, command)
     try:
         splits = fashion_mnist_splits(
             args.data_dir, val_size=args.val_size, seed=args.seed, subset=args.subset
@@ -217,20 +285,7 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        weight_decay=args.weight_decay,
-        warmup_fraction=args.warmup,
-        label_smoothing=args.label_smoothing,
-        crop_padding=args.crop_padding,
-        horizontal_flip=not args.no_flip,
-        precision=args.precision,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    config = train_config(args, TrainConfig)
     history = classifier.fit(splits.train, splits.val if len(splits.val) else None, config=config)
     test = classifier.evaluate(splits.test)
     calibration = classifier.calibration_report(splits.test)
@@ -272,5 +327,111 @@ def run_train(args: argparse.Namespace) -> int:
                 f"cpu predict {t.precision} batch={t.batch_size} threads={t.threads} clock={t.clock}: "
                 f"{t.images_per_second:,.0f} images/s"
             )
+        print("report: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def output_path(args: argparse.Namespace) -> Path | None:
+    """Where the checkpoint goes: `--out` as given, else `models/<name>.safetensors` unless that
+    exists and `--force` is not given (None after saying why)."""
+    if args.out is not None:
+        return Path(args.out)
+    name = args.name or (
+        Path(args.data).resolve().name if args.data is not None else "fmnist-trained"
+    )
+    out = Path("models") / f"{name}.safetensors"
+    if out.exists() and not args.force:
+        print(
+            f"fmnist train: {out} exists; pass --force to replace it, or --out PATH / --name NAME "
+            "to write elsewhere",
+            file=sys.stderr,
+        )
+        return None
+    return out
+
+
+def train_config(args: argparse.Namespace, config_class: type[Any]) -> Any:
+    """The `TrainConfig` of the flags (None leaves a data-scaled default to `fit`)."""
+    return config_class(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        warmup_fraction=args.warmup,
+        schedule=args.schedule,
+        grad_clip=args.grad_clip,
+        label_smoothing=args.label_smoothing,
+        crop_padding=args.crop_padding,
+        horizontal_flip=not args.no_flip,
+        precision=args.precision,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def _train_on_folder(args: argparse.Namespace, command: str) -> int:
+    """`fmnist train --data DIR`: the folder split (seeded), fitted, evaluated and reported on its
+    validation split."""
+    from ml import DataError, ImageClassifier, TrainConfig
+    from ml.folders import describe, folder_splits
+    from ml.report import duration, measure_precisions, write_model_card
+
+    try:
+        splits = folder_splits(args.data, val_fraction=args.val_fraction, seed=args.seed)
+    except DataError as exc:
+        print(f"fmnist train: {exc}", file=sys.stderr)
+        return 2
+    channels, height, width = splits.input_shape
+    logger.info(
+        kv(
+            "train_start",
+            data=args.data,
+            train=len(splits.train),
+            val=len(splits.val),
+            input_shape=f"{channels},{height},{width}",
+            classes=len(splits.class_names),
+        )
+    )
+    classifier = ImageClassifier(
+        num_channels=channels,
+        num_classes=len(splits.class_names),
+        image_size=(height, width),
+        class_names=splits.class_names,
+        widths=args.widths,
+        convs_per_stage=args.convs,
+        head=args.head,
+        dropout=args.dropout,
+        seed=args.seed,
+        device=args.device,
+    )
+    val = splits.val if len(splits.val) else None
+    history = classifier.fit(splits.train, val, config=train_config(args, TrainConfig))
+    classifier.training["data"] = describe(args.data, splits.train, "training split")
+    classifier.training["command"] = command
+    classifier.training["split"] = {
+        "data": str(args.data),
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+    }
+    report_set = splits.val if len(splits.val) else splits.train
+    result = classifier.evaluate(report_set)
+    calibration = classifier.calibration_report(report_set)
+    classifier.metrics["val_accuracy"] = result.accuracy
+    classifier.save(args.out)
+    data = describe(
+        args.data, report_set, "validation split" if val is not None else "training split"
+    )
+    print(
+        f"validation accuracy {100 * result.accuracy:.2f}% ({result.num_samples} images), trained in "
+        f"{duration(history.seconds)} -> {args.out}"
+    )
+    if not args.no_report:
+        throughput = measure_precisions(args.out, seconds=args.throughput_seconds)
+        notes = args.notes.read_text() if args.notes else ""
+        paths = write_model_card(
+            classifier, args.out, result, throughput, command, notes,
+            calibration=calibration, data=data,
+        )  # fmt: skip
         print("report: " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.cli.prologue import (
     INVALID_SETTING_STATUS,
     add_batching_arguments,
+    add_model_arguments,
     batching_overrides,
+    model_options,
     start_command,
 )
 from app.logs import kv
@@ -40,9 +42,7 @@ def register(subparsers: Any) -> None:
         metavar="URL",
         help="broker URL, kafka://host:9092 or gcp://PROJECT (FMNIST_BROKER_URL)",
     )
-    parser.add_argument(
-        "--model", metavar="PATH", type=Path, help="checkpoint to serve (FMNIST_MODEL_PATH)"
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--worker-id",
         metavar="ID",
@@ -55,12 +55,15 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = {
         "broker_url": args.broker,
-        "model_path": args.model,
+        "device": args.device,
         "worker_id": args.worker_id,
         **batching_overrides(args),
     }
     settings = start_command("worker", overrides, runs_model=True)
     if settings is None:
+        return INVALID_SETTING_STATUS
+    models = model_options(args, settings)
+    if models is None:
         return INVALID_SETTING_STATUS
     if settings.broker_url.startswith("memory://"):
         logger.error(
@@ -71,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         return 2
-    return asyncio.run(run_worker(settings))
+    return asyncio.run(run_worker(settings, models))
 
 
-async def run_worker(settings: Settings) -> int:
+async def run_worker(settings: Settings, models: list[tuple[str | None, str]] | None = None) -> int:
     """Load the model, connect, consume until a stop signal, drain. Returns the exit status."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,7 +87,7 @@ async def run_worker(settings: Settings) -> int:
     # Up before the model loads, so a startup probe sees the process alive while it loads.
     async with health_server(settings.host, settings.worker_health_port, state.readiness):
         try:
-            return await _run(settings, stop, state)
+            return await _run(settings, models or [(None, str(settings.model_path))], stop, state)
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
@@ -95,26 +98,38 @@ class _HealthState:
 
     def __init__(self, stop: asyncio.Event) -> None:
         self.stop = stop
-        self.worker: Worker | None = None
+        self.workers: list[Worker] = []
 
     def readiness(self) -> tuple[bool, str]:
         if self.stop.is_set():
             return False, "draining"
-        if self.worker is None:
-            return False, "loading the model and joining the group"
+        if not self.workers:
+            return False, "loading the models and joining the groups"
         return True, "consuming"
 
 
-async def _run(settings: Settings, stop: asyncio.Event, state: _HealthState) -> int:
+async def _run(
+    settings: Settings,
+    models: list[tuple[str | None, str]],
+    stop: asyncio.Event,
+    state: _HealthState,
+) -> int:
     import messaging
     from app.broker import connect_broker
     from app.worker.consumer import Worker
-    from app.worker.inference import load_classifier
+    from app.worker.inference import load_served_model
     from ml.checkpoint import CheckpointError
+    from ml.serving import ModelLoadError
 
-    # The model first: a wrong path fails in a second instead of after the broker's timeout.
+    # The models first: a wrong path fails in a second instead of after the broker's timeout.
     try:
-        classifier = await asyncio.to_thread(load_classifier, settings)
+        loaded = [
+            (name, await asyncio.to_thread(load_served_model, settings, source, name))
+            for name, source in models
+        ]
+    except ModelLoadError as exc:
+        logger.error(kv("worker_failed", error=exc, fix="see docs/model.md for what --model takes"))
+        return 1
     except (CheckpointError, FileNotFoundError) as exc:
         logger.error(
             kv(
@@ -130,24 +145,33 @@ async def _run(settings: Settings, stop: asyncio.Event, state: _HealthState) -> 
         logger.error(kv("worker_failed", error=exc, setting="--broker / FMNIST_BROKER_URL"))
         return 2
     try:
-        async with pubsub, Worker(settings, pubsub, classifier) as worker:
-            state.worker = worker
-            return await _serve_until_stopped(worker, stop)
+        async with pubsub, contextlib.AsyncExitStack() as stack:
+            workers = [
+                await stack.enter_async_context(Worker(settings, pubsub, model, name=name))
+                for name, model in loaded
+            ]
+            state.workers = workers
+            return await _serve_until_stopped(workers, stop)
     except messaging.MessagingError as exc:
         logger.error(kv("worker_failed", error=exc))
         return 1
 
 
-async def _serve_until_stopped(worker: Worker, stop: asyncio.Event) -> int:
+async def _serve_until_stopped(workers: list[Worker], stop: asyncio.Event) -> int:
     stop_requested = asyncio.ensure_future(stop.wait())
-    consuming = asyncio.ensure_future(worker.wait())
-    await asyncio.wait({stop_requested, consuming}, return_when=asyncio.FIRST_COMPLETED)
+    consuming = [asyncio.ensure_future(worker.wait()) for worker in workers]
+    await asyncio.wait({stop_requested, *consuming}, return_when=asyncio.FIRST_COMPLETED)
     stop_requested.cancel()
-    if consuming.done():
-        consuming.result()  # the subscription ended by itself: surface its error
-        logger.error(kv("worker_stopped", worker_id=worker.worker_id, reason="subscription ended"))
+    worker_id = workers[0].worker_id
+    ended = [task for task in consuming if task.done()]
+    if ended:
+        for task in consuming:
+            task.cancel()
+        ended[0].result()  # a subscription ended by itself: surface its error
+        logger.error(kv("worker_stopped", worker_id=worker_id, reason="subscription ended"))
         return 1
-    logger.info(kv("worker_draining", worker_id=worker.worker_id))
-    await worker.drain()
-    consuming.cancel()
+    logger.info(kv("worker_draining", worker_id=worker_id))
+    await asyncio.gather(*(worker.drain() for worker in workers))
+    for task in consuming:
+        task.cancel()
     return 0

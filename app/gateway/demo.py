@@ -24,11 +24,9 @@ from ml.readers import (
     HOW_TO_GET,
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
-    CheckpointError,
     DataError,
     count_idx_items,
     fashion_mnist_test_files,
-    read_checkpoint_metadata,
     read_idx,
 )
 
@@ -94,11 +92,8 @@ class TestImages(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    """What the gateway's configured checkpoint says about itself (read from its header only).
-
-    With separate `fmnist worker` processes the workers may serve another file; each result's own
-    `class_name` and `model_version` are authoritative.
-    """
+    """The default model as its workers announced it (nulls while none is known); `GET /v1/models`
+    lists every model."""
 
     class_names: list[str] | None = Field(
         default=None, examples=[["T-shirt/top", "Trouser", "Pullover"]]
@@ -227,25 +222,22 @@ def demo_test_images(
     "/v1/demo/model",
     response_model=ModelInfo,
     tags=["demo"],
-    summary="Class names and version of the configured checkpoint, for the demo page",
+    summary="Class names and version of the default model, for the demo page",
     responses=error_responses(401, 403),
     dependencies=[Depends(get_owner)],
 )
-def demo_model(settings: SettingsDep) -> ModelInfo:
-    """Class names, version and input shape from `FMNIST_MODEL_PATH`'s header; nulls when unreadable."""
-    try:
-        metadata = read_checkpoint_metadata(settings.model_path)
-        class_names = metadata.get("class_names")
-        input_shape = metadata.get("input_shape")
-        version = metadata.get("version")
-        return ModelInfo(
-            class_names=[str(n) for n in class_names] if isinstance(class_names, list) else None,
-            version=str(version) if version is not None else None,
-            input_shape=[int(d) for d in input_shape] if isinstance(input_shape, list) else None,
-        )
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
-        logger.info(kv("demo_model_info_unavailable", path=settings.model_path, reason=exc))
+def demo_model(gateway: GatewayDep) -> ModelInfo:
+    """Class names, version and input shape of the default model's newest version; nulls when none is known."""
+    registry = gateway.registry
+    versions = registry.versions(registry.default_name)
+    if not versions:
         return ModelInfo()
+    newest = next((v for v in versions if v.ready), versions[0])
+    return ModelInfo(
+        class_names=list(newest.class_names),
+        version=newest.version,
+        input_shape=list(newest.input_shape),
+    )
 
 
 @router.post(
@@ -268,20 +260,26 @@ def demo_model(settings: SettingsDep) -> ModelInfo:
         }
     },
 )
-async def demo_model_input(request: Request, gateway: GatewayDep) -> Response:
+async def demo_model_input(
+    request: Request,
+    gateway: GatewayDep,
+    model: Annotated[
+        str | None, Query(description="The model (default: the default model).")
+    ] = None,
+    version: Annotated[str | None, Query(description="A version's hash or tag.")] = None,
+) -> Response:
     """The upload decoded and normalised exactly as `POST /v1/predictions` does, returned as a PNG.
 
     Nothing is published: the page shows it beside the prediction, so a thumbnail is what the model
     classified (inverted, trimmed and resized), never the original file.
     """
+    policy = gateway.policy_for(gateway.registry.resolve(model, version))
     body = await read_body(request, gateway.settings.max_upload_bytes, "FMNIST_MAX_UPLOAD_BYTES")
-    (decoded,) = await decode_uploads(
-        [Upload(body, request.headers.get("content-type"))], gateway.policy
-    )
+    (decoded,) = await decode_uploads([Upload(body, request.headers.get("content-type"))], policy)
     if isinstance(decoded, ApiError):
         raise decoded
     return Response(
-        model_input_png(decoded, gateway.policy.shape),
+        model_input_png(decoded, policy.shape),
         media_type="image/png",
         headers={"Cache-Control": "no-store"},
     )

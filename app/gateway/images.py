@@ -24,9 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib import format as npy_format
-from PIL import Image, ImageOps
+from PIL import Image
 
 from app.gateway.errors import ApiError
+from ml.imaging import INVERT as _INVERT
+from ml.imaging import PRESHRINK_FACTOR as _PRESHRINK_FACTOR
+from ml.imaging import frame_is_light as _frame_is_light
+from ml.imaging import to_model_input
 
 try:  # libspng: decodes a small PNG about 3x faster than Pillow (see `_gray_png_at_model_size`)
     import pyspng as _spng
@@ -48,13 +52,6 @@ _FORMAT_BY_CONTENT_TYPE = {
 SUPPORTED_IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp")
 SNIFFED_TYPES = ("application/octet-stream", "")
 NPY_TYPES = ("application/x-npy", "application/npy")
-
-# Background levels: above this mean border brightness a grayscale image is treated as dark-on-light.
-_LIGHT_BORDER = 127.5
-# A pixel belongs to the object when it is this much brighter than the (dark) background.
-_TRIM_THRESHOLD = 24
-# Large images are first reduced (cheaply) to at most this multiple of the model's size.
-_PRESHRINK_FACTOR = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,103 +281,16 @@ def _open_header(data: bytes, image_format: str) -> Image.Image:
 
 def normalise(image: Image.Image, policy: ImagePolicy) -> bytes:
     """Turn a decoded Pillow image into the model's uint8 C×H×W bytes (see the module docstring)."""
-    grayscale = policy.channels == 1
-    if grayscale and image.mode == "L" and image.size == (policy.width, policy.height):
-        # The hot path (already the model's size): plain bytes operations, no numpy round trip.
-        raw = image.tobytes()
-        if policy.auto_invert and _frame_is_light(raw, policy.width):
-            raw = raw.translate(_INVERT)
-        return raw
-
-    if "exif" in image.info:
-        image = ImageOps.exif_transpose(image)
-    _preshrink(image, policy)
-    target_mode = "L" if grayscale else "RGB"
-    image = _flatten_alpha(image, target_mode)
-    pixels = np.asarray(image)
-    if grayscale:
-        if policy.auto_invert and _border_is_light(pixels):
-            pixels = 255 - pixels
-        pixels = _trim(pixels)
-    fitted = _fit(Image.fromarray(np.ascontiguousarray(pixels)), policy)
-    array = np.asarray(fitted)
-    if not grayscale:
-        array = array.transpose(2, 0, 1)  # H×W×C → C×H×W
-    return np.ascontiguousarray(array).tobytes()
-
-
-def _preshrink(image: Image.Image, policy: ImagePolicy) -> None:
-    """Reduce huge images by an integer factor first: trimming and fitting then touch few pixels."""
-    limit = (policy.width * _PRESHRINK_FACTOR, policy.height * _PRESHRINK_FACTOR)
-    if image.width > 2 * limit[0] and image.height > 2 * limit[1]:
-        image.thumbnail(limit, Image.Resampling.BOX, reducing_gap=None)
-
-
-def _flatten_alpha(image: Image.Image, mode: str) -> Image.Image:
-    """Convert to `mode`, compositing transparency on a background that contrasts with the object."""
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if not has_alpha:
-        return image.convert(mode) if image.mode != mode else image
-    rgba = image.convert("RGBA")
-    alpha = np.asarray(rgba.getchannel("A"))
-    luminance = np.asarray(rgba.convert("L"))
-    visible = alpha > 0
-    object_is_dark = bool(visible.any()) and float(luminance[visible].mean()) < _LIGHT_BORDER
-    background = Image.new(
-        "RGBA", rgba.size, (255, 255, 255, 255) if object_is_dark else (0, 0, 0, 255)
+    if policy.channels not in (1, 3):
+        raise ApiError(
+            422,
+            "unsupported_model_input",
+            f"the model takes {policy.channels}-channel images, which no image file converts to "
+            "(1: grayscale, 3: RGB); send its input as a uint8 .npy array (application/x-npy)",
+        )
+    return to_model_input(
+        image, policy.channels, policy.height, policy.width, auto_invert=policy.auto_invert
     )
-    return Image.alpha_composite(background, rgba).convert(mode)
-
-
-_INVERT = bytes(range(255, -1, -1))
-
-
-def _frame_is_light(raw: bytes, width: int) -> bool:
-    """`_border_is_light` for row-major grayscale bytes."""
-    inner = raw[width:-width]
-    frame = raw[:width] + raw[-width:] + inner[::width] + inner[width - 1 :: width]
-    return sum(frame) / len(frame) > _LIGHT_BORDER
-
-
-def _border_is_light(pixels: np.ndarray) -> bool:
-    """True when the one-pixel frame of a grayscale image is mostly light (dark object on light)."""
-    frame_sum = (
-        int(pixels[0].sum())
-        + int(pixels[-1].sum())
-        + int(pixels[1:-1, 0].sum())
-        + int(pixels[1:-1, -1].sum())
-    )
-    frame_len = 2 * pixels.shape[1] + 2 * max(pixels.shape[0] - 2, 0)
-    return frame_sum / max(frame_len, 1) > _LIGHT_BORDER
-
-
-def _trim(pixels: np.ndarray) -> np.ndarray:
-    """Crop a light-on-dark grayscale image to the bounding box of its object (Fashion-MNIST's framing)."""
-    background = int(
-        np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))
-    )
-    mask = pixels > background + _TRIM_THRESHOLD
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return pixels
-    cols = np.flatnonzero(mask.any(axis=0))
-    return pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-
-
-def _fit(image: Image.Image, policy: ImagePolicy) -> Image.Image:
-    """Resize to fit inside H×W keeping the aspect ratio, centred on a black canvas."""
-    scale = min(policy.width / image.width, policy.height / image.height)
-    size = (
-        max(1, min(policy.width, round(image.width * scale))),
-        max(1, min(policy.height, round(image.height * scale))),
-    )
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    if size == (policy.width, policy.height):
-        return image
-    canvas = Image.new(image.mode, (policy.width, policy.height), 0)
-    canvas.paste(image, ((policy.width - size[0]) // 2, (policy.height - size[1]) // 2))
-    return canvas
 
 
 def decode_array(data: bytes, policy: ImagePolicy) -> bytes:

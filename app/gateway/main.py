@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.gateway import demo, ops, predictions, stream
+from app.gateway import catalog, demo, ops, predictions, stream
 from app.gateway.docs import install_docs
 from app.gateway.errors import ApiError, error_body, install_error_handlers
 from app.gateway.service import Gateway, PubSubFactory
@@ -198,6 +198,7 @@ def create_app(
     app.state.stream_slots = stream.StreamSlots(settings.stream_max_connections)
     install_error_handlers(app)
     app.include_router(predictions.router)
+    app.include_router(catalog.router)
     app.include_router(v2_rest.router)
     app.include_router(stream.router)
     app.include_router(ops.router)

@@ -99,6 +99,13 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.model_results = Counter(
+            "fmnist_model_results",
+            "Results by model, version (content hash) and outcome (completed, failed).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self._model_children: dict[tuple[str, str, str], Any] = {}
         self.duplicate_results = Counter(
             "fmnist_duplicate_results",
             "Results dropped because the request id already had one.",
@@ -121,6 +128,11 @@ class GatewayMetrics:
 
     def record_result(self, result: ResultMessage) -> None:
         """Count one stored (first) result."""
+        key = (result.model or "", result.model_version or "", result.status)
+        child = self._model_children.get(key)
+        if child is None:
+            child = self._model_children[key] = self.model_results.labels(*key)
+        child.inc()
         if result.status == "completed":
             self.completed += 1
             self._completed.inc()

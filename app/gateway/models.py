@@ -27,7 +27,10 @@ class PredictionResponse(BaseModel):
         description="One probability per class, in class order.",
         examples=[[0.0, 0.0, 0.0, 0.0, 0.0, 0.001, 0.0, 0.002, 0.0, 0.997]],
     )
-    model_version: str | None = Field(None, examples=["3f9a1c0b7d2e"])
+    model: str | None = Field(None, examples=["fmnist"], description="The model that answered.")
+    model_version: str | None = Field(
+        None, examples=["3f9a1c0b7d2e"], description="Its version (content hash)."
+    )
     batch_id: str | None = Field(None, description="Id of the forward pass that computed it.")
     batch_size: int | None = Field(None, examples=[64], description="Images in that forward pass.")
     queue_ms: float | None = Field(None, description="Time waiting for the batch to form.")
@@ -80,6 +83,7 @@ _NULL_RESULT_FIELDS = {
     "label": None,
     "class_name": None,
     "probabilities": None,
+    "model": None,
     "model_version": None,
     "batch_id": None,
     "batch_size": None,
@@ -99,6 +103,7 @@ def result_body(stored: StoredResult) -> dict[str, Any]:
         "label": result.label,
         "class_name": result.class_name,
         "probabilities": result.probabilities,
+        "model": result.model,
         "model_version": result.model_version,
         "batch_id": result.batch_id,
         "batch_size": result.batch_size,

@@ -29,6 +29,7 @@ from app.gateway.intake import (
     read_body,
 )
 from app.gateway.models import BatchResponse, PredictionResponse, pending_body, result_body
+from app.gateway.registry import ModelVersion
 from app.gateway.results import StoredResult, Submission
 from app.gateway.service import Gateway
 from app.gateway.submission import Accepted
@@ -73,6 +74,22 @@ _SUBMIT_PARAMETERS: list[dict[str, Any]] = [
     },
 ]
 
+_VERSION_PARAMETER: dict[str, Any] = {
+    "name": "version",
+    "in": "query",
+    "required": False,
+    "description": "Pin a version of the model: its content hash or its tag (default: the newest "
+    "live version). 404 `version_not_found` lists the live ones.",
+    "schema": {"type": "string", "examples": ["v2"]},
+}
+_MODEL_PARAMETER: dict[str, Any] = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "The model's name (`GET /v1/models` lists them).",
+    "schema": {"type": "string", "examples": ["fmnist"]},
+}
+
 _IMAGE_SCHEMA = {"type": "string", "format": "binary"}
 _SINGLE_BODY: dict[str, Any] = {
     "parameters": _SUBMIT_PARAMETERS,
@@ -112,7 +129,12 @@ _BATCH_BODY: dict[str, Any] = {
         },
     },
 }
-_SUBMIT_ERRORS = error_responses(400, 401, 403, 413, 415, 422, 429, 431, 503)
+_SUBMIT_ERRORS = error_responses(400, 401, 403, 404, 413, 415, 422, 429, 431, 503)
+
+
+def _for_model(body: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI extras of a submit route under `/v1/models/{name}`."""
+    return {**body, "parameters": [_MODEL_PARAMETER, *body["parameters"], _VERSION_PARAMETER]}
 
 
 def _json(body: Any, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -153,21 +175,31 @@ class SubmitOptions:
     idempotency_key: str | None
     metadata: dict[str, str] | None
     wait_s: float
+    model: ModelVersion
+    pinned: bool
 
 
-def submit_options(request: Request, gateway: Gateway) -> SubmitOptions:
-    """Validate `wait`, `Idempotency-Key` and `X-Fmnist-Metadata`, and refuse early (503) without a broker."""
+def submit_options(request: Request, gateway: Gateway, model: str | None) -> SubmitOptions:
+    """Validate `wait`, `Idempotency-Key`, `X-Fmnist-Metadata` and `version`; refuse early without a
+    broker (503) or without the model (404 unknown, 503 no live worker)."""
     headers = request.headers
-    options = SubmitOptions(
-        check_idempotency_key(headers.get("idempotency-key")),
-        parse_metadata(headers.get("x-fmnist-metadata")),
-        _parse_wait(request.query_params.get("wait"), gateway),
-    )
+    version = request.query_params.get("version") or None
+    idempotency_key = check_idempotency_key(headers.get("idempotency-key"))
+    metadata = parse_metadata(headers.get("x-fmnist-metadata"))
+    wait_s = _parse_wait(request.query_params.get("wait"), gateway)
     gateway.require_ready()
-    return options
+    resolved = gateway.registry.resolve(model, version)
+    return SubmitOptions(idempotency_key, metadata, wait_s, resolved, version is not None)
 
 
-async def _read_single_image(request: Request, gateway: Gateway) -> tuple[bytes, bytes]:
+def _model_in_path(request: Request) -> str | None:
+    name = request.path_params.get("name")
+    return None if name is None else str(name)
+
+
+async def _read_single_image(
+    request: Request, gateway: Gateway, model: ModelVersion
+) -> tuple[bytes, bytes]:
     """(the upload's bytes, the model input) for the single-image route."""
     limit = gateway.settings.max_upload_bytes
     body = await read_body(request, limit, "FMNIST_MAX_UPLOAD_BYTES")
@@ -176,10 +208,10 @@ async def _read_single_image(request: Request, gateway: Gateway) -> tuple[bytes,
     if kind == "multipart/form-data":
         (upload,) = parse_multipart_files(content_type or "", body, "file", max_files=1)
     elif kind in NPY_TYPES:
-        return body, decode_array(body, gateway.policy)
+        return body, decode_array(body, gateway.policy_for(model))
     else:
         upload = Upload(body, content_type)
-    (decoded,) = await decode_uploads([upload], gateway.policy)
+    (decoded,) = await decode_uploads([upload], gateway.policy_for(model))
     if isinstance(decoded, ApiError):
         raise decoded
     return upload.data, decoded
@@ -203,14 +235,43 @@ async def _read_single_image(request: Request, gateway: Gateway) -> tuple[bytes,
     openapi_extra=_SINGLE_BODY,
 )
 async def create_prediction(request: Request) -> Response:
-    """Decode and validate the image, publish it to the workers, answer 202 (or 200 within `wait`)."""
+    """Decode and validate the image, publish it to the default model's workers, answer 202 (or 200 within `wait`)."""
+    return await _create_prediction(request)
+
+
+@router.post(
+    "/models/{name}/predictions",
+    status_code=202,
+    response_model=PredictionResponse,
+    summary="Submit one image to a model",
+    responses={
+        200: {"model": PredictionResponse, "description": "Completed (or failed) within `wait`."},
+        202: {"description": "Accepted; poll `Location` or stream the result."},
+        **_SUBMIT_ERRORS,
+    },
+    openapi_extra=_for_model(_SINGLE_BODY),
+)
+async def create_model_prediction(request: Request) -> Response:
+    """As `POST /v1/predictions`, for the model `name` (and `?version=`): 404 for an unknown model
+    or version, 503 + Retry-After while no worker serves it."""
+    return await _create_prediction(request)
+
+
+async def _create_prediction(request: Request) -> Response:
     gateway, owner = caller_of(request)
-    options = submit_options(request, gateway)
+    options = submit_options(request, gateway, _model_in_path(request))
     key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
     try:
-        raw, payload = await _read_single_image(request, gateway)
+        raw, payload = await _read_single_image(request, gateway, options.model)
         claim = [(key, body_fingerprint(raw, meta))] if key is not None else None
-        (outcome,) = await gateway.submit(owner, [payload], metadata=meta, idempotency=claim)
+        (outcome,) = await gateway.submit(
+            owner,
+            [payload],
+            model=options.model,
+            pinned=options.pinned,
+            metadata=meta,
+            idempotency=claim,
+        )
         if isinstance(outcome, ApiError):
             raise outcome
     except ApiError as exc:
@@ -238,9 +299,30 @@ async def create_prediction(request: Request) -> Response:
 )
 async def create_predictions_batch(request: Request) -> Response:
     """One item per image, in order: a pending/completed prediction, or `{index, error}` for a bad image."""
+    return await _create_batch(request)
+
+
+@router.post(
+    "/models/{name}/predictions:batch",
+    status_code=202,
+    response_model=BatchResponse,
+    summary="Submit many images to a model",
+    responses={
+        200: {"model": BatchResponse, "description": "Every item is completed, failed or refused."},
+        **_SUBMIT_ERRORS,
+    },
+    openapi_extra=_for_model(_BATCH_BODY),
+)
+async def create_model_predictions_batch(request: Request) -> Response:
+    """As `POST /v1/predictions:batch`, for the model `name` (and `?version=`)."""
+    return await _create_batch(request)
+
+
+async def _create_batch(request: Request) -> Response:
     gateway, owner = caller_of(request)
-    options = submit_options(request, gateway)
+    options = submit_options(request, gateway, _model_in_path(request))
     key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
+    policy = gateway.policy_for(options.model)
     settings = gateway.settings
     max_images = settings.max_batch_images
     limit = settings.max_batch_upload_bytes
@@ -252,9 +334,9 @@ async def create_predictions_batch(request: Request) -> Response:
         if kind == "multipart/form-data":
             uploads = parse_multipart_files(content_type, body, "files", max_files=max_images)
             raws = [upload.data for upload in uploads]
-            decoded = await decode_uploads(uploads, gateway.policy)
+            decoded = await decode_uploads(uploads, policy)
         elif kind in NPY_TYPES:
-            arrays = decode_array_batch(body, gateway.policy, max_images=max_images)
+            arrays = decode_array_batch(body, policy, max_images=max_images)
             raws, decoded = list(arrays), list(arrays)
         else:
             raise ApiError(
@@ -271,7 +353,12 @@ async def create_predictions_batch(request: Request) -> Response:
             else None
         )
         outcomes = await gateway.submit(
-            owner, [payload for _, payload in good], metadata=meta, idempotency=claims
+            owner,
+            [payload for _, payload in good],
+            model=options.model,
+            pinned=options.pinned,
+            metadata=meta,
+            idempotency=claims,
         )
     except ApiError as exc:
         gateway.metrics.record_rejection(exc.code)

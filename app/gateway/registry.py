@@ -1,22 +1,26 @@
 """The models the gateway serves: names, versions, input shapes, class names and readiness (torch-free).
 
-A stand-in with the interface agreed for issue 14: one default model, built from the settings and the
-checkpoint's header; the models branch replaces it with a registry fed by worker announcements.
+Fed by the workers' announcements on the control topic (`app.protocol.ModelAnnouncement`, read by
+`Gateway`): a model is known once a worker announced it, and a version is live while at least one
+worker's heartbeats for it are fresh (within `LIVENESS_INTERVALS` of its announced interval). A worker
+that drains announces `leaving` and stops counting at once. Known models stay known (a 503 while no
+worker serves them, not a 404).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 from app.gateway.errors import ApiError
-from app.protocol import decode_shape
-from app.settings import Settings
+from app.protocol import ModelAnnouncement
 
 RETRY_AFTER_MODEL_S = 2
+# A worker counts as live for this many of its heartbeat intervals after its last announcement:
+# one late heartbeat never takes a model away.
+LIVENESS_INTERVALS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,69 +35,109 @@ class ModelVersion:
     class_names: tuple[str, ...]
     preprocessing: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
     live_workers: int = 0
+    precision: str = ""
+    device: str = ""
 
     @property
     def ready(self) -> bool:
         return self.live_workers > 0
 
 
-class ModelRegistry:
-    """The default model, from `FMNIST_MODEL_PATH`'s header and `FMNIST_INPUT_SHAPE`; live while `ready()`."""
+@dataclass(slots=True)
+class _Known:
+    """A version as last announced, when it was first learned, and its workers' expiry times."""
 
-    def __init__(self, settings: Settings, ready: Callable[[], bool]) -> None:
-        self._ready = ready
-        path = Path(settings.model_path)
-        metadata = _checkpoint_metadata(path)
-        classes = metadata.get("class_names") or [str(index) for index in range(10)]
-        self._template = ModelVersion(
-            name=path.stem.split(".")[0] or "fmnist",
-            version=str(metadata.get("version") or "1"),
-            tag=None,
-            input_shape=decode_shape(settings.input_shape),
-            dtype="uint8",
-            class_names=tuple(str(name) for name in classes),
-            preprocessing=MappingProxyType(dict(metadata.get("normalization") or {})),
+    announcement: ModelAnnouncement
+    first_seen: int  # order of learning: later is newer
+    workers: dict[str, float] = field(default_factory=dict)  # worker id → live until (unix s)
+
+
+class ModelRegistry:
+    """The models and versions workers announced, and which of them have live workers."""
+
+    def __init__(self, default_model: str | None = None, clock: Callable[[], float] = time.time):
+        self._default = default_model
+        self._clock = clock
+        self._models: dict[str, dict[str, _Known]] = {}  # name → version → what we know
+        self._learned = 0
+
+    def learn(self, announcement: ModelAnnouncement, received_at: float | None = None) -> bool:
+        """Take one announcement (received at `received_at`, default now); True when it changed
+        which workers are live (a new worker, version or model, or a worker leaving)."""
+        now = self._clock() if received_at is None else received_at
+        versions = self._models.setdefault(announcement.name, {})
+        known = versions.get(announcement.version)
+        if known is None:
+            if announcement.status == "leaving":
+                return False
+            self._learned += 1
+            known = versions[announcement.version] = _Known(announcement, self._learned)
+        else:
+            known.announcement = announcement
+        if announcement.status == "leaving":
+            return known.workers.pop(announcement.worker_id, None) is not None
+        is_new = announcement.worker_id not in known.workers or not self._live(
+            known.workers[announcement.worker_id]
         )
+        until = now + LIVENESS_INTERVALS * announcement.heartbeat_s
+        known.workers[announcement.worker_id] = max(
+            until, known.workers.get(announcement.worker_id, 0)
+        )
+        return is_new
+
+    def _live(self, until: float) -> bool:
+        return until > self._clock()
 
     def names(self) -> list[str]:
-        return [self._template.name]
+        """Known models, in the order they were first learned."""
+        return list(self._models)
 
     @property
     def default_name(self) -> str:
-        return self._template.name
+        """`FMNIST_DEFAULT_MODEL`, else the first model learned ("" while none is known)."""
+        if self._default:
+            return self._default
+        return next(iter(self._models), "")
 
     def versions(self, name: str) -> list[ModelVersion]:
         """Newest first; [] for an unknown name."""
-        if name != self._template.name:
-            return []
-        live = 1 if self._ready() else 0
-        return [
-            ModelVersion(
-                name=self._template.name,
-                version=self._template.version,
-                tag=self._template.tag,
-                input_shape=self._template.input_shape,
-                dtype=self._template.dtype,
-                class_names=self._template.class_names,
-                preprocessing=self._template.preprocessing,
-                live_workers=live,
-            )
-        ]
+        known = sorted(self._models.get(name, {}).values(), key=lambda k: -k.first_seen)
+        return [self._version_of(k) for k in known]
+
+    def _version_of(self, known: _Known) -> ModelVersion:
+        a = known.announcement
+        live = sum(1 for until in known.workers.values() if self._live(until))
+        return ModelVersion(
+            name=a.name,
+            version=a.version,
+            tag=a.tag,
+            input_shape=a.input_shape,
+            dtype=a.dtype,
+            class_names=a.class_names,
+            preprocessing=MappingProxyType(dict(a.preprocessing)),
+            live_workers=live,
+            precision=a.precision,
+            device=a.device,
+        )
 
     def resolve(self, name: str | None, version: str | None = None) -> ModelVersion:
         """The model `name` (None: the default) at `version` (a hash or tag; None: the newest live one)."""
         wanted = self.default_name if name is None else name
         versions = self.versions(wanted)
         if not versions:
-            raise ApiError(
-                404,
-                "model_not_found",
-                f"no model {wanted!r}; known models: {', '.join(self.names())}",
-            )
+            if name is None:
+                raise ApiError(
+                    503,
+                    "model_unavailable",
+                    "no worker has announced a model yet; retry later",
+                    headers={"Retry-After": str(RETRY_AFTER_MODEL_S)},
+                )
+            known = ", ".join(self.names()) or "none yet"
+            raise ApiError(404, "model_not_found", f"no model {wanted!r}; known models: {known}")
         if version is not None:
             versions = [v for v in versions if version in (v.version, v.tag)]
             if not versions:
-                live = [v.version for v in self.versions(wanted) if v.ready]
+                live = [_label(v) for v in self.versions(wanted) if v.ready]
                 raise ApiError(
                     404,
                     "version_not_found",
@@ -101,20 +145,15 @@ class ModelRegistry:
                 )
         ready = [v for v in versions if v.ready]
         if not ready:
+            which = wanted if version is None else f"{wanted} version {version}"
             raise ApiError(
                 503,
                 "model_unavailable",
-                f"model {wanted!r} has no live worker; retry later",
+                f"model {which!r} has no live worker; retry later",
                 headers={"Retry-After": str(RETRY_AFTER_MODEL_S)},
             )
         return ready[0]
 
 
-def _checkpoint_metadata(path: Path) -> dict[str, Any]:
-    """The checkpoint header's metadata, or {} when the gateway cannot read it (workers hold the model)."""
-    from ml.readers import CheckpointError, read_checkpoint_metadata
-
-    try:
-        return read_checkpoint_metadata(path)
-    except (CheckpointError, OSError, ValueError):
-        return {}
+def _label(version: ModelVersion) -> str:
+    return version.version if version.tag is None else f"{version.version} ({version.tag})"

@@ -23,7 +23,7 @@ from app.gateway.bodies import BodyBudget
 from app.gateway.errors import ApiError
 from app.gateway.images import ImagePolicy
 from app.gateway.metrics import GatewayMetrics
-from app.gateway.registry import ModelRegistry, ModelVersion
+from app.gateway.registry import LIVENESS_INTERVALS, ModelRegistry, ModelVersion
 from app.gateway.results import (
     ACCEPTED_KIND,
     EXPIRY_GRACE_S,
@@ -48,10 +48,13 @@ from app.gateway.submission import (
 )
 from app.logs import kv
 from app.protocol import (
+    MODEL_ATTR,
+    MODEL_VERSION_ATTR,
     REQUEST_ID_ATTR,
+    ModelAnnouncement,
     ResultMessage,
-    decode_shape,
     encode_shape,
+    requests_topic_for,
 )
 from app.settings import Settings
 from messaging import BacklogFull, Message, MessagingError, PubSub, Subscription, parse_broker_url
@@ -72,9 +75,7 @@ _REPLAY_QUIET_S = 0.5
 _SHARED_RETRY_S = 0.5  # between tries to write a chunk of results while Redis is down
 
 
-def input_shape_of(settings: Settings) -> tuple[int, int, int]:
-    """The model's input shape (C, H, W) from `FMNIST_INPUT_SHAPE`."""
-    return decode_shape(settings.input_shape)
+_CONTROL_CHUNK = 256
 
 
 @dataclass(slots=True)
@@ -117,24 +118,16 @@ class Gateway:
             registry=self.metrics.registry,
         )
         self.api_keys = ApiKeys(settings.api_keys)
-        channels, height, width = input_shape_of(settings)
         self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
-        self.policy = ImagePolicy(
-            channels=channels,
-            height=height,
-            width=width,
-            max_upload_bytes=settings.max_upload_bytes,
-            max_pixels=settings.max_image_pixels,
-            max_aspect_ratio=settings.max_image_aspect_ratio,
-            auto_invert=settings.auto_invert,
-        )
-        self.shape_attr = encode_shape(self.policy.shape)
-        self.registry = ModelRegistry(settings, ready=lambda: self.ready)
+        self.registry = ModelRegistry(settings.default_model)
         self._factory = pubsub_factory or connect_broker
         self._pubsub: PubSub | None = None
         self._results: Subscription | None = None
         self._broker_reachable = False
         self._consuming = False
+        self._models_known = (
+            asyncio.Event()
+        )  # set once the read-back of the control topic caught up
         self._last_broker_error = "not connected yet"
         self._first_attempt = (
             asyncio.Event()
@@ -145,12 +138,14 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Broker reachable, its link up (topics in place) and the results consumer receiving."""
+        """Broker reachable, its link up (topics in place), the results consumer receiving and the
+        models announced before this gateway started learned."""
         pubsub, results = self._pubsub, self._results
         return (
             pubsub is not None
             and (self.shared is None or self.shared.healthy)
             and self._consuming
+            and self._models_known.is_set()
             and self._broker_reachable
             and pubsub.link_up
             and results is not None
@@ -190,6 +185,8 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await self._first_attempt.wait()
+                if self._consuming:
+                    await self._models_known.wait()
         if not self.ready:
             log.warning(
                 kv(
@@ -217,10 +214,11 @@ class Gateway:
             try:
                 await pubsub.connect()
                 await pubsub.ensure_topics(
-                    self.settings.requests_topic,
                     self.settings.results_topic,
                     self.settings.deadletter_topic,
+                    self.settings.control_topic,
                 )
+                control = await self._subscribe_control(pubsub)
                 # The log is the store: re-read the results of the last TTL, whatever the group
                 # committed, so a restarted gateway serves what it accepted before. With shared
                 # state Redis is the store: the shared group goes on where it committed.
@@ -252,6 +250,10 @@ class Gateway:
             self.metrics.broker_up.set(1)
             log.info(kv("broker_connected", broker=self.broker_url, group=self.results_group))
             monitor = asyncio.create_task(self._monitor(pubsub), name="fmnist-broker-ping")
+            quiet_s = 0.0 if pubsub.publishes_in_process else _REPLAY_QUIET_S
+            learner = asyncio.create_task(
+                self._learn_models(control, quiet_s), name="fmnist-models"
+            )
             try:
                 await self._consume(subscription)
             except asyncio.CancelledError:
@@ -261,15 +263,74 @@ class Gateway:
                 log.warning(kv("results_consumer_failed", broker=self.broker_url, error=exc))
             finally:
                 self._consuming = False
+                self._models_known.clear()
                 self._pubsub = None
                 self._results = None
                 self.metrics.broker_up.set(0)
-                monitor.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await monitor
+                for task in (monitor, learner):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 await _close_quietly(pubsub)
             if not self._stopping:
                 await asyncio.sleep(backoff)
+
+    async def _subscribe_control(self, pubsub: PubSub) -> Subscription:
+        """The control topic from a few heartbeats back, in a group of this gateway's own, so a
+        (re)started gateway learns the live models at once."""
+        since = time.time() - LIVENESS_INTERVALS * self.settings.heartbeat_interval_s
+        control = pubsub.subscribe(
+            self.settings.control_topic, group=f"gateway-{self.gateway_id}-control", start=since
+        )
+        try:
+            await control.start()
+        except BaseException:
+            await control.aclose()
+            raise
+        return control
+
+    async def _learn_models(self, control: Subscription, quiet_s: float) -> None:
+        """Feed the registry from the workers' announcements until the subscription ends; the read-back
+        has caught up (`_models_known`) once a receive waited `quiet_s` for nothing."""
+        live_since = time.time()
+        try:
+            while True:
+                try:
+                    caught_up = self._models_known.is_set()
+                    async with asyncio.timeout(None if caught_up else quiet_s):
+                        messages = await control.receive_batch(_CONTROL_CHUNK)
+                except TimeoutError:
+                    self._models_known.set()
+                    continue
+                if not messages:
+                    break
+                for message in messages:
+                    self._learn(message.data, live_since)
+                    await message.ack()
+        finally:
+            await control.aclose()
+
+    def _learn(self, data: bytes, live_since: float) -> None:
+        try:
+            announcement = ModelAnnouncement.from_bytes(data)
+        except ValueError as exc:
+            log.warning(kv("malformed_announcement", error=exc))
+            return
+        # Read back from before this gateway subscribed: live from when it was sent, not from now.
+        received_at = (
+            min(time.time(), announcement.sent_at) if announcement.sent_at < live_since else None
+        )
+        if self.registry.learn(announcement, received_at):
+            log.info(
+                kv(
+                    "model_worker_" + ("left" if announcement.status == "leaving" else "joined"),
+                    model=announcement.name,
+                    version=announcement.version,
+                    tag=announcement.tag,
+                    worker_id=announcement.worker_id,
+                    input_shape=encode_shape(announcement.input_shape),
+                )
+            )
 
     async def _consume(self, subscription: Subscription) -> None:
         """Store results as they come; ready (`_consuming`) once the read-back of the last TTL caught up.
@@ -555,8 +616,20 @@ class Gateway:
 
     # --- submitting ------------------------------------------------------------------------
     def policy_for(self, model: ModelVersion | None) -> ImagePolicy:
-        """The image policy that fits uploads to `model`'s input (None: the default model)."""
-        return self.policy  # one model until the registry learns several (issue 14)
+        """The image policy that fits uploads to `model`'s input (None: the default model, resolved)."""
+        if model is None:
+            model = self.registry.resolve(None)
+        channels, height, width = model.input_shape
+        return ImagePolicy(
+            channels=channels,
+            height=height,
+            width=width,
+            max_upload_bytes=self.settings.max_upload_bytes,
+            max_pixels=self.settings.max_image_pixels,
+            max_aspect_ratio=self.settings.max_image_aspect_ratio,
+            auto_invert=self.settings.auto_invert
+            and bool(model.preprocessing.get("auto_invert", False)),
+        )
 
     def require_ready(self) -> PubSub:
         pubsub = self._pubsub
@@ -590,16 +663,20 @@ class Gateway:
         metadata: dict[str, str] | None = None,
         idempotency: Sequence[IdempotencyClaim | None] | None = None,
         request_ids: Sequence[str] | None = None,
+        pinned: bool = False,
     ) -> list[Accepted | ApiError]:
         """Publish normalised images; one `Accepted` (or the error that refused it) per payload, in order.
 
         `idempotency[i]` is `(key, body fingerprint)` or None; a key seen before (for this owner)
         returns the earlier request id without publishing, or 422 when the earlier request had
         another body. `request_ids` lets a caller choose the ids (the websocket must know them
-        before publishing). `model` (None: the default) names the model; one today (issue 14). Raises 503 when the broker is down and 429 when the cap on requests in
-        flight would be exceeded.
+        before publishing). `model` (None: the default model's newest live version) is the model
+        the payloads were normalised for; `pinned` sends them to that version's own topic. Raises
+        503 when the broker is down and 429 when the cap on requests in flight would be exceeded.
         """
         pubsub = self.require_ready()
+        if model is None:
+            model = self.registry.resolve(None)
         ids = request_ids or new_request_ids(len(payloads))
         if self.shared is None:
             outcomes, fresh = claim_idempotency_keys(self.store, owner, payloads, ids, idempotency)
@@ -614,7 +691,7 @@ class Gateway:
         except ApiError:
             await self._release_claims(owner, fresh)
             raise
-        results = await self._publish(pubsub, owner, metadata or {}, fresh)
+        results = await self._publish(pubsub, owner, model, pinned, metadata or {}, fresh)
         await self._settle(owner, fresh, results, outcomes)
         return outcomes
 
@@ -670,19 +747,30 @@ class Gateway:
         await self.shared.release_idempotency_keys(owner, claimed)
 
     async def _publish(
-        self, pubsub: PubSub, owner: str, metadata: dict[str, str], fresh: list[FreshImage]
+        self,
+        pubsub: PubSub,
+        owner: str,
+        model: ModelVersion,
+        pinned: bool,
+        metadata: dict[str, str],
+        fresh: list[FreshImage],
     ) -> list[object]:
         """Publish the images as pending requests; per image None, or the exception that failed it."""
         submitted_at = time.time()
         deadline = submitted_at + self.settings.request_deadline_s
         common = request_attributes(
-            shape=self.shape_attr,
+            shape=encode_shape(model.input_shape),
             owner=owner,
             submitted_at=submitted_at,
             deadline=deadline,
             metadata=metadata,
         )
-        topic = self.settings.requests_topic
+        common[MODEL_ATTR] = model.name
+        if pinned:
+            common[MODEL_VERSION_ATTR] = model.version
+        topic = requests_topic_for(
+            self.settings.requests_topic, model.name, model.version if pinned else None
+        )
         for image in fresh:
             self.store.add_pending(Submission(image.request_id, owner, deadline, metadata))
         sends = [

@@ -398,7 +398,11 @@ class StreamSession:
             raise ApiError(422, "invalid_message", "`image` is not valid base64") from None
         metadata = message.get("metadata")
         meta = check_metadata(metadata) if metadata is not None else None
-        (decoded,) = await decode_uploads([Upload(data, None)], gateway.policy)
+        model_name, version = message.get("model"), message.get("version")
+        if not isinstance(model_name, str | None) or not isinstance(version, str | None):
+            raise ApiError(422, "invalid_message", "`model` and `version` must be strings")
+        model = gateway.registry.resolve(model_name, version)
+        (decoded,) = await decode_uploads([Upload(data, None)], gateway.policy_for(model))
         if isinstance(decoded, ApiError):
             raise decoded
         if self.ids is not None and len(self.ids) >= self.max_ids:
@@ -414,7 +418,12 @@ class StreamSession:
         self._held[request_id] = []
         try:
             (outcome,) = await gateway.submit(
-                self.owner, [decoded], metadata=meta, request_ids=[request_id]
+                self.owner,
+                [decoded],
+                model=model,
+                pinned=version is not None,
+                metadata=meta,
+                request_ids=[request_id],
             )
             if isinstance(outcome, ApiError):
                 raise outcome

@@ -3,7 +3,7 @@
 One request message in, one `ResultMessage` out, then the ack (at-least-once: a worker that dies
 before acking leaves the request to another worker of the group):
 
-    fmnist.requests ──subscribe (group `workers`)──▶ decode ──▶ ModelRunner.submit ──▶ publish result ──▶ ack
+    fmnist.requests.<model> ──subscribe (group `workers.<model>`)──▶ decode ──▶ ModelRunner.submit ──▶ publish result ──▶ ack
                                                        │                                      (fmnist.results)
                                                        └─ undecodable / failed `max_attempts` times ──▶ fmnist.deadletter ──▶ ack
 
@@ -13,6 +13,11 @@ before acking leaves the request to another worker of the group):
   client gets a `failed` result with code `model_error`.
 - A full runner queue is backpressure: the handler waits for room; nothing is nacked in a loop.
 - A publish that fails (broker away) nacks the request so it is delivered again later.
+
+One `Worker` serves one model: it reads the model's requests topic (in the model's group) and the
+topic of requests pinned to its own version (in that version's group), and announces the model on
+the control topic (`app.protocol.ModelAnnouncement`) at start, every `FMNIST_HEARTBEAT_INTERVAL_S`,
+and as `leaving` when it drains. `fmnist worker --model a=... --model b=...` runs one per model.
 """
 
 from __future__ import annotations
@@ -33,9 +38,15 @@ import torch
 
 from app import protocol
 from app.logs import kv
-from app.protocol import ErrorInfo, ResultMessage
+from app.protocol import (
+    ErrorInfo,
+    ModelAnnouncement,
+    ResultMessage,
+    requests_topic_for,
+    worker_group_for,
+)
 from app.settings import Settings
-from app.worker.inference import load_classifier, worker_layout
+from app.worker.inference import announcement_of, load_served_model, worker_layout
 from messaging import Message, MessagingError, PubSub, Subscription
 from ml.runner import (
     DeadlineExceeded,
@@ -129,7 +140,7 @@ def _float_attribute(attributes: Mapping[str, str], name: str) -> float | None:
 
 
 class Worker:
-    """Consumes `settings.requests_topic` in `settings.worker_group` until drained.
+    """Serves one model: consumes its requests topics in its groups until drained.
 
     ```python
     async with messaging.connect(url) as pubsub, Worker(settings, pubsub) as worker:
@@ -137,7 +148,9 @@ class Worker:
         await worker.drain()   # also done when leaving the block
     ```
 
-    `classifier=None` loads `settings.model_path` (in a thread, so the event loop stays free).
+    `classifier=None` loads `source` (default `settings.model_path`) with `ml.serving.load_model`,
+    in a thread so the event loop stays free. `name` overrides the model's own name (a checkpoint's
+    file stem, a spec's `name`).
     """
 
     def __init__(
@@ -147,14 +160,20 @@ class Worker:
         classifier: BatchPredictor | None = None,
         *,
         worker_id: str | None = None,
+        name: str | None = None,
+        source: str | None = None,
     ) -> None:
         self.settings = settings
         self.pubsub = pubsub
         self.worker_id = worker_id or settings.worker_id or default_worker_id()
         self._classifier = classifier
+        self._name = name
+        self._source = source if source is not None else str(settings.model_path)
+        self.announcement: ModelAnnouncement | None = None
+        self._subscriptions: list[Subscription] = []
+        self._consumers: list[asyncio.Task[None]] = []
+        self._heartbeat: asyncio.Task[None] | None = None
         self._runner: ModelRunner | None = None
-        self._subscription: Subscription | None = None
-        self._consumer: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._drained = False
         self.outcomes: Counter[str] = Counter()
@@ -179,7 +198,11 @@ class Worker:
         settings = self.settings
         owns_model = self._classifier is None
         if self._classifier is None:
-            self._classifier = await asyncio.to_thread(load_classifier, settings)
+            self._classifier = await asyncio.to_thread(
+                load_served_model, settings, self._source, self._name
+            )
+        announcement = announcement_of(self._classifier, settings, self.worker_id, name=self._name)
+        self.announcement = announcement
         layout = worker_layout(settings, self._classifier)
         if owns_model:  # this worker loaded the process's model, so it sets torch's thread count
             torch.set_num_threads(layout.threads)
@@ -193,32 +216,52 @@ class Worker:
         )
         await runner.start()
         self._runner = runner
+        name, version = announcement.name, announcement.version
+        model_topic = requests_topic_for(settings.requests_topic, name)
+        version_topic = requests_topic_for(settings.requests_topic, name, version)
+        routes = [
+            (model_topic, worker_group_for(settings.worker_group, name)),
+            (version_topic, worker_group_for(settings.worker_group, name, version)),
+        ]
         try:
             await self.pubsub.ensure_topics(
-                settings.requests_topic, settings.results_topic, settings.deadletter_topic
+                model_topic,
+                version_topic,
+                settings.results_topic,
+                settings.deadletter_topic,
+                settings.control_topic,
             )
-            subscription = self.pubsub.subscribe(
-                settings.requests_topic,
-                group=settings.worker_group,
-                start="earliest",
-                max_in_flight=self.max_unacked,
-            )
-            await subscription.start()
+            for topic, group in routes:
+                subscription = self.pubsub.subscribe(
+                    topic, group=group, start="earliest", max_in_flight=self.max_unacked
+                )
+                self._subscriptions.append(subscription)
+                await subscription.start()
+            # Announced once consuming: a gateway that learns the model can send it requests.
+            await self._announce("live")
         except BaseException:
+            for subscription in self._subscriptions:
+                await subscription.aclose()
             await runner.close()
             raise
-        self._subscription = subscription
-        self._consumer = asyncio.get_running_loop().create_task(
-            self._consume(subscription), name=f"fmnist-worker-{self.worker_id}"
-        )
+        loop = asyncio.get_running_loop()
+        self._consumers = [
+            loop.create_task(self._consume(sub), name=f"fmnist-worker-{self.worker_id}-{name}")
+            for sub in self._subscriptions
+        ]
+        self._heartbeat = loop.create_task(self._beat(), name=f"fmnist-heartbeat-{name}")
         logger.info(
             kv(
                 "worker_ready",
                 worker_id=self.worker_id,
                 broker=self.pubsub.url,
-                topic=settings.requests_topic,
-                group=settings.worker_group,
-                model_version=runner.classifier.version,
+                model=name,
+                model_version=version,
+                tag=announcement.tag,
+                input_shape=protocol.encode_shape(announcement.input_shape),
+                device=announcement.device,
+                topic=model_topic,
+                group=routes[0][1],
                 max_batch_size=runner.max_batch_size,
                 preferred_batch_size=runner.preferred_batch_size,
                 max_wait_ms=runner.max_wait_ms,
@@ -228,6 +271,14 @@ class Worker:
                 precision=getattr(runner.classifier, "precision", "n/a"),
             )
         )
+
+    @property
+    def model_name(self) -> str:
+        return self.announcement.name if self.announcement is not None else ""
+
+    @property
+    def model_version(self) -> str | None:
+        return self.announcement.version if self.announcement is not None else None
 
     @property
     def max_unacked(self) -> int:
@@ -244,15 +295,19 @@ class Worker:
             return
         self._drained = True
         started = time.monotonic()
-        if self._consumer is not None:
-            self._consumer.cancel()
-            await asyncio.gather(self._consumer, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            await self._announce_leaving()
+        for consumer in self._consumers:
+            consumer.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
         in_flight = len(self._handlers)
         if self._handlers:
             await asyncio.gather(*self._handlers, return_exceptions=True)
-        # Close the subscription only now: acks of the drained requests must reach the broker first.
-        if self._subscription is not None:
-            await self._subscription.aclose()
+        # Close the subscriptions only now: acks of the drained requests must reach the broker first.
+        for subscription in self._subscriptions:
+            await subscription.aclose()
         if self._runner is not None:
             await self._runner.close()
         logger.info(
@@ -266,14 +321,43 @@ class Worker:
         )
 
     async def wait(self) -> None:
-        """Return when consuming stops (drained, or the subscription ended); re-raise its error."""
-        if self._consumer is None:
+        """Return when consuming stops (drained, or a subscription ended); re-raise its error."""
+        if not self._consumers:
             raise RuntimeError("Worker not started; use `async with Worker(...)`")
         try:
-            await asyncio.shield(self._consumer)
+            done, _ = await asyncio.shield(
+                asyncio.wait(self._consumers, return_when=asyncio.FIRST_COMPLETED)
+            )
+            for task in done:
+                task.result()
         except asyncio.CancelledError:
             if not self._drained:
                 raise
+
+    # --- announcing -----------------------------------------------------------------------------
+
+    async def _announce(self, status: str) -> None:
+        announcement = self.announcement
+        assert announcement is not None
+        message = announcement.model_copy(update={"status": status, "sent_at": time.time()})
+        await self.pubsub.publish(
+            self.settings.control_topic, message.to_bytes(), key=announcement.name
+        )
+
+    async def _beat(self) -> None:
+        """Announce the model every heartbeat interval; a failed announcement is retried at the next."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            try:
+                await self._announce("live")
+            except MessagingError as exc:
+                logger.warning(kv("heartbeat_failed", worker_id=self.worker_id, error=exc))
+
+    async def _announce_leaving(self) -> None:
+        try:
+            await self._announce("leaving")
+        except MessagingError as exc:  # the gateways notice from the missing heartbeats instead
+            logger.warning(kv("leaving_announcement_failed", worker_id=self.worker_id, error=exc))
 
     @property
     def stats(self) -> RunnerStats:
@@ -451,6 +535,7 @@ class Worker:
             "label": prediction.label,
             "class_name": prediction.class_name,
             "probabilities": prediction.probabilities,
+            "model": self.model_name,
             "model_version": prediction.model_version,
             "batch_id": prediction.batch_id,
             "batch_size": prediction.batch_size,
@@ -470,6 +555,8 @@ class Worker:
         result = ResultMessage(
             request_id=request_id,
             status="failed",
+            model=self.model_name,
+            model_version=self.model_version,
             worker_id=self.worker_id,
             completed_at=time.time(),
             owner=message.attributes.get(protocol.OWNER_ATTR, ""),
@@ -504,9 +591,13 @@ class Worker:
             # Re-queue rather than nack: the attempt count travels with the message, so the limit
             # holds across workers and restarts (Kafka keeps no delivery count).
             attributes = {**message.attributes, protocol.ATTEMPT_ATTR: str(attempt + 1)}
-            await self.pubsub.publish(
-                self.settings.requests_topic, message.data, key=message.key, attributes=attributes
+            # Back to the topic it came from: a pinned request stays with its version.
+            topic = requests_topic_for(
+                self.settings.requests_topic,
+                self.model_name,
+                message.attributes.get(protocol.MODEL_VERSION_ATTR),
             )
+            await self.pubsub.publish(topic, message.data, key=message.key, attributes=attributes)
             self.outcomes["requeued"] += 1
             logger.warning(
                 kv("model_error_requeued", request_id=request_id, attempt=attempt, error=error)

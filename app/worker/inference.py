@@ -5,18 +5,28 @@ The only module of `app.worker` besides `consumer` that imports torch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from app.protocol import ModelAnnouncement, check_model_name
 from app.settings import Settings
 from ml.layout import InferenceLayout, inference_layout, usable_cores
 
 if TYPE_CHECKING:
     from ml.runner import BatchPredictor
 
-__all__ = ["load_classifier", "native_bf16", "resolve_precision", "worker_layout"]
+__all__ = [
+    "announcement_of",
+    "load_classifier",
+    "load_served_model",
+    "native_bf16",
+    "resolve_precision",
+    "worker_layout",
+]
 
 # CPU features that compute bfloat16 in hardware (AVX512-BF16, AMX tiles).
 _BF16_FEATURES = ("avx512_bf16", "amx_tile")
@@ -72,3 +82,51 @@ def load_classifier(settings: Settings) -> BatchPredictor:
         settings.model_path, precision=resolve_precision(settings.inference_precision)
     )
     return classifier
+
+
+def load_served_model(settings: Settings, source: str, name: str | None = None) -> BatchPredictor:
+    """Load `source` (a checkpoint, an exported program with its spec, or `package.module:Class`) with
+    `ml.serving.load_model` on `FMNIST_DEVICE` in `FMNIST_INFERENCE_PRECISION` (blocking: call it in a thread)."""
+    from ml.serving import load_model
+
+    served: BatchPredictor = load_model(
+        source, device=settings.device, precision=settings.inference_precision, name=name
+    )
+    return served
+
+
+def announcement_of(
+    model: BatchPredictor, settings: Settings, worker_id: str, *, name: str | None = None
+) -> ModelAnnouncement:
+    """What the worker announces for `model`: its `ml.serving` description, or, for a bare predictor
+    (an `ImageClassifier`), what its attributes say (named after `FMNIST_MODEL_PATH`'s stem)."""
+    description = getattr(model, "description", None)
+    if description is not None:
+        data = description.to_json()
+        return ModelAnnouncement(
+            worker_id=worker_id,
+            name=check_model_name(name or data["name"]),
+            version=data["version"],
+            tag=data.get("tag"),
+            input_shape=tuple(data["input_shape"]),
+            dtype=data.get("input_dtype", "uint8"),
+            class_names=tuple(data["class_names"]),
+            preprocessing=data["preprocessing"],
+            precision=data["precision"],
+            device=data["device"],
+            sent_at=time.time(),
+            heartbeat_s=settings.heartbeat_interval_s,
+        )
+    shape = tuple(getattr(model, "input_shape", (1, 28, 28)))
+    return ModelAnnouncement(
+        worker_id=worker_id,
+        name=check_model_name(name or Path(settings.model_path).stem.split(".")[0]),
+        version=str(model.version),
+        input_shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+        class_names=tuple(str(c) for c in model.class_names),
+        preprocessing={"channels": int(shape[0]), "auto_invert": int(shape[0]) == 1},
+        precision=str(getattr(model, "precision", "")),
+        device=str(getattr(model, "device", "cpu")),
+        sent_at=time.time(),
+        heartbeat_s=settings.heartbeat_interval_s,
+    )

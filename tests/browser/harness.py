@@ -38,8 +38,11 @@ class Server:
         return {"X-API-Key": self.api_key} if self.api_key else {}
 
 
-def start_server(log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str | None) -> Server:
-    """Start `fmnist serve` (gateway + worker + memory broker) on a free port; wait for /readyz."""
+def start_server(
+    log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str | None, *models: str
+) -> Server:
+    """Start `fmnist serve` (gateway + worker + memory broker) on a free port; wait for /readyz.
+    `models` (`NAME=PATH`) are served beside `checkpoint`, which is then the default model `fmnist`."""
     port = free_port()
     env = {
         "FMNIST_BROKER_URL": "memory://",
@@ -48,7 +51,9 @@ def start_server(log_dir: Path, checkpoint: Path, data_dir: Path, api_key: str |
         "FMNIST_API_KEYS": api_key or "",
         "FMNIST_LOG_LEVEL": "WARNING",
     }
-    args = ("--host", "127.0.0.1", "--port", str(port))
+    args: tuple[str, ...] = ("--host", "127.0.0.1", "--port", str(port))
+    if models:
+        args += ("--model", f"fmnist={checkpoint}", *(w for m in models for w in ("--model", m)))
     process = fmnist(f"serve-{port}", "serve", log_dir, env, *args).start()
     server = Server(f"http://127.0.0.1:{port}", api_key, process)
     try:

@@ -375,3 +375,46 @@ def test_empty_canvas_invites_drawing(watched: WatchedPage, keyed_server: Server
     expect(cue).to_be_hidden()
     page.click("#clear-drawing")
     expect(cue).to_be_visible()
+
+
+@pytest.fixture(scope="module")
+def two_model_server(
+    tmp_path_factory: pytest.TempPathFactory, shipped_checkpoint: Path, fashion_mnist_dir: Path
+) -> Iterator[Server]:
+    """`fmnist serve` with the shipped model and an (untrained) RGB 32×32 model of 4 colours."""
+    from ml import ImageClassifier
+
+    log_dir = tmp_path_factory.mktemp("serve-two")
+    colours = log_dir / "colours.safetensors"
+    ImageClassifier(
+        num_channels=3, num_classes=4, image_size=(32, 32), widths=(8, 16), convs_per_stage=(1, 1),
+        class_names=["red", "green", "blue", "yellow"], device="cpu",
+    ).save(colours)  # fmt: skip
+    server = start_server(
+        log_dir, shipped_checkpoint, fashion_mnist_dir, None, f"colours={colours}"
+    )
+    yield server
+    stop_server(server)
+
+
+def test_the_model_picker_shows_the_chosen_model_and_sends_to_it(
+    two_model_server: Server, watched: WatchedPage, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """Choosing the RGB model shows its input and classes, disables the Fashion-MNIST test set, and
+    an upload is answered by it; back on fmnist the test set can be sent again."""
+    page = open_page(watched, two_model_server)
+    picker = page.locator("#model-select")
+    expect(picker.locator("option")).to_have_count(2)
+    expect(page.locator("#model-info")).to_contain_text("1×28×28 (grayscale)")
+    expect(page.locator("#send-test-images")).to_be_enabled()
+    picker.select_option("colours")
+    expect(page.locator("#model-info")).to_contain_text("3×32×32 (RGB); classes: red, green, blue")
+    expect(page.locator("#send-test-images")).to_be_disabled()
+    expect(page.locator("#send-test-images")).to_have_text("No test set for this model")
+    images, _ = first_test_images(fashion_mnist_dir, 1)
+    page.set_input_files("#file-input", str(png_bytes(images[0], tmp_path / "0.png")))
+    card = page.locator(".result").first
+    expect(card).to_have_attribute("data-status", "completed")
+    expect(card.locator(".bar")).to_have_count(4)
+    picker.select_option("fmnist")
+    expect(page.locator("#send-test-images")).to_be_enabled()

@@ -7,7 +7,6 @@ import gzip
 import io
 import re
 import shutil
-import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +17,9 @@ from PIL import Image
 
 from app.gateway.main import create_app
 from app.settings import Settings
+from ml import CLASS_NAMES
 from ml.readers import FILES
+from tests.gateway.helpers import announcement
 
 TEST_IMAGES_FILE, TEST_LABELS_FILE = FILES["test"]
 
@@ -36,9 +37,16 @@ def idx_arrays(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     return images.reshape(-1, 28, 28), labels
 
 
-async def client_for(settings: Settings) -> httpx.AsyncClient:
-    # These routes need no broker, so the app is driven without its lifespan.
-    transport = httpx.ASGITransport(app=create_app(settings))
+FASHION_MODEL = announcement("demo-worker", classes=list(CLASS_NAMES), heartbeat_s=3600)
+
+
+async def client_for(settings: Settings, *, announced: bool = True) -> httpx.AsyncClient:
+    """These routes need no broker, so the app is driven without its lifespan; `announced`: its
+    registry knows a Fashion-MNIST model with a live worker, as if a worker had announced it."""
+    app = create_app(settings)
+    if announced:
+        app.state.gateway.registry.learn(FASHION_MODEL)
+    transport = httpx.ASGITransport(app=app)
     return httpx.AsyncClient(transport=transport, base_url="http://demo.test")
 
 
@@ -207,41 +215,20 @@ async def test_test_images_need_a_key_when_keys_are_set(
     assert response.status_code == status
 
 
-def write_checkpoint_header(path: Path, metadata_json: str) -> None:
-    """A minimal safetensors file (no tensors) carrying classifier metadata like ml/checkpoint.py."""
-    import json
-
-    header = json.dumps({"__metadata__": {"format": "x", "fmnist": metadata_json}}).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header)
-
-
-async def test_model_info_reads_the_shipped_checkpoint_header(
-    tmp_path: Path, shipped_checkpoint: Path
-) -> None:
-    """/v1/demo/model returns the shipped checkpoint's class names and version from its header."""
-    from ml import CLASS_NAMES, ImageClassifier
-
-    classifier = ImageClassifier.load(shipped_checkpoint)
-    async with await client_for(Settings(model_path=shipped_checkpoint)) as c:
+async def test_model_info_describes_the_default_model() -> None:
+    """/v1/demo/model returns the default model's class names, version and input shape as announced."""
+    async with await client_for(Settings()) as c:
         body = (await c.get("/v1/demo/model")).json()
     assert body == {
-        "class_names": list(CLASS_NAMES),
-        "version": classifier.version,
+        "class_names": list(FASHION_MODEL.class_names),
+        "version": FASHION_MODEL.version,
         "input_shape": [1, 28, 28],
     }
 
 
-@pytest.mark.parametrize("content", [None, b"", b"\xff" * 8 + b"{}", "not json"])
-async def test_model_info_is_empty_for_a_missing_or_bad_checkpoint(
-    tmp_path: Path, content: bytes | str | None
-) -> None:
-    """A missing, short, oversized-header or non-JSON checkpoint gives nulls (the page learns from results)."""
-    path = tmp_path / "model.safetensors"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif isinstance(content, str):
-        write_checkpoint_header(path, content)
-    async with await client_for(Settings(model_path=path)) as c:
+async def test_model_info_is_empty_while_no_model_is_announced() -> None:
+    """Before any worker announced a model, /v1/demo/model gives nulls (the page learns from results)."""
+    async with await client_for(Settings(), announced=False) as c:
         response = await c.get("/v1/demo/model")
     assert response.status_code == 200
     assert response.json() == {"class_names": None, "version": None, "input_shape": None}

@@ -79,17 +79,21 @@ def test_serve_classifies_and_drains_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_gateway_alone_serves_and_stops_cleanly(tmp_path: Path) -> None:
-    """`fmnist gateway` starts without torch, reports ready, refuses bad input with 4xx, exits 0 on SIGTERM."""
+    """`fmnist gateway` starts without torch and reports ready; with no worker it knows no model (404
+    for a named one, 503 + Retry-After for the default) and exits 0 on SIGTERM."""
     log = tmp_path / "gateway.log"
     with fmnist("gateway", "--port", "0", "--broker", "memory://alone", log=log) as (process, url):
         ready = httpx.get(f"{url}/readyz")
+        unknown = httpx.get(f"{url}/v1/models/fmnist")
         refused = httpx.post(
             f"{url}/v1/predictions", content=b"hello", headers={"Content-Type": "text/plain"}
         )
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
     assert ready.status_code == 200
-    assert refused.status_code == 415
+    assert unknown.status_code == 404
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_unavailable"
+    assert "retry-after" in refused.headers
 
 
 def test_version_flag_prints_the_package_version() -> None:

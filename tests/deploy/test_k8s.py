@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from app.gateway.metrics import GatewayMetrics
+from app.protocol import requests_topic_for, worker_group_for
 from app.settings import Settings
 from tests.conftest import REPO_ROOT, missing_service
 from tests.gateway.helpers import gateway_settings, running_gateway
@@ -174,8 +175,9 @@ def test_keda_watches_the_workers_group_on_the_requests_topic() -> None:
     (trigger,) = scaled["spec"]["triggers"]
     settings = Settings()
     assert trigger["type"] == "kafka"
-    assert trigger["metadata"]["consumerGroup"] == settings.worker_group
-    assert trigger["metadata"]["topic"] == settings.requests_topic
+    # The deployed worker serves the shipped checkpoint, a model named after its file: fmnist.
+    assert trigger["metadata"]["consumerGroup"] == worker_group_for(settings.worker_group, "fmnist")
+    assert trigger["metadata"]["topic"] == requests_topic_for(settings.requests_topic, "fmnist")
     broker_url = container_env(docs, "fmnist-worker")["FMNIST_BROKER_URL"]
     assert (
         broker_url.removeprefix("kafka://").split("?")[0] == trigger["metadata"]["bootstrapServers"]
@@ -191,10 +193,9 @@ def test_keda_watches_the_workers_subscription_on_pubsub() -> None:
     settings = Settings()
     assert trigger["type"] == "gcp-pubsub"
     # messaging/gcp.py names a group's subscription "<topic>.<group>".
-    assert (
-        trigger["metadata"]["subscriptionName"]
-        == f"{settings.requests_topic}.{settings.worker_group}"
-    )
+    topic = requests_topic_for(settings.requests_topic, "fmnist")
+    group = worker_group_for(settings.worker_group, "fmnist")
+    assert trigger["metadata"]["subscriptionName"] == f"{topic}.{group}"
     (auth,) = of_kind(docs, "TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
 

@@ -16,11 +16,26 @@ from PIL import Image
 
 import messaging
 from app.gateway.main import create_app
-from app.protocol import METADATA_ATTR, OWNER_ATTR, REQUEST_ID_ATTR, ResultMessage, decode_metadata
+from app.gateway.service import Gateway
+from app.protocol import (
+    METADATA_ATTR,
+    OWNER_ATTR,
+    REQUEST_ID_ATTR,
+    SHAPE_ATTR,
+    ModelAnnouncement,
+    ResultMessage,
+    decode_metadata,
+    requests_topic_for,
+    worker_group_for,
+)
 from app.settings import Settings
 from tests.brokers import broker_env, unique_name
 
 CLASS_NAMES = [f"class-{i}" for i in range(10)]  # the stand-in model's classes
+STAND_IN_MODEL = "fmnist"
+STAND_IN_VERSION = "standin00000"
+# Gateways started by `running_gateway` / `serving`: `worker_running` waits until they know its model.
+_GATEWAYS: list[Gateway] = []
 
 
 def gateway_settings(broker_url: str | None = None, **overrides: Any) -> Settings:
@@ -34,6 +49,7 @@ def gateway_settings(broker_url: str | None = None, **overrides: Any) -> Setting
         "results_topic": unique_name("res"),
         "deadletter_topic": unique_name("dlq"),
         "worker_group": unique_name("workers"),
+        "control_topic": unique_name("ctl"),
         "broker_connect_timeout_s": 5.0,
     }
     values.update(overrides)
@@ -45,11 +61,85 @@ async def running_gateway(
     settings: Settings, **app_options: Any
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The real app, started through its lifespan, with an httpx client over the ASGI transport."""
+    announce = app_options.pop("announce", True)
     app = create_app(settings, **app_options)
-    async with app.router.lifespan_context(app):
+    async with app.router.lifespan_context(app), _known_gateway(app.state.gateway):
+        if announce and app.state.gateway.ready:
+            await announce_model(settings)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             yield app, client
+
+
+@contextlib.asynccontextmanager
+async def _known_gateway(gateway: Gateway) -> AsyncIterator[None]:
+    _GATEWAYS.append(gateway)
+    try:
+        yield
+    finally:
+        _GATEWAYS.remove(gateway)
+
+
+def announcement(
+    worker_id: str = "stand-in",
+    *,
+    name: str = STAND_IN_MODEL,
+    version: str = STAND_IN_VERSION,
+    tag: str | None = None,
+    input_shape: tuple[int, int, int] = (1, 28, 28),
+    classes: list[str] | None = None,
+    status: str = "live",
+    heartbeat_s: float = 60.0,
+) -> ModelAnnouncement:
+    """A stand-in worker's announcement (live for three `heartbeat_s` without heartbeats)."""
+    return ModelAnnouncement.model_validate(
+        {
+            "worker_id": worker_id,
+            "name": name,
+            "version": version,
+            "tag": tag,
+            "input_shape": input_shape,
+            "class_names": classes or CLASS_NAMES,
+            "preprocessing": {"channels": input_shape[0], "auto_invert": input_shape[0] == 1},
+            "precision": "fp32",
+            "device": "cpu",
+            "status": status,
+            "sent_at": time.time(),
+            "heartbeat_s": heartbeat_s,
+        }
+    )
+
+
+async def announce_model(settings: Settings, model: ModelAnnouncement | None = None) -> None:
+    """Announce `model` (default: the stand-in's, live for minutes) as if a worker served it, and wait
+    until the running gateways know it: requests for it are accepted and wait on its topic."""
+    model = model or announcement("announcer")
+    async with messaging.connect(
+        settings.broker_url, kafka_idempotence=settings.kafka_idempotence
+    ) as pubsub:
+        await pubsub.ensure_topics(
+            settings.control_topic, requests_topic_for(settings.requests_topic, model.name)
+        )
+        await pubsub.publish(settings.control_topic, model.to_bytes(), key=model.name)
+    await gateways_know(settings, model.name, model.version, live=model.status == "live")
+
+
+async def gateways_know(settings: Settings, name: str, version: str, live: bool = True) -> None:
+    """Wait until every gateway of these settings sees `name` at `version` live (or not live)."""
+    async with asyncio.timeout(15):
+        while True:
+            pending = [
+                gateway
+                for gateway in _GATEWAYS
+                if gateway.settings.control_topic == settings.control_topic
+                and not any(
+                    v.version == version and v.ready == live
+                    for v in gateway.registry.versions(name)
+                )
+            ]
+            if not pending:
+                return
+            await asyncio.sleep(0.01)
 
 
 def label_of(payload: bytes) -> int:
@@ -58,22 +148,40 @@ def label_of(payload: bytes) -> int:
 
 
 async def stand_in_worker(
-    settings: Settings, *, delay_s: float = 0.0, ready: asyncio.Event | None = None
+    settings: Settings,
+    *,
+    delay_s: float = 0.0,
+    ready: asyncio.Event | None = None,
+    model: ModelAnnouncement | None = None,
+    pinned_only: bool = False,
 ) -> None:
-    """Consume requests like a worker and publish a deterministic result for each (no model, no torch)."""
+    """Consume requests like a worker and publish a deterministic result for each (no model, no torch).
+
+    It announces `model` (default: `announcement()`) on the control topic, and reads the model's topic
+    (or, with `pinned_only`, only the topic of requests pinned to its version)."""
+    model = model or announcement()
+    version = model.version if pinned_only else None
+    topic = requests_topic_for(settings.requests_topic, model.name, version)
     async with messaging.connect(
         settings.broker_url, kafka_idempotence=settings.kafka_idempotence
     ) as pubsub:
-        await pubsub.ensure_topics(settings.requests_topic, settings.results_topic)
+        await pubsub.ensure_topics(topic, settings.results_topic, settings.control_topic)
         async with pubsub.subscribe(
-            settings.requests_topic, group=settings.worker_group
+            topic, group=worker_group_for(settings.worker_group, model.name, version)
         ) as requests:
+            await pubsub.publish(settings.control_topic, model.to_bytes(), key=model.name)
+            await gateways_know(settings, model.name, model.version)
             if ready is not None:
                 ready.set()
             async for message in requests:
                 if delay_s:
                     await asyncio.sleep(delay_s)
                 attributes = message.attributes
+                c, h, w = model.input_shape
+                if attributes.get(SHAPE_ATTR) != f"{c},{h},{w}" or len(message.data) != c * h * w:
+                    # As a real worker: a payload that is not the model's input is refused.
+                    await message.ack()
+                    continue
                 label = label_of(message.data)
                 probabilities = [0.0] * 10
                 probabilities[label] = 1.0
@@ -81,9 +189,10 @@ async def stand_in_worker(
                     request_id=attributes[REQUEST_ID_ATTR],
                     status="completed",
                     label=label,
-                    class_name=CLASS_NAMES[label],
+                    class_name=model.class_names[label % len(model.class_names)],
                     probabilities=probabilities,
-                    model_version="standin00000",
+                    model=model.name,
+                    model_version=model.version,
                     batch_id=unique_name("batch"),
                     batch_size=1,
                     queue_ms=0.5,
@@ -151,6 +260,7 @@ async def serving(settings: Settings, **app_options: Any) -> AsyncIterator[tuple
 
     from app.gateway.server import uvicorn_config
 
+    announce = app_options.pop("announce", True)
     app = create_app(settings, **app_options)
     server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=0))
     task = asyncio.create_task(server.serve())
@@ -161,7 +271,10 @@ async def serving(settings: Settings, **app_options: Any) -> AsyncIterator[tuple
                     task.result()
                 await asyncio.sleep(0.02)
         port = server.servers[0].sockets[0].getsockname()[1]
-        yield app, f"127.0.0.1:{port}"
+        async with _known_gateway(app.state.gateway):
+            if announce and app.state.gateway.ready:
+                await announce_model(settings)
+            yield app, f"127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task

@@ -11,7 +11,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 
 from app.gateway.main import create_app
-from tests.gateway.helpers import gateway_settings
+from tests.gateway.helpers import announcement, gateway_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 # with the first fuzzed request and is stopped by the fixture below. A short wait cap keeps fuzzed
 # `?wait=` values from holding the run (no worker answers here).
 APP = create_app(gateway_settings(max_wait_s=0.2, max_upload_bytes=64 * 1024))
+APP.state.gateway.registry.learn(announcement(heartbeat_s=3600))  # a model with a live worker
 # Send raw bytes for the binary media types schemathesis has no serializer for.
 schemathesis.serializer.alias(["application/x-npy", "image/bmp"], "application/octet-stream")
 schema = schemathesis.openapi.from_dict(APP.openapi())

@@ -17,6 +17,7 @@ import messaging
 from app.settings import Settings
 from messaging import BrokerUnavailable, PubSub
 from tests.gateway.helpers import (
+    announce_model,
     encode,
     fashion_like,
     gateway_settings,
@@ -317,6 +318,7 @@ async def test_broker_down_at_start_answers_503_then_recovers() -> None:
                 break
             await asyncio.sleep(0.05)
         ready = await client.get("/readyz")
+        await announce_model(app.state.settings)
         accepted = await client.post(
             "/v1/predictions", content=png_bytes(fashion_like()), headers=PNG
         )

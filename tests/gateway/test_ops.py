@@ -21,11 +21,11 @@ pytestmark = pytest.mark.timeout(30)
 
 def test_gateway_never_imports_torch() -> None:
     """Importing app.gateway.main and creating the app leaves torch, and ml but its torch-free
-    readers and stats, out of sys.modules."""
+    readers, stats and image policy, out of sys.modules."""
     code = (
         "import sys; from app.gateway.main import create_app; from app.settings import Settings; "
         "create_app(Settings(broker_url='memory://x')); "
-        "torch_free = {'ml', 'ml.readers', 'ml.runner_stats'}; "
+        "torch_free = {'ml', 'ml.readers', 'ml.runner_stats', 'ml.imaging'}; "
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') "
         "or (m.split('.')[0] == 'ml' and m not in torch_free));"
         "print(bad); sys.exit(1 if bad else 0)"

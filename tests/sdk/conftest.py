@@ -19,10 +19,12 @@ from fmnist_client import AsyncClient
 
 import messaging
 from app.gateway.main import create_app
+from app.gateway.service import Gateway
 from app.settings import Settings
 from app.worker.consumer import Worker
 from ml import CLASS_NAMES, ImageClassifier
 from tests.e2e.processes import free_port
+from tests.gateway.helpers import announcement
 
 
 def sdk_settings(**overrides: Any) -> Settings:
@@ -35,7 +37,9 @@ def sdk_settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def service_app(settings: Settings, classifier: ImageClassifier | None) -> FastAPI:
+def service_app(
+    settings: Settings, classifier: ImageClassifier | None, *, announce: bool = True
+) -> FastAPI:
     """The gateway app; with a classifier, a worker on the same broker runs inside its lifespan
     (what `fmnist serve` does), so one ASGI app answers predictions end to end."""
     app = create_app(settings)
@@ -44,17 +48,30 @@ def service_app(settings: Settings, classifier: ImageClassifier | None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with gateway_lifespan(app):
+            gateway = app.state.gateway
             if classifier is None:
+                if announce:  # a model with a live worker that never answers: requests wait
+                    gateway.registry.learn(announcement(heartbeat_s=3600))
                 yield
                 return
             async with (
                 messaging.connect(settings.broker_url) as pubsub,
-                Worker(settings, pubsub, classifier),
+                Worker(settings, pubsub, classifier) as worker,
             ):
+                await gateway_learned(gateway, worker.model_name)
                 yield
 
     app.router.lifespan_context = lifespan
     return app
+
+
+async def gateway_learned(gateway: Gateway, name: str) -> None:
+    """Wait until `gateway` counts a live worker for the model `name`."""
+    async with asyncio.timeout(10):
+        while True:
+            if any(v.ready for v in gateway.registry.versions(name)):
+                return
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +90,15 @@ def asgi_client(classifier: ImageClassifier) -> ClientFactory:
 
     @asynccontextmanager
     async def open_client(
-        *, worker: bool = True, api_key: str | None = None, **overrides: Any
+        *,
+        worker: bool = True,
+        announce: bool = True,
+        api_key: str | None = None,
+        **overrides: Any,
     ) -> AsyncIterator[AsyncClient]:
-        app = service_app(sdk_settings(**overrides), classifier if worker else None)
+        app = service_app(
+            sdk_settings(**overrides), classifier if worker else None, announce=announce
+        )
         transport = httpx.ASGITransport(app=app)
         async with (
             app.router.lifespan_context(app),

@@ -15,6 +15,13 @@ from app.settings import Settings
 from messaging import Message, PubSub, Subscription
 from tests.brokers import broker_env, unique_name
 
+MODEL = "fmnist"  # what a worker calls a model without a name of its own (FMNIST_MODEL_PATH's stem)
+
+
+def model_topic(settings: Settings, version: str | None = None) -> str:
+    """The topic the worker of `MODEL` reads (or of its requests pinned to `version`)."""
+    return protocol.requests_topic_for(settings.requests_topic, MODEL, version)
+
 
 def worker_settings(broker_url: str, **overrides: object) -> Settings:
     """Settings on fresh topics and a fresh worker group, so tests never see each other's messages."""
@@ -26,6 +33,7 @@ def worker_settings(broker_url: str, **overrides: object) -> Settings:
         "results_topic": unique_name("res"),
         "deadletter_topic": unique_name("dlq"),
         "worker_group": unique_name("workers"),
+        "control_topic": unique_name("ctl"),
         "max_batch_size": 8,
         "max_wait_ms": 5.0,
     }
@@ -59,7 +67,7 @@ async def publish_request(
 ) -> None:
     """Publish one request exactly as the gateway does (raw uint8 C×H×W payload, key = request id)."""
     await pubsub.publish(
-        settings.requests_topic,
+        model_topic(settings),
         image.contiguous().numpy().tobytes(),
         key=request_id,
         attributes=request_attributes(request_id, image, **kwargs),  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from messaging import BrokerUnavailable, PubSub
 from tests.brokers import connect_options
 from tests.ml.models import PoisonClassifier, TinyClassifier, image
 from tests.worker.helpers import (
+    model_topic,
     nothing_more,
     publish_request,
     results_by_id,
@@ -43,7 +44,7 @@ async def test_every_request_gets_its_result_on_every_backend(broker_url: str) -
     expected = model.predict(torch.stack(images))
     async with open_broker(broker_url) as pubsub:
         await pubsub.ensure_topics(
-            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
         )
         async with (
             pubsub.subscribe(settings.results_topic, group="observer") as results,
@@ -82,7 +83,7 @@ async def test_an_undecodable_request_goes_to_the_dead_letter_topic_and_its_clie
     settings = worker_settings("memory://")
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
-            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
         )
         async with (
             pubsub.subscribe(settings.results_topic, group="observer") as results,
@@ -90,7 +91,7 @@ async def test_an_undecodable_request_goes_to_the_dead_letter_topic_and_its_clie
             Worker(settings, pubsub, TinyClassifier()),
         ):
             await pubsub.publish(
-                settings.requests_topic,
+                model_topic(settings),
                 b"\x00" * 10,
                 key="bad",
                 attributes={protocol.REQUEST_ID_ATTR: "bad", protocol.SHAPE_ATTR: "1,28,28"},
@@ -111,14 +112,14 @@ async def test_deeply_nested_metadata_is_dead_lettered_not_redelivered_forever()
     settings = worker_settings("memory://")
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
-            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
         )
         async with (
             pubsub.subscribe(settings.deadletter_topic, group="observer") as dead,
             Worker(settings, pubsub, TinyClassifier()),
         ):
             await pubsub.publish(
-                settings.requests_topic,
+                model_topic(settings),
                 bytes(image(seed=2).flatten().tolist()),
                 key="nested",
                 attributes={
@@ -138,7 +139,7 @@ async def test_an_expired_request_is_answered_deadline_exceeded_without_compute(
     model = TinyClassifier()
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
-            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
         )
         async with (
             pubsub.subscribe(settings.results_topic, group="observer") as results,
@@ -156,7 +157,7 @@ async def test_a_request_that_keeps_failing_is_retried_then_dead_lettered() -> N
     settings = worker_settings("memory://", max_attempts=3)
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
-            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
         )
         async with (
             pubsub.subscribe(settings.results_topic, group="observer") as results,
@@ -210,7 +211,7 @@ async def test_a_request_is_acked_only_after_its_result_is_published(
     model = TinyClassifier()
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
-            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
         )
         flaky = ResultsPublishFailsOnce(pubsub, settings.results_topic)
         async with (
@@ -234,7 +235,7 @@ async def test_failed_publishes_log_one_line_per_chunk_not_per_request(
     total = 16
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
-            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
         )
         flaky = ResultsPublishFailsOnce(pubsub, settings.results_topic, times=total)
         async with (
@@ -258,7 +259,7 @@ async def test_drain_answers_in_flight_requests_and_leaves_the_rest_to_the_next_
     total = 60
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
-            settings.requests_topic, settings.results_topic, settings.deadletter_topic
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
         )
         for i in range(total):
             await publish_request(pubsub, settings, f"r{i}", image(seed=i))

@@ -17,7 +17,7 @@ from ml import ImageClassifier
 from tests.brokers import connect_options
 from tests.e2e import processes
 from tests.ml.models import TinyClassifier, image
-from tests.worker.helpers import publish_request, take_results, worker_settings
+from tests.worker.helpers import MODEL, publish_request, take_results, worker_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -42,10 +42,11 @@ def start_worker_process(
         "FMNIST_RESULTS_TOPIC": settings.results_topic,
         "FMNIST_DEADLETTER_TOPIC": settings.deadletter_topic,
         "FMNIST_WORKER_GROUP": settings.worker_group,
+        "FMNIST_CONTROL_TOPIC": settings.control_topic,
     }
     flags = [
         "--broker", settings.broker_url,
-        "--model", str(checkpoint),
+        "--model", f"{MODEL}={checkpoint}",
         "--max-batch-size", str(settings.max_batch_size),
         "--max-wait-ms", str(settings.max_wait_ms),
         "--worker-id", name,

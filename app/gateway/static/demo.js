@@ -14,13 +14,20 @@ const LOAD_TEST_TIMEOUT_MS = 60_000;
 const SKETCH_INPUT = 28; // the drawing is sent as a 28×28 PNG, the model's input size
 const BRUSH_WIDTH = 24; // on the 280×280 canvas: solid shapes, not hairlines, once scaled to 28 px
 const AUTH_CLOSE_CODES = new Set([1008, 4401, 4403]);
+// The test images are Fashion-MNIST's: only a model of that input and those classes can score them.
+const FASHION_MNIST_CLASSES = [
+  "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+];
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
   apiKey: readStoredKey(),
   config: { auth_required: false, test_images: { available: true, message: null, total: 10000 } },
-  classNames: [], // the model's label names, from /v1/demo/model and from every result
+  classNames: [], // the chosen model's label names, from /v1/models and from every result
+  models: [], // what GET /v1/models says
+  model: null, // the chosen model's name (null: the service's default)
+  modelsTimer: null,
   socket: null,
   socketOpen: false,
   cursor: null, // last stream cursor seen, to resume after a reconnect
@@ -177,16 +184,57 @@ function learnClassName(result) {
 
 async function loadModelInfo() {
   try {
-    const { body } = await api("/v1/demo/model");
-    if (Array.isArray(body?.class_names)) {
-      body.class_names.forEach((name, label) => {
-        if (state.classNames[label] === undefined) setClassName(label, String(name));
-      });
-    }
+    const { body } = await api("/v1/models");
+    state.models = Array.isArray(body?.models) ? body.models : [];
+    const select = $("model-select");
+    const names = state.models.map((model) => model.name);
+    if (state.model === null || !names.includes(state.model)) state.model = body?.default ?? names[0] ?? null;
+    select.replaceChildren(
+      ...state.models.map((model) => {
+        const option = document.createElement("option");
+        option.value = model.name;
+        option.textContent = model.ready ? model.name : `${model.name} (no live worker)`;
+        option.selected = model.name === state.model;
+        return option;
+      }),
+    );
+    showChosenModel();
   } catch (error) {
     if (error.isAuth) handleAuthError(error);
     // Otherwise the names are learned from results as they arrive.
   }
+}
+
+function chosenModel() {
+  return state.models.find((model) => model.name === state.model) ?? null;
+}
+
+// The chosen model's input (C×H×W, channels) and classes; "send test images" only where they fit.
+function showChosenModel() {
+  const model = chosenModel();
+  const info = $("model-info");
+  if (model === null) {
+    info.textContent = "Waiting for a worker to announce a model…";
+  } else {
+    const [channels, height, width] = model.input_shape;
+    const kind = channels === 1 ? "grayscale" : channels === 3 ? "RGB" : `${channels} channels`;
+    info.textContent = `Input ${channels}×${height}×${width} (${kind}); classes: ${model.class_names.join(", ")}`
+      + (model.ready ? "" : ". No live worker now.");
+    state.classNames = [];
+    model.class_names.forEach((name, label) => setClassName(label, String(name)));
+  }
+  updateLoadButton();
+}
+
+function testImagesFit() {
+  const model = chosenModel();
+  return model !== null
+    && model.input_shape.join(",") === "1,28,28"
+    && model.class_names.join("\n") === FASHION_MNIST_CLASSES.join("\n");
+}
+
+function predictionsPath() {
+  return state.model === null ? "/v1/predictions" : `/v1/models/${encodeURIComponent(state.model)}/predictions`;
 }
 
 // ---------------------------------------------------------------- result cards
@@ -307,7 +355,8 @@ async function showModelInput(card, blob) {
   };
   let response;
   try {
-    response = await fetch("/v1/demo/model-input", {
+    const query = state.model === null ? "" : `?model=${encodeURIComponent(state.model)}`;
+    response = await fetch(`/v1/demo/model-input${query}`, {
       method: "POST",
       body: blob,
       headers: { ...authHeaders(), "Content-Type": blob.type || "application/octet-stream" },
@@ -333,7 +382,7 @@ async function showModelInput(card, blob) {
 async function classifyBlob(blob, card) {
   showModelInput(card, blob);
   try {
-    const { body } = await api(`/v1/predictions?wait=${WAIT_SECONDS}`, {
+    const { body } = await api(`${predictionsPath()}?wait=${WAIT_SECONDS}`, {
       method: "POST",
       body: blob,
       headers: { "Content-Type": blob.type || "application/octet-stream" },
@@ -760,6 +809,8 @@ function startLive() {
   openSocket();
   pollStats();
   loadModelInfo();
+  // Models come and go with their workers.
+  if (state.modelsTimer === null) state.modelsTimer = setInterval(loadModelInfo, 5000);
 }
 
 // ---------------------------------------------------------------- load test
@@ -767,12 +818,20 @@ function startLive() {
 function updateLoadButton() {
   const button = $("send-test-images");
   const available = state.config.test_images?.available !== false;
-  button.disabled = !available || !state.socketOpen || Boolean(state.run && !state.run.finished);
+  const fits = state.models.length === 0 || testImagesFit();
+  button.disabled = !available || !fits || !state.socketOpen || Boolean(state.run && !state.run.finished);
+  const status = $("load-status");
   if (!available) {
     button.textContent = "Test images not installed";
-    const status = $("load-status");
     status.textContent = state.config.test_images?.message ?? "The Fashion-MNIST test set is not on the server.";
     status.classList.add("problem");
+  } else if (!fits) {
+    button.textContent = "No test set for this model";
+    status.textContent = "The test images are Fashion-MNIST's: choose a 1×28×28 Fashion-MNIST model to send them.";
+    status.classList.remove("problem");
+  } else if (button.textContent === "No test set for this model") {
+    button.textContent = "Send 500 test images";
+    status.textContent = "Real Fashion-MNIST test images, all at once over the websocket.";
   }
 }
 
@@ -830,6 +889,7 @@ async function sendTestImages() {
       JSON.stringify({
         type: "submit",
         image: image.png,
+        ...(state.model === null ? {} : { model: state.model }),
         metadata: { label: String(image.label), demo_run: run.id, index: String(image.index) },
         client_ref: clientRef,
       }),
@@ -937,6 +997,10 @@ function renderRun() {
 }
 
 function bindLoadTest() {
+  $("model-select").addEventListener("change", (event) => {
+    state.model = event.target.value;
+    showChosenModel();
+  });
   $("send-test-images").addEventListener("click", () => {
     sendTestImages().catch((error) => showError(describe(error)));
   });

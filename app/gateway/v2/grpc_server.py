@@ -126,7 +126,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             gateway.require_ready()
             inputs = input_tensors(request)
             requested = [RequestedOutput(output.name) for output in request.outputs]
-            outputs = await inference.infer(gateway, owner, model, inputs, requested)
+            outputs = await inference.infer(
+                gateway, owner, model, inputs, requested, pinned=bool(request.model_version)
+            )
         except ApiError as exc:
             gateway.metrics.record_rejection(exc.code)
             await self._abort(context, exc)

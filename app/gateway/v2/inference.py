@@ -107,6 +107,8 @@ async def infer(
     model: ModelVersion,
     inputs: Sequence[InputTensor],
     requested: Sequence[RequestedOutput],
+    *,
+    pinned: bool = False,
 ) -> list[OutputTensor]:
     """Classify the images of `inputs` through the workers; the outputs asked for (all when none)."""
     check_outputs(requested)
@@ -114,7 +116,7 @@ async def infer(
         names = ", ".join(repr(tensor.name) for tensor in inputs) or "none"
         raise bad_request(f"the model takes one input named {INPUT_NAME!r}; got {names}")
     payloads = await images_of(gateway, model, inputs[0])
-    outcomes = await gateway.submit(owner, payloads, model=model)
+    outcomes = await gateway.submit(owner, payloads, model=model, pinned=pinned)
     request_ids = [_accepted(outcomes, index) for index in range(len(outcomes))]
     wait_s = gateway.settings.request_deadline_s + _WAIT_MARGIN_S
     await gateway.store.wait_for_all(request_ids, wait_s)

@@ -256,7 +256,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         header, inputs, requested, binary_default = parse_infer_request(
             body, request.headers.get(HEADER_LENGTH), request.headers.get("content-encoding")
         )
-        outputs = await inference.infer(gateway, owner, model, inputs, requested)
+        outputs = await inference.infer(
+            gateway, owner, model, inputs, requested, pinned=version is not None
+        )
         binary = {o.name: o.binary for o in requested}
         return infer_response(
             model,

@@ -21,7 +21,7 @@ from ._exceptions import (
     Unavailable,
 )
 from ._images import ImageInput
-from ._models import ErrorDetail, Prediction, Status
+from ._models import ErrorDetail, ModelInfo, ModelVersionInfo, Prediction, Status
 from ._stream import StreamEvent, StreamEventCallback, StreamState
 from ._version import __version__
 
@@ -34,6 +34,8 @@ __all__ = [
     "FmnistError",
     "Health",
     "ImageInput",
+    "ModelInfo",
+    "ModelVersionInfo",
     "NotFound",
     "Overloaded",
     "Prediction",

@@ -25,6 +25,7 @@ from ._base import (
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
     HEALTHZ_PATH,
+    MODELS_PATH,
     READYZ_PATH,
     ClientConfig,
     Health,
@@ -38,6 +39,9 @@ from ._base import (
     health_from_responses,
     in_order_or_raise,
     is_finished,
+    model_from_response,
+    model_path,
+    models_from_response,
     poll_delays,
     prediction_from_response,
     prediction_path,
@@ -49,7 +53,7 @@ from ._base import (
 from ._client import ProgressCallback
 from ._exceptions import FmnistError
 from ._images import ImageInput
-from ._models import Prediction
+from ._models import ModelInfo, Prediction
 from ._stream import StreamEventCallback, StreamSession, stream_predictions
 
 logger = logging.getLogger("fmnist_client")
@@ -135,6 +139,8 @@ class AsyncClient:
         wait: float = DEFAULT_WAIT,
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> Prediction:
         """Classify one image and return the completed `Prediction` (see `Client.predict`)."""
         deadline = time.monotonic() + wait
@@ -143,6 +149,8 @@ class AsyncClient:
             wait=min(wait, self._config.longest_hold_s),
             metadata=metadata,
             idempotency_key=idempotency_key,
+            model=model,
+            version=version,
         )
         return await self._finish(prediction, deadline, wait)
 
@@ -152,10 +160,17 @@ class AsyncClient:
         *,
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> AsyncPredictionHandle:
         """Queue one image without waiting; follow it with `stream(ids=...)` or `handle.result()`."""
         prediction = await self._submit(
-            image, wait=None, metadata=metadata, idempotency_key=idempotency_key
+            image,
+            wait=None,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            model=model,
+            version=version,
         )
         return AsyncPredictionHandle(prediction.request_id, self)
 
@@ -178,6 +193,8 @@ class AsyncClient:
         wait: float = ...,
         progress: ProgressCallback | None = ...,
         return_exceptions: Literal[False] = ...,
+        model: str | None = ...,
+        version: str | None = ...,
     ) -> list[Prediction]: ...
 
     @overload
@@ -190,6 +207,8 @@ class AsyncClient:
         wait: float = ...,
         progress: ProgressCallback | None = ...,
         return_exceptions: Literal[True],
+        model: str | None = ...,
+        version: str | None = ...,
     ) -> list[Prediction | FmnistError]: ...
 
     async def predict_many(
@@ -201,6 +220,8 @@ class AsyncClient:
         wait: float = DEFAULT_WAIT,
         progress: ProgressCallback | None = None,
         return_exceptions: bool = False,
+        model: str | None = None,
+        version: str | None = None,
     ) -> list[Prediction] | list[Prediction | FmnistError]:
         """Classify many images, `batch_size` per batch request, `concurrency` requests at a time;
         results keep input order (see `Client.predict_many`)."""
@@ -226,7 +247,11 @@ class AsyncClient:
             if payloads:
                 async with slots:
                     request = build_batch_request(
-                        self._http, payloads, wait=min(wait, self._config.longest_hold_s)
+                        self._http,
+                        payloads,
+                        wait=min(wait, self._config.longest_hold_s),
+                        model=model,
+                        version=version,
                     )
                     try:
                         answers = batch_outcomes(await self._send(request), len(payloads))
@@ -270,6 +295,16 @@ class AsyncClient:
             open_timeout=self._config.timeout.connect or 10.0,
         )
 
+    async def models(self) -> list[ModelInfo]:
+        """The models the service knows (`GET /v1/models`): versions, input shape, classes, readiness."""
+        return models_from_response(await self._send(self._http.build_request("GET", MODELS_PATH)))
+
+    async def model(self, name: str) -> ModelInfo:
+        """One model (`GET /v1/models/{name}`); raises `NotFound` for an unknown name."""
+        return model_from_response(
+            await self._send(self._http.build_request("GET", model_path(name)))
+        )
+
     async def health(self) -> Health:
         """The gateway's liveness and readiness (see `Client.health`)."""
         try:
@@ -288,9 +323,17 @@ class AsyncClient:
         wait: float | None,
         metadata: Mapping[str, str] | None,
         idempotency_key: str | None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> Prediction:
         request = build_submit_request(
-            self._http, image, wait=wait, metadata=metadata, idempotency_key=idempotency_key
+            self._http,
+            image,
+            wait=wait,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            model=model,
+            version=version,
         )
         return prediction_from_response(await self._send(request))
 

@@ -26,7 +26,7 @@ from ._exceptions import (
     error_from_response,
 )
 from ._images import ImageInput, ImagePayload, encode_image
-from ._models import Prediction
+from ._models import ModelInfo, Prediction
 from ._version import __version__
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -40,6 +40,7 @@ RETRY_STATUSES = frozenset({429, 503})
 MAX_METADATA_BYTES = 1024
 PREDICTIONS_PATH = "/v1/predictions"
 BATCH_PATH = "/v1/predictions:batch"
+MODELS_PATH = "/v1/models"
 # Images per `POST /v1/predictions:batch` in predict_many(); the gateway allows 256 by default
 # (FMNIST_MAX_BATCH_IMAGES). One request per 32 images costs far less than 32 requests.
 DEFAULT_BATCH_SIZE = 32
@@ -168,6 +169,25 @@ def prediction_path(request_id: str) -> str:
     return f"{PREDICTIONS_PATH}/{quote(request_id, safe='')}"
 
 
+def model_path(name: str) -> str:
+    """`/v1/models/{name}`, the name quoted so that no name can reach another route."""
+    return f"{MODELS_PATH}/{quote(name, safe='')}"
+
+
+def _submit_target(
+    model: str | None, version: str | None, wait: float | None, batch: bool
+) -> tuple[str, dict[str, str]]:
+    """The submit route (the default model's, or `model`'s) and its query (`wait`, `version`)."""
+    suffix = "/predictions:batch" if batch else "/predictions"
+    path = (
+        (BATCH_PATH if batch else PREDICTIONS_PATH) if model is None else model_path(model) + suffix
+    )
+    params = {"wait": _format_seconds(wait)} if wait else {}
+    if version is not None:
+        params["version"] = version
+    return path, params
+
+
 def build_submit_request(
     client: httpx.Client | httpx.AsyncClient,
     image: ImageInput,
@@ -175,9 +195,12 @@ def build_submit_request(
     wait: float | None,
     metadata: Mapping[str, str] | None,
     idempotency_key: str | None,
+    model: str | None = None,
+    version: str | None = None,
 ) -> httpx.Request:
     """The `POST /v1/predictions` request for one image (raw body, the image's own content type);
-    `wait` is how long the gateway may hold the request open for the result."""
+    `wait` is how long the gateway may hold the request open for the result; `model` and `version`
+    choose the model (default: the service's default model, its newest live version)."""
     payload = encode_image(image)
     headers = {
         "Content-Type": payload.content_type,
@@ -185,9 +208,9 @@ def build_submit_request(
         "Idempotency-Key": idempotency_key or uuid.uuid4().hex,
         **metadata_header(metadata),
     }
-    params = {"wait": _format_seconds(wait)} if wait else {}
+    path, params = _submit_target(model, version, wait, batch=False)
     return client.build_request(
-        "POST", PREDICTIONS_PATH, content=payload.content, headers=headers, params=params
+        "POST", path, content=payload.content, headers=headers, params=params
     )
 
 
@@ -219,13 +242,15 @@ def build_batch_request(
     payloads: Sequence[ImagePayload],
     *,
     wait: float | None,
+    model: str | None = None,
+    version: str | None = None,
 ) -> httpx.Request:
     """The `POST /v1/predictions:batch` request: one multipart `files` field per image, in order."""
     files = [("files", (p.filename, p.content, p.content_type)) for p in payloads]
-    params = {"wait": _format_seconds(wait)} if wait else {}
+    path, params = _submit_target(model, version, wait, batch=True)
     # The gateway keys each image as "<key>#<index>": a retried batch is not classified twice.
     headers = {"Idempotency-Key": uuid.uuid4().hex}
-    return client.build_request("POST", BATCH_PATH, files=files, params=params, headers=headers)
+    return client.build_request("POST", path, files=files, params=params, headers=headers)
 
 
 def batch_outcomes(response: httpx.Response, expected: int) -> list[Prediction | FmnistError]:
@@ -402,3 +427,16 @@ def result_timeout(request_id: str, timeout: float) -> Timeout:
         code="result_timeout",
         request_id=request_id,
     )
+
+
+def models_from_response(response: httpx.Response) -> list[ModelInfo]:
+    """The `GET /v1/models` answer as `ModelInfo`s."""
+    raise_for_error(response)
+    body = parse_json(response)
+    return [ModelInfo.from_json(item) for item in body.get("models", [])]
+
+
+def model_from_response(response: httpx.Response) -> ModelInfo:
+    """The `GET /v1/models/{name}` answer; raises `NotFound` for an unknown model."""
+    raise_for_error(response)
+    return ModelInfo.from_json(parse_json(response))

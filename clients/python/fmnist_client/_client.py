@@ -17,6 +17,7 @@ from ._base import (
     DEFAULT_TIMEOUT,
     DEFAULT_WAIT,
     HEALTHZ_PATH,
+    MODELS_PATH,
     READYZ_PATH,
     ClientConfig,
     Health,
@@ -30,6 +31,9 @@ from ._base import (
     health_from_responses,
     in_order_or_raise,
     is_finished,
+    model_from_response,
+    model_path,
+    models_from_response,
     poll_delays,
     prediction_from_response,
     prediction_path,
@@ -40,7 +44,7 @@ from ._base import (
 )
 from ._exceptions import FmnistError
 from ._images import ImageInput
-from ._models import Prediction
+from ._models import ModelInfo, Prediction
 from ._stream import StreamEventCallback, StreamSession, stream_predictions_sync
 
 logger = logging.getLogger("fmnist_client")
@@ -128,6 +132,8 @@ class Client:
         wait: float = DEFAULT_WAIT,
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> Prediction:
         """Classify one image and return the completed `Prediction`.
 
@@ -140,6 +146,8 @@ class Client:
             wait=min(wait, self._config.longest_hold_s),
             metadata=metadata,
             idempotency_key=idempotency_key,
+            model=model,
+            version=version,
         )
         return self._finish(prediction, deadline, wait)
 
@@ -149,10 +157,17 @@ class Client:
         *,
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> PredictionHandle:
         """Queue one image without waiting; the handle's `result()` waits for it."""
         prediction = self._submit(
-            image, wait=None, metadata=metadata, idempotency_key=idempotency_key
+            image,
+            wait=None,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            model=model,
+            version=version,
         )
         return PredictionHandle(prediction.request_id, self)
 
@@ -176,6 +191,8 @@ class Client:
         wait: float = ...,
         progress: ProgressCallback | None = ...,
         return_exceptions: Literal[False] = ...,
+        model: str | None = ...,
+        version: str | None = ...,
     ) -> list[Prediction]: ...
 
     @overload
@@ -188,6 +205,8 @@ class Client:
         wait: float = ...,
         progress: ProgressCallback | None = ...,
         return_exceptions: Literal[True],
+        model: str | None = ...,
+        version: str | None = ...,
     ) -> list[Prediction | FmnistError]: ...
 
     def predict_many(
@@ -199,6 +218,8 @@ class Client:
         wait: float = DEFAULT_WAIT,
         progress: ProgressCallback | None = None,
         return_exceptions: bool = False,
+        model: str | None = None,
+        version: str | None = None,
     ) -> list[Prediction] | list[Prediction | FmnistError]:
         """Classify many images; results keep input order.
 
@@ -219,7 +240,11 @@ class Client:
             answers: list[Prediction | FmnistError] = []
             if payloads:
                 request = build_batch_request(
-                    self._http, payloads, wait=min(wait, self._config.longest_hold_s)
+                    self._http,
+                    payloads,
+                    wait=min(wait, self._config.longest_hold_s),
+                    model=model,
+                    version=version,
                 )
                 try:
                     answers = batch_outcomes(self._send(request), len(payloads))
@@ -264,6 +289,14 @@ class Client:
             open_timeout=self._config.timeout.connect or 10.0,
         )
 
+    def models(self) -> list[ModelInfo]:
+        """The models the service knows (`GET /v1/models`): versions, input shape, classes, readiness."""
+        return models_from_response(self._send(self._http.build_request("GET", MODELS_PATH)))
+
+    def model(self, name: str) -> ModelInfo:
+        """One model (`GET /v1/models/{name}`); raises `NotFound` for an unknown name."""
+        return model_from_response(self._send(self._http.build_request("GET", model_path(name))))
+
     def health(self) -> Health:
         """The gateway's liveness and readiness (`/healthz`, `/readyz`), asked once, no retries;
         raises `Unavailable` when it cannot be reached."""
@@ -283,9 +316,17 @@ class Client:
         wait: float | None,
         metadata: Mapping[str, str] | None,
         idempotency_key: str | None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> Prediction:
         request = build_submit_request(
-            self._http, image, wait=wait, metadata=metadata, idempotency_key=idempotency_key
+            self._http,
+            image,
+            wait=wait,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+            model=model,
+            version=version,
         )
         return prediction_from_response(self._send(request))
 

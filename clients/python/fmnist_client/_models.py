@@ -1,4 +1,5 @@
-"""Typed results: `Prediction` (one request's state or outcome) and `ErrorDetail`."""
+"""Typed results: `Prediction` (one request's state or outcome), `ErrorDetail`, and the models a
+gateway serves (`ModelInfo`, `ModelVersionInfo`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Prediction:
     label: int | None = None
     class_name: str | None = None
     probabilities: list[float] | None = None
+    model: str | None = None
     model_version: str | None = None
     batch_id: str | None = None
     batch_size: int | None = None
@@ -64,6 +66,7 @@ class Prediction:
             label=data.get("label"),
             class_name=data.get("class_name"),
             probabilities=data.get("probabilities"),
+            model=data.get("model"),
             model_version=data.get("model_version"),
             batch_id=data.get("batch_id"),
             batch_size=data.get("batch_size"),
@@ -76,4 +79,62 @@ class Prediction:
             if isinstance(error, dict)
             else None,
             cursor=data.get("cursor"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One version of a model, as its workers announced it."""
+
+    version: str
+    tag: str | None
+    input_shape: tuple[int, int, int]
+    dtype: str
+    class_names: list[str]
+    preprocessing: dict[str, Any]
+    precision: str
+    device: str
+    live_workers: int
+    ready: bool
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelVersionInfo:
+        c, h, w = (int(d) for d in data["input_shape"])
+        return cls(
+            version=str(data["version"]),
+            tag=data.get("tag"),
+            input_shape=(c, h, w),
+            dtype=str(data.get("dtype", "uint8")),
+            class_names=[str(n) for n in data.get("class_names", [])],
+            preprocessing=dict(data.get("preprocessing") or {}),
+            precision=str(data.get("precision", "")),
+            device=str(data.get("device", "")),
+            live_workers=int(data.get("live_workers", 0)),
+            ready=bool(data.get("ready", False)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the service knows: its versions (newest first), readiness and the newest's input."""
+
+    name: str
+    default: bool
+    ready: bool
+    live_workers: int
+    input_shape: tuple[int, int, int]
+    class_names: list[str]
+    versions: list[ModelVersionInfo]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelInfo:
+        c, h, w = (int(d) for d in data["input_shape"])
+        return cls(
+            name=str(data["name"]),
+            default=bool(data.get("default", False)),
+            ready=bool(data.get("ready", False)),
+            live_workers=int(data.get("live_workers", 0)),
+            input_shape=(c, h, w),
+            class_names=[str(n) for n in data.get("class_names", [])],
+            versions=[ModelVersionInfo.from_json(v) for v in data.get("versions", [])],
         )
