@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -325,40 +326,43 @@ async def replay(
     live = LiveResults(model)
     topic = requests_topic_for(settings.requests_topic, model)
     pubsub = connect_broker(settings)
-    async with (
-        pubsub,
-        pubsub.subscribe(topic, group=group, start=start, max_in_flight=1024) as requests_in,
-        pubsub.subscribe(
+    async with pubsub:
+        requests_in = pubsub.subscribe(topic, group=group, start=start, max_in_flight=1024)
+        results_in = pubsub.subscribe(
             settings.results_topic, group=f"{group}.results", start=start, max_in_flight=1024
-        ) as results_in,
-    ):
-        reading = asyncio.create_task(_read_results(results_in, live))
-        try:
-            with tqdm(
-                desc="requests", total=last, unit="req", disable=not progress, file=sys.stderr
-            ) as bar:
-                window = await read_window(
-                    requests_in,
-                    until=began,
-                    last=last,
-                    quiet_s=quiet_s,
-                    num_classes=len(served.class_names),
-                    progress=bar,
-                )
-            if not window:
-                return ReplayOutcome(0, None, None)
-            with tqdm(
-                desc="candidate",
-                total=len(window),
-                unit="req",
-                disable=not progress,
-                file=sys.stderr,
-            ) as bar:
-                await run_candidate(served, window, comparison, settings=settings, progress=bar)
-            wanted = {request.request_id for request in window}
-            await _until_answered(live, wanted, quiet_s)
-        finally:
-            reading.cancel()
+        )
+        # Both groups join at once: a join waits out the broker's rebalance delay.
+        await asyncio.gather(requests_in.start(), results_in.start())
+        async with requests_in, results_in:
+            reading = asyncio.create_task(_read_results(results_in, live))
+            try:
+                with tqdm(
+                    desc="requests", total=last, unit="req", disable=not progress, file=sys.stderr
+                ) as bar:
+                    window = await read_window(
+                        requests_in,
+                        until=began,
+                        last=last,
+                        quiet_s=quiet_s,
+                        num_classes=len(served.class_names),
+                        progress=bar,
+                    )
+                if not window:
+                    return ReplayOutcome(0, None, None)
+                with tqdm(
+                    desc="candidate",
+                    total=len(window),
+                    unit="req",
+                    disable=not progress,
+                    file=sys.stderr,
+                ) as bar:
+                    await run_candidate(served, window, comparison, settings=settings, progress=bar)
+                wanted = {request.request_id for request in window}
+                await _until_answered(live, wanted, quiet_s)
+            finally:
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
     for request in window:
         answer = live.answers.get(request.request_id)
         if answer is not None:
