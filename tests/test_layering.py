@@ -64,6 +64,7 @@ def test_every_layering_contract_is_kept() -> None:
         ),
         ("app/gateway/demo.py", "import ml.data", "app.gateway is not allowed to import ml:"),
         ("ml/readers.py", "import torch", "ml.readers is not allowed to import torch"),
+        ("app/rollout/compare.py", "import torch", "app.rollout is not allowed to import torch"),
         (
             "messaging/memory.py",
             "import app.settings",

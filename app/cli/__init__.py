@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "evaluate",
     "send_images",
     "listen",
+    "replay",
 )
 
 

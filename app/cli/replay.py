@@ -1,0 +1,477 @@
+"""`fmnist replay`: re-run a model's retained requests through a candidate version and report how
+the candidate compares with what the live version answered, without touching any client.
+
+Reads the model's requests topic (`requests_topic_for`) from a time, or its last N requests, in a
+consumer group of its own (the live workers' group and position are never touched), runs them
+through the candidate in-process (`ml.serving.load_model`, batched by a `ModelRunner`), reads the
+live results of the same window from the results topic (its own group too), joins the two by request
+id (`app.rollout.compare`) and writes the report (`app.rollout.report`).
+
+It needs a broker that keeps a log other processes can read: Kafka (retention) or Pub/Sub (seek).
+The embedded broker (`memory://`) lives inside `fmnist serve`'s process, out of this one's reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import re
+import sys
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.cli.prologue import INVALID_SETTING_STATUS, start_command
+from app.logs import kv
+from app.rollout.compare import Answer, Comparison, ComparisonSummary, true_label
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tqdm import tqdm
+
+    from app.settings import Settings
+    from messaging import Message, Subscription
+    from ml.runner import Prediction
+    from ml.serving import ServedModel
+
+logger = logging.getLogger("app.replay")
+
+QUIET_S = 3.0  # default: a topic that yields nothing from the window for this long is caught up
+JOIN_WAIT_S = 15.0  # the first message may wait on the group join and the seek to the start time
+RECEIVE_CHUNK = 256  # messages taken from a subscription at once
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "replay",
+        help="re-run a model's retained requests through a candidate version and compare",
+        description=(
+            "Re-run the requests a model received (from --since TIME, or its --last N) through a "
+            "candidate version loaded in this process, join them with what the live version answered, "
+            "and write a report (Markdown with plots: agreement, the live-vs-candidate confusion "
+            "matrix, accuracy on requests whose metadata carries a `label`, latency) to --out. Clients "
+            "see nothing: the replay reads in consumer groups of its own and publishes nothing. "
+            "It needs a broker that keeps the log: Kafka (retention) or Pub/Sub (seek). The embedded "
+            "broker (memory://) lives inside `fmnist serve`'s process, so this command cannot reach it."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="NAME", help="the live model's name")
+    parser.add_argument(
+        "--version",
+        required=True,
+        dest="candidate",
+        metavar="CANDIDATE",
+        help="the candidate: a checkpoint (.safetensors), an exported program (.pt2, or TorchScript "
+        ".pt, with its spec beside it) or package.module:Class, as `fmnist worker --model` takes",
+    )
+    window = parser.add_mutually_exclusive_group(required=True)
+    window.add_argument(
+        "--since",
+        metavar="TIME",
+        type=_since_argument,
+        help="replay the requests from TIME: an ISO time (2026-12-01T10:00, local unless it has "
+        "an offset) or a time ago (90s, 10m, 2h, 1d)",
+    )
+    window.add_argument(
+        "--last",
+        metavar="N",
+        type=_positive_int,
+        help="replay the last N requests the broker still holds",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the report goes (default: replay-MODEL-YYYYMMDD-HHMMSS)",
+    )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="broker URL, kafka://host:9092 or gcp://PROJECT (FMNIST_BROKER_URL)",
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=QUIET_S,
+        metavar="SECONDS",
+        help="caught up once nothing from the window arrived for this long (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where the candidate runs (FMNIST_DEVICE; auto: CUDA when available)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="the candidate's arithmetic (FMNIST_INFERENCE_PRECISION); the workers' own gives "
+        "comparable answers",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=["auto", "aoti", "eager"],
+        default="auto",
+        help="the candidate's CPU runtime; eager skips compiling (default: %(default)s, as workers)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (for logs and CI)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_since(text: str, now: float) -> float:
+    """Unix seconds for `--since`: an ISO time (naive means local time), or a time before `now`
+    (`90s`, `10m`, `2h`, `1d`, or bare seconds). ValueError on anything else or a future time."""
+    duration = _DURATION.fullmatch(text.strip())
+    if duration:
+        amount, unit = duration.groups()
+        return now - float(amount) * _UNIT_S[unit]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither an ISO time (2026-12-01T10:00) nor a time ago (90s, 10m, 2h, 1d)"
+        ) from None
+    since = moment.timestamp()  # a naive time is taken as local time
+    if since > now:
+        raise ValueError(f"{text!r} is in the future")
+    return since
+
+
+def _since_argument(text: str) -> float:
+    try:
+        return parse_since(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Retained:
+    """One retained request, decoded: the image and the true class its metadata carries."""
+
+    request_id: str
+    image: np.ndarray
+    truth: int | None
+
+
+@dataclass
+class LiveResults:
+    """The live version's answers of one model, first per request id, from the results topic."""
+
+    model: str
+    answers: dict[str, Answer] = field(default_factory=dict)
+    versions: set[str] = field(default_factory=set)
+    last_arrival: float = field(default_factory=time.monotonic)
+
+    def take(self, message: Message) -> None:
+        from app.protocol import ResultMessage
+
+        if message.attributes.get("kind"):  # a gateway's marker, not a result
+            return
+        try:
+            result = ResultMessage.from_bytes(message.data)
+        except ValueError:
+            return
+        if result.model not in (None, self.model) or result.request_id in self.answers:
+            return
+        label = result.label if result.status == "completed" else None
+        self.answers[result.request_id] = Answer(label, result.inference_ms)
+        if result.model_version:
+            self.versions.add(result.model_version)
+        self.last_arrival = time.monotonic()
+
+
+async def read_window(
+    subscription: Subscription,
+    *,
+    until: float,
+    last: int | None,
+    quiet_s: float,
+    num_classes: int,
+    progress: tqdm[Any] | None = None,
+) -> list[Retained]:
+    """The requests of the window, oldest first and once per id: those submitted before `until`
+    (unix seconds), or the `last` of them. Ends when nothing from the window arrived for `quiet_s`
+    (`JOIN_WAIT_S` at least for the first message) or the subscription ended."""
+    from app import protocol
+    from app.worker.consumer import UndecodableRequest, decode_request
+
+    kept: OrderedDict[str, Retained] = OrderedDict()
+    seen: set[str] = set()
+    waited_from = time.monotonic()
+    patience = max(quiet_s, JOIN_WAIT_S)
+    while (left := patience - (time.monotonic() - waited_from)) > 0:
+        try:
+            batch = await asyncio.wait_for(subscription.receive_batch(RECEIVE_CHUNK), left)
+        except TimeoutError:
+            break
+        if not batch:
+            break
+        for message in batch:
+            await message.ack()  # the replay's own group: it moves no live position
+            attributes = message.attributes
+            try:
+                submitted_at = float(attributes.get(protocol.SUBMITTED_AT_ATTR, "0"))
+                request_id, image = decode_request(message)
+                metadata = protocol.decode_metadata(attributes.get(protocol.METADATA_ATTR))
+            except (UndecodableRequest, ValueError):
+                continue
+            if submitted_at >= until or request_id in seen:
+                continue  # live traffic after the replay began, or a re-queued try
+            seen.add(request_id)
+            kept[request_id] = Retained(request_id, image, true_label(metadata, num_classes))
+            if last is not None and len(kept) > last:
+                kept.popitem(last=False)
+            waited_from, patience = time.monotonic(), quiet_s
+            if progress is not None:
+                progress.update(1)
+    return list(kept.values())
+
+
+async def run_candidate(
+    served: ServedModel,
+    requests: list[Retained],
+    comparison: Comparison,
+    *,
+    settings: Settings,
+    progress: tqdm[Any] | None = None,
+) -> None:
+    """Every request through `served` in batches; each answer (or failure) to `comparison`."""
+    from ml.runner import ModelRunner
+
+    async with ModelRunner(
+        served,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=max(len(requests), settings.max_batch_size),
+        preferred_batch_size=settings.preferred_batch_size,
+    ) as runner:
+
+        def answered(request_id: str, future: asyncio.Future[Prediction]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                answer = Answer(None)  # the runner's per-item error: the candidate failed it
+            else:
+                prediction = future.result()
+                answer = Answer(prediction.label, prediction.inference_ms)
+            comparison.add_candidate(request_id, answer)
+            if progress is not None:
+                progress.update(1)
+
+        futures = []
+        for request in requests:
+            future = runner.submit(request.image)
+            future.add_done_callback(partial(answered, request.request_id))
+            futures.append(future)
+        await asyncio.gather(*futures, return_exceptions=True)
+
+
+@dataclass
+class ReplayOutcome:
+    """What one replay did: the window's requests, the summary, where the report went."""
+
+    replayed: int
+    summary: ComparisonSummary | None
+    report: Path | None
+    missing_live: int = 0
+
+
+async def replay(
+    settings: Settings,
+    *,
+    model: str,
+    candidate: str,
+    since: float | None,
+    last: int | None,
+    quiet_s: float,
+    runtime: str,
+    out_dir: Path,
+    progress: bool,
+) -> ReplayOutcome:
+    """Load the candidate, read the window, run it, join with the live results, write the report."""
+    from tqdm import tqdm
+
+    from app.broker import connect_broker
+    from app.protocol import requests_topic_for
+    from app.rollout.report import write_report
+    from ml.serving import load_model
+
+    began = time.time()
+    served = await asyncio.to_thread(
+        load_model,
+        candidate,
+        device=settings.device,
+        precision=settings.inference_precision,
+        runtime=runtime,
+    )
+    comparison = Comparison(served.class_names)
+    start = since if since is not None else 0.0  # --last: from the oldest retained request
+    group = f"replay.{model}.{uuid.uuid4().hex[:8]}"
+    live = LiveResults(model)
+    topic = requests_topic_for(settings.requests_topic, model)
+    pubsub = connect_broker(settings)
+    async with pubsub:
+        requests_in = pubsub.subscribe(topic, group=group, start=start, max_in_flight=1024)
+        results_in = pubsub.subscribe(
+            settings.results_topic, group=f"{group}.results", start=start, max_in_flight=1024
+        )
+        # Both groups join at once: a join waits out the broker's rebalance delay.
+        await asyncio.gather(requests_in.start(), results_in.start())
+        async with requests_in, results_in:
+            reading = asyncio.create_task(_read_results(results_in, live))
+            try:
+                with tqdm(
+                    desc="requests", total=last, unit="req", disable=not progress, file=sys.stderr
+                ) as bar:
+                    window = await read_window(
+                        requests_in,
+                        until=began,
+                        last=last,
+                        quiet_s=quiet_s,
+                        num_classes=len(served.class_names),
+                        progress=bar,
+                    )
+                if not window:
+                    return ReplayOutcome(0, None, None)
+                with tqdm(
+                    desc="candidate",
+                    total=len(window),
+                    unit="req",
+                    disable=not progress,
+                    file=sys.stderr,
+                ) as bar:
+                    await run_candidate(served, window, comparison, settings=settings, progress=bar)
+                wanted = {request.request_id for request in window}
+                await _until_answered(live, wanted, quiet_s)
+            finally:
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+    for request in window:
+        answer = live.answers.get(request.request_id)
+        if answer is not None:
+            comparison.add_live(request.request_id, answer, request.truth)
+    summary = comparison.summary()
+    details = {
+        "model": model,
+        "live versions": ", ".join(sorted(live.versions)) or "unknown",
+        "candidate": f"`{candidate}` (version {served.version}, {served.precision}, "
+        f"{served.description.runtime} on {served.description.device})",
+        "window": f"last {last} requests" if last else f"since {datetime.fromtimestamp(start)}",
+        "requests replayed": str(len(window)),
+        "broker": pubsub.url,
+        "replayed at": datetime.fromtimestamp(began).isoformat(timespec="seconds"),
+    }
+    report = await asyncio.to_thread(
+        write_report,
+        summary,
+        out_dir,
+        title=f"Replay of {model} against a candidate",
+        details=details,
+    )
+    missing = len(comparison.waiting_for_live())
+    return ReplayOutcome(len(window), summary, report, missing)
+
+
+async def _read_results(subscription: Subscription, live: LiveResults) -> None:
+    while batch := await subscription.receive_batch(RECEIVE_CHUNK):
+        for message in batch:
+            await message.ack()
+            live.take(message)
+
+
+async def _until_answered(live: LiveResults, wanted: set[str], quiet_s: float) -> None:
+    """Wait until the live results hold every wanted id, or none arrived for `quiet_s`."""
+    waited_from = time.monotonic()
+    while not wanted <= live.answers.keys():
+        idle = time.monotonic() - max(live.last_arrival, waited_from)
+        if idle > max(quiet_s, JOIN_WAIT_S if not live.answers else 0.0):
+            return
+        await asyncio.sleep(0.05)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {
+        "broker_url": args.broker,
+        "device": args.device,
+        "inference_precision": args.precision,
+    }
+    settings = start_command("replay", overrides, runs_model=True)
+    if settings is None:
+        return INVALID_SETTING_STATUS
+    if settings.broker_url.startswith("memory://"):
+        print(
+            "fmnist replay: the embedded broker (memory://) lives inside `fmnist serve`'s process, "
+            "so another process cannot read its requests; pass --broker kafka://HOST:9092 or "
+            "gcp://PROJECT (FMNIST_BROKER_URL)",
+            file=sys.stderr,
+        )
+        return INVALID_SETTING_STATUS
+    if args.quiet <= 0:
+        print(f"fmnist replay: --quiet must be > 0 seconds, got {args.quiet:g}", file=sys.stderr)
+        return INVALID_SETTING_STATUS
+    out_dir = args.out or Path(f"replay-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        outcome = asyncio.run(
+            replay(
+                settings,
+                model=args.model,
+                candidate=args.candidate,
+                since=args.since,
+                last=args.last,
+                quiet_s=args.quiet,
+                runtime=args.runtime,
+                out_dir=out_dir,
+                progress=not args.no_progress,
+            )
+        )
+    except Exception as exc:
+        return _failed(exc)
+    if outcome.summary is None or outcome.report is None:
+        print(
+            f"fmnist replay: no request of model {args.model!r} retained in the window; check "
+            "--model, --since/--last and the topic's retention",
+            file=sys.stderr,
+        )
+        return 1
+    for line in outcome.summary.headline():
+        print(line)
+    if outcome.missing_live:
+        print(f"no live result for {outcome.missing_live} of {outcome.replayed} replayed requests")
+    print(f"report         {outcome.report}")
+    return 0
+
+
+def _failed(exc: Exception) -> int:
+    """Print why the replay could not run, with what to change; returns the exit status."""
+    import messaging
+    from ml.checkpoint import CheckpointError
+    from ml.serving import ModelLoadError
+
+    if isinstance(exc, ModelLoadError | CheckpointError | FileNotFoundError):
+        fix = "--version takes what `fmnist worker --model` takes (docs/model.md)"
+    elif isinstance(exc, messaging.MessagingError):
+        fix = "check --broker / FMNIST_BROKER_URL"
+    elif isinstance(exc, ValueError):
+        fix = "check --model and the flags"
+    else:
+        raise exc
+    logger.error(kv("replay_failed", error=exc, fix=fix))
+    print(f"fmnist replay: {exc} ({fix})", file=sys.stderr)
+    return 1
