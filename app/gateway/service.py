@@ -515,10 +515,15 @@ class Gateway:
         shared = self.shared
         if found is not None or shared is None:
             return found
-        try:
+
+        async def stored() -> StoredResult | None:
             for cursor, result in await shared.get_results([request_id]):
                 return self._take_shared(result, cursor) or self.store.get_result(request_id)
-            return await shared.get_pending(request_id)
+            return None
+
+        try:
+            # The result may replace the pending entry between the two looks: then look again.
+            return await stored() or await shared.get_pending(request_id) or await stored()
         except Exception as exc:
             raise self._shared_unavailable(exc) from None
 

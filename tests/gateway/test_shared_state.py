@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from websockets.asyncio.client import connect
 
 import messaging
-from app.protocol import GATEWAY_ATTR, OWNER_ATTR, result_attributes
+from app.protocol import GATEWAY_ATTR, OWNER_ATTR, ResultMessage, result_attributes
 from app.settings import Settings
 from tests.brokers import start_redis, unique_name
 from tests.gateway.helpers import (
@@ -212,6 +212,32 @@ async def test_a_malformed_result_fails_its_request_on_every_gateway(redis_addre
         on_b = await poll(b, request_id)
     assert (on_a["status"], on_a["error"]["code"]) == ("failed", "malformed_result")
     assert (on_b["status"], on_b["error"]["code"]) == ("failed", "malformed_result")
+
+
+async def test_a_get_racing_the_result_into_redis_answers_the_result(
+    redis_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET on B while A's request's result replaces its pending entry answers the result, not 404."""
+    settings = shared_settings(redis_address)
+    async with two_gateways(settings) as ((app_a, a), (app_b, b)):
+        request_id = (await submit(a, 2)).json()["request_id"]
+        shared = app_b.state.gateway.shared
+        result = ResultMessage(
+            request_id=request_id, status="completed", label=2, completed_at=time.time()
+        )
+        get_pending = shared.get_pending
+
+        async def result_lands_first(rid: str) -> Any:
+            """The result is stored (and the pending entry deleted) just before B reads it."""
+            await shared.store_results(
+                [(rid, "", result.to_bytes(), app_a.state.gateway.gateway_id)]
+            )
+            return await get_pending(rid)
+
+        monkeypatch.setattr(shared, "get_pending", result_lands_first)
+        answer = await b.get(f"/v1/predictions/{request_id}")
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["status"], answer.json()["label"]) == ("completed", 2)
 
 
 async def test_a_stream_on_one_gateway_gets_results_of_the_other_and_resumes(
