@@ -17,9 +17,12 @@ everything else (all values are strings, as every broker allows):
 |                | with it raised by one after a model error                       |
 | `model`        | the model's name                                                 |
 | `model_version`| the version the request was pinned to (only on pinned requests) |
+| `gateway`      | id of the gateway that accepted it (only with shared state)     |
 
 Results (`fmnist.results`, key = request id): one JSON `ResultMessage` per request. A worker may
-publish the same request id twice after a redelivery; consumers keep the first.
+publish the same request id twice after a redelivery; consumers keep the first. Attributes repeat
+what a gateway needs to route a result without decoding it: `owner`, `completed_at` (unix seconds)
+and `gateway` when the request carried one.
 Each model has its own requests topic and worker group, so it scales and shows its backlog on its
 own; a request pinned to a version goes to that version's topic (`<requests_topic>.<model>.v-<version>`), which only workers of that version read, in their own group: no
 worker ever holds a request it cannot answer, so nothing is handed back and forth.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +55,8 @@ ERROR_CODE_ATTR = "error_code"
 ERROR_MESSAGE_ATTR = "error_message"
 MODEL_ATTR = "model"
 MODEL_VERSION_ATTR = "model_version"
+GATEWAY_ATTR = "gateway"
+COMPLETED_AT_ATTR = "completed_at"
 
 # A model name is part of topic and group names: Kafka and Pub/Sub both accept these characters.
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -143,6 +149,17 @@ class ModelAnnouncement(BaseModel):
     @classmethod
     def from_bytes(cls, data: bytes) -> ModelAnnouncement:
         return cls.model_validate_json(data)
+
+
+def result_attributes(request: Mapping[str, str], completed_at: float) -> dict[str, str]:
+    """A result's attributes, from its request's: what a gateway routes it by without decoding it."""
+    attributes = {
+        OWNER_ATTR: request.get(OWNER_ATTR, ""),
+        COMPLETED_AT_ATTR: repr(completed_at),
+    }
+    if gateway := request.get(GATEWAY_ATTR):
+        attributes[GATEWAY_ATTR] = gateway
+    return attributes
 
 
 def encode_shape(shape: tuple[int, ...]) -> str:

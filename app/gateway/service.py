@@ -48,9 +48,13 @@ from app.gateway.submission import (
 )
 from app.logs import kv
 from app.protocol import (
+    COMPLETED_AT_ATTR,
+    GATEWAY_ATTR,
     MODEL_ATTR,
     MODEL_VERSION_ATTR,
+    OWNER_ATTR,
     REQUEST_ID_ATTR,
+    ErrorInfo,
     ModelAnnouncement,
     ResultMessage,
     encode_shape,
@@ -96,7 +100,8 @@ class Gateway:
         self.results_group = f"gateway-{self.gateway_id}"
         self.shared: SharedState | None = None
         if settings.shared_state_url:
-            # One group for all gateways: each result is decoded once, by one of them.
+            # One group for all gateways: each result is stored once, undecoded, by one of them;
+            # each gateway decodes those that reach it on its channels (its requests, watched owners).
             self.results_group = settings.shared_results_group
             self.shared = SharedState(
                 settings.shared_state_url,
@@ -104,7 +109,7 @@ class Gateway:
                 gateway_id=self.gateway_id,
                 ttl_s=settings.result_ttl_s,
                 timeout_s=settings.shared_state_timeout_s,
-                sink=self._take_shared,
+                sink=self._take_published,
             )
             self.shared.on_reconnect = self._resync_pending
         self.broker_url = parse_broker_url(settings.broker_url).redacted
@@ -114,7 +119,7 @@ class Gateway:
         self.metrics = GatewayMetrics(in_flight=lambda: self.store.pending_count)
         self.results_decoded = Counter(
             "fmnist_results_decoded",
-            "Results this gateway decoded from the results topic (with shared state: its share).",
+            "Results this gateway decoded (with shared state: those of its requests and watched owners).",
             registry=self.metrics.registry,
         )
         self.api_keys = ApiKeys(settings.api_keys)
@@ -133,6 +138,7 @@ class Gateway:
             asyncio.Event()
         )  # set once the first connection attempt ended, either way
         self._tasks: list[asyncio.Task[None]] = []
+        self._repairs: set[asyncio.Task[None]] = set()  # malformed shared results being replaced
         self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -425,13 +431,19 @@ class Gateway:
         shared = self.shared
         assert shared is not None
         horizon = time.time() - self.settings.result_ttl_s
-        batch: list[tuple[ResultMessage, bytes]] = []
+        batch: list[tuple[str, str, bytes, str]] = []
         for message in messages:
             if message.attributes.get(MARKER_KIND_ATTR) == ACCEPTED_KIND:
                 continue  # markers serve the single-gateway read-back only
-            result = await self._decode(message)
-            if result is not None and result.completed_at >= horizon:
-                batch.append((result, message.data))
+            routed = _routing(message)
+            if routed is None:  # an older worker's result, without routing attributes
+                result = await self._decode(message)
+                if result is None or not _plain_id(result.request_id):
+                    continue
+                routed = (result.request_id, result.owner, result.completed_at, "")
+            request_id, owner, completed_at, gateway = routed
+            if completed_at >= horizon:
+                batch.append((request_id, owner, message.data, gateway))
         while True:
             try:
                 cursors = await shared.store_results(batch)
@@ -440,13 +452,49 @@ class Gateway:
                 await asyncio.sleep(_SHARED_RETRY_S)
                 continue
             break
-        for (result, _), cursor in zip(batch, cursors, strict=True):
-            if cursor:
-                self.metrics.record_result(result)
-            else:
-                self.metrics.duplicate_results.inc()
+        self.metrics.duplicate_results.inc(sum(1 for cursor in cursors if not cursor))
         for message in messages:
             await message.ack()
+
+    def _take_published(self, cursor: int, request_id: str, data: bytes, own: bool) -> None:
+        """Decode a result published by the shared state into the local store; count it here when
+        it came on this gateway's own channel (this gateway accepted it)."""
+        self.results_decoded.inc()
+        try:
+            result = ResultMessage.from_bytes(data)
+        except ValueError as exc:
+            failed = self._unparsable(request_id, exc)
+            if failed is None:
+                return
+            result = failed
+            if own and self.shared is not None:
+                repair = asyncio.create_task(self.shared.replace_result(result, cursor))
+                self._repairs.add(repair)
+                repair.add_done_callback(self._repairs.discard)
+        stored = self._take_shared(result, cursor)
+        if stored is not None and own:
+            self.metrics.record_result(result)
+
+    def _unparsable(self, request_id: str, exc: ValueError) -> ResultMessage | None:
+        """A failed result in place of a worker's result that cannot be parsed, for a request
+        pending here; None (logged) when it is not pending here."""
+        pending = self.store.get_pending(request_id)
+        log.warning(
+            kv("malformed_result", key=request_id, pending_here=pending is not None, error=exc)
+        )
+        if pending is None:
+            return None
+        return ResultMessage(
+            request_id=request_id,
+            status="failed",
+            completed_at=time.time(),
+            owner=pending.owner,
+            metadata=pending.metadata,
+            error=ErrorInfo(
+                code="malformed_result",
+                message="the worker's result for this request could not be parsed; submit it again",
+            ),
+        )
 
     def _take_shared(self, result: ResultMessage, cursor: int) -> StoredResult | None:
         """A result from Redis (a channel or a lookup) into the local store, under its shared cursor."""
@@ -467,10 +515,15 @@ class Gateway:
         shared = self.shared
         if found is not None or shared is None:
             return found
-        try:
+
+        async def stored() -> StoredResult | None:
             for cursor, result in await shared.get_results([request_id]):
                 return self._take_shared(result, cursor) or self.store.get_result(request_id)
-            return await shared.get_pending(request_id)
+            return None
+
+        try:
+            # The result may replace the pending entry between the two looks: then look again.
+            return await stored() or await shared.get_pending(request_id) or await stored()
         except Exception as exc:
             raise self._shared_unavailable(exc) from None
 
@@ -606,7 +659,10 @@ class Gateway:
                 # Other gateways answer these ids too; a real result already there still wins.
                 with contextlib.suppress(Exception):
                     await self.shared.store_results(
-                        [(stored.result, stored.result.to_bytes()) for stored in expired]
+                        [
+                            (r.request_id, r.owner, r.to_bytes(), self.gateway_id)
+                            for r in (stored.result for stored in expired)
+                        ]
                     )
             if expired:
                 # One line per sweep, not per request: an outage can expire thousands at once.
@@ -766,6 +822,8 @@ class Gateway:
             metadata=metadata,
         )
         common[MODEL_ATTR] = model.name
+        if self.shared is not None:  # results are routed back here without being decoded
+            common[GATEWAY_ATTR] = self.gateway_id
         if pinned:
             common[MODEL_VERSION_ATTR] = model.version
         topic = requests_topic_for(
@@ -853,3 +911,24 @@ async def _close_quietly(pubsub: PubSub) -> None:
         await pubsub.close()
     except Exception as exc:  # closing a broken connection may fail in many ways; we drop it anyway
         log.debug(kv("broker_close_failed", error=exc))
+
+
+def _plain_id(request_id: str) -> bool:
+    """Whether a request id can travel in a published "CURSOR REQUEST_ID JSON" value."""
+    return bool(request_id) and not any(c.isspace() for c in request_id)
+
+
+def _routing(message: Message) -> tuple[str, str, float, str] | None:
+    """(request id, owner, completed_at, accepting gateway or "") from a result's key and
+    attributes, without decoding it; None when a worker did not add them."""
+    attributes = message.attributes
+    owner = attributes.get(OWNER_ATTR)
+    completed_at = attributes.get(COMPLETED_AT_ATTR)
+    request_id = message.key or ""
+    if owner is None or completed_at is None or not _plain_id(request_id):
+        return None
+    try:
+        completed = float(completed_at)
+    except ValueError:
+        return None
+    return request_id, owner, completed, attributes.get(GATEWAY_ATTR, "")

@@ -1,7 +1,8 @@
 """State that gateways behind one load balancer share, in Redis (`FMNIST_SHARED_STATE_URL`).
 
-With it the gateways share the results topic in one consumer group: each result is decoded by one
-gateway, which writes it here (`store_results`, one Lua script per result, one round trip per chunk):
+With it the gateways share the results topic in one consumer group: the gateway holding a result's
+partition writes it here as it came, routed by the attributes workers add (owner, accepting gateway)
+and not decoded (`store_results`, one Lua script per result, one round trip per chunk):
 
 * `{p}:result:{id}`   "CURSOR JSON" with the result TTL, set only if absent (the first result wins);
 * `{p}:pending:{id}`  the accepted submission (owner, deadline, metadata, accepting gateway) until its result;
@@ -9,11 +10,12 @@ gateway, which writes it here (`store_results`, one Lua script per result, one r
 * `{p}:owner:{owner}` a sorted set of request ids by cursor, for stream resume (`results_after`);
 * `{p}:cursor`        the last cursor given: µs of Redis' clock, strictly increasing across gateways.
 
-Each stored result is published on the channel of its owner (`{p}:owner:{owner}`, for streams and
-waits on any gateway) and of the gateway that accepted it (`{p}:gw:{id}`, which clears its pending
-entry). A gateway subscribes to its own channel always and to an owner's while a stream or a wait of
-that owner is open on it (`watch`); what arrives goes to its local `ResultStore`, which wakes waiters
-and streams as it does with one gateway.
+Each stored result is published, as "CURSOR REQUEST_ID JSON", on the channel of its owner
+(`{p}:owner:{owner}`, for streams and waits on any gateway) and of the gateway that accepted it
+(`{p}:gw:{id}`, which clears its pending entry). A gateway subscribes to its own channel always and
+to an owner's while a stream or a wait of that owner is open on it (`watch`); what arrives goes to
+its sink, which decodes it into its local `ResultStore`: so each gateway decodes the results of its
+own requests and of the owners it watches, however the results topic's partitions fall.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ _PING_INTERVAL_S = 1.0
 _RESUBSCRIBE_BACKOFF_S = 0.5
 
 # KEYS: result, pending, cursor, owner set. ARGV: result JSON, TTL ms, request id, owner channel, gateway
-# channel prefix. Returns the cursor, or 0 when the id already had a result.
+# channel prefix, accepting gateway from the result's attributes ("" if none), used when no pending
+# entry names one. Returns the cursor, or 0 when the id already had a result.
 _STORE_RESULT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -52,15 +55,17 @@ if pending then redis.call('DEL', KEYS[2]) end
 redis.call('ZADD', KEYS[4], cursor, ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', string.format('%.0f', tonumber(cursor) - ARGV[2] * 1000))
 redis.call('PEXPIRE', KEYS[4], ARGV[2])
-redis.call('PUBLISH', ARGV[4], value)
-if pending then
-  local gateway = cjson.decode(pending)['gateway']
-  if gateway then redis.call('PUBLISH', ARGV[5] .. gateway, value) end
-end
+local published = cursor .. ' ' .. ARGV[3] .. ' ' .. ARGV[1]
+redis.call('PUBLISH', ARGV[4], published)
+local gateway = ARGV[6]
+if pending then gateway = cjson.decode(pending)['gateway'] or gateway end
+if gateway ~= '' then redis.call('PUBLISH', ARGV[5] .. gateway, published) end
 return cursor
 """
 
-ResultSink = Callable[[ResultMessage, int], object]
+# A published result (cursor, request id, JSON as the worker sent it, whether on the own channel).
+ResultSink = Callable[[int, str, bytes, bool], object]
+_SEEN_MAX = 4096  # a result published on two channels this gateway holds is handed over once
 
 
 def _load_redis() -> Any:
@@ -78,6 +83,16 @@ def parse_stored(value: bytes | str) -> tuple[int, ResultMessage]:
     raw = value.encode() if isinstance(value, str) else value
     cursor, _, data = raw.partition(b" ")
     return int(cursor), ResultMessage.from_bytes(data)
+
+
+def parse_published(value: bytes | str) -> tuple[int, str, bytes]:
+    """A published value, "CURSOR REQUEST_ID JSON", as (cursor, request id, JSON, not decoded)."""
+    raw = value.encode() if isinstance(value, str) else value
+    cursor, _, rest = raw.partition(b" ")
+    request_id, _, data = rest.partition(b" ")
+    if not request_id:
+        raise ValueError("a published result names no request id")
+    return int(cursor), request_id.decode(), data
 
 
 class SharedState:
@@ -108,6 +123,7 @@ class SharedState:
         self.healthy = False
         self.last_error = "shared state not connected yet"
         self._watched: dict[str, int] = {}  # owner -> open streams and waits
+        self._seen: dict[bytes, None] = {}  # published values handed over lately, oldest first
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> subscription confirmed
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -202,12 +218,18 @@ class SharedState:
             return
         if kind != "message":
             return
+        value = message["data"]
+        if value in self._seen:
+            return
+        self._seen[value] = None
+        if len(self._seen) > _SEEN_MAX:
+            del self._seen[next(iter(self._seen))]
         try:
-            cursor, result = parse_stored(message["data"])
-        except ValueError as exc:
+            cursor, request_id, data = parse_published(value)
+        except (ValueError, UnicodeDecodeError) as exc:
             log.warning(kv("malformed_shared_result", channel=name, error=exc))
             return
-        self._sink(result, cursor)
+        self._sink(cursor, request_id, data, name == self.own_channel)
 
     async def watch(self, owner: str) -> None:
         """Receive `owner`'s results from now on (returns once subscribed); pair with `unwatch`."""
@@ -305,7 +327,15 @@ class SharedState:
         values = await self._run(
             self.client.mget([self._key("result", rid) for rid in request_ids])
         )
-        return [parse_stored(value) for value in values if value is not None]
+        found = []
+        for rid, value in zip(request_ids, values, strict=True):
+            if value is None:
+                continue
+            try:
+                found.append(parse_stored(value))
+            except ValueError as exc:  # the accepting gateway replaces it with a failed result
+                log.warning(kv("malformed_shared_result", request_id=rid, error=exc))
+        return found
 
     async def results_after(self, owner: str, cursor: int) -> list[tuple[int, ResultMessage]]:
         """`owner`'s results with a cursor greater than `cursor`, oldest first."""
@@ -315,23 +345,38 @@ class SharedState:
         found = await self.get_results([rid.decode() for rid in ids])
         return sorted(found, key=lambda item: item[0])
 
-    async def store_results(self, results: Sequence[tuple[ResultMessage, bytes]]) -> list[int]:
-        """Store results (first per id wins) and publish them; per result its cursor, 0 for a repeat."""
+    async def store_results(self, results: Sequence[tuple[str, str, bytes, str]]) -> list[int]:
+        """Store (request_id, owner, JSON, accepting gateway or "") results, first per id wins, and
+        publish them; per result its cursor, 0 for a repeat. The JSON is stored as it came."""
         if not results:
             return []
         pipe = self.client.pipeline(transaction=False)
         gateway_prefix = self._key("gw", "")
-        for result, data in results:
-            rid = result.request_id
+        for rid, owner, data, gateway in results:
             await self._store_script(
                 keys=[
                     self._key("result", rid),
                     self._key("pending", rid),
                     self._key("cursor"),
-                    self.owner_channel(result.owner),
+                    self.owner_channel(owner),
                 ],
-                args=[data, self.ttl_ms, rid, self.owner_channel(result.owner), gateway_prefix],
+                args=[data, self.ttl_ms, rid, self.owner_channel(owner), gateway_prefix, gateway],
                 client=pipe,
             )
         cursors = await self._run(pipe.execute())
         return [int(cursor) for cursor in cursors]
+
+    async def replace_result(self, result: ResultMessage, cursor: int) -> None:
+        """Put `result` in place of a malformed stored one (same cursor and TTL) and publish it to
+        its owner's channel, for lookups and streams on the other gateways; best effort."""
+        data = result.to_bytes()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(
+            self._key("result", result.request_id), b"%d %s" % (cursor, data), xx=True, keepttl=True
+        )
+        pipe.publish(
+            self.owner_channel(result.owner),
+            b"%d %s %s" % (cursor, result.request_id.encode(), data),
+        )
+        with contextlib.suppress(Exception):
+            await self._run(pipe.execute())

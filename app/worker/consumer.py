@@ -547,23 +547,34 @@ class Worker:
             "metadata": metadata,
             "error": None,
         }
-        await self.pubsub.publish(self.settings.results_topic, orjson.dumps(result), key=request_id)
+        await self.pubsub.publish(
+            self.settings.results_topic,
+            orjson.dumps(result),
+            key=request_id,
+            attributes=protocol.result_attributes(message.attributes, now),
+        )
 
     async def _publish_failure(
         self, message: Message, request_id: str, metadata: dict[str, str], code: str, text: str
     ) -> None:
+        completed_at = time.time()
         result = ResultMessage(
             request_id=request_id,
             status="failed",
             model=self.model_name,
             model_version=self.model_version,
             worker_id=self.worker_id,
-            completed_at=time.time(),
+            completed_at=completed_at,
             owner=message.attributes.get(protocol.OWNER_ATTR, ""),
             metadata=metadata,
             error=ErrorInfo(code=code, message=text),
         )
-        await self.pubsub.publish(self.settings.results_topic, result.to_bytes(), key=request_id)
+        await self.pubsub.publish(
+            self.settings.results_topic,
+            result.to_bytes(),
+            key=request_id,
+            attributes=protocol.result_attributes(message.attributes, completed_at),
+        )
         logger.info(kv("request_failed", request_id=request_id, code=code, error=text))
 
     async def _dead_letter(self, message: Message, code: str, text: str) -> None:

@@ -26,6 +26,7 @@ from app.protocol import (
     ResultMessage,
     decode_metadata,
     requests_topic_for,
+    result_attributes,
     worker_group_for,
 )
 from app.settings import Settings
@@ -154,8 +155,12 @@ async def stand_in_worker(
     ready: asyncio.Event | None = None,
     model: ModelAnnouncement | None = None,
     pinned_only: bool = False,
+    routing_attributes: bool = True,
 ) -> None:
     """Consume requests like a worker and publish a deterministic result for each (no model, no torch).
+
+    Results carry a worker's routing attributes (`result_attributes`) unless `routing_attributes`
+    is False, as from an older worker.
 
     It announces `model` (default: `announcement()`) on the control topic, and reads the model's topic
     (or, with `pinned_only`, only the topic of requests pinned to its version)."""
@@ -203,7 +208,12 @@ async def stand_in_worker(
                     metadata=decode_metadata(attributes.get(METADATA_ATTR)),
                 )
                 await pubsub.publish(
-                    settings.results_topic, result.to_bytes(), key=result.request_id
+                    settings.results_topic,
+                    result.to_bytes(),
+                    key=result.request_id,
+                    attributes=result_attributes(attributes, result.completed_at)
+                    if routing_attributes
+                    else None,
                 )
                 await message.ack()
 

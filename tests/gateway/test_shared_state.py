@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import pytest
 from fastapi import FastAPI
 from websockets.asyncio.client import connect
 
+import messaging
+from app.protocol import GATEWAY_ATTR, OWNER_ATTR, ResultMessage, result_attributes
 from app.settings import Settings
 from tests.brokers import start_redis, unique_name
 from tests.gateway.helpers import (
@@ -125,10 +128,116 @@ async def test_each_result_is_decoded_by_one_gateway(redis_address: str) -> None
         async with worker_running(settings):
             for request_id in ids:
                 await poll(a, request_id)
-        decoded = [
-            app.state.gateway.results_decoded._value.get() for app in (app_a, app_b)
-        ]  # prometheus Counter
+        decoded = [decoded_by(app) for app in (app_a, app_b)]
     assert sum(decoded) == len(ids)
+
+
+def decoded_by(app: FastAPI) -> float:
+    """The gateway's `fmnist_results_decoded_total`."""
+    value: float = app.state.gateway.results_decoded._value.get()  # prometheus Counter
+    return value
+
+
+async def test_on_a_skewed_split_each_gateway_decodes_only_its_own_results(
+    redis_address: str,
+) -> None:
+    """8 requests on A, 2 on B: A decodes 8 results and B 2, whichever gateway consumes the results."""
+    settings = shared_settings(redis_address)
+    async with two_gateways(settings) as ((app_a, a), (app_b, b)):
+        mine = {
+            client: [(await submit(client, i)).json()["request_id"] for i in range(count)]
+            for client, count in ((a, 8), (b, 2))
+        }
+        async with worker_running(settings):
+            for client, request_ids in mine.items():
+                for request_id in request_ids:
+                    assert (await poll(client, request_id))["status"] == "completed"
+        decoded = (decoded_by(app_a), decoded_by(app_b))
+        completed = (app_a.state.gateway.metrics.completed, app_b.state.gateway.metrics.completed)
+    assert decoded == (8, 2)
+    assert completed == (8, 2)  # each result counted once, by the gateway that accepted it
+
+
+async def test_a_result_on_both_channels_a_gateway_holds_is_decoded_once(
+    redis_address: str,
+) -> None:
+    """A stream open on the accepting gateway (own and owner channel both subscribed): its result is decoded once."""
+    settings = shared_settings(redis_address)
+    async with (
+        serving(settings) as (app_a, base_a),
+        serving(twin(settings)) as (app_b, _),
+        httpx.AsyncClient(base_url=f"http://{base_a}") as a,
+        worker_running(settings),
+        connect(f"ws://{base_a}/v1/predictions/stream") as socket,
+    ):
+        await submit(a, 7)
+        pushed = json.loads(await asyncio.wait_for(socket.recv(), 15))
+        await asyncio.sleep(0.2)  # time for the copy on the other channel to arrive
+        decoded = (decoded_by(app_a), decoded_by(app_b))
+    assert pushed["label"] == 7
+    assert decoded == (1, 0)
+
+
+async def test_results_of_an_older_worker_without_routing_attributes_are_answered(
+    redis_address: str,
+) -> None:
+    """Results without owner/completed_at attributes are decoded to route them, and answered on both gateways."""
+    settings = shared_settings(redis_address)
+    async with two_gateways(settings) as ((_, a), (_, b)):
+        ids = [
+            ((await submit(client, i)).json()["request_id"], client)
+            for i, client in enumerate([a, b] * 2)
+        ]
+        async with worker_running(settings, routing_attributes=False):
+            answers = [await poll(client, request_id) for request_id, client in ids]
+    assert [answer["label"] for answer in answers] == [0, 1, 2, 3]
+
+
+async def test_a_malformed_result_fails_its_request_on_every_gateway(redis_address: str) -> None:
+    """A result that cannot be parsed answers its request failed (malformed_result) on A and B, not pending."""
+    settings = shared_settings(redis_address)
+    async with two_gateways(settings) as ((app_a, a), (_, b)):
+        request_id = (await submit(a, 1)).json()["request_id"]
+        async with messaging.connect(settings.broker_url) as pubsub:
+            await pubsub.ensure_topics(settings.results_topic)
+            await pubsub.publish(
+                settings.results_topic,
+                b'{"request_id": "' + request_id.encode() + b'", "status": ',
+                key=request_id,
+                attributes=result_attributes(
+                    {OWNER_ATTR: "", GATEWAY_ATTR: app_a.state.gateway.gateway_id}, time.time()
+                ),
+            )
+        on_a = await poll(a, request_id)
+        on_b = await poll(b, request_id)
+    assert (on_a["status"], on_a["error"]["code"]) == ("failed", "malformed_result")
+    assert (on_b["status"], on_b["error"]["code"]) == ("failed", "malformed_result")
+
+
+async def test_a_get_racing_the_result_into_redis_answers_the_result(
+    redis_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET on B while A's request's result replaces its pending entry answers the result, not 404."""
+    settings = shared_settings(redis_address)
+    async with two_gateways(settings) as ((app_a, a), (app_b, b)):
+        request_id = (await submit(a, 2)).json()["request_id"]
+        shared = app_b.state.gateway.shared
+        result = ResultMessage(
+            request_id=request_id, status="completed", label=2, completed_at=time.time()
+        )
+        get_pending = shared.get_pending
+
+        async def result_lands_first(rid: str) -> Any:
+            """The result is stored (and the pending entry deleted) just before B reads it."""
+            await shared.store_results(
+                [(rid, "", result.to_bytes(), app_a.state.gateway.gateway_id)]
+            )
+            return await get_pending(rid)
+
+        monkeypatch.setattr(shared, "get_pending", result_lands_first)
+        answer = await b.get(f"/v1/predictions/{request_id}")
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["status"], answer.json()["label"]) == ("completed", 2)
 
 
 async def test_a_stream_on_one_gateway_gets_results_of_the_other_and_resumes(

@@ -23,6 +23,7 @@ from tests.worker.helpers import (
     model_topic,
     nothing_more,
     publish_request,
+    request_attributes,
     results_by_id,
     take,
     take_results,
@@ -150,6 +151,41 @@ async def test_an_expired_request_is_answered_deadline_exceeded_without_compute(
     assert answer.status == "failed" and answer.error is not None
     assert answer.error.code == "deadline_exceeded"
     assert model.calls == []
+
+
+async def test_results_carry_the_attributes_a_gateway_routes_them_by() -> None:
+    """A result's attributes repeat its owner, completed_at and (when the request had one) its gateway."""
+    settings = worker_settings("memory://")
+    async with open_broker("memory://") as pubsub:
+        await pubsub.ensure_topics(
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
+        )
+        async with (
+            pubsub.subscribe(settings.results_topic, group="observer") as results,
+            Worker(settings, pubsub, TinyClassifier()),
+        ):
+            await pubsub.publish(
+                model_topic(settings),
+                image(1).contiguous().numpy().tobytes(),
+                key="routed",
+                attributes={
+                    **request_attributes("routed", image(1), owner="k1"),
+                    protocol.GATEWAY_ATTR: "gw-a",
+                },
+            )
+            await publish_request(pubsub, settings, "late", image(2), deadline_in_s=-1.0)
+            taken = {message.key: message for message in await take(results, 2)}
+    routed, late = taken["routed"], taken["late"]
+    assert routed.attributes[protocol.OWNER_ATTR] == "k1"
+    assert routed.attributes[protocol.GATEWAY_ATTR] == "gw-a"
+    assert float(routed.attributes[protocol.COMPLETED_AT_ATTR]) == (
+        protocol.ResultMessage.from_bytes(routed.data).completed_at
+    )
+    assert late.attributes[protocol.OWNER_ATTR] == ""
+    assert protocol.GATEWAY_ATTR not in late.attributes  # its request named no gateway
+    assert float(late.attributes[protocol.COMPLETED_AT_ATTR]) == (
+        protocol.ResultMessage.from_bytes(late.data).completed_at
+    )
 
 
 async def test_a_request_that_keeps_failing_is_retried_then_dead_lettered() -> None:
