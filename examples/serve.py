@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from ml import load_fashion_mnist  # noqa: E402
-from ml.runner import ModelRunner  # noqa: E402
-from ml.serving import load_model  # noqa: E402
+from ml import load_fashion_mnist
+from ml.runner import ModelRunner
+from ml.serving import load_model
 
 
 async def classify(source: str, device: str, precision: str, count: int) -> None:
