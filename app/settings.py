@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.logs import kv
 
 DEFAULT_MODEL_PATH = Path("models/fmnist.safetensors")
 
@@ -23,13 +28,44 @@ def installed_model_path() -> Path | None:
     return None
 
 
+logger = logging.getLogger(__name__)
+
+DEPRECATED_NAMES: dict[str, str] = {
+    "max_wait_ms": "batch_fill_wait_ms",
+    "max_queue": "max_queued_images",
+    "max_in_flight": "max_pending_requests",
+    "max_wait_s": "max_sync_wait_s",
+}
+"""Old setting name -> its new name; the old `FMNIST_` variables still work, with a warning."""
+
+_warned: set[str] = set()
+
+
+def _renamed(name: str) -> AliasChoices:
+    """Read `FMNIST_<NAME>`, else its deprecated old variable (a keyword takes the field's name)."""
+    (old,) = (old for old, new in DEPRECATED_NAMES.items() if new == name)
+    return AliasChoices(f"FMNIST_{name.upper()}", f"FMNIST_{old.upper()}")
+
+
+def _warn_deprecated(environ: Mapping[str, str]) -> None:
+    """One warning per process for each deprecated variable that is set, naming its replacement."""
+    names = {key.upper() for key in environ}
+    for old, new in DEPRECATED_NAMES.items():
+        variable = f"FMNIST_{old.upper()}"
+        if variable in names and variable not in _warned:
+            _warned.add(variable)
+            logger.warning(kv("deprecated_setting", variable=variable, use=f"FMNIST_{new.upper()}"))
+
+
 class Settings(BaseSettings):
     """Service settings. Each field is read from the environment variable `FMNIST_<NAME>`.
 
     The README's settings table is generated from this class (`python -m app.settings`).
     """
 
-    model_config = SettingsConfigDict(env_prefix="FMNIST_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FMNIST_", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     # --- broker -----------------------------------------------------------------------------
     broker_url: str = Field(
@@ -107,9 +143,8 @@ class Settings(BaseSettings):
     inference_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Arithmetic of the workers' forward pass. `auto`: bf16 on CPU-only machines whose CPU "
-        "has native bfloat16 (AVX512-BF16 or AMX), as OpenVINO does by default, else fp32. The shipped "
-        "model scores the same test accuracy in both (models/fmnist.md); bf16 gives ~1.4x images per "
-        "CPU-second at batch 32-64 (models/fmnist.md, one thread: 14,980 vs 11,041 at 32, 16,386 vs 11,313 at 64).",
+        "has native bfloat16 (AVX512-BF16 or AMX), as OpenVINO does by default, else fp32. Force `fp32` "
+        "for a model whose accuracy drops in bf16 (the model card compares them).",
     )
     inference_concurrency: int | None = Field(
         None,
@@ -123,33 +158,39 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description="torch intra-op threads per forward pass. Default: cores / `FMNIST_INFERENCE_CONCURRENCY`, at "
-        "least 1. On 2 cores the model alone does 15,000 images/s as two one-thread passes and 6,900 as one "
-        "two-thread pass (batch 32).",
+        "least 1. Change it only together with FMNIST_INFERENCE_CONCURRENCY, after measuring "
+        "(docs/benchmarks.md).",
     )
     max_batch_size: int = Field(
         256,
         ge=1,
         le=4096,
         description="Largest batch a worker's ModelRunner forms, when its queue is deep (bursts, the "
-        "batch endpoint): larger passes cost less per image (batch endpoint +3.5% in bf16, +7% in fp32 at "
-        "256 vs 128).",
+        "batch endpoint): larger passes cost less per image. Lower it where memory per pass is tight "
+        "(a small GPU).",
     )
     preferred_batch_size: int = Field(
         32,
         ge=1,
         le=4096,
         description="Batch size at which a batch counts as full when the queue is shallow (at most "
-        "`FMNIST_MAX_BATCH_SIZE`). Small batches answer sooner: 64 single-image clients get two passes "
-        "of 32 side by side on 2 cores.",
+        "`FMNIST_MAX_BATCH_SIZE`). Small batches answer sooner and let passes run side by side; raise "
+        "it on a GPU, where one larger pass costs little more than a small one.",
     )
-    max_wait_ms: float = Field(
+    batch_fill_wait_ms: float = Field(
         5.0,
         ge=0,
         le=10_000,
-        description="Longest a queued image waits for its batch to fill, from the oldest item.",
+        validation_alias=_renamed("batch_fill_wait_ms"),
+        description="Longest a queued image waits for its batch to fill, from the oldest item. Lower "
+        "it for lower latency at light load, raise it for fuller batches when traffic is sparse.",
     )
-    max_queue: int = Field(
-        4096, ge=1, description="Images a worker's ModelRunner may hold queued before refusing."
+    max_queued_images: int = Field(
+        4096,
+        ge=1,
+        validation_alias=_renamed("max_queued_images"),
+        description="Images a worker's ModelRunner may hold queued before refusing more (the worker "
+        "then takes fewer messages from the broker). Raise it for bursts larger than this.",
     )
     worker_id: str | None = Field(
         None, description="Id a worker stamps on its results (default: host-pid)."
@@ -207,10 +248,12 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(
         256, ge=1, description="Most images in one `POST /v1/predictions:batch`."
     )
-    max_in_flight: int = Field(
+    max_pending_requests: int = Field(
         10_000,
         ge=1,
-        description="Requests accepted but not yet answered, per gateway, before it answers 429.",
+        validation_alias=_renamed("max_pending_requests"),
+        description="Requests accepted but not yet answered, per gateway, before it answers 429. "
+        "Raise it when clients legitimately keep more requests outstanding.",
     )
     max_header_bytes: int = Field(
         16 * 1024,
@@ -268,7 +311,13 @@ class Settings(BaseSettings):
         description="Seconds one websocket send may wait for a client that does not read; the stream "
         "is then closed with code 1013 and the connection dropped.",
     )
-    max_wait_s: float = Field(30.0, gt=0, description="Cap on `?wait=` for synchronous answers.")
+    max_sync_wait_s: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=_renamed("max_sync_wait_s"),
+        description="Cap on `?wait=`, the seconds a synchronous request may wait for its answer "
+        "(422 above). Raise it for clients that prefer one long request to polling.",
+    )
     request_deadline_s: float = Field(
         60.0,
         gt=0,
@@ -369,6 +418,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_topics(self) -> Settings:
+        _warn_deprecated(os.environ)
         for name in ("requests_topic", "results_topic", "deadletter_topic"):
             if len(getattr(self, name)) < 3:
                 raise ValueError(

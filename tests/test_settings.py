@@ -42,3 +42,42 @@ def test_invalid_values_are_refused_with_the_variable_named(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("FMNIST_").lower()):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value"),
+    [
+        ("FMNIST_MAX_IN_FLIGHT", "max_pending_requests", 7),
+        ("FMNIST_MAX_WAIT_MS", "batch_fill_wait_ms", 2.5),
+        ("FMNIST_MAX_WAIT_S", "max_sync_wait_s", 9.0),
+        ("FMNIST_MAX_QUEUE", "max_queued_images", 512),
+    ],
+)
+def test_a_deprecated_variable_still_sets_its_renamed_setting(
+    monkeypatch: pytest.MonkeyPatch, old: str, new: str, value: float
+) -> None:
+    """An old variable name fills the renamed setting when the new one is unset."""
+    monkeypatch.setenv(old, str(value))
+    assert getattr(Settings(), new) == value
+
+
+def test_the_new_variable_wins_over_its_deprecated_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FMNIST_MAX_PENDING_REQUESTS beats FMNIST_MAX_IN_FLIGHT when both are set."""
+    monkeypatch.setenv("FMNIST_MAX_IN_FLIGHT", "7")
+    monkeypatch.setenv("FMNIST_MAX_PENDING_REQUESTS", "11")
+    assert Settings().max_pending_requests == 11
+
+
+def test_a_deprecated_variable_logs_one_warning_naming_the_new_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FMNIST_MAX_WAIT_MS logs one deprecation warning naming FMNIST_BATCH_FILL_WAIT_MS, however often read."""
+    monkeypatch.setattr("app.settings._warned", set())
+    monkeypatch.setenv("FMNIST_MAX_WAIT_MS", "3")
+    with caplog.at_level("WARNING", logger="app.settings"):
+        Settings()
+        Settings()
+    warnings = [r.getMessage() for r in caplog.records if "deprecated_setting" in r.getMessage()]
+    assert warnings == [
+        "event=deprecated_setting variable=FMNIST_MAX_WAIT_MS use=FMNIST_BATCH_FILL_WAIT_MS"
+    ]

@@ -644,13 +644,13 @@ class Gateway:
 
     def check_capacity(self, count: int) -> None:
         in_flight = self.store.pending_count
-        pending_cap = self.settings.max_in_flight  # requests accepted and not yet answered
+        pending_cap = self.settings.max_pending_requests  # requests accepted and not yet answered
         if in_flight + count > pending_cap:
             raise ApiError(
                 429,
                 "too_many_requests",
                 f"{in_flight} requests in flight, {count} more would exceed the limit of {pending_cap} "
-                "(FMNIST_MAX_IN_FLIGHT); retry later",
+                "(FMNIST_MAX_PENDING_REQUESTS); retry later",
                 headers={"Retry-After": str(RETRY_AFTER_OVERLOAD_S)},
             )
 

@@ -209,8 +209,8 @@ class Worker:
         runner = ModelRunner(
             self._classifier,
             max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=max(settings.max_queue, settings.max_batch_size),
+            max_wait_ms=settings.batch_fill_wait_ms,
+            max_queue=max(settings.max_queued_images, settings.max_batch_size),
             concurrency=layout.concurrency,
             preferred_batch_size=min(settings.preferred_batch_size, settings.max_batch_size),
         )
@@ -287,7 +287,7 @@ class Worker:
         the runner may queue."""
         concurrency = self._runner.concurrency if self._runner is not None else 1
         batches = 2 * concurrency + 2
-        return max(1, min(batches * self.settings.max_batch_size, self.settings.max_queue))
+        return max(1, min(batches * self.settings.max_batch_size, self.settings.max_queued_images))
 
     async def drain(self) -> None:
         """Stop taking requests, finish the ones in flight (compute, publish, ack), then stop. Idempotent."""

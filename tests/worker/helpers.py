@@ -35,7 +35,7 @@ def worker_settings(broker_url: str, **overrides: object) -> Settings:
         "worker_group": unique_name("workers"),
         "control_topic": unique_name("ctl"),
         "max_batch_size": 8,
-        "max_wait_ms": 5.0,
+        "batch_fill_wait_ms": 5.0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

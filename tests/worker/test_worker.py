@@ -231,7 +231,7 @@ async def test_failed_publishes_log_one_line_per_chunk_not_per_request(
 ) -> None:
     """An outage that fails every result of a chunk logs one publish_failed line with the count."""
     monkeypatch.setattr(worker_module, "_PUBLISH_FAILURE_BACKOFF_S", 0.01)
-    settings = worker_settings("memory://", max_batch_size=16, max_wait_ms=200.0)
+    settings = worker_settings("memory://", max_batch_size=16, batch_fill_wait_ms=200.0)
     total = 16
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
@@ -255,7 +255,7 @@ async def test_failed_publishes_log_one_line_per_chunk_not_per_request(
 
 async def test_drain_answers_in_flight_requests_and_leaves_the_rest_to_the_next_worker() -> None:
     """A drained worker answers what it took; a second worker of the group finishes the others, none twice."""
-    settings = worker_settings("memory://", max_batch_size=4, max_wait_ms=20.0)
+    settings = worker_settings("memory://", max_batch_size=4, batch_fill_wait_ms=20.0)
     total = 60
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
