@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from app.worker import consumer as worker_module
 from app.worker import inference
 from app.worker.consumer import Worker
 from messaging import BrokerUnavailable, PubSub
+from messaging._base import OutgoingItem
 from tests.brokers import connect_options
 from tests.ml.models import PoisonClassifier, TinyClassifier, image
 from tests.worker.helpers import (
@@ -200,6 +201,15 @@ class ResultsPublishFailsOnce:
             self.failed += 1
             raise BrokerUnavailable("injected: broker went away")
         await self._pubsub.publish(topic, data, key=key, attributes=attributes)
+
+    async def publish_many(
+        self, topic: str, items: Iterable[OutgoingItem], *, timeout_s: float | None = None
+    ) -> list[Exception | None]:
+        items = list(items)
+        failing = min(len(items), self._times - self.failed) if topic == self._results_topic else 0
+        self.failed += failing
+        rest = await self._pubsub.publish_many(topic, items[failing:], timeout_s=timeout_s)
+        return [BrokerUnavailable("injected: broker went away")] * failing + rest
 
 
 async def test_a_request_is_acked_only_after_its_result_is_published(
