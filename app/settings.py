@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -55,6 +56,33 @@ def _warn_deprecated(environ: Mapping[str, str]) -> None:
         if variable in names and variable not in _warned:
             _warned.add(variable)
             logger.warning(kv("deprecated_setting", variable=variable, use=f"FMNIST_{new.upper()}"))
+
+
+def _with_kafka_options(settings: Settings) -> str:
+    """FMNIST_BROKER_URL with the deprecated FMNIST_KAFKA_* settings as the `kafka://` URL options
+    they stand for, where the URL does not set those itself (one warning each per process)."""
+    url = settings.broker_url
+    parts = urlsplit(url)
+    if parts.scheme != "kafka":
+        return url
+    given = dict(parse_qsl(parts.query, keep_blank_values=True))
+    added: dict[str, str] = {}
+    for field, option in (("kafka_idempotence", "idempotence"), ("kafka_partitions", "partitions")):
+        value = getattr(settings, field)
+        if value is None:
+            continue
+        variable = f"FMNIST_{field.upper()}"
+        if variable not in _warned:
+            _warned.add(variable)
+            logger.warning(
+                kv("deprecated_setting", variable=variable, use=f"FMNIST_BROKER_URL ?{option}=")
+            )
+        if option not in given:
+            added[option] = str(value).lower()
+    if not added:
+        return url
+    query = "&".join(filter(None, [parts.query, urlencode(added)]))
+    return urlunsplit(parts._replace(query=query))
 
 
 class Settings(BaseSettings):
@@ -110,12 +138,16 @@ class Settings(BaseSettings):
     broker_connect_timeout_s: float = Field(
         10.0, gt=0, description="Seconds to wait for the broker before raising `BrokerUnavailable`."
     )
-    kafka_idempotence: bool = Field(
-        True,
-        description="Use Kafka's idempotent producer. Switch off for brokers that refuse `InitProducerId` (e.g. Tansu).",
+    kafka_idempotence: bool | None = Field(
+        None,
+        description="Deprecated: put `?idempotence=false` in FMNIST_BROKER_URL instead (a `kafka://` URL "
+        "option, like the others). Set, it fills that option where the URL leaves it out.",
     )
-    kafka_partitions: int = Field(
-        4, ge=1, description="Partitions for topics the service creates on Kafka."
+    kafka_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Deprecated: put `?partitions=N` in FMNIST_BROKER_URL instead (a `kafka://` URL "
+        "option). Set, it fills that option where the URL leaves it out.",
     )
     publish_timeout_s: float = Field(
         5.0,
@@ -415,6 +447,12 @@ class Settings(BaseSettings):
         from app.protocol import check_model_name
 
         return None if not value else check_model_name(value)
+
+    @model_validator(mode="after")
+    def _kafka_settings_into_the_url(self) -> Settings:
+        # Frozen, so the URL is replaced in place once, while the instance is being built.
+        object.__setattr__(self, "broker_url", _with_kafka_options(self))
+        return self
 
     @model_validator(mode="after")
     def _check_topics(self) -> Settings:

@@ -81,3 +81,29 @@ def test_a_deprecated_variable_logs_one_warning_naming_the_new_one(
     assert warnings == [
         "event=deprecated_setting variable=FMNIST_MAX_WAIT_MS use=FMNIST_BATCH_FILL_WAIT_MS"
     ]
+
+
+def test_deprecated_kafka_settings_fill_the_url_options_it_leaves_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FMNIST_KAFKA_IDEMPOTENCE/PARTITIONS become ?idempotence=/?partitions= unless the URL sets them."""
+    monkeypatch.setenv("FMNIST_BROKER_URL", "kafka://k:9092?linger_ms=1&partitions=2")
+    monkeypatch.setenv("FMNIST_KAFKA_IDEMPOTENCE", "false")
+    monkeypatch.setenv("FMNIST_KAFKA_PARTITIONS", "12")
+    assert Settings().broker_url == "kafka://k:9092?linger_ms=1&partitions=2&idempotence=false"
+
+
+def test_deprecated_kafka_settings_log_one_warning_each(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FMNIST_KAFKA_IDEMPOTENCE logs one deprecation warning naming the URL option, however often read."""
+    monkeypatch.setattr("app.settings._warned", set())
+    monkeypatch.setenv("FMNIST_BROKER_URL", "kafka://k:9092")
+    monkeypatch.setenv("FMNIST_KAFKA_IDEMPOTENCE", "false")
+    with caplog.at_level("WARNING", logger="app.settings"):
+        Settings()
+        Settings()
+    warnings = [r.getMessage() for r in caplog.records if "deprecated_setting" in r.getMessage()]
+    assert warnings == [
+        'event=deprecated_setting variable=FMNIST_KAFKA_IDEMPOTENCE use="FMNIST_BROKER_URL ?idempotence="'
+    ]

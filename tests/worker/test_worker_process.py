@@ -37,7 +37,6 @@ def start_worker_process(
 ) -> processes.ManagedProcess:
     """`fmnist worker` with topics/group from the environment and the rest given as flags."""
     env = {
-        "FMNIST_KAFKA_IDEMPOTENCE": str(settings.kafka_idempotence).lower(),
         "FMNIST_REQUESTS_TOPIC": settings.requests_topic,
         "FMNIST_RESULTS_TOPIC": settings.results_topic,
         "FMNIST_DEADLETTER_TOPIC": settings.deadletter_topic,
