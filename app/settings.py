@@ -8,10 +8,10 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.logs import kv
@@ -85,20 +85,15 @@ def _with_kafka_options(settings: Settings) -> str:
     return urlunsplit(parts._replace(query=query))
 
 
-class Settings(BaseSettings):
-    """Service settings. Each field is read from the environment variable `FMNIST_<NAME>`.
+class BrokerSettings(BaseModel):
+    """Where the messages go: read by every process that connects to the broker."""
 
-    The README's settings table is generated from this class (`python -m app.settings`).
-    """
-
-    model_config = SettingsConfigDict(
-        env_prefix="FMNIST_", extra="ignore", frozen=True, populate_by_name=True
-    )
-
-    # --- broker -----------------------------------------------------------------------------
     broker_url: str = Field(
         "memory://",
         description="Broker URL: `memory://` (embedded), `kafka://host:9092[,host2:9092]` or `gcp://PROJECT_ID`.",
+    )
+    broker_connect_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds to wait for the broker before raising `BrokerUnavailable`."
     )
     requests_topic: str = Field(
         "fmnist.requests",
@@ -111,32 +106,16 @@ class Settings(BaseSettings):
     deadletter_topic: str = Field(
         "fmnist.deadletter", description="Topic for poison messages, with the error attached."
     )
-    worker_group: str = Field(
-        "workers",
-        description="Prefix of the workers' consumer groups: `<prefix>.<model>`, one per model, so each "
-        "model scales on its own.",
-    )
     control_topic: str = Field(
         "fmnist.control",
         description="Topic on which workers announce the models they serve (with heartbeats) and "
         "gateways learn them.",
     )
-    heartbeat_interval_s: float = Field(
-        2.0,
+    publish_timeout_s: float = Field(
+        5.0,
         gt=0,
-        le=300,
-        description="Workers announce each model again this often; a gateway counts a worker live "
-        "for three intervals after its last announcement. Lower it to notice dead workers sooner, "
-        "raise it to send fewer control messages.",
-    )
-    default_model: str | None = Field(
-        None,
-        description="Model that `/v1/predictions` (no model named) goes to. Default: `fmnist serve`'s "
-        "first `--model`, else the first model the gateway learned. Set it on gateways of a "
-        "deployment that serves several models, so that they all agree.",
-    )
-    broker_connect_timeout_s: float = Field(
-        10.0, gt=0, description="Seconds to wait for the broker before raising `BrokerUnavailable`."
+        description="Longest wait for the broker to accept a submitted image before the gateway answers "
+        "503 + Retry-After (during a broker outage). Raise it for a slow remote broker; never a late 202.",
     )
     kafka_idempotence: bool | None = Field(
         None,
@@ -149,14 +128,11 @@ class Settings(BaseSettings):
         description="Deprecated: put `?partitions=N` in FMNIST_BROKER_URL instead (a `kafka://` URL "
         "option). Set, it fills that option where the URL leaves it out.",
     )
-    publish_timeout_s: float = Field(
-        5.0,
-        gt=0,
-        description="Longest wait for the broker to accept a submitted image before the gateway answers "
-        "503 + Retry-After (during a broker outage). Raise it for a slow remote broker; never a late 202.",
-    )
 
-    # --- model and batching -----------------------------------------------------------------
+
+class ModelSettings(BaseModel):
+    """Which model a worker serves and how it computes."""
+
     model_path: Path = Field(
         DEFAULT_MODEL_PATH,
         description="Checkpoint (`.safetensors`) the workers serve. The default, where the working "
@@ -177,6 +153,34 @@ class Settings(BaseSettings):
         description="Arithmetic of the workers' forward pass. `auto`: bf16 on CPU-only machines whose CPU "
         "has native bfloat16 (AVX512-BF16 or AMX), as OpenVINO does by default, else fp32. Force `fp32` "
         "for a model whose accuracy drops in bf16 (the model card compares them).",
+    )
+
+
+class WorkerSettings(BaseModel):
+    """Read by `fmnist worker` (and the worker inside `fmnist serve`)."""
+
+    worker_id: str | None = Field(
+        None, description="Id a worker stamps on its results (default: host-pid)."
+    )
+    worker_group: str = Field(
+        "workers",
+        description="Prefix of the workers' consumer groups: `<prefix>.<model>`, one per model, so each "
+        "model scales on its own.",
+    )
+    heartbeat_interval_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="Workers announce each model again this often; a gateway counts a worker live "
+        "for three intervals after its last announcement. Lower it to notice dead workers sooner, "
+        "raise it to send fewer control messages.",
+    )
+    worker_health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of a worker's `GET /healthz` and `GET /readyz` (on FMNIST_HOST), for "
+        "orchestrator probes. Unset: no endpoint.",
     )
     inference_concurrency: int | None = Field(
         None,
@@ -224,23 +228,16 @@ class Settings(BaseSettings):
         description="Images a worker's ModelRunner may hold queued before refusing more (the worker "
         "then takes fewer messages from the broker). Raise it for bursts larger than this.",
     )
-    worker_id: str | None = Field(
-        None, description="Id a worker stamps on its results (default: host-pid)."
-    )
-    worker_health_port: int | None = Field(
-        None,
-        ge=0,
-        le=65535,
-        description="Port of a worker's `GET /healthz` and `GET /readyz` (on FMNIST_HOST), for "
-        "orchestrator probes. Unset: no endpoint.",
-    )
     max_attempts: int = Field(
         3,
         ge=1,
         description="Tries of one request (a model error re-queues it) before it goes to the dead-letter topic.",
     )
 
-    # --- gateway ----------------------------------------------------------------------------
+
+class GatewaySettings(BaseModel):
+    """Read by `fmnist gateway` (and the gateway inside `fmnist serve`)."""
+
     gateway_id: str | None = Field(
         None,
         description="Stable id of this gateway instance; names its results consumer group "
@@ -248,9 +245,27 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Interface the HTTP server binds to.")
     port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server listens on.")
+    grpc_enabled: bool = Field(
+        True,
+        description="Serve the Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`) "
+        "beside HTTP in `fmnist serve` and `fmnist gateway`. Turn it off where nothing speaks gRPC or "
+        "its port is taken.",
+    )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC service, on FMNIST_HOST; 0 turns it off (as FMNIST_GRPC_ENABLED=false).",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated API keys. Empty (default): no auth. Set: every `/v1` route needs a key.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="Model that `/v1/predictions` (no model named) goes to. Default: `fmnist serve`'s "
+        "first `--model`, else the first model the gateway learned. Set it on gateways of a "
+        "deployment that serves several models, so that they all agree.",
     )
     max_upload_bytes: int = Field(
         5 * 1024 * 1024, ge=1, description="Largest accepted image upload (413 above)."
@@ -367,8 +382,16 @@ class Settings(BaseSettings):
         "then arrive later. Raise it when a large results backlog makes /readyz turn green before the "
         "old results are served.",
     )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry tracing, metrics and logs (global providers). Off by "
+        "default: it reads the environment and the providers on every request.",
+    )
 
-    # --- shared state (gateways acting as one) ---------------------------------------------------
+
+class SharedStateSettings(BaseModel):
+    """Gateways behind one load balancer acting as one (Redis)."""
+
     shared_state_url: str | None = Field(
         None,
         description="Redis URL (`redis://[:password@]host:6379/0`, `rediss://` for TLS) that makes gateways behind "
@@ -395,36 +418,71 @@ class Settings(BaseSettings):
         "set: each result is taken by one gateway, which writes it to Redis.",
     )
 
-    opentelemetry: bool = Field(
-        False,
-        description="FastAPI's native OpenTelemetry tracing, metrics and logs (global providers). Off by "
-        "default: it reads the environment and the providers on every request.",
-    )
 
+class ProcessSettings(BaseModel):
+    """Every process: logging and the garbage collector."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
     gc_threshold: int = Field(
         200_000,
         ge=0,
         description="Allocations between Python's young-generation garbage collections in serve, gateway "
         "and worker processes (Python's default is 700; 0 keeps it). Higher cuts tail latency under load.",
     )
-    # Open Inference Protocol (v2) over gRPC, beside the HTTP server (app/gateway/v2/).
-    grpc_enabled: bool = Field(
-        True,
-        description="Serve the Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`) "
-        "beside HTTP in `fmnist serve` and `fmnist gateway`. Turn it off where nothing speaks gRPC or "
-        "its port is taken.",
-    )
-    grpc_port: int = Field(
-        8001,
-        ge=0,
-        le=65535,
-        description="Port of the gRPC service, on FMNIST_HOST; 0 turns it off (as FMNIST_GRPC_ENABLED=false).",
+
+
+class Settings(
+    BaseSettings,
+    ProcessSettings,
+    SharedStateSettings,
+    GatewaySettings,
+    WorkerSettings,
+    ModelSettings,
+    BrokerSettings,
+):
+    """Every setting, grouped by the process that reads it; each field is read from the environment
+    variable `FMNIST_<NAME>` (one prefix, flat names, whatever the group).
+
+    `settings.gateway`, `.worker`, `.model`, `.broker`, `.shared_state` and `.process` give one
+    group alone, for code that should see only what its process reads. The README's settings table
+    is generated from the groups (`python -m app.settings`).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="FMNIST_", extra="ignore", frozen=True, populate_by_name=True
     )
 
-    # --- logging ----------------------------------------------------------------------------
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="Log level."
-    )
+    @property
+    def broker(self) -> BrokerSettings:
+        """The broker group alone."""
+        return _group(self, BrokerSettings)
+
+    @property
+    def model(self) -> ModelSettings:
+        """The model group alone."""
+        return _group(self, ModelSettings)
+
+    @property
+    def worker(self) -> WorkerSettings:
+        """The worker group alone."""
+        return _group(self, WorkerSettings)
+
+    @property
+    def gateway(self) -> GatewaySettings:
+        """The gateway group alone."""
+        return _group(self, GatewaySettings)
+
+    @property
+    def shared_state(self) -> SharedStateSettings:
+        """The shared-state group alone."""
+        return _group(self, SharedStateSettings)
+
+    @property
+    def process(self) -> ProcessSettings:
+        """The group every process reads."""
+        return _group(self, ProcessSettings)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -465,6 +523,25 @@ class Settings(BaseSettings):
         return self
 
 
+_G = TypeVar("_G", bound=BaseModel)
+
+
+def _group(settings: Settings, group: type[_G]) -> _G:
+    """The fields of `group` taken from `settings` (already validated, so not validated again)."""
+    return group.model_construct(**{name: getattr(settings, name) for name in group.model_fields})
+
+
+GROUPS: dict[str, type[BaseModel]] = {
+    "Broker": BrokerSettings,
+    "Model": ModelSettings,
+    "Worker": WorkerSettings,
+    "Gateway": GatewaySettings,
+    "Shared state": SharedStateSettings,
+    "Every process": ProcessSettings,
+}
+"""The groups, in the order of the README's settings table (one heading each)."""
+
+
 @lru_cache
 def get_settings() -> Settings:
     """The process's settings, read once from the environment."""
@@ -472,13 +549,17 @@ def get_settings() -> Settings:
 
 
 def settings_table() -> str:
-    """A Markdown table of every setting, for the README."""
-    rows = ["| variable | default | description |", "| --- | --- | --- |"]
-    for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        shown = "" if default is None or default == [] else f"`{default}`"
-        rows.append(f"| `FMNIST_{name.upper()}` | {shown} | {field.description} |")
-    return "\n".join(rows)
+    """Markdown tables of every setting, one per group under its heading, for the README."""
+    sections = []
+    for heading, group in GROUPS.items():
+        rows = [f"### {heading}", "", (group.__doc__ or "").strip(), ""]
+        rows += ["| variable | default | description |", "| --- | --- | --- |"]
+        for name, field in group.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            shown = "" if default is None or default == [] else f"`{default}`"
+            rows.append(f"| `FMNIST_{name.upper()}` | {shown} | {field.description} |")
+        sections.append("\n".join(rows))
+    return "\n\n".join(sections)
 
 
 TABLE_START, TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings, with_settings_table
+from app.settings import GROUPS, Settings, with_settings_table
 from tests.conftest import REPO_ROOT
 
 
@@ -107,3 +107,17 @@ def test_deprecated_kafka_settings_log_one_warning_each(
     assert warnings == [
         'event=deprecated_setting variable=FMNIST_KAFKA_IDEMPOTENCE use="FMNIST_BROKER_URL ?idempotence="'
     ]
+
+
+def test_every_setting_belongs_to_exactly_one_group() -> None:
+    """The process groups partition Settings' fields: none missing, none in two groups."""
+    grouped = [name for group in GROUPS.values() for name in group.model_fields]
+    assert sorted(grouped) == sorted(Settings.model_fields)
+
+
+def test_a_group_holds_only_its_own_settings() -> None:
+    """settings.gateway carries the gateway's fields with their values, and no worker field."""
+    settings = Settings(max_pending_requests=3, batch_fill_wait_ms=1.0)
+    assert settings.gateway.max_pending_requests == 3
+    assert settings.worker.batch_fill_wait_ms == 1.0
+    assert not hasattr(settings.gateway, "batch_fill_wait_ms")
