@@ -7,10 +7,8 @@ from messaging import PubSub, connect
 
 
 def connect_broker(settings: Settings) -> PubSub:
-    """An unconnected `PubSub` for `FMNIST_BROKER_URL` with the broker options from settings."""
+    """An unconnected `PubSub` for `FMNIST_BROKER_URL` (its options in the URL)."""
     return connect(
         settings.broker_url,
         connect_timeout=settings.broker_connect_timeout_s,
-        kafka_idempotence=settings.kafka_idempotence,
-        kafka_partitions=settings.kafka_partitions,
     )

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.logs import kv
 
 DEFAULT_MODEL_PATH = Path("models/fmnist.safetensors")
 
@@ -23,18 +29,71 @@ def installed_model_path() -> Path | None:
     return None
 
 
-class Settings(BaseSettings):
-    """Service settings. Each field is read from the environment variable `FMNIST_<NAME>`.
+logger = logging.getLogger(__name__)
 
-    The README's settings table is generated from this class (`python -m app.settings`).
-    """
+DEPRECATED_NAMES: dict[str, str] = {
+    "max_wait_ms": "batch_fill_wait_ms",
+    "max_queue": "max_queued_images",
+    "max_in_flight": "max_pending_requests",
+    "max_wait_s": "max_sync_wait_s",
+}
+"""Old setting name -> its new name; the old `FMNIST_` variables still work, with a warning."""
 
-    model_config = SettingsConfigDict(env_prefix="FMNIST_", extra="ignore", frozen=True)
+_warned: set[str] = set()
 
-    # --- broker -----------------------------------------------------------------------------
+
+def _renamed(name: str) -> AliasChoices:
+    """Read `FMNIST_<NAME>`, else its deprecated old variable (a keyword takes the field's name)."""
+    (old,) = (old for old, new in DEPRECATED_NAMES.items() if new == name)
+    return AliasChoices(f"FMNIST_{name.upper()}", f"FMNIST_{old.upper()}")
+
+
+def _warn_deprecated(environ: Mapping[str, str]) -> None:
+    """One warning per process for each deprecated variable that is set, naming its replacement."""
+    names = {key.upper() for key in environ}
+    for old, new in DEPRECATED_NAMES.items():
+        variable = f"FMNIST_{old.upper()}"
+        if variable in names and variable not in _warned:
+            _warned.add(variable)
+            logger.warning(kv("deprecated_setting", variable=variable, use=f"FMNIST_{new.upper()}"))
+
+
+def _with_kafka_options(settings: Settings) -> str:
+    """FMNIST_BROKER_URL with the deprecated FMNIST_KAFKA_* settings as the `kafka://` URL options
+    they stand for, where the URL does not set those itself (one warning each per process)."""
+    url = settings.broker_url
+    parts = urlsplit(url)
+    if parts.scheme != "kafka":
+        return url
+    given = dict(parse_qsl(parts.query, keep_blank_values=True))
+    added: dict[str, str] = {}
+    for field, option in (("kafka_idempotence", "idempotence"), ("kafka_partitions", "partitions")):
+        value = getattr(settings, field)
+        if value is None:
+            continue
+        variable = f"FMNIST_{field.upper()}"
+        if variable not in _warned:
+            _warned.add(variable)
+            logger.warning(
+                kv("deprecated_setting", variable=variable, use=f"FMNIST_BROKER_URL ?{option}=")
+            )
+        if option not in given:
+            added[option] = str(value).lower()
+    if not added:
+        return url
+    query = "&".join(filter(None, [parts.query, urlencode(added)]))
+    return urlunsplit(parts._replace(query=query))
+
+
+class BrokerSettings(BaseModel):
+    """Where the messages go: read by every process that connects to the broker."""
+
     broker_url: str = Field(
         "memory://",
         description="Broker URL: `memory://` (embedded), `kafka://host:9092[,host2:9092]` or `gcp://PROJECT_ID`.",
+    )
+    broker_connect_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds to wait for the broker before raising `BrokerUnavailable`."
     )
     requests_topic: str = Field(
         "fmnist.requests",
@@ -47,39 +106,10 @@ class Settings(BaseSettings):
     deadletter_topic: str = Field(
         "fmnist.deadletter", description="Topic for poison messages, with the error attached."
     )
-    worker_group: str = Field(
-        "workers",
-        description="Prefix of the workers' consumer groups: `<prefix>.<model>`, one per model, so each "
-        "model scales on its own.",
-    )
     control_topic: str = Field(
         "fmnist.control",
         description="Topic on which workers announce the models they serve (with heartbeats) and "
         "gateways learn them.",
-    )
-    heartbeat_interval_s: float = Field(
-        2.0,
-        gt=0,
-        le=300,
-        description="Workers announce each model again this often; a gateway counts a worker live "
-        "for three intervals after its last announcement. Lower it to notice dead workers sooner, "
-        "raise it to send fewer control messages.",
-    )
-    default_model: str | None = Field(
-        None,
-        description="Model that `/v1/predictions` (no model named) goes to. Default: `fmnist serve`'s "
-        "first `--model`, else the first model the gateway learned. Set it on gateways of a "
-        "deployment that serves several models, so that they all agree.",
-    )
-    broker_connect_timeout_s: float = Field(
-        10.0, gt=0, description="Seconds to wait for the broker before raising `BrokerUnavailable`."
-    )
-    kafka_idempotence: bool = Field(
-        True,
-        description="Use Kafka's idempotent producer. Switch off for brokers that refuse `InitProducerId` (e.g. Tansu).",
-    )
-    kafka_partitions: int = Field(
-        4, ge=1, description="Partitions for topics the service creates on Kafka."
     )
     publish_timeout_s: float = Field(
         5.0,
@@ -87,8 +117,22 @@ class Settings(BaseSettings):
         description="Longest wait for the broker to accept a submitted image before the gateway answers "
         "503 + Retry-After (during a broker outage). Raise it for a slow remote broker; never a late 202.",
     )
+    kafka_idempotence: bool | None = Field(
+        None,
+        description="Deprecated: put `?idempotence=false` in FMNIST_BROKER_URL instead (a `kafka://` URL "
+        "option, like the others). Set, it fills that option where the URL leaves it out.",
+    )
+    kafka_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Deprecated: put `?partitions=N` in FMNIST_BROKER_URL instead (a `kafka://` URL "
+        "option). Set, it fills that option where the URL leaves it out.",
+    )
 
-    # --- model and batching -----------------------------------------------------------------
+
+class ModelSettings(BaseModel):
+    """Which model a worker serves and how it computes."""
+
     model_path: Path = Field(
         DEFAULT_MODEL_PATH,
         description="Checkpoint (`.safetensors`) the workers serve. The default, where the working "
@@ -107,9 +151,36 @@ class Settings(BaseSettings):
     inference_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Arithmetic of the workers' forward pass. `auto`: bf16 on CPU-only machines whose CPU "
-        "has native bfloat16 (AVX512-BF16 or AMX), as OpenVINO does by default, else fp32. The shipped "
-        "model scores the same test accuracy in both (models/fmnist.md); bf16 gives ~1.4x images per "
-        "CPU-second at batch 32-64 (models/fmnist.md, one thread: 14,980 vs 11,041 at 32, 16,386 vs 11,313 at 64).",
+        "has native bfloat16 (AVX512-BF16 or AMX), as OpenVINO does by default, else fp32. Force `fp32` "
+        "for a model whose accuracy drops in bf16 (the model card compares them).",
+    )
+
+
+class WorkerSettings(BaseModel):
+    """Read by `fmnist worker` (and the worker inside `fmnist serve`)."""
+
+    worker_id: str | None = Field(
+        None, description="Id a worker stamps on its results (default: host-pid)."
+    )
+    worker_group: str = Field(
+        "workers",
+        description="Prefix of the workers' consumer groups: `<prefix>.<model>`, one per model, so each "
+        "model scales on its own.",
+    )
+    heartbeat_interval_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="Workers announce each model again this often; a gateway counts a worker live "
+        "for three intervals after its last announcement. Lower it to notice dead workers sooner, "
+        "raise it to send fewer control messages.",
+    )
+    worker_health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of a worker's `GET /healthz` and `GET /readyz` (on FMNIST_HOST), for "
+        "orchestrator probes. Unset: no endpoint.",
     )
     inference_concurrency: int | None = Field(
         None,
@@ -123,43 +194,39 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description="torch intra-op threads per forward pass. Default: cores / `FMNIST_INFERENCE_CONCURRENCY`, at "
-        "least 1. On 2 cores the model alone does 15,000 images/s as two one-thread passes and 6,900 as one "
-        "two-thread pass (batch 32).",
+        "least 1. Change it only together with FMNIST_INFERENCE_CONCURRENCY, after measuring "
+        "(docs/benchmarks.md).",
     )
     max_batch_size: int = Field(
         256,
         ge=1,
         le=4096,
         description="Largest batch a worker's ModelRunner forms, when its queue is deep (bursts, the "
-        "batch endpoint): larger passes cost less per image (batch endpoint +3.5% in bf16, +7% in fp32 at "
-        "256 vs 128).",
+        "batch endpoint): larger passes cost less per image. Lower it where memory per pass is tight "
+        "(a small GPU).",
     )
     preferred_batch_size: int = Field(
         32,
         ge=1,
         le=4096,
         description="Batch size at which a batch counts as full when the queue is shallow (at most "
-        "`FMNIST_MAX_BATCH_SIZE`). Small batches answer sooner: 64 single-image clients get two passes "
-        "of 32 side by side on 2 cores.",
+        "`FMNIST_MAX_BATCH_SIZE`). Small batches answer sooner and let passes run side by side; raise "
+        "it on a GPU, where one larger pass costs little more than a small one.",
     )
-    max_wait_ms: float = Field(
+    batch_fill_wait_ms: float = Field(
         5.0,
         ge=0,
         le=10_000,
-        description="Longest a queued image waits for its batch to fill, from the oldest item.",
+        validation_alias=_renamed("batch_fill_wait_ms"),
+        description="Longest a queued image waits for its batch to fill, from the oldest item. Lower "
+        "it for lower latency at light load, raise it for fuller batches when traffic is sparse.",
     )
-    max_queue: int = Field(
-        4096, ge=1, description="Images a worker's ModelRunner may hold queued before refusing."
-    )
-    worker_id: str | None = Field(
-        None, description="Id a worker stamps on its results (default: host-pid)."
-    )
-    worker_health_port: int | None = Field(
-        None,
-        ge=0,
-        le=65535,
-        description="Port of a worker's `GET /healthz` and `GET /readyz` (on FMNIST_HOST), for "
-        "orchestrator probes. Unset: no endpoint.",
+    max_queued_images: int = Field(
+        4096,
+        ge=1,
+        validation_alias=_renamed("max_queued_images"),
+        description="Images a worker's ModelRunner may hold queued before refusing more (the worker "
+        "then takes fewer messages from the broker). Raise it for bursts larger than this.",
     )
     max_attempts: int = Field(
         3,
@@ -167,7 +234,10 @@ class Settings(BaseSettings):
         description="Tries of one request (a model error re-queues it) before it goes to the dead-letter topic.",
     )
 
-    # --- gateway ----------------------------------------------------------------------------
+
+class GatewaySettings(BaseModel):
+    """Read by `fmnist gateway` (and the gateway inside `fmnist serve`)."""
+
     gateway_id: str | None = Field(
         None,
         description="Stable id of this gateway instance; names its results consumer group "
@@ -175,9 +245,27 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Interface the HTTP server binds to.")
     port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server listens on.")
+    grpc_enabled: bool = Field(
+        True,
+        description="Serve the Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`) "
+        "beside HTTP in `fmnist serve` and `fmnist gateway`. Turn it off where nothing speaks gRPC or "
+        "its port is taken.",
+    )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC service, on FMNIST_HOST; 0 turns it off (as FMNIST_GRPC_ENABLED=false).",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated API keys. Empty (default): no auth. Set: every `/v1` route needs a key.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="Model that `/v1/predictions` (no model named) goes to. Default: `fmnist serve`'s "
+        "first `--model`, else the first model the gateway learned. Set it on gateways of a "
+        "deployment that serves several models, so that they all agree.",
     )
     max_upload_bytes: int = Field(
         5 * 1024 * 1024, ge=1, description="Largest accepted image upload (413 above)."
@@ -207,10 +295,12 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(
         256, ge=1, description="Most images in one `POST /v1/predictions:batch`."
     )
-    max_in_flight: int = Field(
+    max_pending_requests: int = Field(
         10_000,
         ge=1,
-        description="Requests accepted but not yet answered, per gateway, before it answers 429.",
+        validation_alias=_renamed("max_pending_requests"),
+        description="Requests accepted but not yet answered, per gateway, before it answers 429. "
+        "Raise it when clients legitimately keep more requests outstanding.",
     )
     max_header_bytes: int = Field(
         16 * 1024,
@@ -268,7 +358,13 @@ class Settings(BaseSettings):
         description="Seconds one websocket send may wait for a client that does not read; the stream "
         "is then closed with code 1013 and the connection dropped.",
     )
-    max_wait_s: float = Field(30.0, gt=0, description="Cap on `?wait=` for synchronous answers.")
+    max_sync_wait_s: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=_renamed("max_sync_wait_s"),
+        description="Cap on `?wait=`, the seconds a synchronous request may wait for its answer "
+        "(422 above). Raise it for clients that prefer one long request to polling.",
+    )
     request_deadline_s: float = Field(
         60.0,
         gt=0,
@@ -286,8 +382,16 @@ class Settings(BaseSettings):
         "then arrive later. Raise it when a large results backlog makes /readyz turn green before the "
         "old results are served.",
     )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry tracing, metrics and logs (global providers). Off by "
+        "default: it reads the environment and the providers on every request.",
+    )
 
-    # --- shared state (gateways acting as one) ---------------------------------------------------
+
+class SharedStateSettings(BaseModel):
+    """Gateways behind one load balancer acting as one (Redis)."""
+
     shared_state_url: str | None = Field(
         None,
         description="Redis URL (`redis://[:password@]host:6379/0`, `rediss://` for TLS) that makes gateways behind "
@@ -314,36 +418,71 @@ class Settings(BaseSettings):
         "set: each result is taken by one gateway, which writes it to Redis.",
     )
 
-    opentelemetry: bool = Field(
-        False,
-        description="FastAPI's native OpenTelemetry tracing, metrics and logs (global providers). Off by "
-        "default: it reads the environment and the providers on every request.",
-    )
 
+class ProcessSettings(BaseModel):
+    """Every process: logging and the garbage collector."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
     gc_threshold: int = Field(
         200_000,
         ge=0,
         description="Allocations between Python's young-generation garbage collections in serve, gateway "
         "and worker processes (Python's default is 700; 0 keeps it). Higher cuts tail latency under load.",
     )
-    # Open Inference Protocol (v2) over gRPC, beside the HTTP server (app/gateway/v2/).
-    grpc_enabled: bool = Field(
-        True,
-        description="Serve the Open Inference Protocol's gRPC service (`inference.GRPCInferenceService`) "
-        "beside HTTP in `fmnist serve` and `fmnist gateway`. Turn it off where nothing speaks gRPC or "
-        "its port is taken.",
-    )
-    grpc_port: int = Field(
-        8001,
-        ge=0,
-        le=65535,
-        description="Port of the gRPC service, on FMNIST_HOST; 0 turns it off (as FMNIST_GRPC_ENABLED=false).",
+
+
+class Settings(
+    BaseSettings,
+    ProcessSettings,
+    SharedStateSettings,
+    GatewaySettings,
+    WorkerSettings,
+    ModelSettings,
+    BrokerSettings,
+):
+    """Every setting, grouped by the process that reads it; each field is read from the environment
+    variable `FMNIST_<NAME>` (one prefix, flat names, whatever the group).
+
+    `settings.gateway`, `.worker`, `.model`, `.broker`, `.shared_state` and `.process` give one
+    group alone, for code that should see only what its process reads. The README's settings table
+    is generated from the groups (`python -m app.settings`).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="FMNIST_", extra="ignore", frozen=True, populate_by_name=True
     )
 
-    # --- logging ----------------------------------------------------------------------------
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="Log level."
-    )
+    @property
+    def broker(self) -> BrokerSettings:
+        """The broker group alone."""
+        return _group(self, BrokerSettings)
+
+    @property
+    def model(self) -> ModelSettings:
+        """The model group alone."""
+        return _group(self, ModelSettings)
+
+    @property
+    def worker(self) -> WorkerSettings:
+        """The worker group alone."""
+        return _group(self, WorkerSettings)
+
+    @property
+    def gateway(self) -> GatewaySettings:
+        """The gateway group alone."""
+        return _group(self, GatewaySettings)
+
+    @property
+    def shared_state(self) -> SharedStateSettings:
+        """The shared-state group alone."""
+        return _group(self, SharedStateSettings)
+
+    @property
+    def process(self) -> ProcessSettings:
+        """The group every process reads."""
+        return _group(self, ProcessSettings)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -368,13 +507,39 @@ class Settings(BaseSettings):
         return None if not value else check_model_name(value)
 
     @model_validator(mode="after")
+    def _kafka_settings_into_the_url(self) -> Settings:
+        # Frozen, so the URL is replaced in place once, while the instance is being built.
+        object.__setattr__(self, "broker_url", _with_kafka_options(self))
+        return self
+
+    @model_validator(mode="after")
     def _check_topics(self) -> Settings:
+        _warn_deprecated(os.environ)
         for name in ("requests_topic", "results_topic", "deadletter_topic"):
             if len(getattr(self, name)) < 3:
                 raise ValueError(
                     f"FMNIST_{name.upper()} must have at least 3 characters (Pub/Sub requires it)"
                 )
         return self
+
+
+_G = TypeVar("_G", bound=BaseModel)
+
+
+def _group(settings: Settings, group: type[_G]) -> _G:
+    """The fields of `group` taken from `settings` (already validated, so not validated again)."""
+    return group.model_construct(**{name: getattr(settings, name) for name in group.model_fields})
+
+
+GROUPS: dict[str, type[BaseModel]] = {
+    "Broker": BrokerSettings,
+    "Model": ModelSettings,
+    "Worker": WorkerSettings,
+    "Gateway": GatewaySettings,
+    "Shared state": SharedStateSettings,
+    "Every process": ProcessSettings,
+}
+"""The groups, in the order of the README's settings table (one heading each)."""
 
 
 @lru_cache
@@ -384,13 +549,17 @@ def get_settings() -> Settings:
 
 
 def settings_table() -> str:
-    """A Markdown table of every setting, for the README."""
-    rows = ["| variable | default | description |", "| --- | --- | --- |"]
-    for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        shown = "" if default is None or default == [] else f"`{default}`"
-        rows.append(f"| `FMNIST_{name.upper()}` | {shown} | {field.description} |")
-    return "\n".join(rows)
+    """Markdown tables of every setting, one per group under its heading, for the README."""
+    sections = []
+    for heading, group in GROUPS.items():
+        rows = [f"### {heading}", "", (group.__doc__ or "").strip(), ""]
+        rows += ["| variable | default | description |", "| --- | --- | --- |"]
+        for name, field in group.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            shown = "" if default is None or default == [] else f"`{default}`"
+            rows.append(f"| `FMNIST_{name.upper()}` | {shown} | {field.description} |")
+        sections.append("\n".join(rows))
+    return "\n\n".join(sections)
 
 
 TABLE_START, TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"

@@ -41,7 +41,7 @@ sys.path.insert(
 )  # the repo root, for bench, tests and ml
 
 from bench.http_single import DATA_DIR, DEFAULT_KAFKA_OPTIONS, REPO_ROOT, machine_context
-from tests.brokers import start_redis
+from tests.brokers import start_redis, with_url_option
 from tests.e2e import processes
 from tests.e2e.images import load_test_pngs
 from tests.e2e.processes import ManagedProcess
@@ -130,8 +130,9 @@ class Cluster:
             options = self.args.kafka_options
             broker_url = f"kafka://127.0.0.1:{broker_port}" + (f"?{options}" if options else "")
             env = {
-                **processes.broker_env(broker_url),
-                "FMNIST_KAFKA_PARTITIONS": str(self.args.partitions),
+                **processes.broker_env(
+                    with_url_option(broker_url, "partitions", str(self.args.partitions))
+                ),
                 "FMNIST_SHARED_STATE_URL": f"redis://127.0.0.1:{redis.port}/0",
             }
             workers = [

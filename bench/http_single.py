@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.e2e and ml
 
+from tests.brokers import with_url_option
 from tests.e2e import processes
 from tests.e2e.images import load_test_pngs
 from tests.e2e.processes import ManagedProcess
@@ -318,9 +319,8 @@ def ours_kafka(
     broker_port, port = processes.free_port(), processes.free_port()
     broker_url = f"kafka://127.0.0.1:{broker_port}" + (f"?{options}" if options else "")
     settings = {
-        **processes.broker_env(broker_url),
+        **processes.broker_env(with_url_option(broker_url, "partitions", str(partitions))),
         "FMNIST_MODEL_PATH": str(checkpoint),
-        "FMNIST_KAFKA_PARTITIONS": str(partitions),
         "FMNIST_LOG_LEVEL": "WARNING",
         **env,
     }

@@ -68,6 +68,10 @@ OutgoingItem = Outgoing | tuple[bytes, str | None, Mapping[str, str] | None]
 """An `Outgoing`, or the tuple `(data, key, attributes)`."""
 
 
+def _not_accepted(timeout_s: float) -> TimeoutError:
+    return TimeoutError(f"not accepted by the broker within {timeout_s:g} s")
+
+
 def _outgoing(item: object) -> Outgoing:
     """`item` as an `Outgoing`; a TypeError naming what is wrong with it otherwise."""
     if isinstance(item, tuple) and len(item) == 3:
@@ -267,10 +271,15 @@ class PubSub(ABC):
     errors, argument checks); a backend implements only the `_`-prefixed hooks.
     """
 
-    publishes_in_process: bool = False
-    """True when `publish` never waits on a network: callers with many messages may then await
-    each in turn, which is cheaper than a task per message (remote brokers want them concurrent,
-    so that the client batches them and one slow acknowledgement does not hold up the rest)."""
+    durable: bool = True
+    """False when the broker's log lives in this process (the embedded broker): it dies with the
+    process, so nothing published there helps a restarted process, and a new subscription gets the
+    whole retained history at once."""
+
+    _publishes_in_turn: bool = False
+    # A backend whose publish never waits on a network publishes a batch one by one: cheaper than a
+    # task per message. Remote brokers want them concurrent, so that the client batches them and one
+    # slow acknowledgement does not hold up the rest.
 
     def __init__(self, url: BrokerURL, *, connect_timeout: float) -> None:
         if not connect_timeout > 0:
@@ -402,21 +411,49 @@ class PubSub(ABC):
         await self._publish(topic, data, key or None, attributes)
 
     async def publish_many(
-        self, topic: str, items: Iterable[OutgoingItem]
+        self, topic: str, items: Iterable[OutgoingItem], *, timeout_s: float | None = None
     ) -> list[Exception | None]:
         """Publish every item; one outcome per item, in order: None once accepted, else its error.
 
         Never raises for one item (a malformed item gets its TypeError as its outcome); a broker
-        outage gives every item its `BrokerUnavailable`. In-process brokers publish in turn (cheaper
-        than a task per message); remote ones concurrently, so that the client batches them and one
-        slow acknowledgement does not hold up the rest. A backend may override it.
+        outage gives every item its `BrokerUnavailable`. With `timeout_s`, the items not accepted
+        within that many seconds are given up and get a TimeoutError, so that a caller waits a
+        bounded time. In-process brokers publish in turn (cheaper than a task per message);
+        remote ones concurrently, so that the client batches them and one slow acknowledgement
+        does not hold up the rest.
         """
         if self._state != "connected":
             self._require_connected()
         self._check_topic(topic)
-        if self.publishes_in_process:
-            return [await self._publish_outcome(topic, item) for item in items]
-        return list(await asyncio.gather(*(self._publish_outcome(topic, i) for i in items)))
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
+        if self._publishes_in_turn:
+            return await self._publish_in_turn(topic, list(items), timeout_s)
+        if timeout_s is None:
+            return list(await asyncio.gather(*(self._publish_outcome(topic, i) for i in items)))
+        tasks = [asyncio.ensure_future(self._publish_outcome(topic, item)) for item in items]
+        if not tasks:
+            return []
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        late = _not_accepted(timeout_s)
+        return [late if task in pending or task.cancelled() else task.result() for task in tasks]
+
+    async def _publish_in_turn(
+        self, topic: str, items: list[object], timeout_s: float | None
+    ) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        try:
+            async with asyncio.timeout(timeout_s):
+                for item in items:
+                    outcomes.append(await self._publish_outcome(topic, item))
+        except TimeoutError:
+            assert timeout_s is not None  # only a deadline raises it here
+            outcomes.extend([_not_accepted(timeout_s)] * (len(items) - len(outcomes)))
+        return outcomes
 
     async def _publish_outcome(self, topic: str, item: object) -> Exception | None:
         try:

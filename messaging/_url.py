@@ -87,6 +87,11 @@ class OptionReader:
         self._unread = dict(url.options)
         self._known: list[str] = []
 
+    @property
+    def pending(self) -> frozenset[str]:
+        """The options given in the URL and not read yet."""
+        return frozenset(self._unread)
+
     def _take(self, name: str) -> str | None:
         self._known.append(name)
         return self._unread.pop(name, None)

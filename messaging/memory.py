@@ -335,7 +335,8 @@ class MemorySubscription(Subscription):
 class MemoryPubSub(PubSub):
     """`memory://[name]`: the embedded broker, shared by every connection to the same name in this process."""
 
-    publishes_in_process = True
+    durable = False
+    _publishes_in_turn = True
 
     def __init__(self, url: BrokerURL, *, connect_timeout: float = 10.0) -> None:
         super().__init__(url, connect_timeout=connect_timeout)

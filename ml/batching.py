@@ -78,7 +78,7 @@ class BatchingPolicy:
             wait = -1.0
         if wait < 0:
             raise ValueError(
-                f"max_wait_ms (FMNIST_MAX_WAIT_MS) must be a finite number >= 0, got {self.max_wait_ms!r}"
+                f"max_wait_ms (FMNIST_BATCH_FILL_WAIT_MS) must be a finite number >= 0, got {self.max_wait_ms!r}"
             )
         preferred = self.preferred_batch_size
         if preferred is None:

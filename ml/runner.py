@@ -126,7 +126,7 @@ class ModelRunner:
             or max_queue < max_batch_size
         ):
             raise ValueError(
-                f"max_queue (FMNIST_MAX_QUEUE) must be an integer >= max_batch_size ({max_batch_size}) "
+                f"max_queue (FMNIST_MAX_QUEUED_IMAGES) must be an integer >= max_batch_size ({max_batch_size}) "
                 f"so a full batch can queue; got {max_queue!r}"
             )
         self.classifier = classifier
@@ -251,7 +251,7 @@ class ModelRunner:
         if len(self._queue) >= self.max_queue:
             raise Overloaded(
                 f"model queue is full ({self.max_queue} images waiting); retry later, "
-                "raise FMNIST_MAX_QUEUE or add workers"
+                "raise FMNIST_MAX_QUEUED_IMAGES or add workers"
             )
         return checked
 

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pytest
 
@@ -74,12 +75,26 @@ def connect_options(url: str) -> dict[str, Any]:
     return {}
 
 
+def with_url_option(url: str, name: str, value: str) -> str:
+    """`url` with `?name=value` added to its query, unless it sets `name` already."""
+    parts = urlsplit(url)
+    if name in dict(parse_qsl(parts.query)):
+        return url
+    return urlunsplit(
+        parts._replace(query="&".join(filter(None, [parts.query, f"{name}={value}"])))
+    )
+
+
+def service_url(url: str) -> str:
+    """The broker URL a gateway/worker process (or `Settings`) of the tests uses for `url`."""
+    if url.startswith("kafka://") and not _test_kafka_idempotence():
+        return with_url_option(url, "idempotence", "false")
+    return url
+
+
 def broker_env(url: str) -> dict[str, str]:
     """`FMNIST_*` environment for a gateway/worker process (or `Settings`) talking to `url`."""
-    env = {"FMNIST_BROKER_URL": url}
-    if url.startswith("kafka://"):
-        env["FMNIST_KAFKA_IDEMPOTENCE"] = "true" if _test_kafka_idempotence() else "false"
-    return env
+    return {"FMNIST_BROKER_URL": service_url(url)}
 
 
 class BrokerProcess:

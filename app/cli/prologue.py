@@ -52,8 +52,8 @@ BATCHING_FLAGS: dict[str, tuple[str, str, type, str]] = {
         int,
         "batch size that counts as full when the queue is shallow",
     ),
-    "--max-wait-ms": (
-        "max_wait_ms",
+    "--batch-fill-wait-ms": (
+        "batch_fill_wait_ms",
         "MS",
         float,
         "longest wait for a batch to fill, from its oldest image",
@@ -88,6 +88,10 @@ def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
             type=kind,
             help=f"{what} (FMNIST_{name.upper()}{shown})",
         )
+    # The flag's name before 0.x; kept working, hidden from the help.
+    group.add_argument(
+        "--max-wait-ms", dest="batch_fill_wait_ms", type=float, help=argparse.SUPPRESS
+    )
 
 
 def batching_overrides(args: argparse.Namespace) -> dict[str, object]:

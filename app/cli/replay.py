@@ -259,7 +259,7 @@ async def run_candidate(
     async with ModelRunner(
         served,
         max_batch_size=settings.max_batch_size,
-        max_wait_ms=settings.max_wait_ms,
+        max_wait_ms=settings.batch_fill_wait_ms,
         max_queue=max(len(requests), settings.max_batch_size),
         preferred_batch_size=settings.preferred_batch_size,
     ) as runner:

@@ -174,7 +174,7 @@ _STATUS_EXAMPLES = {
     413: "upload is 6291456 bytes; the limit is 5242880 (FMNIST_MAX_UPLOAD_BYTES)",
     415: "content type image/png does not match the bytes, which are JPEG",
     422: "the image could not be decoded: image file is truncated",
-    429: "10000 requests in flight (FMNIST_MAX_IN_FLIGHT); retry later",
+    429: "10000 requests in flight (FMNIST_MAX_PENDING_REQUESTS); retry later",
     431: "X-Fmnist-Metadata is 2048 bytes; the limit is 1024",
     503: "the broker is unavailable (kafka://127.0.0.1:9092); retry later",
 }

@@ -37,7 +37,7 @@ from app.gateway.submission import Accepted
 router = APIRouter(prefix="/v1", tags=["predictions"])
 
 _WAIT_DESCRIPTION = (
-    "Seconds to wait for the result (at most FMNIST_MAX_WAIT_S). Answers 200 when it arrives in time, "
+    "Seconds to wait for the result (at most FMNIST_MAX_SYNC_WAIT_S). Answers 200 when it arrives in time, "
     "else 202 `pending`."
 )
 _IDEMPOTENCY_DESCRIPTION = (
@@ -147,7 +147,7 @@ def _json(body: Any, status: int, headers: dict[str, str] | None = None) -> Resp
 
 
 def _parse_wait(raw: str | None, gateway: Gateway) -> float:
-    """`?wait=` as seconds (0 without it); 422 unless a finite number in (0, FMNIST_MAX_WAIT_S]."""
+    """`?wait=` as seconds (0 without it); 422 unless a finite number in (0, FMNIST_MAX_SYNC_WAIT_S]."""
     if raw is None:
         return 0.0
     try:
@@ -158,12 +158,12 @@ def _parse_wait(raw: str | None, gateway: Gateway) -> float:
         raise ApiError(
             422, "validation_error", f"query.wait: must be a number of seconds > 0, got {raw!r}"
         )
-    cap = gateway.settings.max_wait_s
+    cap = gateway.settings.max_sync_wait_s
     if wait > cap:
         raise ApiError(
             422,
             "validation_error",
-            f"wait={wait:g} is above the cap of {cap:g} s (FMNIST_MAX_WAIT_S)",
+            f"wait={wait:g} is above the cap of {cap:g} s (FMNIST_MAX_SYNC_WAIT_S)",
         )
     return wait
 

@@ -40,8 +40,6 @@ from app.gateway.submission import (
     IdempotencyClaim,
     claim_idempotency_keys,
     new_request_ids,
-    outcome_of,
-    publish_within_timeout,
     release_claims,
     repeat_of,
     request_attributes,
@@ -61,7 +59,15 @@ from app.protocol import (
     requests_topic_for,
 )
 from app.settings import Settings
-from messaging import BacklogFull, Message, MessagingError, PubSub, Subscription, parse_broker_url
+from messaging import (
+    BacklogFull,
+    Message,
+    MessagingError,
+    Outgoing,
+    PubSub,
+    Subscription,
+    parse_broker_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +262,7 @@ class Gateway:
             self.metrics.broker_up.set(1)
             log.info(kv("broker_connected", broker=self.broker_url, group=self.results_group))
             monitor = asyncio.create_task(self._monitor(pubsub), name="fmnist-broker-ping")
-            quiet_s = 0.0 if pubsub.publishes_in_process else _REPLAY_QUIET_S
+            quiet_s = _REPLAY_QUIET_S if pubsub.durable else 0.0
             learner = asyncio.create_task(
                 self._learn_models(control, quiet_s), name="fmnist-models"
             )
@@ -349,7 +355,7 @@ class Gateway:
         progress = _ReadBack(replaying=self.shared is None)
         # An in-process broker queues its whole history at join: nothing ready means caught up.
         pubsub = self._pubsub
-        quiet_s = 0.0 if pubsub is not None and pubsub.publishes_in_process else _REPLAY_QUIET_S
+        quiet_s = 0.0 if pubsub is not None and not pubsub.durable else _REPLAY_QUIET_S
         self._check_caught_up(progress, live_since)  # with shared state there is no read-back
         while True:
             try:
@@ -604,16 +610,14 @@ class Gateway:
             metadata=metadata,
             request_ids=[image.request_id for image in fresh],
         )
-        try:
-            await pubsub.publish(
-                self.settings.results_topic,
-                marker.to_bytes(),
-                key=self.gateway_id,
-                attributes={MARKER_KIND_ATTR: ACCEPTED_KIND},
-            )
-        except Exception as exc:
+        (error,) = await pubsub.publish_many(
+            self.settings.results_topic,
+            [Outgoing(marker.to_bytes(), self.gateway_id, {MARKER_KIND_ATTR: ACCEPTED_KIND})],
+            timeout_s=self.settings.publish_timeout_s,
+        )
+        if error is not None:
             # The requests stand without it: only a restart before their results answers 404.
-            log.warning(kv("accepted_marker_failed", broker=self.broker_url, error=exc))
+            log.warning(kv("accepted_marker_failed", broker=self.broker_url, error=error))
 
     def _restore_pending(self, data: bytes, live_since: float) -> int:
         """This gateway's requests from before a restart: `pending` again until their results come."""
@@ -700,13 +704,13 @@ class Gateway:
 
     def check_capacity(self, count: int) -> None:
         in_flight = self.store.pending_count
-        pending_cap = self.settings.max_in_flight  # requests accepted and not yet answered
+        pending_cap = self.settings.max_pending_requests  # requests accepted and not yet answered
         if in_flight + count > pending_cap:
             raise ApiError(
                 429,
                 "too_many_requests",
                 f"{in_flight} requests in flight, {count} more would exceed the limit of {pending_cap} "
-                "(FMNIST_MAX_IN_FLIGHT); retry later",
+                "(FMNIST_MAX_PENDING_REQUESTS); retry later",
                 headers={"Retry-After": str(RETRY_AFTER_OVERLOAD_S)},
             )
 
@@ -831,24 +835,22 @@ class Gateway:
         )
         for image in fresh:
             self.store.add_pending(Submission(image.request_id, owner, deadline, metadata))
-        sends = [
-            pubsub.publish(
-                topic,
-                image.payload,
-                key=image.request_id,
-                attributes={**common, REQUEST_ID_ATTR: image.request_id},
-            )
-            for image in fresh
-        ]
-        if pubsub.publishes_in_process:
-            return [await outcome_of(send) for send in sends]
-        if self.shared is not None:  # pending ids live in Redis: no marker
-            return await publish_within_timeout(sends, self.settings.publish_timeout_s)
-        marker = self._mark_accepted(pubsub, owner, submitted_at, deadline, metadata, fresh)
-        *results, _ = await publish_within_timeout(
-            [*sends, marker], self.settings.publish_timeout_s
+        sends = pubsub.publish_many(
+            topic,
+            [
+                Outgoing(
+                    image.payload, image.request_id, {**common, REQUEST_ID_ATTR: image.request_id}
+                )
+                for image in fresh
+            ],
+            timeout_s=self.settings.publish_timeout_s,
         )
-        return results
+        # No marker where pending ids live in Redis, or where the broker's log dies with this process.
+        if self.shared is not None or not pubsub.durable:
+            return list(await sends)
+        marker = self._mark_accepted(pubsub, owner, submitted_at, deadline, metadata, fresh)
+        results, _ = await asyncio.gather(sends, marker)
+        return list(results)
 
     async def _settle(
         self,

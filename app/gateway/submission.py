@@ -7,11 +7,10 @@ API-key fingerprint a request's `owner` carries).
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from app.gateway.errors import ApiError
 from app.gateway.results import ResultStore
@@ -108,32 +107,3 @@ def request_attributes(
     if metadata:
         attributes[METADATA_ATTR] = encode_metadata(metadata)
     return attributes
-
-
-async def publish_within_timeout(
-    sends: list[Coroutine[Any, Any, None]], timeout_s: float
-) -> list[object]:
-    """Run the publishes concurrently (the broker batches them and one slow ack does not
-    serialise the rest); per send None, or its exception. Those not accepted within `timeout_s`
-    fail with TimeoutError, so that a client waits a bounded time for its 503 and never gets a
-    late 202."""
-    tasks = [asyncio.ensure_future(send) for send in sends]
-    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending)
-    timeout = TimeoutError(f"not accepted within {timeout_s:g} s (FMNIST_PUBLISH_TIMEOUT_S)")
-    return [
-        timeout if task in pending or task.cancelled() else (task.exception() or None)
-        for task in tasks
-    ]
-
-
-async def outcome_of(send: Coroutine[Any, Any, None]) -> object:
-    """None when the publish succeeded, else its exception (one publish at a time, in process)."""
-    try:
-        await send
-    except Exception as exc:
-        return exc
-    return None

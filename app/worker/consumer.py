@@ -47,7 +47,7 @@ from app.protocol import (
 )
 from app.settings import Settings
 from app.worker.inference import announcement_of, load_served_model, worker_layout
-from messaging import Message, MessagingError, PubSub, Subscription
+from messaging import Message, MessagingError, Outgoing, PubSub, Subscription
 from ml.runner import (
     DeadlineExceeded,
     InvalidInput,
@@ -113,6 +113,14 @@ class _Request(NamedTuple):
     deadline: float | None
     submitted_at: float | None
     metadata: dict[str, str]
+
+
+class _Ready(NamedTuple):
+    """A request's result message, computed and waiting to be published with the others."""
+
+    message: Message
+    outgoing: Outgoing  # the result message, keyed and with the attributes gateways route it by
+    outcome: str  # what it counts as once published
 
 
 def _parse_request(message: Message) -> _Request:
@@ -209,8 +217,8 @@ class Worker:
         runner = ModelRunner(
             self._classifier,
             max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=max(settings.max_queue, settings.max_batch_size),
+            max_wait_ms=settings.batch_fill_wait_ms,
+            max_queue=max(settings.max_queued_images, settings.max_batch_size),
             concurrency=layout.concurrency,
             preferred_batch_size=min(settings.preferred_batch_size, settings.max_batch_size),
         )
@@ -287,7 +295,7 @@ class Worker:
         the runner may queue."""
         concurrency = self._runner.concurrency if self._runner is not None else 1
         batches = 2 * concurrency + 2
-        return max(1, min(batches * self.settings.max_batch_size, self.settings.max_queue))
+        return max(1, min(batches * self.settings.max_batch_size, self.settings.max_queued_images))
 
     async def drain(self) -> None:
         """Stop taking requests, finish the ones in flight (compute, publish, ack), then stop. Idempotent."""
@@ -405,43 +413,63 @@ class Worker:
             for _, request in parsed
             if isinstance(request, _Request)
         ]
-        # Plain futures, no task per request, each awaited by its request's `_finish`: in order,
-        # so the first batch's results go out while the next batch computes. A full runner answers
-        # Overloaded at once, and those requests then wait for room one by one in `_finish`.
+        # Plain futures, no task per request, each awaited by its request's `_finish` in order. The
+        # results computed so far go out in one publish_many before waiting for the next batch, so
+        # the first batch's results are published while the next batch computes. A full runner
+        # answers Overloaded at once, and those requests then wait for room one by one in `_finish`.
         answers = iter(submitted)
-        works = [
-            self._finish(message, request, next(answers))
-            if isinstance(request, _Request)
-            else self._refuse(message, request)
-            for message, request in parsed
-        ]
-        outcomes = [
-            self._guarded(message, work) for (message, _), work in zip(parsed, works, strict=True)
-        ]
-        if self.pubsub.publishes_in_process:
-            try:
-                delivered = [await outcome for outcome in outcomes]
-            finally:  # cancelled midway: the coroutines not started must not leak as warnings
-                for coroutine in (*outcomes, *works):
-                    coroutine.close()
-        else:
-            delivered = await asyncio.gather(*outcomes)
-        failed = [message for (message, _), error in zip(parsed, delivered, strict=True) if error]
+        ready: list[_Ready] = []
+        failed: list[tuple[Message, BaseException]] = []
+        try:
+            for message, request in parsed:
+                if isinstance(request, _Request):
+                    answer = next(answers)
+                    if ready and not answer.done():
+                        failed += await self._publish_ready(ready)
+                        ready = []
+                    error = await self._guarded(
+                        message, self._finish(message, request, answer, ready)
+                    )
+                else:
+                    error = await self._guarded(message, self._refuse(message, request))
+                if error is not None:
+                    failed.append((message, error))
+            failed += await self._publish_ready(ready)
+            ready = []
+        finally:  # cancelled midway: what was computed and not published goes back
+            for item in ready:
+                await item.message.nack()
         if failed:
             # One line per chunk, not per request: an outage fails every request of every chunk.
-            first = next(error for error in delivered if error)
+            first_message, first = failed[0]
             logger.warning(
                 kv(
                     "publish_failed",
                     count=len(failed),
-                    first=failed[0].attributes.get(protocol.REQUEST_ID_ATTR) or failed[0].key,
+                    first=first_message.attributes.get(protocol.REQUEST_ID_ATTR)
+                    or first_message.key,
                     error=first,
                     action="nack",
                 )
             )
             await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
-            for message in failed:
+            for message, _ in failed:
                 await message.nack()
+
+    async def _publish_ready(self, ready: list[_Ready]) -> list[tuple[Message, BaseException]]:
+        """Publish the outcomes computed so far together; ack each one accepted, count it."""
+        errors = await self.pubsub.publish_many(
+            self.settings.results_topic, [item.outgoing for item in ready]
+        )
+        failed: list[tuple[Message, BaseException]] = []
+        for item, error in zip(ready, errors, strict=True):
+            if error is None:
+                self.outcomes[item.outcome] += 1
+                await item.message.ack()
+            else:  # the request goes back for a later delivery
+                self.outcomes["nacked"] += 1
+                failed.append((item.message, error))
+        return failed
 
     async def _guarded(self, message: Message, work: Awaitable[None]) -> BaseException | None:
         """Run one request's outcome; the error when it must be given back (nack) after a back-off."""
@@ -470,9 +498,14 @@ class Worker:
         await message.ack()
 
     async def _finish(
-        self, message: Message, request: _Request, answer: asyncio.Future[Prediction]
+        self,
+        message: Message,
+        request: _Request,
+        answer: asyncio.Future[Prediction],
+        ready: list[_Ready],
     ) -> None:
-        """Publish one request's outcome (a result, or why it failed), then ack it."""
+        """One request's outcome: a result or an expiry joins `ready`, to be published with the
+        others and then acked; any other failure is published (dead letter, retry) and acked here."""
         request_id, metadata = request.request_id, request.metadata
         try:
             if (
@@ -484,20 +517,18 @@ class Worker:
             else:
                 prediction = await answer
         except DeadlineExceeded as exc:
-            await self._publish_failure(
-                message, request_id, metadata, DeadlineExceeded.code, str(exc)
-            )
-            self.outcomes[DeadlineExceeded.code] += 1
+            expired = self._failure(message, request_id, metadata, DeadlineExceeded.code, str(exc))
+            ready.append(_Ready(message, expired, DeadlineExceeded.code))
+            return
         except InvalidInput as exc:
             await self._dead_letter(message, InvalidInput.code, str(exc))
             await self._publish_failure(message, request_id, metadata, InvalidInput.code, str(exc))
         except ModelError as exc:
             await self._retry_or_dead_letter(message, request_id, metadata, exc)
         else:
-            await self._publish_result(
-                message, request_id, metadata, prediction, request.submitted_at
-            )
-            self.outcomes["completed"] += 1
+            result = self._result(message, request_id, metadata, prediction, request.submitted_at)
+            ready.append(_Ready(message, result, "completed"))
+            return
         await message.ack()
 
     async def _submit(self, image: np.ndarray, deadline: float | None) -> Prediction:
@@ -512,14 +543,14 @@ class Worker:
 
     # --- publishing -----------------------------------------------------------------------------
 
-    async def _publish_result(
+    def _result(
         self,
         message: Message,
         request_id: str,
         metadata: dict[str, str],
         prediction: Prediction,
         submitted_at: float | None,
-    ) -> None:
+    ) -> Outgoing:
         now = time.time()
         # queue_ms counts from the gateway's acceptance when known (broker transit + model queue),
         # never less than the time spent in this worker's queue.
@@ -547,16 +578,25 @@ class Worker:
             "metadata": metadata,
             "error": None,
         }
-        await self.pubsub.publish(
-            self.settings.results_topic,
-            orjson.dumps(result),
-            key=request_id,
-            attributes=protocol.result_attributes(message.attributes, now),
+        return Outgoing(
+            orjson.dumps(result), request_id, protocol.result_attributes(message.attributes, now)
         )
 
     async def _publish_failure(
         self, message: Message, request_id: str, metadata: dict[str, str], code: str, text: str
     ) -> None:
+        failure = self._failure(message, request_id, metadata, code, text)
+        await self.pubsub.publish(
+            self.settings.results_topic,
+            failure.data,
+            key=failure.key,
+            attributes=failure.attributes,
+        )
+
+    def _failure(
+        self, message: Message, request_id: str, metadata: dict[str, str], code: str, text: str
+    ) -> Outgoing:
+        """A failed request's result message, logged."""
         completed_at = time.time()
         result = ResultMessage(
             request_id=request_id,
@@ -569,13 +609,12 @@ class Worker:
             metadata=metadata,
             error=ErrorInfo(code=code, message=text),
         )
-        await self.pubsub.publish(
-            self.settings.results_topic,
-            result.to_bytes(),
-            key=request_id,
-            attributes=protocol.result_attributes(message.attributes, completed_at),
-        )
         logger.info(kv("request_failed", request_id=request_id, code=code, error=text))
+        return Outgoing(
+            result.to_bytes(),
+            request_id,
+            protocol.result_attributes(message.attributes, completed_at),
+        )
 
     async def _dead_letter(self, message: Message, code: str, text: str) -> None:
         attributes = {

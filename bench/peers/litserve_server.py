@@ -4,7 +4,7 @@
 
 `POST /predict`, multipart field `file` holding a PNG (the same request our gateway gets) → JSON
 `{"label", "class_name", "probabilities"}`. Batching as LitServe documents it: `batch`/`unbatch`,
-max_batch_size=64, batch_timeout=5 ms (our `FMNIST_MAX_WAIT_MS` default).
+max_batch_size=64, batch_timeout=5 ms (our `FMNIST_BATCH_FILL_WAIT_MS` default).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The `kafka://host:port[,host:port]` backend on aiokafka: consumer groups, commit-after-ack, keys and headers.
 
-* Producer: `acks=all`, idempotent by default (`kafka_idempotence`; brokers that refuse
-  `InitProducerId`, such as Tansu, need `FMNIST_KAFKA_IDEMPOTENCE=false`). `publish()` returns when
+* Producer: `acks=all`, idempotent by default (`?idempotence=`, else `kafka_idempotence`; brokers
+  that refuse `InitProducerId`, such as Tansu, need `?idempotence=false`). `publish()` returns when
   the broker acknowledged the record; concurrent publishes share batches (`linger_ms`).
-* Topics are created on first use (or by `ensure_topics`) with `kafka_partitions` partitions and
+* Topics are created on first use (or by `ensure_topics`) with `?partitions=` (else `kafka_partitions`) partitions and
   `max.message.bytes = max_message_bytes`; the producer's request size and the consumer's fetch
   sizes are raised to the same bound, so 1 MB images fit by default.
 * Consumer: one aiokafka consumer per subscription, auto-commit off. An offset is committed only
@@ -20,7 +20,7 @@
 URL options: `linger_ms` (2), `max_batch_bytes` (1048576), `max_message_bytes` (4194304), `request_timeout_ms` (30000),
 `session_timeout_ms` (10000), `heartbeat_interval_ms` (3000), `max_poll_interval_ms` (300000),
 `rebalance_timeout_ms` (the session timeout), `fetch_max_wait_ms` (100),
-`replication_factor` (min(3, brokers)), `client_id`.
+`replication_factor` (min(3, brokers)), `client_id`, `idempotence` (true), `partitions` (4).
 
 Security (every client the backend makes gets it: producer, consumers, admin client):
 `kafka://[user:password@]host:port?security_protocol=PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL`,

@@ -33,6 +33,9 @@ class KafkaOptions:
     rebalance_timeout_ms: int = 0  # 0: aiokafka's default (the session timeout)
     replication_factor: int = 0  # 0: min(3, number of brokers)
     client_id: str = "fmnist"
+    # None: what the code that made the PubSub asked for (messaging.connect's kafka_* arguments).
+    idempotence: bool | None = None
+    partitions: int | None = None
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     @classmethod
@@ -61,10 +64,26 @@ class KafkaOptions:
             rebalance_timeout_ms=read.integer("rebalance_timeout_ms", cls.rebalance_timeout_ms),
             replication_factor=read.integer("replication_factor", cls.replication_factor),
             client_id=read.text("client_id", cls.client_id) or cls.client_id,
+            idempotence=_flag_or_none(read, "idempotence"),
+            partitions=_integer_or_none(read, "partitions", minimum=1),
             security=KafkaSecurity.from_url(url, read),
         )
         read.finish()
         return options
+
+
+def _flag_or_none(read: OptionReader, name: str) -> bool | None:
+    """The option as a flag, or None when the URL does not set it."""
+    present = name in read.pending
+    value = read.flag(name, False)
+    return value if present else None
+
+
+def _integer_or_none(read: OptionReader, name: str, *, minimum: int) -> int | None:
+    """The option as an integer, or None when the URL does not set it."""
+    present = name in read.pending
+    value = read.integer(name, minimum, minimum=minimum)
+    return value if present else None
 
 
 def _bootstrap(url: BrokerURL) -> list[str]:

@@ -49,8 +49,11 @@ class KafkaPubSub(PubSub):
             raise ValueError(f"kafka_partitions must be >= 1, got {partitions}")
         self.bootstrap = _bootstrap(url)
         self.options = KafkaOptions.from_url(url)
-        self.idempotence = idempotence
-        self.partitions = partitions
+        # The URL's ?idempotence= and ?partitions= win over the arguments.
+        self.idempotence = (
+            idempotence if self.options.idempotence is None else self.options.idempotence
+        )
+        self.partitions = partitions if self.options.partitions is None else self.options.partitions
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._replication_factor = 1
@@ -204,7 +207,7 @@ class KafkaPubSub(PubSub):
             if self.idempotence:
                 raise BrokerUnavailable(
                     f"the Kafka broker at {self.url} refused the idempotent producer (InitProducerId: {exc!r}); "
-                    "set FMNIST_KAFKA_IDEMPOTENCE=false (kafka_idempotence=False) for brokers without it, such as Tansu"
+                    "add ?idempotence=false to the kafka:// URL (kafka_idempotence=False) for brokers without it, such as Tansu"
                 ) from exc
             raise BrokerUnavailable(
                 f"could not start a Kafka producer on {self.url}: {exc!r}"
@@ -373,7 +376,7 @@ class KafkaPubSub(PubSub):
             if 0 < count < self.partitions:
                 logger.warning(
                     "event=kafka_topic_has_fewer_partitions topic=%s topic_partitions=%d "
-                    'kafka_partitions=%d hint="FMNIST_KAFKA_PARTITIONS does not change an existing '
+                    'kafka_partitions=%d hint="?partitions= does not change an existing '
                     "topic, so at most %d workers of a group get work; add partitions with "
                     'kafka-topics.sh --bootstrap-server HOST:PORT --alter --topic %s --partitions %d"',
                     topic.get("topic"),

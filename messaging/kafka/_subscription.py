@@ -201,7 +201,7 @@ class KafkaSubscription(Subscription):
         logger.warning(
             "event=kafka_no_partition topic=%s group=%s topic_partitions=%s "
             'hint="this consumer got no partition of %s: its group has more members than the topic '
-            "has partitions, so it stands by. FMNIST_KAFKA_PARTITIONS (kafka_partitions=%d here) only "
+            "has partitions, so it stands by. ?partitions= (%d here) only "
             "applies when a topic is created; add partitions to an existing topic with "
             'kafka-topics.sh --bootstrap-server HOST:PORT --alter --topic %s --partitions N"',
             self.topic,

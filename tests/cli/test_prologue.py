@@ -45,7 +45,7 @@ def test_every_server_command_reports_an_invalid_setting_on_stderr_and_exits_2(
 
     from tests.conftest import REPO_ROOT
 
-    monkeypatch.setenv("FMNIST_MAX_QUEUE", "0")
+    monkeypatch.setenv("FMNIST_MAX_QUEUED_IMAGES", "0")
     result = subprocess.run(
         [sys.executable, "-m", "app", command],
         cwd=REPO_ROOT,
@@ -55,4 +55,7 @@ def test_every_server_command_reports_an_invalid_setting_on_stderr_and_exits_2(
         check=False,
     )
     assert result.returncode == 2
-    assert f"fmnist {command}: invalid setting" in result.stderr and "max_queue" in result.stderr
+    assert (
+        f"fmnist {command}: invalid setting" in result.stderr
+        and "FMNIST_MAX_QUEUED_IMAGES" in result.stderr
+    )

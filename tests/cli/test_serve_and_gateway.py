@@ -113,7 +113,7 @@ def test_version_flag_prints_the_package_version() -> None:
 
 
 def test_serve_batching_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`fmnist serve --max-batch-size … --max-wait-ms …` win over FMNIST_* variables; unset flags
+    """`fmnist serve --max-batch-size … --batch-fill-wait-ms …` win over FMNIST_* variables; unset flags
     leave the environment's value."""
     from app.cli import build_parser
     from app.cli.gateway import http_overrides
@@ -122,10 +122,18 @@ def test_serve_batching_flags_override_the_environment(monkeypatch: pytest.Monke
     monkeypatch.setenv("FMNIST_MAX_BATCH_SIZE", "64")
     monkeypatch.setenv("FMNIST_PREFERRED_BATCH_SIZE", "16")
     args = build_parser().parse_args(
-        ["serve", "--max-batch-size", "8", "--max-wait-ms", "1.5", "--inference-concurrency", "2"]
+        [
+            "serve",
+            "--max-batch-size",
+            "8",
+            "--batch-fill-wait-ms",
+            "1.5",
+            "--inference-concurrency",
+            "2",
+        ]
     )
     settings = settings_from({**http_overrides(args), **batching_overrides(args)})
-    assert settings.max_batch_size == 8 and settings.max_wait_ms == 1.5
+    assert settings.max_batch_size == 8 and settings.batch_fill_wait_ms == 1.5
     assert settings.inference_concurrency == 2
     assert settings.preferred_batch_size == 16
 
@@ -151,7 +159,7 @@ def test_serve_batches_no_larger_than_its_flag(tmp_path: Path) -> None:
     checkpoint = tmp_path / "model.safetensors"
     ImageClassifier(seed=3).save(checkpoint)
     log = tmp_path / "serve.log"
-    flags = ["--max-batch-size", "1", "--preferred-batch-size", "1", "--max-wait-ms", "50"]
+    flags = ["--max-batch-size", "1", "--preferred-batch-size", "1", "--batch-fill-wait-ms", "50"]
     with fmnist("serve", "--port", "0", "--model", str(checkpoint), *flags, log=log) as (_, url):
         image = png_bytes(fashion_like())
         answer = httpx.post(

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
@@ -180,7 +181,6 @@ def test_compose_services_agree_on_broker_settings(compose: dict[str, Any]) -> N
     """Gateway and workers use the same broker URL, topics and partition count."""
     shared = (
         "FMNIST_BROKER_URL",
-        "FMNIST_KAFKA_PARTITIONS",
         "FMNIST_REQUESTS_TOPIC",
         "FMNIST_RESULTS_TOPIC",
         "FMNIST_DEADLETTER_TOPIC",
@@ -201,13 +201,8 @@ def test_compose_partitions_cover_worker_replicas(
     for service in our_services(compose).values():
         if service_command(service, dockerfile)[1:2] == ["worker"]:
             workers += int((service.get("deploy") or {}).get("replicas", 1))
-            partitions.add(
-                int(
-                    service_environment(service, {}).get(
-                        "FMNIST_KAFKA_PARTITIONS", Settings.model_fields["kafka_partitions"].default
-                    )
-                )
-            )
+            url = urlsplit(service_environment(service, {})["FMNIST_BROKER_URL"])
+            partitions.add(int(dict(parse_qsl(url.query)).get("partitions", "4")))
     assert workers >= 2, "the compose file should run at least two workers"
     assert partitions and min(partitions) >= workers, (
         f"{workers} workers but partitions {partitions}"

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from functools import cache
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -161,7 +162,8 @@ def test_disruption_budgets_select_running_pods(overlay: str) -> None:
 def test_autoscaling_never_exceeds_the_partitions(overlay: str) -> None:
     """Workers beyond the requests topic's partitions would idle: the autoscaler's maximum is capped."""
     docs = render(overlay)
-    partitions = int(container_env(docs, "fmnist-worker")["FMNIST_KAFKA_PARTITIONS"])
+    url = urlsplit(container_env(docs, "fmnist-worker")["FMNIST_BROKER_URL"])
+    partitions = int(dict(parse_qsl(url.query))["partitions"])
     maxima = [d["spec"]["maxReplicaCount"] for d in of_kind(docs, "ScaledObject")]
     maxima += [d["spec"]["maxReplicas"] for d in of_kind(docs, "HorizontalPodAutoscaler")]
     assert len(maxima) == 1

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.brokers import with_url_option
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PUBSUB_EMULATOR = Path(
     "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
@@ -267,7 +269,9 @@ def fmnist(
 
 def broker_env(broker_url: str, emulator_port: int | None = None) -> dict[str, str]:
     """Environment that points the service at a broker (Tansu refuses idempotent producers)."""
-    env = {"FMNIST_BROKER_URL": broker_url, "FMNIST_KAFKA_IDEMPOTENCE": "false"}
+    if broker_url.startswith("kafka://"):
+        broker_url = with_url_option(broker_url, "idempotence", "false")
+    env = {"FMNIST_BROKER_URL": broker_url}
     if emulator_port is not None:
         env["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{emulator_port}"
     return env

@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-IN_FLIGHT_CAP = 16  # the overload gateway's FMNIST_MAX_IN_FLIGHT
+IN_FLIGHT_CAP = 16  # the overload gateway's FMNIST_MAX_PENDING_REQUESTS
 
 
 async def test_two_thousand_images_complete_once_each_with_the_checkpoints_accuracy(
@@ -114,7 +114,9 @@ async def test_overload_answers_429_with_retry_after_keeps_memory_bounded_and_lo
 ) -> None:
     """At 8× the in-flight cap: 429 + Retry-After, RSS stays bounded, every accepted request completes."""
     kafka_stack.ensure_some_worker()
-    gateway = kafka_stack.start_gateway("overload-gateway", FMNIST_MAX_IN_FLIGHT=str(IN_FLIGHT_CAP))
+    gateway = kafka_stack.start_gateway(
+        "overload-gateway", FMNIST_MAX_PENDING_REQUESTS=str(IN_FLIGHT_CAP)
+    )
     url = kafka_stack.gateway_url("overload-gateway")
     images = test_pngs[0][:800]
     rss_before = gateway.rss_kib()

@@ -38,7 +38,7 @@ def cluster(e2e_log_dir: Path, e2e_checkpoint: Path) -> Iterator[Stack]:
         broker.stop()
         missing_service(str(exc))
         raise
-    broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}"
+    broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}&partitions=4"
     stack = Stack(
         log_dir=e2e_log_dir,
         broker_url=broker_url,
@@ -46,7 +46,6 @@ def cluster(e2e_log_dir: Path, e2e_checkpoint: Path) -> Iterator[Stack]:
         base_env={
             **processes.broker_env(broker_url),
             "FMNIST_SHARED_STATE_URL": f"redis://127.0.0.1:{redis.port}/0",
-            "FMNIST_KAFKA_PARTITIONS": "4",
         },
     )
     try:

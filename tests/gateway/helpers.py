@@ -44,8 +44,7 @@ def gateway_settings(broker_url: str | None = None, **overrides: Any) -> Setting
     url = broker_url or f"memory://{unique_name('gw')}"
     env = broker_env(url)
     values: dict[str, Any] = {
-        "broker_url": url,
-        "kafka_idempotence": env.get("FMNIST_KAFKA_IDEMPOTENCE", "true") == "true",
+        "broker_url": env["FMNIST_BROKER_URL"],
         "requests_topic": unique_name("req"),
         "results_topic": unique_name("res"),
         "deadletter_topic": unique_name("dlq"),
@@ -115,9 +114,7 @@ async def announce_model(settings: Settings, model: ModelAnnouncement | None = N
     """Announce `model` (default: the stand-in's, live for minutes) as if a worker served it, and wait
     until the running gateways know it: requests for it are accepted and wait on its topic."""
     model = model or announcement("announcer")
-    async with messaging.connect(
-        settings.broker_url, kafka_idempotence=settings.kafka_idempotence
-    ) as pubsub:
+    async with messaging.connect(settings.broker_url) as pubsub:
         await pubsub.ensure_topics(
             settings.control_topic, requests_topic_for(settings.requests_topic, model.name)
         )
@@ -167,9 +164,7 @@ async def stand_in_worker(
     model = model or announcement()
     version = model.version if pinned_only else None
     topic = requests_topic_for(settings.requests_topic, model.name, version)
-    async with messaging.connect(
-        settings.broker_url, kafka_idempotence=settings.kafka_idempotence
-    ) as pubsub:
+    async with messaging.connect(settings.broker_url) as pubsub:
         await pubsub.ensure_topics(topic, settings.results_topic, settings.control_topic)
         async with pubsub.subscribe(
             topic, group=worker_group_for(settings.worker_group, model.name, version)

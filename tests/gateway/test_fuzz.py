@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 # Building the app and its OpenAPI document connects nothing; the lifespan (broker, consumer) starts
 # with the first fuzzed request and is stopped by the fixture below. A short wait cap keeps fuzzed
 # `?wait=` values from holding the run (no worker answers here).
-APP = create_app(gateway_settings(max_wait_s=0.2, max_upload_bytes=64 * 1024))
+APP = create_app(gateway_settings(max_sync_wait_s=0.2, max_upload_bytes=64 * 1024))
 APP.state.gateway.registry.learn(announcement(heartbeat_s=3600))  # a model with a live worker
 # Send raw bytes for the binary media types schemathesis has no serializer for.
 schemathesis.serializer.alias(["application/x-npy", "image/bmp"], "application/octet-stream")

@@ -170,7 +170,7 @@ async def test_multipart_without_the_file_field_is_422() -> None:
 
 @pytest.mark.parametrize("wait", ["-1", "abc", "nan", "inf", "0", "31"])
 async def test_bad_wait_is_422(wait: str) -> None:
-    """`wait` must be a finite number in (0, FMNIST_MAX_WAIT_S]."""
+    """`wait` must be a finite number in (0, FMNIST_MAX_SYNC_WAIT_S]."""
     async with running_gateway(gateway_settings()) as (_, client):
         response = await client.post(
             f"/v1/predictions?wait={wait}", content=png_bytes(fashion_like()), headers=PNG
@@ -265,8 +265,8 @@ async def test_unknown_route_and_wrong_method_use_the_error_shape() -> None:
 
 
 async def test_in_flight_cap_answers_429_with_retry_after() -> None:
-    """Past FMNIST_MAX_IN_FLIGHT unanswered requests the gateway answers 429 + Retry-After."""
-    async with running_gateway(gateway_settings(max_in_flight=2)) as (_, client):
+    """Past FMNIST_MAX_PENDING_REQUESTS unanswered requests the gateway answers 429 + Retry-After."""
+    async with running_gateway(gateway_settings(max_pending_requests=2)) as (_, client):
         for _ in range(2):
             accepted = await client.post(
                 "/v1/predictions", content=png_bytes(fashion_like()), headers=PNG
@@ -277,7 +277,7 @@ async def test_in_flight_cap_answers_429_with_retry_after() -> None:
         )
     error = assert_error(refused, 429, "too_many_requests")
     assert int(refused.headers["retry-after"]) >= 1
-    assert "FMNIST_MAX_IN_FLIGHT" in str(error["message"])
+    assert "FMNIST_MAX_PENDING_REQUESTS" in str(error["message"])
 
 
 class FlakyBroker:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 
 async def test_results_match_the_models_own_predictions() -> None:
     """PNG and .npy uploads go through the real worker; labels and probabilities equal `predict()` on the same pixels."""
-    settings = gateway_settings(max_batch_size=16, max_wait_ms=2.0)
+    settings = gateway_settings(max_batch_size=16, batch_fill_wait_ms=2.0)
     classifier = ImageClassifier(seed=1)
     images = np.stack([fashion_like(seed) for seed in range(12)])
     expected = classifier.predict(torch.from_numpy(images).unsqueeze(1))

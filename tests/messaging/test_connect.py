@@ -79,9 +79,30 @@ async def test_unreachable_broker_raises_broker_unavailable_in_time(scheme: str)
 
 @pytest.mark.kafka
 async def test_tansu_without_idempotence_setting_names_the_setting(kafka_url: str) -> None:
-    """A broker that refuses InitProducerId gives an error naming FMNIST_KAFKA_IDEMPOTENCE."""
+    """A broker that refuses InitProducerId gives an error naming the URL option ?idempotence=false."""
     if connect_options(kafka_url)["kafka_idempotence"]:
         pytest.skip("the external test broker supports the idempotent producer")
-    with pytest.raises(messaging.BrokerUnavailable, match="FMNIST_KAFKA_IDEMPOTENCE=false"):
+    with pytest.raises(messaging.BrokerUnavailable, match=r"\?idempotence=false"):
         async with messaging.connect(kafka_url, connect_timeout=5.0, kafka_idempotence=True):
             pass
+
+
+def test_kafka_url_options_set_idempotence_and_partitions() -> None:
+    """`?idempotence=false&partitions=12` in a kafka:// URL win over connect()'s kafka_* arguments."""
+    pubsub = messaging.connect(
+        "kafka://127.0.0.1:9?idempotence=false&partitions=12", kafka_idempotence=True
+    )
+    assert (pubsub.idempotence, pubsub.partitions) == (False, 12)  # type: ignore[attr-defined]
+
+
+def test_kafka_without_url_options_keeps_connects_arguments() -> None:
+    """A kafka:// URL without those options uses connect()'s kafka_idempotence and kafka_partitions."""
+    pubsub = messaging.connect("kafka://127.0.0.1:9", kafka_idempotence=False, kafka_partitions=3)
+    assert (pubsub.idempotence, pubsub.partitions) == (False, 3)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("query", ["partitions=0", "idempotence=maybe"])
+def test_kafka_url_refuses_bad_idempotence_or_partitions(query: str) -> None:
+    """A bad ?partitions= or ?idempotence= is a ValueError naming the option."""
+    with pytest.raises(ValueError, match=query.split("=")[0]):
+        messaging.connect(f"kafka://127.0.0.1:9?{query}")

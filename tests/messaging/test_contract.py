@@ -431,6 +431,36 @@ async def test_publish_many_fails_a_bad_item_alone_and_in_its_place(broker_url: 
     assert sorted(m.data for m in received) == [b"first", b"last"]
 
 
+async def test_publish_many_fails_what_is_not_accepted_within_its_timeout(
+    broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With timeout_s, an item the broker has not accepted in time gets a TimeoutError; the rest are published."""
+    topic = unique_name("pt")
+    async with (
+        open_broker(broker_url) as pubsub,
+        pubsub.subscribe(topic, group=unique_name("g")) as messages,
+    ):
+        publish = pubsub._publish
+
+        async def stuck_on_slow(*args: object) -> None:
+            if args[2] == "slow":
+                await asyncio.sleep(30)
+            await publish(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(pubsub, "_publish", stuck_on_slow)
+        started = time.monotonic()
+        outcomes = await pubsub.publish_many(
+            topic, [(b"fast", "fast", None), (b"slow", "slow", None)], timeout_s=0.5
+        )
+        elapsed = time.monotonic() - started
+        received = await take(messages, 1)
+        for message in received:
+            await message.ack()
+    assert outcomes[0] is None and isinstance(outcomes[1], TimeoutError)
+    assert elapsed < 5
+    assert [m.data for m in received] == [b"fast"]
+
+
 async def test_publish_many_after_close_raises_not_connected(broker_url: str) -> None:
     """publish_many on a closed PubSub raises NotConnected for the call, not per item."""
     pubsub = open_broker(broker_url)

@@ -23,7 +23,7 @@ def _warnings(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
 async def test_a_consumer_without_a_partition_warns_once(
     kafka_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Two consumers of one group on a 1-partition topic: one WARNING naming FMNIST_KAFKA_PARTITIONS and the count."""
+    """Two consumers of one group on a 1-partition topic: one WARNING naming ?partitions= and the count."""
     topic, group = unique_name("idle"), unique_name("g")
     options = {**connect_options(kafka_url), "kafka_partitions": 1, "connect_timeout": 4.0}
     first, second = messaging.connect(kafka_url, **options), messaging.connect(kafka_url, **options)
@@ -37,7 +37,7 @@ async def test_a_consumer_without_a_partition_warns_once(
     warnings = _warnings(caplog, "kafka_no_partition")
     assert len(warnings) == 1, warnings
     assert f"topic={topic} group={group} topic_partitions=1 " in warnings[0]
-    assert "FMNIST_KAFKA_PARTITIONS" in warnings[0] and "--partitions" in warnings[0]
+    assert "?partitions=" in warnings[0] and "--partitions" in warnings[0]
 
 
 async def test_an_existing_topic_with_fewer_partitions_warns_once(
@@ -57,7 +57,7 @@ async def test_an_existing_topic_with_fewer_partitions_warns_once(
     warnings = _warnings(caplog, "kafka_topic_has_fewer_partitions")
     assert len(warnings) == 1, warnings
     assert f"topic={topic} topic_partitions=1 kafka_partitions=4 " in warnings[0]
-    assert "FMNIST_KAFKA_PARTITIONS does not change an existing topic" in warnings[0]
+    assert "?partitions= does not change an existing topic" in warnings[0]
 
 
 async def test_a_topic_with_enough_partitions_does_not_warn(

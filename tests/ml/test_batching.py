@@ -102,8 +102,8 @@ def test_a_batch_too_small_to_share_runs_whole() -> None:
     [
         ({"max_batch_size": 0}, "FMNIST_MAX_BATCH_SIZE"),
         ({"max_batch_size": True}, "FMNIST_MAX_BATCH_SIZE"),
-        ({"max_wait_ms": -1}, "FMNIST_MAX_WAIT_MS"),
-        ({"max_wait_ms": float("nan")}, "FMNIST_MAX_WAIT_MS"),
+        ({"max_wait_ms": -1}, "FMNIST_BATCH_FILL_WAIT_MS"),
+        ({"max_wait_ms": float("nan")}, "FMNIST_BATCH_FILL_WAIT_MS"),
         ({"concurrency": 0}, "FMNIST_INFERENCE_CONCURRENCY"),
         ({"max_batch_size": 8, "preferred_batch_size": 9}, "FMNIST_PREFERRED_BATCH_SIZE"),
     ],

@@ -316,7 +316,7 @@ async def test_a_full_queue_raises_overloaded_at_once() -> None:
         await asyncio.sleep(0)
         assert runner.queue_depth == 4
         started = time.monotonic()
-        with pytest.raises(Overloaded, match="FMNIST_MAX_QUEUE"):
+        with pytest.raises(Overloaded, match="FMNIST_MAX_QUEUED_IMAGES"):
             await runner.submit(image(9))
         assert time.monotonic() - started < 0.05
         model.release()
@@ -374,9 +374,9 @@ async def test_stats_report_batch_sizes_and_timings() -> None:
     [
         ({"max_batch_size": 0}, "FMNIST_MAX_BATCH_SIZE"),
         ({"max_batch_size": 2.5}, "FMNIST_MAX_BATCH_SIZE"),
-        ({"max_wait_ms": -1}, "FMNIST_MAX_WAIT_MS"),
-        ({"max_wait_ms": float("nan")}, "FMNIST_MAX_WAIT_MS"),
-        ({"max_batch_size": 64, "max_queue": 10}, "FMNIST_MAX_QUEUE"),
+        ({"max_wait_ms": -1}, "FMNIST_BATCH_FILL_WAIT_MS"),
+        ({"max_wait_ms": float("nan")}, "FMNIST_BATCH_FILL_WAIT_MS"),
+        ({"max_batch_size": 64, "max_queue": 10}, "FMNIST_MAX_QUEUED_IMAGES"),
         ({"concurrency": 0}, "FMNIST_INFERENCE_CONCURRENCY"),
         ({"concurrency": True}, "FMNIST_INFERENCE_CONCURRENCY"),
         ({"max_batch_size": 8, "preferred_batch_size": 9}, "FMNIST_PREFERRED_BATCH_SIZE"),

@@ -31,7 +31,7 @@ def sdk_settings(**overrides: Any) -> Settings:
     """Settings on a fresh in-memory broker, so tests never see each other's messages."""
     values: dict[str, Any] = {
         "broker_url": f"memory://sdk-{uuid.uuid4().hex[:8]}",
-        "max_wait_ms": 2.0,
+        "batch_fill_wait_ms": 2.0,
     }
     values.update(overrides)
     return Settings(**values)

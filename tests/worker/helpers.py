@@ -27,15 +27,14 @@ def worker_settings(broker_url: str, **overrides: object) -> Settings:
     """Settings on fresh topics and a fresh worker group, so tests never see each other's messages."""
     env = broker_env(broker_url)
     values: dict[str, object] = {
-        "broker_url": broker_url,
-        "kafka_idempotence": env.get("FMNIST_KAFKA_IDEMPOTENCE", "true") == "true",
+        "broker_url": env["FMNIST_BROKER_URL"],
         "requests_topic": unique_name("req"),
         "results_topic": unique_name("res"),
         "deadletter_topic": unique_name("dlq"),
         "worker_group": unique_name("workers"),
         "control_topic": unique_name("ctl"),
         "max_batch_size": 8,
-        "max_wait_ms": 5.0,
+        "batch_fill_wait_ms": 5.0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from app.worker import consumer as worker_module
 from app.worker import inference
 from app.worker.consumer import Worker
 from messaging import BrokerUnavailable, PubSub
+from messaging._base import OutgoingItem
 from tests.brokers import connect_options
 from tests.ml.models import PoisonClassifier, TinyClassifier, image
 from tests.worker.helpers import (
@@ -237,6 +238,15 @@ class ResultsPublishFailsOnce:
             raise BrokerUnavailable("injected: broker went away")
         await self._pubsub.publish(topic, data, key=key, attributes=attributes)
 
+    async def publish_many(
+        self, topic: str, items: Iterable[OutgoingItem], *, timeout_s: float | None = None
+    ) -> list[Exception | None]:
+        items = list(items)
+        failing = min(len(items), self._times - self.failed) if topic == self._results_topic else 0
+        self.failed += failing
+        rest = await self._pubsub.publish_many(topic, items[failing:], timeout_s=timeout_s)
+        return [BrokerUnavailable("injected: broker went away")] * failing + rest
+
 
 async def test_a_request_is_acked_only_after_its_result_is_published(
     monkeypatch: pytest.MonkeyPatch,
@@ -267,7 +277,7 @@ async def test_failed_publishes_log_one_line_per_chunk_not_per_request(
 ) -> None:
     """An outage that fails every result of a chunk logs one publish_failed line with the count."""
     monkeypatch.setattr(worker_module, "_PUBLISH_FAILURE_BACKOFF_S", 0.01)
-    settings = worker_settings("memory://", max_batch_size=16, max_wait_ms=200.0)
+    settings = worker_settings("memory://", max_batch_size=16, batch_fill_wait_ms=200.0)
     total = 16
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
@@ -291,7 +301,7 @@ async def test_failed_publishes_log_one_line_per_chunk_not_per_request(
 
 async def test_drain_answers_in_flight_requests_and_leaves_the_rest_to_the_next_worker() -> None:
     """A drained worker answers what it took; a second worker of the group finishes the others, none twice."""
-    settings = worker_settings("memory://", max_batch_size=4, max_wait_ms=20.0)
+    settings = worker_settings("memory://", max_batch_size=4, batch_fill_wait_ms=20.0)
     total = 60
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(

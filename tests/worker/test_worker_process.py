@@ -37,7 +37,6 @@ def start_worker_process(
 ) -> processes.ManagedProcess:
     """`fmnist worker` with topics/group from the environment and the rest given as flags."""
     env = {
-        "FMNIST_KAFKA_IDEMPOTENCE": str(settings.kafka_idempotence).lower(),
         "FMNIST_REQUESTS_TOPIC": settings.requests_topic,
         "FMNIST_RESULTS_TOPIC": settings.results_topic,
         "FMNIST_DEADLETTER_TOPIC": settings.deadletter_topic,
@@ -48,7 +47,7 @@ def start_worker_process(
         "--broker", settings.broker_url,
         "--model", f"{MODEL}={checkpoint}",
         "--max-batch-size", str(settings.max_batch_size),
-        "--max-wait-ms", str(settings.max_wait_ms),
+        "--batch-fill-wait-ms", str(settings.batch_fill_wait_ms),
         "--worker-id", name,
     ]  # fmt: skip
     return processes.fmnist(name, "worker", log_dir, env, *flags).start()
@@ -70,7 +69,7 @@ async def test_sigterm_answers_in_flight_requests_then_exits_0(
     kafka_url: str, tmp_path: Path
 ) -> None:
     """SIGTERM mid-stream: the worker answers what it holds, exits 0, and a successor answers the rest, none twice."""
-    settings = worker_settings(kafka_url, max_batch_size=64, max_wait_ms=500.0)
+    settings = worker_settings(kafka_url, max_batch_size=64, batch_fill_wait_ms=500.0)
     first = start_worker_process("first", settings, untrained_checkpoint(tmp_path), tmp_path)
     with processes.stopping(first):
         await wait_until_ready(first)
@@ -104,7 +103,7 @@ async def test_sigkill_mid_stream_loses_nothing(kafka_url: str, tmp_path: Path) 
     """A worker killed with SIGKILL leaves its unacked requests to the group; a second worker answers every one."""
     # The test broker's URL carries short session timeouts, so the group notices the kill in seconds.
     url = kafka_url
-    settings = worker_settings(url, max_batch_size=8, max_wait_ms=50.0)
+    settings = worker_settings(url, max_batch_size=8, batch_fill_wait_ms=50.0)
     checkpoint = untrained_checkpoint(tmp_path)
     first = start_worker_process("first", settings, checkpoint, tmp_path)
     with processes.stopping(first):

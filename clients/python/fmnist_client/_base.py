@@ -33,7 +33,7 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 DEFAULT_WAIT = 30.0
 # Longest `?wait=` the SDK asks the gateway to hold a request open; beyond it, it polls. Kept under
-# the gateway's default cap (FMNIST_MAX_WAIT_S = 30) so a longer `wait=` never earns a 422.
+# the gateway's default cap (FMNIST_MAX_SYNC_WAIT_S = 30) so a longer `wait=` never earns a 422.
 SERVER_WAIT_S = 10.0
 # Statuses that mean "not now, the request was not taken": safe to retry even for POST.
 RETRY_STATUSES = frozenset({429, 503})

@@ -106,8 +106,8 @@ async def test_api_key_travels_in_metadata() -> None:
 
 
 async def test_overload_is_resource_exhausted_with_retry_after() -> None:
-    """Past FMNIST_MAX_IN_FLIGHT, ModelInfer is RESOURCE_EXHAUSTED with a retry-after trailer."""
-    async with grpc_stub(gateway_settings(max_in_flight=1)) as stub:
+    """Past FMNIST_MAX_PENDING_REQUESTS, ModelInfer is RESOURCE_EXHAUSTED with a retry-after trailer."""
+    async with grpc_stub(gateway_settings(max_pending_requests=1)) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.ModelInfer(infer_request(pixels(1, 2), raw=True))
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

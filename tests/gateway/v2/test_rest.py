@@ -219,13 +219,13 @@ async def test_too_many_images_is_413() -> None:
 
 
 async def test_in_flight_cap_is_429_with_retry_after() -> None:
-    """A request that would pass FMNIST_MAX_IN_FLIGHT answers 429 + Retry-After."""
+    """A request that would pass FMNIST_MAX_PENDING_REQUESTS answers 429 + Retry-After."""
     content, headers = binary_request(images(*range(3)))
-    async with running_gateway(gateway_settings(max_in_flight=2)) as (_, client):
+    async with running_gateway(gateway_settings(max_pending_requests=2)) as (_, client):
         response = await client.post(INFER, content=content, headers=headers)
     assert response.status_code == 429
     assert "retry-after" in response.headers
-    assert "FMNIST_MAX_IN_FLIGHT" in response.json()["error"]
+    assert "FMNIST_MAX_PENDING_REQUESTS" in response.json()["error"]
 
 
 async def test_api_key_is_required_when_configured() -> None:
