@@ -118,8 +118,14 @@ async def announce_model(settings: Settings, model: ModelAnnouncement | None = N
         await pubsub.ensure_topics(
             settings.control_topic, requests_topic_for(settings.requests_topic, model.name)
         )
-        await pubsub.publish(settings.control_topic, model.to_bytes(), key=model.name)
+        await pubsub.publish(settings.control_topic, sent_now(model).to_bytes(), key=model.name)
     await gateways_know(settings, model.name, model.version, live=model.status == "live")
+
+
+def sent_now(model: ModelAnnouncement) -> ModelAnnouncement:
+    """The announcement as a worker sends it now: an announcement made at import time (a test
+    module's constant) would otherwise be older than the liveness window when the test runs."""
+    return model.model_copy(update={"sent_at": time.time()})
 
 
 async def gateways_know(settings: Settings, name: str, version: str, live: bool = True) -> None:
@@ -169,7 +175,7 @@ async def stand_in_worker(
         async with pubsub.subscribe(
             topic, group=worker_group_for(settings.worker_group, model.name, version)
         ) as requests:
-            await pubsub.publish(settings.control_topic, model.to_bytes(), key=model.name)
+            await pubsub.publish(settings.control_topic, sent_now(model).to_bytes(), key=model.name)
             await gateways_know(settings, model.name, model.version)
             if ready is not None:
                 ready.set()
