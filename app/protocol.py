@@ -31,6 +31,16 @@ Models (`fmnist.control`): each worker publishes a `ModelAnnouncement` per model
 starts, again every heartbeat interval, and once with `status: leaving` when it drains. Gateways
 learn the models, versions and live workers from them.
 
+Rollout (`fmnist.rollout`, key = model name): `TrafficWeights` (attribute `kind=weights`), the split of a
+model's live traffic between its versions, and `RolloutEvent` (`kind=event`), one decision of a promotion.
+Gateways apply the newest weights per model and keep the events as the model's history; shadow workers
+read the weights to find every topic that carries a model's live traffic. Readers start from the topic's
+beginning, so a new gateway applies the split that is in force.
+
+Shadow results (`fmnist.results.shadow`): a `ResultMessage` per request from a worker started with
+`role="shadow"`, which reads a model's live traffic in a group of its own
+(`shadow_group_for`) and never answers clients.
+
 Dead letters (`fmnist.deadletter`): the original payload and attributes plus `error_code` and
 `error_message` attributes.
 """
@@ -57,6 +67,9 @@ MODEL_ATTR = "model"
 MODEL_VERSION_ATTR = "model_version"
 GATEWAY_ATTR = "gateway"
 COMPLETED_AT_ATTR = "completed_at"
+KIND_ATTR = "kind"  # on the rollout topic: which message the payload is
+WEIGHTS_KIND = "weights"
+EVENT_KIND = "event"
 
 # A model name is part of topic and group names: Kafka and Pub/Sub both accept these characters.
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -82,6 +95,12 @@ def worker_group_for(worker_group: str, model: str, version: str | None = None) 
     """The consumer group of `model`'s workers (`workers.fmnist`), or of `version`'s pinned requests."""
     group = f"{worker_group}.{model}"
     return group if version is None else f"{group}.v-{version}"
+
+
+def shadow_group_for(worker_group: str, model: str, version: str) -> str:
+    """The consumer group of `version`'s shadow workers of `model` (`workers.fmnist.shadow-<version>`):
+    its own position on the live topics, so it reads a copy of the traffic and takes nothing away."""
+    return f"{worker_group}.{model}.shadow-{version}"
 
 
 class ErrorInfo(BaseModel):
@@ -140,6 +159,9 @@ class ModelAnnouncement(BaseModel):
     precision: str = ""
     device: str = ""
     status: Literal["live", "leaving"] = "live"
+    role: Literal["serving", "shadow"] = Field(
+        "serving", description="`shadow`: reads a copy of live traffic, never answers clients"
+    )
     sent_at: float = Field(description="unix seconds, the worker's clock")
     heartbeat_s: float = Field(gt=0, description="the worker announces again within this")
 
@@ -148,6 +170,53 @@ class ModelAnnouncement(BaseModel):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ModelAnnouncement:
+        return cls.model_validate_json(data)
+
+
+class TrafficWeights(BaseModel):
+    """How a model's live traffic splits between its versions, in percent (summing to 100). Empty
+    `weights`: no split, every serving version shares the model's topic. The newest message per model
+    (by `set_at`) is in force on every gateway."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    weights: dict[str, int] = Field(default_factory=dict, description="full version id -> percent")
+    set_at: float = Field(description="unix seconds")
+    set_by: str = Field("", description="who set it: an API key's fingerprint, or `promote`")
+    reason: str = ""
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TrafficWeights:
+        return cls.model_validate_json(data)
+
+
+class RolloutEvent(BaseModel):
+    """One decision of a promotion, with the figures it was taken on; `fmnist models history` shows them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    candidate: str = Field(description="full version id of the candidate")
+    action: Literal[
+        "started", "gate_passed", "gate_failed", "step", "rolled_back", "promoted", "aborted"
+    ]
+    figures: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, int] = Field(
+        default_factory=dict, description="the split after this decision"
+    )
+    detail: str = ""
+    at: float = Field(description="unix seconds")
+    by: str = ""
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RolloutEvent:
         return cls.model_validate_json(data)
 
 

@@ -111,6 +111,16 @@ class BrokerSettings(BaseModel):
         description="Topic on which workers announce the models they serve (with heartbeats) and "
         "gateways learn them.",
     )
+    rollout_topic: str = Field(
+        "fmnist.rollout",
+        description="Topic of rollout decisions: traffic weights per model and the events of promotions "
+        "(`TrafficWeights`, `RolloutEvent`). Gateways and shadow workers read it from its start.",
+    )
+    shadow_results_topic: str = Field(
+        "fmnist.results.shadow",
+        description="Topic shadow workers publish their results to; gateways compare them with the live "
+        "results and never send them to clients.",
+    )
     publish_timeout_s: float = Field(
         5.0,
         gt=0,
