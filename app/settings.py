@@ -243,6 +243,12 @@ class WorkerSettings(BaseModel):
         ge=1,
         description="Tries of one request (a model error re-queues it) before it goes to the dead-letter topic.",
     )
+    worker_role: Literal["serving", "shadow"] = Field(
+        "serving",
+        description="`serving`: answer clients. `shadow`: read a copy of the model's live traffic in a "
+        "group of its own, from now on, and publish to FMNIST_SHADOW_RESULTS_TOPIC only, so gateways "
+        "compare this version with the live one before it takes traffic (`fmnist worker --shadow`).",
+    )
 
 
 class GatewaySettings(BaseModel):
@@ -383,6 +389,15 @@ class GatewaySettings(BaseModel):
     result_ttl_s: float = Field(600.0, gt=0, description="How long results stay retrievable.")
     result_store_size: int = Field(
         100_000, ge=1, description="Most results kept in memory per gateway."
+    )
+    shadow_window: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Live/shadow pairs per candidate version a gateway keeps for `GET "
+        "/v1/models/{name}/shadow` and the shadow gauges (the newest, about this many), and answers "
+        "waiting for their other side. Raise it for steadier figures on busy models, lower it to "
+        "follow a change sooner or to hold less memory.",
     )
     result_replay_timeout_s: float = Field(
         30.0,

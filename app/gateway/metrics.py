@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter as TallyCounter
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from app.protocol import ResultMessage
+from app.rollout.compare import ComparisonSummary, JoinedPair
 from ml.runner_stats import LatencySummary
+
+ShadowSummaries = Callable[[], Iterable[tuple[str, str, ComparisonSummary]]]
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -111,6 +117,27 @@ class GatewayMetrics:
             "Results dropped because the request id already had one.",
             registry=r,
         )
+        self.shadow_samples = Counter(
+            "fmnist_shadow_samples",
+            "Requests both the live version and a shadow candidate answered (or failed), joined here.",
+            ["model", "candidate"],
+            registry=r,
+        )
+        self.shadow_disagreements = Counter(
+            "fmnist_shadow_disagreements",
+            "Joined requests whose top-1 class differs, by the live and the candidate's class.",
+            ["model", "candidate", "live_class", "candidate_class"],
+            registry=r,
+        )
+        self.shadow_inference_seconds = Histogram(
+            "fmnist_shadow_inference_seconds",
+            "Forward-pass time of joined requests, by side (live, candidate), as workers report it.",
+            ["model", "candidate", "side"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.result_listeners: list[Callable[[ResultMessage], None]] = []
+        """Called with each stored result after it is counted (the shadow comparison's live side)."""
         # Bound children, resolved once: `labels()` costs more than the increment itself.
         self._completed = self.predictions.labels("completed")
         self._failed = self.predictions.labels("failed")
@@ -163,6 +190,28 @@ class GatewayMetrics:
             self._per_second[-1][1] += 1
         else:
             self._per_second.append([second, 1])
+        for listener in self.result_listeners:
+            listener(result)
+
+    def record_shadow_pair(
+        self, model: str, candidate: str, class_names: tuple[str, ...], pair: JoinedPair
+    ) -> None:
+        """Count one request joined between the live version and `candidate`."""
+        self.shadow_samples.labels(model, candidate).inc()
+        live, shadow = pair.live.label, pair.candidate.label
+        if live is not None and shadow is not None and live != shadow:
+            self.shadow_disagreements.labels(
+                model, candidate, _class_name(class_names, live), _class_name(class_names, shadow)
+            ).inc()
+        for side, answer in (("live", pair.live), ("candidate", pair.candidate)):
+            if answer.inference_ms is not None:
+                self.shadow_inference_seconds.labels(model, candidate, side).observe(
+                    answer.inference_ms / 1000
+                )
+
+    def watch_shadow(self, summaries: ShadowSummaries) -> None:
+        """Serve the shadow gauges (agreement, accuracies) from `summaries`, computed per scrape."""
+        self.registry.register(_ShadowGauges(summaries))
 
     def record_rejection(self, code: str) -> None:
         self._rejected.inc()
@@ -191,6 +240,55 @@ class GatewayMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _class_name(class_names: tuple[str, ...], label: int) -> str:
+    return class_names[label] if 0 <= label < len(class_names) else str(label)
+
+
+class _ShadowGauges(Collector):
+    """`fmnist_shadow_agreement` and the accuracy gauges, over each comparison's window."""
+
+    def __init__(self, summaries: ShadowSummaries) -> None:
+        self._summaries = summaries
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = self._families()
+        agreement, live_accuracy, candidate_accuracy = families
+        for model, candidate, summary in self._summaries():
+            for family, value in (
+                (agreement, summary.agreement),
+                (live_accuracy, summary.live_accuracy),
+                (candidate_accuracy, summary.candidate_accuracy),
+            ):
+                if not math.isnan(value):
+                    family.add_metric([model, candidate], value)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        labels = ["model", "candidate"]
+        return [
+            GaugeMetricFamily(
+                "fmnist_shadow_agreement",
+                "Share of the recent joined requests (FMNIST_SHADOW_WINDOW) where the candidate's "
+                "top-1 class equals the live version's.",
+                labels=labels,
+            ),
+            GaugeMetricFamily(
+                "fmnist_shadow_live_accuracy",
+                "The live version's accuracy on the recent joined requests that carry a label.",
+                labels=labels,
+            ),
+            GaugeMetricFamily(
+                "fmnist_shadow_candidate_accuracy",
+                "The candidate's accuracy on the recent joined requests that carry a label.",
+                labels=labels,
+            ),
+        ]
 
 
 def _percentiles(samples: deque[float]) -> dict[str, float | None]:

@@ -4,7 +4,8 @@ Fed by the workers' announcements on the control topic (`app.protocol.ModelAnnou
 `Gateway`): a model is known once a worker announced it, and a version is live while at least one
 worker's heartbeats for it are fresh (within `LIVENESS_INTERVALS` of its announced interval). A worker
 that drains announces `leaving` and stops counting at once. Known models stay known (a 503 while no
-worker serves them, not a 404).
+worker serves them, not a 404). A version only shadow workers announced (`role="shadow"`) is listed
+with its role but never resolved for traffic: it reads a copy of live traffic and answers nobody.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
 
 from app.gateway.errors import ApiError
 from app.protocol import ModelAnnouncement
@@ -35,11 +37,17 @@ class ModelVersion:
     class_names: tuple[str, ...]
     preprocessing: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
     live_workers: int = 0
+    """Live serving workers: those that answer clients."""
     precision: str = ""
     device: str = ""
+    role: Literal["serving", "shadow"] = "serving"
+    """`shadow` while only shadow workers announced this version."""
+    shadow_workers: int = 0
+    """Live shadow workers of this version."""
 
     @property
     def ready(self) -> bool:
+        """Takes traffic: a live serving worker."""
         return self.live_workers > 0
 
 
@@ -50,6 +58,7 @@ class _Known:
     announcement: ModelAnnouncement
     first_seen: int  # order of learning: later is newer
     workers: dict[str, float] = field(default_factory=dict)  # worker id → live until (unix s)
+    shadows: set[str] = field(default_factory=set)  # ids of the workers that announced role shadow
 
 
 class ModelRegistry:
@@ -75,7 +84,12 @@ class ModelRegistry:
         else:
             known.announcement = announcement
         if announcement.status == "leaving":
+            known.shadows.discard(announcement.worker_id)
             return known.workers.pop(announcement.worker_id, None) is not None
+        if announcement.role == "shadow":
+            known.shadows.add(announcement.worker_id)
+        else:
+            known.shadows.discard(announcement.worker_id)
         is_new = announcement.worker_id not in known.workers or not self._live(
             known.workers[announcement.worker_id]
         )
@@ -106,7 +120,10 @@ class ModelRegistry:
 
     def _version_of(self, known: _Known) -> ModelVersion:
         a = known.announcement
-        live = sum(1 for until in known.workers.values() if self._live(until))
+        live = {worker for worker, until in known.workers.items() if self._live(until)}
+        shadows = live & known.shadows
+        # Serving once any worker announced it so; a version a shadow alone announced is a shadow.
+        serving = bool(live - shadows) or len(known.shadows) < len(known.workers)
         return ModelVersion(
             name=a.name,
             version=a.version,
@@ -115,9 +132,11 @@ class ModelRegistry:
             dtype=a.dtype,
             class_names=a.class_names,
             preprocessing=MappingProxyType(dict(a.preprocessing)),
-            live_workers=live,
+            live_workers=len(live - shadows),
             precision=a.precision,
             device=a.device,
+            role="serving" if serving else "shadow",
+            shadow_workers=len(shadows),
         )
 
     def resolve(self, name: str | None, version: str | None = None) -> ModelVersion:
@@ -136,6 +155,15 @@ class ModelRegistry:
             raise ApiError(404, "model_not_found", f"no model {wanted!r}; known models: {known}")
         if version is not None:
             versions = [v for v in versions if version in (v.version, v.tag)]
+            if versions and all(v.role == "shadow" for v in versions):
+                serving = [_label(v) for v in self.versions(wanted) if v.ready]
+                raise ApiError(
+                    409,
+                    "version_is_shadow",
+                    f"model {wanted!r} version {version!r} runs as a shadow: it reads a copy of live "
+                    f"traffic and answers no client; pin a serving version: "
+                    f"{', '.join(serving) or 'none live'}",
+                )
             if not versions:
                 live = [_label(v) for v in self.versions(wanted) if v.ready]
                 raise ApiError(
