@@ -36,6 +36,12 @@ def register(subparsers: Any) -> None:
     )
     add_http_arguments(parser)
     add_model_arguments(parser)
+    parser.add_argument(
+        "--shadow",
+        metavar="PATH",
+        help="also run this model as a shadow of the first --model, on a copy of its live traffic: "
+        "the demo page and GET /v1/models/NAME/shadow compare the two",
+    )
     add_batching_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -48,15 +54,22 @@ def run(args: argparse.Namespace) -> int:
     models = model_options(args, settings)
     if models is None:
         return INVALID_SETTING_STATUS
-    return asyncio.run(serve_all(settings, models))
+    return asyncio.run(serve_all(settings, models, shadow=args.shadow))
 
 
-async def serve_all(settings: Settings, models: list[tuple[str | None, str]] | None = None) -> int:
+async def serve_all(
+    settings: Settings,
+    models: list[tuple[str | None, str]] | None = None,
+    *,
+    shadow: str | None = None,
+) -> int:
     """Start one worker per model (each loads its model), then the gateway on the same broker, whose
-    default model is the first (unless FMNIST_DEFAULT_MODEL says); stop in reverse."""
+    default model is the first (unless FMNIST_DEFAULT_MODEL says); stop in reverse. `shadow`: a
+    model run as a shadow of the first one."""
     import messaging
     from app.broker import connect_broker
     from app.worker.consumer import Worker
+    from app.worker.shadow import ShadowWorker
     from ml.checkpoint import CheckpointError
     from ml.serving import ModelLoadError
 
@@ -67,6 +80,10 @@ async def serve_all(settings: Settings, models: list[tuple[str | None, str]] | N
                 await stack.enter_async_context(Worker(settings, pubsub, name=name, source=source))
                 for name, source in models or [(None, str(settings.model_path))]
             ]
+            if shadow is not None:
+                await stack.enter_async_context(
+                    ShadowWorker(settings, pubsub, name=workers[0].model_name, source=shadow)
+                )
             if settings.default_model is None:
                 settings = settings.model_copy(update={"default_model": workers[0].model_name})
             return await serve_http(settings)

@@ -23,6 +23,7 @@ from app.worker.health import health_server
 
 if TYPE_CHECKING:
     from app.worker.consumer import Worker
+    from app.worker.shadow import ShadowWorker
 
 logger = logging.getLogger("app.worker")
 
@@ -48,6 +49,14 @@ def register(subparsers: Any) -> None:
         metavar="ID",
         help="id stamped on results (FMNIST_WORKER_ID; default host-pid)",
     )
+    parser.add_argument(
+        "--shadow",
+        action="store_true",
+        default=None,
+        help="run as a shadow: read a copy of the model's live traffic from now on, publish to the "
+        "shadow results topic only, answer no client (FMNIST_WORKER_ROLE=shadow); name the live "
+        "model with --model NAME=PATH when the file's name differs",
+    )
     add_batching_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -57,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         "broker_url": args.broker,
         "device": args.device,
         "worker_id": args.worker_id,
+        "worker_role": "shadow" if args.shadow else None,
         **batching_overrides(args),
     }
     settings = start_command("worker", overrides, runs_model=True)
@@ -98,7 +108,7 @@ class _HealthState:
 
     def __init__(self, stop: asyncio.Event) -> None:
         self.stop = stop
-        self.workers: list[Worker] = []
+        self.workers: list[Worker | ShadowWorker] = []
 
     def readiness(self) -> tuple[bool, str]:
         if self.stop.is_set():
@@ -118,6 +128,7 @@ async def _run(
     from app.broker import connect_broker
     from app.worker.consumer import Worker
     from app.worker.inference import load_served_model
+    from app.worker.shadow import ShadowWorker
     from ml.checkpoint import CheckpointError
     from ml.serving import ModelLoadError
 
@@ -146,8 +157,9 @@ async def _run(
         return 2
     try:
         async with pubsub, contextlib.AsyncExitStack() as stack:
-            workers = [
-                await stack.enter_async_context(Worker(settings, pubsub, model, name=name))
+            kind = ShadowWorker if settings.worker_role == "shadow" else Worker
+            workers: list[Worker | ShadowWorker] = [
+                await stack.enter_async_context(kind(settings, pubsub, model, name=name))
                 for name, model in loaded
             ]
             state.workers = workers
@@ -157,7 +169,7 @@ async def _run(
         return 1
 
 
-async def _serve_until_stopped(workers: list[Worker], stop: asyncio.Event) -> int:
+async def _serve_until_stopped(workers: list[Worker | ShadowWorker], stop: asyncio.Event) -> int:
     stop_requested = asyncio.ensure_future(stop.wait())
     consuming = [asyncio.ensure_future(worker.wait()) for worker in workers]
     await asyncio.wait({stop_requested, *consuming}, return_when=asyncio.FIRST_COMPLETED)

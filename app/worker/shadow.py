@@ -96,7 +96,8 @@ class ShadowWorker:
 
         self.settings = settings
         self.pubsub = pubsub
-        self.worker_id = worker_id or settings.worker_id or default_worker_id()
+        # Its own default id: beside a serving worker in one process (`fmnist serve --shadow`).
+        self.worker_id = worker_id or settings.worker_id or f"{default_worker_id()}-shadow"
         self._classifier = classifier
         self._name = name
         self._source = source if source is not None else str(settings.model_path)
