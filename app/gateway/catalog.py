@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, Field
@@ -27,6 +27,10 @@ class VersionInfo(BaseModel):
     device: str = Field(examples=["cpu"])
     live_workers: int
     ready: bool
+    role: Literal["serving", "shadow"] = Field(
+        "serving", description="`shadow`: reads a copy of live traffic, never answers clients."
+    )
+    shadow_workers: int = 0
 
 
 class ModelInfo(BaseModel):
@@ -58,6 +62,8 @@ def _version_info(version: ModelVersion) -> VersionInfo:
         device=version.device,
         live_workers=version.live_workers,
         ready=version.ready,
+        role=version.role,
+        shadow_workers=version.shadow_workers,
     )
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
-import torch
 
 import messaging
 from app import protocol
@@ -29,6 +29,15 @@ from tests.worker.helpers import (
 )
 
 pytestmark = pytest.mark.timeout(30)
+
+
+async def until(condition: Callable[[], object], within: float = 5.0) -> None:
+    """Return once `condition()` holds; fail after `within` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
 
 
 class Candidate(TinyClassifier):
@@ -186,12 +195,14 @@ async def test_a_shadow_reads_the_version_topics_of_a_canary_split() -> None:
         await publish_weights(pubsub, settings, {"aaaa": 90, "bbbb": 10, "cccc": 0})
         async with ShadowWorker(settings, pubsub, Candidate(), worker_id="s1") as shadow:
             assert shadow.topics == sorted(
-                [model_topic(settings), model_topic(settings, "aaaa"), model_topic(settings, "bbbb")]
+                [
+                    model_topic(settings),
+                    model_topic(settings, "aaaa"),
+                    model_topic(settings, "bbbb"),
+                ]
             )
             await publish_weights(pubsub, settings, {"aaaa": 50, "cand00000000": 50})
-            async with asyncio.timeout(5):
-                while model_topic(settings, "bbbb") in shadow.topics:
-                    await asyncio.sleep(0.01)
+            await until(lambda: model_topic(settings, "bbbb") not in shadow.topics)
             async with pubsub.subscribe(settings.shadow_results_topic, group="obs") as results:
                 torch_image = image(seed=3)
                 await pubsub.publish(
@@ -203,4 +214,3 @@ async def test_a_shadow_reads_the_version_topics_of_a_canary_split() -> None:
                 (result,) = await take_results(results, 1)
             assert shadow.topics == sorted([model_topic(settings), model_topic(settings, "aaaa")])
     assert result.request_id == "pinned"
-
