@@ -699,6 +699,7 @@ async function pollStats() {
     try {
       const { body } = await api("/v1/stats");
       renderStats(body);
+      await pollShadow();
     } catch (error) {
       if (error.isAuth) {
         handleAuthError(error);
@@ -708,6 +709,41 @@ async function pollStats() {
     }
   }
   if (!state.authBlocked) state.statsTimer = setTimeout(pollStats, STATS_EVERY_MS);
+}
+
+// ---------------------------------------------------------------- shadow candidate
+
+// The chosen model's newest shadow comparison; the panel stays hidden while none runs.
+async function pollShadow() {
+  const panel = $("shadow");
+  if (state.model === null) {
+    panel.hidden = true;
+    return;
+  }
+  let candidate = null;
+  try {
+    const { body } = await api(`/v1/models/${encodeURIComponent(state.model)}/shadow`);
+    candidate = body.candidates?.[0] ?? null;
+  } catch (error) {
+    if (error.isAuth) throw error;
+  }
+  panel.hidden = candidate === null;
+  if (candidate === null) return;
+  const share = (v) => (typeof v === "number" ? percent(v) : "–");
+  $("shadow-model").textContent = state.model;
+  $("shadow-version").textContent = candidate.version;
+  $("shadow-samples").textContent = candidate.samples.toLocaleString();
+  $("shadow-agreement").textContent = share(candidate.agreement);
+  $("shadow-accuracy").textContent = `${share(candidate.live_accuracy)} / ${share(candidate.candidate_accuracy)}`;
+  $("shadow-latency").textContent = `${formatMs(candidate.live_latency_ms?.p50)} / ${formatMs(candidate.candidate_latency_ms?.p50)}`;
+  $("shadow-labelled").textContent = candidate.labelled.toLocaleString();
+  const cells = Object.entries(candidate.disagreement ?? {})
+    .flatMap(([live, row]) => Object.entries(row).map(([other, count]) => [live, other, count]))
+    .sort((a, b) => b[2] - a[2])
+    .slice(0, 3);
+  $("shadow-disagreements").textContent = cells.length
+    ? cells.map(([live, other, count]) => `${live} → ${other} (${count})`).join(", ")
+    : "none yet";
 }
 
 // ---------------------------------------------------------------- websocket
