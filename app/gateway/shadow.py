@@ -165,7 +165,12 @@ class ShadowMonitor:
         if comparison is not None:
             return comparison
         versions = self.registry.versions(model)
-        known = [v for v in versions if v.version == candidate] or versions
+        # The live version's class names, which the true labels use too; else the candidate's.
+        known = (
+            [v for v in versions if v.ready]
+            or [v for v in versions if v.version == candidate]
+            or versions
+        )
         if not known:
             return None
         comparison = ShadowComparison(
