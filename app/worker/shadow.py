@@ -335,6 +335,9 @@ class ShadowWorker:
             )
             self._reads[topic] = subscription
             await subscription.start()
+            # From here on a rebalance (another shadow worker joining the group, a rejoin after a
+            # broken link) keeps the group's committed offsets instead of going back to this start.
+            subscription.start_position = "latest"
             logger.info(kv("shadow_topic_joined", model=self.model_name, topic=topic))
             self._consumers[topic] = self._watch(
                 loop.create_task(self._consume(subscription), name=f"shadow-reader-{topic}")
