@@ -15,7 +15,7 @@ from app.settings import Settings
 from app.worker.consumer import Worker
 from app.worker.shadow import ShadowWorker
 from messaging import PubSub
-from tests.brokers import unique_name
+from tests.brokers import connect_options, unique_name
 from tests.ml.models import PoisonClassifier, TinyClassifier, image
 from tests.worker.helpers import (
     MODEL,
@@ -214,3 +214,32 @@ async def test_a_shadow_reads_the_version_topics_of_a_canary_split() -> None:
                 (result,) = await take_results(results, 1)
             assert shadow.topics == sorted([model_topic(settings), model_topic(settings, "aaaa")])
     assert result.request_id == "pinned"
+
+
+@pytest.mark.kafka
+async def test_a_second_shadow_worker_joining_does_not_send_the_first_back_to_its_start(
+    kafka_url: str,
+) -> None:
+    """On Kafka, the rebalance a second shadow worker causes keeps the group's committed offsets:
+    the requests the first already answered are not answered again."""
+    settings = worker_settings(
+        kafka_url, shadow_results_topic=unique_name("shadowres"), rollout_topic=unique_name("ro")
+    )
+    options = connect_options(kafka_url)
+    async with (
+        messaging.connect(kafka_url, **options) as pubsub,
+        messaging.connect(kafka_url, **options) as other,
+    ):
+        await topics(pubsub, settings)
+        async with (
+            pubsub.subscribe(settings.shadow_results_topic, group="observer") as shadow,
+            ShadowWorker(settings, pubsub, Candidate(), worker_id="s1"),
+        ):
+            for i in range(12):
+                await publish_request(pubsub, settings, f"r{i}", image(seed=i))
+            await take(shadow, 12)
+            async with ShadowWorker(settings, other, Candidate(), worker_id="s2"):
+                await publish_request(pubsub, settings, "after", image(seed=20))
+                (last,) = await take_results(shadow, 1)
+                assert await nothing_more(shadow, wait=0.5)
+    assert last.request_id == "after"
