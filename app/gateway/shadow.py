@@ -36,6 +36,9 @@ _CHUNK = 512
 _MAX_BACKOFF_S = 5.0
 _REFRESH_S = 1.0  # how often the candidates fed with live results follow the registry
 _MAX_UNACKED = 4096
+# A live result read back from before the gateway started can still pair with a shadow result the
+# gateway reads, when the shadow answered a little later than the live version.
+_READ_BACK_MARGIN_S = 30.0
 
 
 class ShadowComparison(Comparison):
@@ -131,6 +134,7 @@ class ShadowMonitor:
         self._fed: dict[str, list[ShadowComparison]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.reading = False
+        self._reading_since = time.time()  # shadow results are read from this time on
         metrics.watch_shadow(self.summaries)
 
     # --- the join -------------------------------------------------------------------------------
@@ -138,8 +142,8 @@ class ShadowMonitor:
     def add_live(self, result: ResultMessage) -> None:
         """A live result this gateway stored: the live side of every running candidate of its model."""
         fed = self._fed.get(result.model or "")
-        if not fed:
-            return
+        if not fed or result.completed_at < self._reading_since - _READ_BACK_MARGIN_S:
+            return  # no candidate, or read back from before the shadow results are read
         for comparison in fed:
             if comparison.candidate == result.model_version:
                 continue  # the candidate answering live traffic itself (a canary) is no baseline
@@ -216,6 +220,7 @@ class ShadowMonitor:
     # --- reading the shadow results --------------------------------------------------------------
 
     async def start(self) -> None:
+        self._reading_since = time.time()
         self._tasks = [
             asyncio.create_task(self._read(), name="fmnist-shadow-results"),
             asyncio.create_task(self._refresh(), name="fmnist-shadow-registry"),

@@ -158,6 +158,17 @@ def test_a_failed_shadow_answer_counts_as_wrong_and_not_as_agreement() -> None:
     assert (entry["samples"], entry["agreement"], entry["candidate_accuracy"]) == (1, None, 0.0)
 
 
+def test_live_results_read_back_from_long_before_the_gateway_started_are_not_compared() -> None:
+    """A live result the gateway re-read from an hour ago waits for no shadow answer."""
+    monitor = monitor_of(registry_with_shadow())
+    monitor.follow_registry()
+    old = result("old", 1, STAND_IN_VERSION).model_copy(update={"completed_at": time.time() - 3600})
+    monitor.add_live(old)
+    monitor.add_shadow(result("old", 1, CANDIDATE))
+    (entry,) = monitor.candidates(STAND_IN_MODEL)
+    assert entry["samples"] == 0
+
+
 def test_a_comparison_keeps_only_about_its_window_of_pairs() -> None:
     """Past FMNIST_SHADOW_WINDOW pairs the oldest are dropped, so a long shadow holds bounded memory."""
     comparison = ShadowComparison(STAND_IN_MODEL, CANDIDATE, tuple(CLASS_NAMES), window=100)
