@@ -83,6 +83,8 @@ class ResultsFeed:
             registry=metrics.registry,
         )
         self._repairs: set[asyncio.Task[None]] = set()  # malformed shared results being replaced
+        self.result_listeners: list[Callable[[ResultMessage], None]] = []
+        """Told each result this gateway stores and counts (the shadow comparison's live side)."""
 
     # --- consuming the results topic -----------------------------------------------------------
     async def consume(
@@ -156,7 +158,7 @@ class ResultsFeed:
             result, completed_at=result.completed_at, read_back=read_back
         )
         if stored is not None:
-            self.metrics.record_result(result)
+            self._record(result)
         elif not progress.replaying:  # during the read-back, known results are expected again
             self.metrics.duplicate_results.inc()
         await message.ack()
@@ -241,7 +243,13 @@ class ResultsFeed:
                 repair.add_done_callback(self._repairs.discard)
         stored = self._take_shared(result, cursor)
         if stored is not None and own:
-            self.metrics.record_result(result)
+            self._record(result)
+
+    def _record(self, result: ResultMessage) -> None:
+        """Count a result stored here, and hand it to the listeners."""
+        self.metrics.record_result(result)
+        for listener in self.result_listeners:
+            listener(result)
 
     def _unparsable(self, request_id: str, exc: ValueError) -> ResultMessage | None:
         """A failed result in place of a worker's result that cannot be parsed, for a request

@@ -18,12 +18,10 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.broker import connect_broker
 from app.gateway import catalog, demo, ops, predictions, shadow_api, stream
 from app.gateway.docs import install_docs
 from app.gateway.errors import ApiError, error_body, install_error_handlers
 from app.gateway.service import Gateway, PubSubFactory
-from app.gateway.shadow import ShadowMonitor
 from app.gateway.v2 import rest as v2_rest
 from app.logs import kv
 from app.settings import Settings, get_settings
@@ -56,7 +54,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gateway: Gateway = app.state.gateway
     wait_s = min(gateway.settings.broker_connect_timeout_s + 1.0, MAX_STARTUP_WAIT_S)
     await gateway.start(wait_s=wait_s)
-    await app.state.shadow.start()
     log.info(
         kv(
             "gateway_started",
@@ -69,7 +66,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await app.state.shadow.stop()
         await gateway.stop()
         log.info(kv("gateway_stopped", gateway_id=gateway.gateway_id))
 
@@ -199,15 +195,6 @@ def create_app(
     )
     app.state.settings = settings
     app.state.gateway = gateway
-    shadow = ShadowMonitor(
-        settings,
-        gateway.registry,
-        gateway.metrics,
-        gateway_id=gateway.gateway_id,
-        pubsub_factory=pubsub_factory or connect_broker,
-    )
-    gateway.metrics.result_listeners.append(shadow.add_live)
-    app.state.shadow = shadow
     app.state.stream_slots = stream.StreamSlots(settings.stream_max_connections)
     install_error_handlers(app)
     app.include_router(predictions.router)

@@ -136,8 +136,6 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.result_listeners: list[Callable[[ResultMessage], None]] = []
-        """Called with each stored result after it is counted (the shadow comparison's live side)."""
         # Bound children, resolved once: `labels()` costs more than the increment itself.
         self._completed = self.predictions.labels("completed")
         self._failed = self.predictions.labels("failed")
@@ -190,8 +188,6 @@ class GatewayMetrics:
             self._per_second[-1][1] += 1
         else:
             self._per_second.append([second, 1])
-        for listener in self.result_listeners:
-            listener(result)
 
     def record_shadow_pair(
         self, model: str, candidate: str, class_names: tuple[str, ...], pair: JoinedPair

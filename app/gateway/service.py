@@ -28,6 +28,7 @@ from app.gateway.publishing import Publisher
 from app.gateway.refusals import RETRY_AFTER_BROKER_S, RETRY_AFTER_OVERLOAD_S, broker_unavailable
 from app.gateway.registry import ModelRegistry, ModelVersion
 from app.gateway.results import ResultStore, StoredResult, Submission
+from app.gateway.shadow import ShadowMonitor
 from app.gateway.shared_state import SharedState
 from app.gateway.submission import Accepted, IdempotencyClaim
 from app.logs import kv
@@ -97,6 +98,14 @@ class Gateway:
         self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
         self.registry = ModelRegistry(settings.default_model)
         self._factory = pubsub_factory or connect_broker
+        self.shadow = ShadowMonitor(
+            settings,
+            self.registry,
+            self.metrics,
+            gateway_id=self.gateway_id,
+            pubsub_factory=self._factory,
+        )
+        self.feed.result_listeners.append(self.shadow.add_live)
         self._pubsub: PubSub | None = None
         self._results: Subscription | None = None
         self._broker_reachable = False
@@ -154,6 +163,7 @@ class Gateway:
         ]
         if self.shared is not None:
             await self.shared.start()
+        await self.shadow.start()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await self._first_attempt.wait()
@@ -176,6 +186,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.shadow.stop()
         if self.shared is not None:
             await self.shared.stop()
 

@@ -1,7 +1,7 @@
 """Shadow comparison in the gateway: candidate versions' results joined with the live ones by request id.
 
     fmnist.results.shadow ──subscribe (group `gateway-<id>-shadow`, from now)──▶ add_shadow ─┐
-    live results this gateway stores (GatewayMetrics.record_result) ──────────▶ add_live ───┤
+    live results this gateway stores (ResultsFeed.result_listeners) ─────────▶ add_live ───┤
                                                       one ShadowComparison per (model, candidate)
                                                                                             ▼
                            GET /v1/models/{name}/shadow, fmnist_shadow_* metrics, the demo page

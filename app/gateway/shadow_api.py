@@ -6,22 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, Field
-from starlette.requests import HTTPConnection
 
 from app.gateway.deps import GatewayDep, get_owner
 from app.gateway.errors import ApiError, error_responses
-from app.gateway.shadow import ShadowMonitor
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_owner)])
-
-
-async def get_shadow(connection: HTTPConnection) -> ShadowMonitor:
-    """The app's shadow monitor (created by `create_app`)."""
-    monitor: ShadowMonitor = connection.app.state.shadow
-    return monitor
-
-
-ShadowDep = Annotated[ShadowMonitor, Depends(get_shadow)]
 
 
 class Percentiles(BaseModel):
@@ -63,13 +52,12 @@ class ShadowReport(BaseModel):
 )
 async def get_shadow_report(
     gateway: GatewayDep,
-    shadow: ShadowDep,
     name: Annotated[str, Path(max_length=128, description="The model's name.")],
 ) -> ShadowReport:
     """Agreement, per-class disagreement, accuracy on labelled requests and latency of each shadow
     candidate (`fmnist worker --shadow`), newest first; an empty list when none runs. 404
     `model_not_found` for an unknown model."""
-    candidates = shadow.candidates(name)
+    candidates = gateway.shadow.candidates(name)
     if not candidates and not gateway.registry.versions(name):
         known = ", ".join(gateway.registry.names()) or "none yet"
         raise ApiError(404, "model_not_found", f"no model {name!r}; known models: {known}")

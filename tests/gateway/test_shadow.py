@@ -251,7 +251,7 @@ async def shadow_running(settings: Settings, app: Any) -> AsyncIterator[None]:
                 for v in app.state.gateway.registry.versions(STAND_IN_MODEL)
             )
         )
-        app.state.shadow.follow_registry()
+        app.state.gateway.shadow.follow_registry()
         yield
     finally:
         task.cancel()
