@@ -32,6 +32,7 @@ from app.gateway.shadow import ShadowMonitor
 from app.gateway.shared_state import SharedState
 from app.gateway.submission import Accepted, IdempotencyClaim
 from app.logs import kv
+from app.protocol import ResultMessage
 from app.settings import Settings
 from messaging import MessagingError, PubSub, Subscription, parse_broker_url
 
@@ -104,6 +105,7 @@ class Gateway:
             self.metrics,
             gateway_id=self.gateway_id,
             pubsub_factory=self._factory,
+            live_result=self._stored_result,
         )
         self.feed.result_listeners.append(self.shadow.add_live)
         self._pubsub: PubSub | None = None
@@ -115,6 +117,10 @@ class Gateway:
         self._first_attempt = asyncio.Event()  # the first connection attempt ended, either way
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+
+    def _stored_result(self, request_id: str) -> ResultMessage | None:
+        stored = self.store.get_result(request_id)
+        return stored.result if stored is not None else None
 
     # --- lifecycle -------------------------------------------------------------------------
     @property

@@ -120,6 +120,7 @@ class ShadowMonitor:
         *,
         gateway_id: str,
         pubsub_factory: Callable[[Settings], PubSub],
+        live_result: Callable[[str], ResultMessage | None] = lambda request_id: None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -129,6 +130,7 @@ class ShadowMonitor:
         # With shared state a gateway sees only its own requests' live results: compare only those.
         self.own_only = bool(settings.shared_state_url)
         self._factory = pubsub_factory
+        self._live_result = live_result
         self._comparisons: dict[str, dict[str, ShadowComparison]] = {}  # model -> candidate -> it
         # What a live result feeds: the comparisons of candidates with a live shadow worker.
         self._fed: dict[str, list[ShadowComparison]] = {}
@@ -159,6 +161,12 @@ class ShadowMonitor:
             return
         if comparison not in self._fed.setdefault(model, []):
             self._fed[model].append(comparison)
+        # The live answer may have been stored before this comparison was fed (a shadow that just
+        # started): take it from the result store. A live answer already taken is not taken twice.
+        live = self._live_result(result.request_id)
+        if live is not None and live.model == model and live.model_version != candidate:
+            truth = true_label(live.metadata, len(comparison.class_names))
+            comparison.add_live(live.request_id, _answer(live), truth)
         comparison.add_candidate(result.request_id, _answer(result))
 
     def _comparison(self, model: str, candidate: str) -> ShadowComparison | None:

@@ -99,7 +99,11 @@ async def test_pinning_a_shadow_version_is_a_clear_409() -> None:
     assert STAND_IN_VERSION in response.json()["error"]["message"]
 
 
-def monitor_of(registry: ModelRegistry, **overrides: Any) -> ShadowMonitor:
+def monitor_of(
+    registry: ModelRegistry,
+    live_result: Callable[[str], ResultMessage | None] = lambda request_id: None,
+    **overrides: Any,
+) -> ShadowMonitor:
     settings = gateway_settings(**overrides)
     metrics = GatewayMetrics(in_flight=lambda: 0)
     return ShadowMonitor(
@@ -108,6 +112,7 @@ def monitor_of(registry: ModelRegistry, **overrides: Any) -> ShadowMonitor:
         metrics,
         gateway_id="gw-a",
         pubsub_factory=lambda s: messaging.connect(s.broker_url),
+        live_result=live_result,
     )
 
 
@@ -167,6 +172,16 @@ def test_live_results_read_back_from_long_before_the_gateway_started_are_not_com
     monitor.add_shadow(result("old", 1, CANDIDATE))
     (entry,) = monitor.candidates(STAND_IN_MODEL)
     assert entry["samples"] == 0
+
+
+def test_a_live_result_stored_before_the_comparison_was_fed_still_joins() -> None:
+    """A shadow result whose live answer came before the gateway fed its candidate joins it from the store."""
+    live = result("r0", 1, STAND_IN_VERSION, truth=1)
+    monitor = monitor_of(registry_with_shadow(), {"r0": live}.get)
+    monitor.add_live(live)  # not fed yet: the registry has not been followed
+    monitor.add_shadow(result("r0", 2, CANDIDATE))
+    (entry,) = monitor.candidates(STAND_IN_MODEL)
+    assert (entry["samples"], entry["agreement"], entry["candidate_accuracy"]) == (1, 0.0, 0.0)
 
 
 def test_a_comparison_keeps_only_about_its_window_of_pairs() -> None:
