@@ -8,14 +8,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import messaging
+from app.gateway.errors import ApiError
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.registry import ModelRegistry
 from app.gateway.shadow import ShadowComparison, ShadowMonitor
+from app.gateway.v2.grpc_server import status_code_of
 from app.protocol import (
     GATEWAY_ATTR,
     METADATA_ATTR,
@@ -356,3 +359,9 @@ async def test_the_shadow_endpoint_is_404_for_an_unknown_model_and_empty_without
         known = await client.get(f"/v1/models/{STAND_IN_MODEL}/shadow")
     assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "model_not_found")
     assert (known.status_code, known.json()) == (200, {"model": "fmnist", "candidates": []})
+
+
+def test_pinning_a_shadow_version_over_grpc_is_failed_precondition_not_internal() -> None:
+    """The gRPC service maps the 409 of a pinned shadow version to FAILED_PRECONDITION."""
+    refused = ApiError(409, "version_is_shadow", "runs as a shadow")
+    assert status_code_of(refused) == grpc.StatusCode.FAILED_PRECONDITION
