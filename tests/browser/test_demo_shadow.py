@@ -15,7 +15,7 @@ from tests.browser.harness import SERVER_START_TIMEOUT_S, Server, first_test_ima
 from tests.browser.harness import png_bytes as png_file
 from tests.e2e.processes import fmnist, free_port
 
-pytestmark = [pytest.mark.browser, pytest.mark.data]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.data]
 
 SENT = 30
 

@@ -22,7 +22,13 @@ from tests.e2e.conftest import (
     _tansu_or_skip,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.data, pytest.mark.timeout(180)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.kafka,
+    pytest.mark.data,
+    pytest.mark.timeout(180),
+]
 
 SENT = 40
 SHADOW_READY = r"event=shadow_worker_ready .*model_version=(\w+)"

@@ -217,6 +217,7 @@ async def test_a_shadow_reads_the_version_topics_of_a_canary_split() -> None:
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 async def test_a_second_shadow_worker_joining_does_not_send_the_first_back_to_its_start(
     kafka_url: str,
 ) -> None:
