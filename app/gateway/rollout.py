@@ -133,7 +133,9 @@ class LiveStats(BaseModel):
     requests: int
     failed: int
     error_rate: float = Field(description="failed / requests; 0 without requests.")
-    p50_ms: float | None = Field(description="Median of completed_at - submitted_at.")
+    p50_ms: float | None = Field(
+        description="Median of completed_at - submitted_at over the completed results."
+    )
     p99_ms: float | None
 
 
