@@ -22,7 +22,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.gateway.errors import ApiError
-from app.gateway.registry import ModelVersion
+from app.gateway.registry import ModelRegistry, ModelVersion
+from app.gateway.submission import FreshImage
 from app.logs import kv
 from app.protocol import (
     EVENT_KIND,
@@ -32,7 +33,7 @@ from app.protocol import (
     RolloutEvent,
     TrafficWeights,
 )
-from messaging import PubSub, Subscription
+from messaging import Outgoing, PubSub, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +172,8 @@ class RolloutState:
         self._weights: dict[str, TrafficWeights] = {}
         self._history: dict[str, list[HistoryEntry]] = {}
         self._seen: dict[str, set[bytes]] = {}  # per model: the entries in its history, as sent
-        self._routed: dict[
-            str, tuple[float, str | None]
-        ] = {}  # request id -> (submitted_at, version)
+        # request id -> (submitted_at, model, version chosen or None)
+        self._routed: dict[str, tuple[float, str, str | None]] = {}
         self._samples: dict[tuple[str, str], deque[tuple[float, bool, float]]] = {}
 
     # --- weights and history -----------------------------------------------------------------
@@ -237,9 +237,9 @@ class RolloutState:
         return choose_version(current.weights, eligible, key)
 
     # --- live figures ------------------------------------------------------------------------
-    def routed(self, request_id: str, submitted_at: float, version: str | None) -> None:
+    def routed(self, request_id: str, submitted_at: float, model: str, version: str | None) -> None:
         """Remember a request this gateway published, to count its result in the live figures."""
-        self._routed[request_id] = (submitted_at, version)
+        self._routed[request_id] = (submitted_at, model, version)
         horizon = self._clock() - self._routed_horizon_s
         # Insertion order is submission order: the oldest come first.
         while self._routed:
@@ -251,17 +251,16 @@ class RolloutState:
     def record_result(self, result: ResultMessage) -> bool:
         """Count `result` in its version's live figures when this gateway routed its request."""
         routed = self._routed.pop(result.request_id, None)
-        if routed is None or result.model is None:
+        if routed is None:
             return False
-        submitted_at, chosen = routed
+        submitted_at, model, chosen = routed
+        # A result the gateway made (an expired request) names no version: the one chosen counts.
         version = result.model_version or chosen
         if version is None:
             return False
-        samples = self._samples.get((result.model, version))
+        samples = self._samples.get((model, version))
         if samples is None:
-            samples = self._samples[(result.model, version)] = deque(
-                maxlen=_MAX_SAMPLES_PER_VERSION
-            )
+            samples = self._samples[(model, version)] = deque(maxlen=_MAX_SAMPLES_PER_VERSION)
         latency_ms = max(0.0, (result.completed_at - submitted_at) * 1000.0)
         samples.append((self._clock(), result.status == "failed", latency_ms))
         return True
@@ -285,22 +284,86 @@ class RolloutState:
         )
 
 
+def eligible_versions(registry: ModelRegistry, model: ModelVersion) -> set[str]:
+    """The versions of `model` a split may send its requests to: live, and taking the same input
+    (the images were fitted to `model`'s)."""
+    return {
+        v.version
+        for v in registry.versions(model.name)
+        if v.ready and v.input_shape == model.input_shape and v.dtype == model.dtype
+    }
+
+
+def versions_for(
+    rollout: RolloutState,
+    registry: ModelRegistry,
+    model: ModelVersion,
+    owner: str,
+    fresh: Sequence[FreshImage],
+    pinned: bool,
+) -> list[str | None]:
+    """The version each image goes to: `model`'s when pinned, else the split's choice (None: the
+    model's topic, no split)."""
+    if pinned:
+        return [model.version] * len(fresh)
+    if not rollout.weights(model.name):
+        return [None] * len(fresh)
+    eligible = eligible_versions(registry, model)
+    return [
+        rollout.choose(
+            model,
+            eligible,
+            routing_key(owner, image.claim[0] if image.claim else None, image.request_id),
+        )
+        for image in fresh
+    ]
+
+
+async def publish_by_topic(
+    pubsub: PubSub, items: Sequence[tuple[str, Outgoing]], *, timeout_s: float
+) -> list[object]:
+    """`publish_many` per topic, side by side; per item None or its exception, in `items`' order."""
+    by_topic: dict[str, list[int]] = {}
+    for index, (topic, _) in enumerate(items):
+        by_topic.setdefault(topic, []).append(index)
+    answers = await asyncio.gather(
+        *(
+            pubsub.publish_many(topic, [items[i][1] for i in indexes], timeout_s=timeout_s)
+            for topic, indexes in by_topic.items()
+        )
+    )
+    outcomes: list[object] = [None] * len(items)
+    for indexes, answer in zip(by_topic.values(), answers, strict=True):
+        for index, outcome in zip(indexes, answer, strict=True):
+            outcomes[index] = outcome
+    return outcomes
+
+
 def rollout_message(entry: HistoryEntry) -> tuple[bytes, str, dict[str, str]]:
     """(payload, key, attributes) of `entry` on the rollout topic."""
     kind = WEIGHTS_KIND if isinstance(entry, TrafficWeights) else EVENT_KIND
     return entry.to_bytes(), entry.model, {KIND_ATTR: kind}
 
 
-async def follow_rollout(
-    pubsub: PubSub, topic: str, group: str, state: RolloutState, caught_up: asyncio.Event
-) -> None:
-    """Apply the rollout topic from its beginning until cancelled or the subscription ends;
-    `caught_up` is set once a receive found nothing ready (the read-back is done)."""
+async def subscribe_rollout(pubsub: PubSub, topic: str, group: str) -> Subscription:
+    """The rollout topic from its beginning at every start, whatever the group committed: the
+    newest weights are in force, and the history is rebuilt."""
     await pubsub.ensure_topics(topic)
-    # From the beginning at every start, whatever the group committed: the newest weights are in force.
-    subscription: Subscription = pubsub.subscribe(topic, group=group, start=0.0)
+    subscription = pubsub.subscribe(topic, group=group, start=0.0)
     try:
         await subscription.start()
+    except BaseException:
+        await subscription.aclose()
+        raise
+    return subscription
+
+
+async def follow_rollout(
+    pubsub: PubSub, subscription: Subscription, state: RolloutState, caught_up: asyncio.Event
+) -> None:
+    """Apply the rollout topic until cancelled or the subscription ends; `caught_up` is set once
+    a receive found nothing ready (the read-back is done)."""
+    try:
         while True:
             quiet_s = None if caught_up.is_set() else _caught_up_quiet_s(pubsub)
             try:

@@ -143,7 +143,7 @@ def test_live_figures_count_only_routed_results_in_the_window() -> None:
     clock = [1000.0]
     rollout = state(clock)
     for i, status in enumerate(["completed", "completed", "failed"]):
-        rollout.routed(f"r{i}", submitted_at=1000.0, version=NEW)
+        rollout.routed(f"r{i}", submitted_at=1000.0, model="fmnist", version=NEW)
         clock[0] = 1000.0 + 0.1 * (i + 1)
         rollout.record_result(result(f"r{i}", status, completed_at=clock[0]))
     assert not rollout.record_result(result("foreign", "completed", completed_at=clock[0]))
