@@ -64,7 +64,7 @@ class EventRequest(BaseModel):
     action: Literal[
         "started", "gate_passed", "gate_failed", "step", "rolled_back", "promoted", "aborted"
     ]
-    figures: dict[str, float] = Field(default_factory=dict)
+    figures: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
     weights: dict[str, int] = Field(default_factory=dict)
     detail: str = Field("", max_length=10_000)
 
