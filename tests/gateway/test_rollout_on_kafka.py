@@ -21,7 +21,9 @@ SPLIT = {OLD.version: 80, NEW.version: 20}
 async def applied(gateway: Gateway, weights: dict[str, int]) -> None:
     """Wait until `gateway` has `weights` in force for fmnist."""
     async with asyncio.timeout(5):
-        while gateway.rollout.weights("fmnist") != weights:
+        while True:
+            if gateway.rollout.weights("fmnist") == weights:
+                return
             await asyncio.sleep(0.02)
 
 
