@@ -69,7 +69,8 @@ async def test_setting_weights_answers_full_ids_and_shows_in_the_model() -> None
     """Tags resolve to full ids; GET /v1/models/fmnist and the history show the split at once."""
     async with two_versions(gateway_settings()) as (_, client):
         put = await client.put(
-            "/v1/models/fmnist/weights", json={"weights": {"v1": 90, "bbbb": 10}, "reason": "canary"}
+            "/v1/models/fmnist/weights",
+            json={"weights": {"v1": 90, "bbbb": 10}, "reason": "canary"},
         )
         model = await client.get("/v1/models/fmnist")
         history = await client.get("/v1/models/fmnist/history")
@@ -83,7 +84,11 @@ async def test_setting_weights_answers_full_ids_and_shows_in_the_model() -> None
 
 @pytest.mark.parametrize(
     ("name", "weights", "status"),
-    [("nope", {"v1": 100}, 404), ("fmnist", {"v1": 90, "v2": 20}, 422), ("fmnist", {"v9": 100}, 422)],
+    [
+        ("nope", {"v1": 100}, 404),
+        ("fmnist", {"v1": 90, "v2": 20}, 422),
+        ("fmnist", {"v9": 100}, 422),
+    ],
 )
 async def test_bad_weights_are_refused(name: str, weights: dict[str, int], status: int) -> None:
     """An unknown model is 404; a total other than 100 or an unknown version is 422."""
@@ -116,9 +121,7 @@ async def test_the_split_holds_on_the_publish_path() -> None:
         payload = bytes(784)
         for start in range(0, count, 500):
             claims = [(f"key-{i}", "body") for i in range(start, start + 500)]
-            outcomes = await gateway.submit(
-                "", [payload] * 500, model=model, idempotency=claims
-            )
+            outcomes = await gateway.submit("", [payload] * 500, model=model, idempotency=claims)
             assert all(not isinstance(o, Exception) for o in outcomes)
         counts = {v.version: await published_versions(settings, v.version) for v in (OLD, NEW)}
     assert sum(sum(c.values()) for c in counts.values()) == count
