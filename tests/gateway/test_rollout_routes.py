@@ -17,6 +17,7 @@ import messaging
 from app.gateway.service import Gateway
 from app.protocol import MODEL_VERSION_ATTR, requests_topic_for
 from app.settings import Settings
+from tests.brokers import unique_name
 from tests.gateway.helpers import (
     announce_model,
     announcement,
@@ -123,20 +124,23 @@ async def test_the_split_holds_on_the_publish_path() -> None:
             claims = [(f"key-{i}", "body") for i in range(start, start + 500)]
             outcomes = await gateway.submit("", [payload] * 500, model=model, idempotency=claims)
             assert all(not isinstance(o, Exception) for o in outcomes)
-        counts = {v.version: await published_versions(settings, v.version) for v in (OLD, NEW)}
+        counts = {
+            v.version: Counter(a[MODEL_VERSION_ATTR] for a in await published(settings, v.version))
+            for v in (OLD, NEW)
+        }
     assert sum(sum(c.values()) for c in counts.values()) == count
     assert counts[OLD.version] == Counter({OLD.version: counts[OLD.version].total()})
     share = counts[NEW.version].total() / count * 100
     assert abs(share - 10) <= 2, counts
 
 
-async def published_versions(settings: Settings, version: str) -> Counter[str]:
-    """The `model_version` attributes of the requests on `version`'s topic."""
+async def published(settings: Settings, version: str) -> list[dict[str, str]]:
+    """The attributes of the requests on `version`'s topic, read in a group of their own."""
     topic = requests_topic_for(settings.requests_topic, "fmnist", version)
-    seen: Counter[str] = Counter()
+    seen: list[dict[str, str]] = []
     async with (
         messaging.connect(settings.broker_url) as pubsub,
-        pubsub.subscribe(topic, group=f"count-{version}", start="earliest") as messages,
+        pubsub.subscribe(topic, group=unique_name("count"), start="earliest") as messages,
     ):
         while True:
             try:
@@ -145,7 +149,7 @@ async def published_versions(settings: Settings, version: str) -> Counter[str]:
             except TimeoutError:
                 return seen
             for message in batch:
-                seen[message.attributes.get(MODEL_VERSION_ATTR, "")] += 1
+                seen.append(dict(message.attributes))
                 await message.ack()
 
 
@@ -180,3 +184,32 @@ async def test_live_figures_count_each_versions_results() -> None:
     }
     assert all(live[v]["p50_ms"] is not None for v in answered)
     assert sum(answered.values()) == 10
+
+
+async def test_an_idempotency_key_lands_on_the_same_version_through_any_gateway() -> None:
+    """The same Idempotency-Key sent to two gateways (no shared state) reaches the same version."""
+    settings = gateway_settings()
+    keys = [f"order-{i}" for i in range(20)]
+    async with (
+        two_versions(settings) as (_, a),
+        running_gateway(settings, announce=False) as (_, b),
+    ):
+        await a.put("/v1/models/fmnist/weights", json={"weights": {"v1": 50, "v2": 50}})
+        ids: dict[str, list[str]] = {key: [] for key in keys}
+        for client in (a, b):
+            for key in keys:
+                answer = await client.post(
+                    "/v1/predictions",
+                    content=png_bytes(fashion_like(1)),
+                    headers={**PNG, "Idempotency-Key": key},
+                )
+                assert answer.status_code == 202, answer.text
+                ids[key].append(answer.json()["request_id"])
+        version_of = {
+            a["request_id"]: a[MODEL_VERSION_ATTR]
+            for v in (OLD, NEW)
+            for a in await published(settings, v.version)
+        }
+    landed = {key: {version_of[request_id] for request_id in pair} for key, pair in ids.items()}
+    assert all(len(versions) == 1 for versions in landed.values()), landed
+    assert {v for versions in landed.values() for v in versions} == {OLD.version, NEW.version}
