@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -14,6 +16,7 @@ from app.gateway.errors import ApiError, error_responses
 from app.gateway.images import (
     NPY_TYPES,
     SUPPORTED_IMAGE_TYPES,
+    ImagePolicy,
     decode_array,
     decode_array_batch,
     media_type,
@@ -32,7 +35,7 @@ from app.gateway.models import BatchResponse, PredictionResponse, pending_body, 
 from app.gateway.registry import ModelVersion
 from app.gateway.results import StoredResult, Submission
 from app.gateway.service import Gateway
-from app.gateway.submission import Accepted
+from app.gateway.submission import Accepted, IdempotencyClaim
 
 router = APIRouter(prefix="/v1", tags=["predictions"])
 
@@ -260,30 +263,62 @@ async def create_model_prediction(request: Request) -> Response:
 async def _create_prediction(request: Request) -> Response:
     gateway, owner = caller_of(request)
     options = submit_options(request, gateway, _model_in_path(request))
-    key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
-    try:
+    key, meta = options.idempotency_key, options.metadata
+    with _counting_rejections(gateway):
         raw, payload = await _read_single_image(request, gateway, options.model)
         claim = [(key, body_fingerprint(raw, meta))] if key is not None else None
-        (outcome,) = await gateway.submit(
-            owner,
-            [payload],
-            model=options.model,
-            pinned=options.pinned,
-            metadata=meta,
-            idempotency=claim,
-        )
+        (outcome,) = await _submit(gateway, owner, options, [payload], claim)
         if isinstance(outcome, ApiError):
             raise outcome
+    request_id = outcome.request_id
+    (body,), done = await _answers(gateway, owner, [request_id], options.wait_s)
+    return _json(body, 200 if done else 202, {"Location": f"/v1/predictions/{request_id}"})
+
+
+@contextmanager
+def _counting_rejections(gateway: Gateway) -> Iterator[None]:
+    """Count an `ApiError` raised within by its code, and let it through."""
+    try:
+        yield
     except ApiError as exc:
         gateway.metrics.record_rejection(exc.code)
         raise
-    request_id = outcome.request_id
-    location = {"Location": f"/v1/predictions/{request_id}"}
-    await gateway.wait_for_all(owner, [request_id], wait_s)
-    found = await gateway.lookup(request_id)
-    if isinstance(found, StoredResult):
-        return _json(result_body(found), 200, location)
-    return _json(pending_body(request_id, found), 202, location)
+
+
+async def _submit(
+    gateway: Gateway,
+    owner: str,
+    options: SubmitOptions,
+    payloads: list[bytes],
+    claims: Sequence[IdempotencyClaim | None] | None,
+) -> list[Accepted | ApiError]:
+    return await gateway.submit(
+        owner,
+        payloads,
+        model=options.model,
+        pinned=options.pinned,
+        metadata=options.metadata,
+        idempotency=claims,
+    )
+
+
+async def _answers(
+    gateway: Gateway, owner: str, request_ids: list[str], wait_s: float
+) -> tuple[list[dict[str, Any]], bool]:
+    """Wait up to `wait_s` for the results of `request_ids`; their bodies (the result, else `pending`),
+    in order, and whether every one has a result."""
+    if wait_s > 0 and request_ids:
+        await gateway.wait_for_all(owner, request_ids, wait_s)
+    bodies: list[dict[str, Any]] = []
+    all_done = True
+    for request_id in request_ids:
+        found = await gateway.lookup(request_id)
+        if isinstance(found, StoredResult):
+            bodies.append(result_body(found))
+        else:
+            all_done = False
+            bodies.append(pending_body(request_id, found))
+    return bodies, all_done
 
 
 @router.post(
@@ -321,29 +356,9 @@ async def create_model_predictions_batch(request: Request) -> Response:
 async def _create_batch(request: Request) -> Response:
     gateway, owner = caller_of(request)
     options = submit_options(request, gateway, _model_in_path(request))
-    key, meta, wait_s = options.idempotency_key, options.metadata, options.wait_s
-    policy = gateway.policy_for(options.model)
-    settings = gateway.settings
-    max_images = settings.max_batch_images
-    limit = settings.max_batch_upload_bytes
-    try:
-        body = await read_body(request, limit, "FMNIST_MAX_BATCH_UPLOAD_BYTES")
-        content_type = request.headers.get("content-type") or ""
-        kind = media_type(content_type)
-        decoded: list[bytes | ApiError]
-        if kind == "multipart/form-data":
-            uploads = parse_multipart_files(content_type, body, "files", max_files=max_images)
-            raws = [upload.data for upload in uploads]
-            decoded = await decode_uploads(uploads, policy)
-        elif kind in NPY_TYPES:
-            arrays = decode_array_batch(body, policy, max_images=max_images)
-            raws, decoded = list(arrays), list(arrays)
-        else:
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                "send multipart/form-data with repeated field `files`, or an application/x-npy uint8 array",
-            )
+    key, meta = options.idempotency_key, options.metadata
+    with _counting_rejections(gateway):
+        raws, decoded = await _read_batch(request, gateway, gateway.policy_for(options.model))
         good = [
             (index, item) for index, item in enumerate(decoded) if not isinstance(item, ApiError)
         ]
@@ -352,17 +367,7 @@ async def _create_batch(request: Request) -> Response:
             if key is not None
             else None
         )
-        outcomes = await gateway.submit(
-            owner,
-            [payload for _, payload in good],
-            model=options.model,
-            pinned=options.pinned,
-            metadata=meta,
-            idempotency=claims,
-        )
-    except ApiError as exc:
-        gateway.metrics.record_rejection(exc.code)
-        raise
+        outcomes = await _submit(gateway, owner, options, [payload for _, payload in good], claims)
     submitted = iter(outcomes)
     items: list[Accepted | ApiError] = [
         item if isinstance(item, ApiError) else next(submitted) for item in decoded
@@ -375,21 +380,39 @@ async def _create_batch(request: Request) -> Response:
         if isinstance(item, ApiError):
             gateway.metrics.record_rejection(item.code)
     accepted_ids = [item.request_id for item in items if isinstance(item, Accepted)]
-    if wait_s > 0 and accepted_ids:
-        await gateway.wait_for_all(owner, accepted_ids, wait_s)
-    body_items: list[dict[str, Any]] = []
-    all_done = True
-    for index, item in enumerate(items):
-        if isinstance(item, ApiError):
-            body_items.append({"index": index, "error": item.to_body()["error"]})
-            continue
-        found = await gateway.lookup(item.request_id)
-        if isinstance(found, StoredResult):
-            body_items.append(result_body(found))
-        else:
-            all_done = False
-            body_items.append(pending_body(item.request_id, found))
+    answers, all_done = await _answers(gateway, owner, accepted_ids, options.wait_s)
+    answered = iter(answers)
+    body_items = [
+        {"index": index, "error": item.to_body()["error"]}
+        if isinstance(item, ApiError)
+        else next(answered)
+        for index, item in enumerate(items)
+    ]
     return _json({"items": body_items}, 200 if all_done else 202)
+
+
+async def _read_batch(
+    request: Request, gateway: Gateway, policy: ImagePolicy
+) -> tuple[list[bytes], list[bytes | ApiError]]:
+    """(each upload's bytes, its model input or the error that refused it) for the batch route."""
+    settings = gateway.settings
+    max_images = settings.max_batch_images
+    body = await read_body(
+        request, settings.max_batch_upload_bytes, "FMNIST_MAX_BATCH_UPLOAD_BYTES"
+    )
+    content_type = request.headers.get("content-type") or ""
+    kind = media_type(content_type)
+    if kind == "multipart/form-data":
+        uploads = parse_multipart_files(content_type, body, "files", max_files=max_images)
+        return [upload.data for upload in uploads], await decode_uploads(uploads, policy)
+    if kind in NPY_TYPES:
+        arrays = decode_array_batch(body, policy, max_images=max_images)
+        return list(arrays), list(arrays)
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        "send multipart/form-data with repeated field `files`, or an application/x-npy uint8 array",
+    )
 
 
 @router.get(

@@ -18,6 +18,9 @@ One `Worker` serves one model: it reads the model's requests topic (in the model
 topic of requests pinned to its own version (in that version's group), and announces the model on
 the control topic (`app.protocol.ModelAnnouncement`) at start, every `FMNIST_HEARTBEAT_INTERVAL_S`,
 and as `leaving` when it drains. `fmnist worker --model a=... --model b=...` runs one per model.
+
+Decoding a request message lives in `app.worker.decoding`; what is published for each request (results,
+failures, dead letters, retries) in `app.worker.results`.
 """
 
 from __future__ import annotations
@@ -28,26 +31,27 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
-import orjson
 import torch
 
 from app import protocol
 from app.logs import kv
-from app.protocol import (
-    ErrorInfo,
-    ModelAnnouncement,
-    ResultMessage,
-    requests_topic_for,
-    worker_group_for,
-)
+from app.protocol import ModelAnnouncement, requests_topic_for, worker_group_for
 from app.settings import Settings
+from app.worker.decoding import (
+    Request,
+    UndecodableRequest,
+    decode_request,
+    parse_request,
+    request_id_of,
+)
 from app.worker.inference import announcement_of, load_served_model, worker_layout
-from messaging import Message, MessagingError, Outgoing, PubSub, Subscription
+from app.worker.results import WORKER_ID_ATTR, Ready, ResultPublisher
+from messaging import Message, MessagingError, PubSub, Subscription
 from ml.runner import (
     DeadlineExceeded,
     InvalidInput,
@@ -61,9 +65,9 @@ from ml.runner import (
 if TYPE_CHECKING:
     from ml.runner import BatchPredictor
 
-logger = logging.getLogger(__name__)
+__all__ = ["WORKER_ID_ATTR", "UndecodableRequest", "Worker", "decode_request", "default_worker_id"]
 
-WORKER_ID_ATTR = "worker_id"
+logger = logging.getLogger(__name__)
 
 # How long a handler waits before trying again when the runner's queue is full, and after a failed
 # publish before it gives the request back (so a broker outage does not become a nack storm).
@@ -71,80 +75,8 @@ _OVERLOAD_BACKOFF_S = 0.005
 _PUBLISH_FAILURE_BACKOFF_S = 1.0
 
 
-class UndecodableRequest(ValueError):
-    """The request message cannot be turned into an image (missing or malformed attributes, wrong size)."""
-
-    code = "undecodable_request"
-
-
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def decode_request(message: Message) -> tuple[str, np.ndarray]:
-    """The request id and the uint8 C×H×W image of a request message; raises UndecodableRequest."""
-    attributes = message.attributes
-    request_id = attributes.get(protocol.REQUEST_ID_ATTR) or message.key
-    if not request_id:
-        raise UndecodableRequest(
-            f"message has no `{protocol.REQUEST_ID_ATTR}` attribute and no key"
-        )
-    try:
-        shape = protocol.decode_shape(attributes.get(protocol.SHAPE_ATTR, ""))
-    except ValueError as exc:
-        raise UndecodableRequest(f"bad `{protocol.SHAPE_ATTR}` attribute: {exc}") from None
-    expected_bytes = shape[0] * shape[1] * shape[2]
-    if len(message.data) != expected_bytes:
-        raise UndecodableRequest(
-            f"payload has {len(message.data)} bytes, but shape {shape} needs {expected_bytes} (uint8 C×H×W)"
-        )
-    # A read-only view of the payload, no copy; the runner stacks a batch into a fresh tensor.
-    # numpy rather than torch: a torch call hands the GIL to the model's threads and waits to get
-    # it back, once per request.
-    image = np.frombuffer(message.data, dtype=np.uint8).reshape(shape)
-    return request_id, image
-
-
-class _Request(NamedTuple):
-    """A decoded request message."""
-
-    request_id: str
-    image: np.ndarray
-    deadline: float | None
-    submitted_at: float | None
-    metadata: dict[str, str]
-
-
-class _Ready(NamedTuple):
-    """A request's result message, computed and waiting to be published with the others."""
-
-    message: Message
-    outgoing: Outgoing  # the result message, keyed and with the attributes gateways route it by
-    outcome: str  # what it counts as once published
-
-
-def _parse_request(message: Message) -> _Request:
-    """Everything a worker needs from a request message; raises ValueError (or RecursionError for
-    absurdly nested metadata) when it cannot be decoded."""
-    attributes = message.attributes
-    request_id, image = decode_request(message)
-    return _Request(
-        request_id,
-        image,
-        _float_attribute(attributes, protocol.DEADLINE_ATTR),
-        _float_attribute(attributes, protocol.SUBMITTED_AT_ATTR),
-        protocol.decode_metadata(attributes.get(protocol.METADATA_ATTR)),
-    )
-
-
-def _float_attribute(attributes: Mapping[str, str], name: str) -> float | None:
-    text = attributes.get(name)
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise UndecodableRequest(f"attribute `{name}` must be unix seconds, got {text!r}") from None
 
 
 class Worker:
@@ -186,6 +118,7 @@ class Worker:
         self._drained = False
         self.outcomes: Counter[str] = Counter()
         """Requests handled, by outcome: completed, deadline_exceeded, requeued, deadlettered, …"""
+        self._results = ResultPublisher(settings, pubsub, self.worker_id, self.outcomes)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -203,48 +136,20 @@ class Worker:
 
     async def start(self) -> None:
         """Load the model, create the topics, join the group and start consuming."""
-        settings = self.settings
         owns_model = self._classifier is None
         if self._classifier is None:
             self._classifier = await asyncio.to_thread(
-                load_served_model, settings, self._source, self._name
+                load_served_model, self.settings, self._source, self._name
             )
-        announcement = announcement_of(self._classifier, settings, self.worker_id, name=self._name)
-        self.announcement = announcement
-        layout = worker_layout(settings, self._classifier)
-        if owns_model:  # this worker loaded the process's model, so it sets torch's thread count
-            torch.set_num_threads(layout.threads)
-        runner = ModelRunner(
-            self._classifier,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.batch_fill_wait_ms,
-            max_queue=max(settings.max_queued_images, settings.max_batch_size),
-            concurrency=layout.concurrency,
-            preferred_batch_size=min(settings.preferred_batch_size, settings.max_batch_size),
+        announcement = announcement_of(
+            self._classifier, self.settings, self.worker_id, name=self._name
         )
-        await runner.start()
-        self._runner = runner
-        name, version = announcement.name, announcement.version
-        model_topic = requests_topic_for(settings.requests_topic, name)
-        version_topic = requests_topic_for(settings.requests_topic, name, version)
-        routes = [
-            (model_topic, worker_group_for(settings.worker_group, name)),
-            (version_topic, worker_group_for(settings.worker_group, name, version)),
-        ]
+        self.announcement = announcement
+        self._results.model_name = announcement.name
+        self._results.model_version = announcement.version
+        runner = await self._start_runner(self._classifier, owns_model)
         try:
-            await self.pubsub.ensure_topics(
-                model_topic,
-                version_topic,
-                settings.results_topic,
-                settings.deadletter_topic,
-                settings.control_topic,
-            )
-            for topic, group in routes:
-                subscription = self.pubsub.subscribe(
-                    topic, group=group, start="earliest", max_in_flight=self.max_unacked
-                )
-                self._subscriptions.append(subscription)
-                await subscription.start()
+            routes = await self._subscribe(announcement.name, announcement.version)
             # Announced once consuming: a gateway that learns the model can send it requests.
             await self._announce("live")
         except BaseException:
@@ -253,23 +158,70 @@ class Worker:
             await runner.close()
             raise
         loop = asyncio.get_running_loop()
+        name = announcement.name
         self._consumers = [
             loop.create_task(self._consume(sub), name=f"fmnist-worker-{self.worker_id}-{name}")
             for sub in self._subscriptions
         ]
         self._heartbeat = loop.create_task(self._beat(), name=f"fmnist-heartbeat-{name}")
+        self._log_ready(announcement, runner, *routes[0])
+
+    async def _start_runner(self, classifier: BatchPredictor, owns_model: bool) -> ModelRunner:
+        settings = self.settings
+        layout = worker_layout(settings, classifier)
+        if owns_model:  # this worker loaded the process's model, so it sets torch's thread count
+            torch.set_num_threads(layout.threads)
+        runner = ModelRunner(
+            classifier,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.batch_fill_wait_ms,
+            max_queue=max(settings.max_queued_images, settings.max_batch_size),
+            concurrency=layout.concurrency,
+            preferred_batch_size=min(settings.preferred_batch_size, settings.max_batch_size),
+        )
+        await runner.start()
+        self._runner = runner
+        return runner
+
+    async def _subscribe(self, name: str, version: str) -> list[tuple[str, str]]:
+        """Create the topics and join the model's group and the version's; the (topic, group) pairs."""
+        settings = self.settings
+        model_topic = requests_topic_for(settings.requests_topic, name)
+        version_topic = requests_topic_for(settings.requests_topic, name, version)
+        routes = [
+            (model_topic, worker_group_for(settings.worker_group, name)),
+            (version_topic, worker_group_for(settings.worker_group, name, version)),
+        ]
+        await self.pubsub.ensure_topics(
+            model_topic,
+            version_topic,
+            settings.results_topic,
+            settings.deadletter_topic,
+            settings.control_topic,
+        )
+        for topic, group in routes:
+            subscription = self.pubsub.subscribe(
+                topic, group=group, start="earliest", max_in_flight=self.max_unacked
+            )
+            self._subscriptions.append(subscription)
+            await subscription.start()
+        return routes
+
+    def _log_ready(
+        self, announcement: ModelAnnouncement, runner: ModelRunner, topic: str, group: str
+    ) -> None:
         logger.info(
             kv(
                 "worker_ready",
                 worker_id=self.worker_id,
                 broker=self.pubsub.url,
-                model=name,
-                model_version=version,
+                model=announcement.name,
+                model_version=announcement.version,
                 tag=announcement.tag,
                 input_shape=protocol.encode_shape(announcement.input_shape),
                 device=announcement.device,
-                topic=model_topic,
-                group=routes[0][1],
+                topic=topic,
+                group=group,
                 max_batch_size=runner.max_batch_size,
                 preferred_batch_size=runner.preferred_batch_size,
                 max_wait_ms=runner.max_wait_ms,
@@ -400,112 +352,89 @@ class Worker:
         """
         runner = self._runner
         assert runner is not None
-        parsed: list[tuple[Message, _Request | BaseException]] = []
-        for message in messages:
-            try:
-                request: _Request | BaseException = _parse_request(message)
-            # UndecodableRequest, bad metadata, or metadata nested past the parser's recursion limit.
-            except (ValueError, RecursionError) as exc:
-                request = exc
-            parsed.append((message, request))
+        parsed = [(message, _parse_or_error(message)) for message in messages]
         submitted = [
             runner.submit(request.image, request.deadline)
             for _, request in parsed
-            if isinstance(request, _Request)
+            if isinstance(request, Request)
         ]
         # Plain futures, no task per request, each awaited by its request's `_finish` in order. The
         # results computed so far go out in one publish_many before waiting for the next batch, so
         # the first batch's results are published while the next batch computes. A full runner
         # answers Overloaded at once, and those requests then wait for room one by one in `_finish`.
         answers = iter(submitted)
-        ready: list[_Ready] = []
+        ready: list[Ready] = []
         failed: list[tuple[Message, BaseException]] = []
         try:
             for message, request in parsed:
-                if isinstance(request, _Request):
+                if isinstance(request, Request):
                     answer = next(answers)
                     if ready and not answer.done():
-                        failed += await self._publish_ready(ready)
+                        failed += await self._results.publish_ready(ready)
                         ready = []
-                    error = await self._guarded(
-                        message, self._finish(message, request, answer, ready)
-                    )
+                    work = self._finish(message, request, answer, ready)
                 else:
-                    error = await self._guarded(message, self._refuse(message, request))
-                if error is not None:
+                    work = self._refuse(message, request)
+                if (error := await self._guarded(message, work)) is not None:
                     failed.append((message, error))
-            failed += await self._publish_ready(ready)
+            failed += await self._results.publish_ready(ready)
             ready = []
         finally:  # cancelled midway: what was computed and not published goes back
             for item in ready:
                 await item.message.nack()
         if failed:
-            # One line per chunk, not per request: an outage fails every request of every chunk.
-            first_message, first = failed[0]
-            logger.warning(
-                kv(
-                    "publish_failed",
-                    count=len(failed),
-                    first=first_message.attributes.get(protocol.REQUEST_ID_ATTR)
-                    or first_message.key,
-                    error=first,
-                    action="nack",
-                )
-            )
-            await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
-            for message, _ in failed:
-                await message.nack()
+            await self._give_back(failed)
 
-    async def _publish_ready(self, ready: list[_Ready]) -> list[tuple[Message, BaseException]]:
-        """Publish the outcomes computed so far together; ack each one accepted, count it."""
-        errors = await self.pubsub.publish_many(
-            self.settings.results_topic, [item.outgoing for item in ready]
+    async def _give_back(self, failed: list[tuple[Message, BaseException]]) -> None:
+        """Nack the requests whose outcome could not be published, after one back-off for them all."""
+        # One line per chunk, not per request: an outage fails every request of every chunk.
+        first_message, first = failed[0]
+        logger.warning(
+            kv(
+                "publish_failed",
+                count=len(failed),
+                first=request_id_of(first_message),
+                error=first,
+                action="nack",
+            )
         )
-        failed: list[tuple[Message, BaseException]] = []
-        for item, error in zip(ready, errors, strict=True):
-            if error is None:
-                self.outcomes[item.outcome] += 1
-                await item.message.ack()
-            else:  # the request goes back for a later delivery
-                self.outcomes["nacked"] += 1
-                failed.append((item.message, error))
-        return failed
+        await asyncio.sleep(_PUBLISH_FAILURE_BACKOFF_S)
+        for message, _ in failed:
+            await message.nack()
 
     async def _guarded(self, message: Message, work: Awaitable[None]) -> BaseException | None:
         """Run one request's outcome; the error when it must be given back (nack) after a back-off."""
         try:
             await work
-        except MessagingError as exc:
-            # Could not publish the outcome: give the request back for a later delivery.
-            self.outcomes["nacked"] += 1
-            return exc
         except asyncio.CancelledError:
             await message.nack()
             raise
-        except Exception as exc:  # a bug must not wedge the message: log loudly, give it back
+        except Exception as exc:
+            # A MessagingError could not publish the outcome; anything else is a bug, which must
+            # not wedge the message: log it loudly. Either way the request goes back.
+            if not isinstance(exc, MessagingError):
+                logger.exception(
+                    kv("handler_crashed", request_id=request_id_of(message), error=repr(exc))
+                )
             self.outcomes["nacked"] += 1
-            request_id = message.attributes.get(protocol.REQUEST_ID_ATTR) or message.key or ""
-            logger.exception(kv("handler_crashed", request_id=request_id, error=repr(exc)))
             return exc
         return None
 
     async def _refuse(self, message: Message, exc: BaseException) -> None:
         """A request that cannot be decoded: dead-letter it, tell its client if it has an id, ack."""
-        await self._dead_letter(message, "undecodable_request", str(exc))
-        attributes = message.attributes
-        if request_id := attributes.get(protocol.REQUEST_ID_ATTR) or message.key or "":
-            await self._publish_failure(message, request_id, {}, "invalid_request", str(exc))
+        await self._results.refuse(message, exc)
         await message.ack()
 
     async def _finish(
         self,
         message: Message,
-        request: _Request,
+        request: Request,
         answer: asyncio.Future[Prediction],
-        ready: list[_Ready],
+        ready: list[Ready],
     ) -> None:
         """One request's outcome: a result or an expiry joins `ready`, to be published with the
         others and then acked; any other failure is published (dead letter, retry) and acked here."""
+        results = self._results
         request_id, metadata = request.request_id, request.metadata
         try:
             if (
@@ -517,17 +446,22 @@ class Worker:
             else:
                 prediction = await answer
         except DeadlineExceeded as exc:
-            expired = self._failure(message, request_id, metadata, DeadlineExceeded.code, str(exc))
-            ready.append(_Ready(message, expired, DeadlineExceeded.code))
+            code = DeadlineExceeded.code
+            ready.append(
+                Ready(message, results.failure(message, request_id, metadata, code, str(exc)), code)
+            )
             return
         except InvalidInput as exc:
-            await self._dead_letter(message, InvalidInput.code, str(exc))
-            await self._publish_failure(message, request_id, metadata, InvalidInput.code, str(exc))
+            await results.dead_letter(message, InvalidInput.code, str(exc))
+            await results.publish_failure(
+                message, request_id, metadata, InvalidInput.code, str(exc)
+            )
         except ModelError as exc:
-            await self._retry_or_dead_letter(message, request_id, metadata, exc)
+            await results.retry_or_dead_letter(message, request_id, metadata, exc)
         else:
-            result = self._result(message, request_id, metadata, prediction, request.submitted_at)
-            ready.append(_Ready(message, result, "completed"))
+            ready.append(
+                Ready(message, results.completed(message, request, prediction), "completed")
+            )
             return
         await message.ack()
 
@@ -541,118 +475,11 @@ class Worker:
                 # Backpressure: the subscription stops delivering while handlers wait here.
                 await asyncio.sleep(_OVERLOAD_BACKOFF_S)
 
-    # --- publishing -----------------------------------------------------------------------------
 
-    def _result(
-        self,
-        message: Message,
-        request_id: str,
-        metadata: dict[str, str],
-        prediction: Prediction,
-        submitted_at: float | None,
-    ) -> Outgoing:
-        now = time.time()
-        # queue_ms counts from the gateway's acceptance when known (broker transit + model queue),
-        # never less than the time spent in this worker's queue.
-        queue_ms = prediction.queue_ms
-        if submitted_at is not None:
-            since_submit_ms = (now - submitted_at) * 1000.0 - prediction.inference_ms
-            queue_ms = max(queue_ms, since_submit_ms)
-        # The fields of a `ResultMessage`, encoded by orjson: 0.4 µs instead of 3.3 µs for
-        # building and dumping the model, on the hot path (tests parse it back as a ResultMessage).
-        result = {
-            "request_id": request_id,
-            "status": "completed",
-            "label": prediction.label,
-            "class_name": prediction.class_name,
-            "probabilities": prediction.probabilities,
-            "model": self.model_name,
-            "model_version": prediction.model_version,
-            "batch_id": prediction.batch_id,
-            "batch_size": prediction.batch_size,
-            "queue_ms": round(queue_ms, 3),
-            "inference_ms": round(prediction.inference_ms, 3),
-            "worker_id": self.worker_id,
-            "completed_at": now,
-            "owner": message.attributes.get(protocol.OWNER_ATTR, ""),
-            "metadata": metadata,
-            "error": None,
-        }
-        return Outgoing(
-            orjson.dumps(result), request_id, protocol.result_attributes(message.attributes, now)
-        )
-
-    async def _publish_failure(
-        self, message: Message, request_id: str, metadata: dict[str, str], code: str, text: str
-    ) -> None:
-        failure = self._failure(message, request_id, metadata, code, text)
-        await self.pubsub.publish(
-            self.settings.results_topic,
-            failure.data,
-            key=failure.key,
-            attributes=failure.attributes,
-        )
-
-    def _failure(
-        self, message: Message, request_id: str, metadata: dict[str, str], code: str, text: str
-    ) -> Outgoing:
-        """A failed request's result message, logged."""
-        completed_at = time.time()
-        result = ResultMessage(
-            request_id=request_id,
-            status="failed",
-            model=self.model_name,
-            model_version=self.model_version,
-            worker_id=self.worker_id,
-            completed_at=completed_at,
-            owner=message.attributes.get(protocol.OWNER_ATTR, ""),
-            metadata=metadata,
-            error=ErrorInfo(code=code, message=text),
-        )
-        logger.info(kv("request_failed", request_id=request_id, code=code, error=text))
-        return Outgoing(
-            result.to_bytes(),
-            request_id,
-            protocol.result_attributes(message.attributes, completed_at),
-        )
-
-    async def _dead_letter(self, message: Message, code: str, text: str) -> None:
-        attributes = {
-            **message.attributes,
-            protocol.ERROR_CODE_ATTR: code,
-            protocol.ERROR_MESSAGE_ATTR: text[:1000],
-            WORKER_ID_ATTR: self.worker_id,
-        }
-        await self.pubsub.publish(
-            self.settings.deadletter_topic, message.data, key=message.key, attributes=attributes
-        )
-        self.outcomes["deadlettered"] += 1
-        request_id = message.attributes.get(protocol.REQUEST_ID_ATTR) or message.key or ""
-        logger.warning(kv("dead_lettered", request_id=request_id, code=code, error=text))
-
-    async def _retry_or_dead_letter(
-        self, message: Message, request_id: str, metadata: dict[str, str], error: ModelError
-    ) -> None:
-        try:
-            attempt = int(message.attributes.get(protocol.ATTEMPT_ATTR, "1"))
-        except ValueError:
-            attempt = 1
-        if attempt < self.settings.max_attempts:
-            # Re-queue rather than nack: the attempt count travels with the message, so the limit
-            # holds across workers and restarts (Kafka keeps no delivery count).
-            attributes = {**message.attributes, protocol.ATTEMPT_ATTR: str(attempt + 1)}
-            # Back to the topic it came from: a pinned request stays with its version.
-            topic = requests_topic_for(
-                self.settings.requests_topic,
-                self.model_name,
-                message.attributes.get(protocol.MODEL_VERSION_ATTR),
-            )
-            await self.pubsub.publish(topic, message.data, key=message.key, attributes=attributes)
-            self.outcomes["requeued"] += 1
-            logger.warning(
-                kv("model_error_requeued", request_id=request_id, attempt=attempt, error=error)
-            )
-            return
-        text = f"{error} (failed {attempt} of FMNIST_MAX_ATTEMPTS={self.settings.max_attempts} attempts)"
-        await self._dead_letter(message, ModelError.code, text)
-        await self._publish_failure(message, request_id, metadata, ModelError.code, text)
+def _parse_or_error(message: Message) -> Request | BaseException:
+    """The decoded request, or the error that says why it cannot be decoded."""
+    try:
+        return parse_request(message)
+    # UndecodableRequest, bad metadata, or metadata nested past the parser's recursion limit.
+    except (ValueError, RecursionError) as exc:
+        return exc
