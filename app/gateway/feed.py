@@ -28,6 +28,7 @@ from app.gateway.results import (
     StoredResult,
     Submission,
 )
+from app.gateway.rollout import RolloutState
 from app.gateway.shared_state import SharedState
 from app.logs import kv
 from app.protocol import (
@@ -67,12 +68,14 @@ class ResultsFeed:
         store: ResultStore,
         metrics: GatewayMetrics,
         *,
+        rollout: RolloutState,
         gateway_id: str,
         results_group: str,
     ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        self.rollout = rollout  # counts the results of requests this gateway routed, per version
         self.gateway_id = gateway_id
         self.results_group = results_group
         # Set by the gateway once created: the shared state's sink is this feed's `take_published`.
@@ -157,6 +160,7 @@ class ResultsFeed:
         )
         if stored is not None:
             self.metrics.record_result(result)
+            self.rollout.record_result(result)
         elif not progress.replaying:  # during the read-back, known results are expected again
             self.metrics.duplicate_results.inc()
         await message.ack()
@@ -242,6 +246,7 @@ class ResultsFeed:
         stored = self._take_shared(result, cursor)
         if stored is not None and own:
             self.metrics.record_result(result)
+            self.rollout.record_result(result)
 
     def _unparsable(self, request_id: str, exc: ValueError) -> ResultMessage | None:
         """A failed result in place of a worker's result that cannot be parsed, for a request
