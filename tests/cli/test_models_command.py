@@ -16,14 +16,20 @@ from tests.sdk.conftest import LiveServer
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_weights_show_and_history_round_trip(
-    live_server: Callable[..., LiveServer], capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`models weights` sets a split by version prefix; `show`, `list` and `history` print it."""
+@pytest.fixture
+def served(live_server: Callable[..., LiveServer]) -> tuple[str, str]:
+    """A gateway with a worker under uvicorn: its URL and the worker's model version."""
     server = live_server()
     with Client(server.url) as client:
-        version = client.model("fmnist").versions[0].version
-    url = ["--url", server.url]
+        return server.url, client.model("fmnist").versions[0].version
+
+
+def test_weights_show_and_history_round_trip(
+    served: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`models weights` sets a split by version prefix; `show`, `list` and `history` print it."""
+    base_url, version = served
+    url = ["--url", base_url]
     assert (
         main(["models", "weights", "fmnist", f"{version[:6]}=100", "--reason", "all in", *url]) == 0
     )
@@ -41,13 +47,11 @@ def test_weights_show_and_history_round_trip(
 
 
 def test_refused_weights_exit_1_with_the_gateways_reason(
-    live_server: Callable[..., LiveServer], capsys: pytest.CaptureFixture[str]
+    served: tuple[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Weights not summing to 100 exit 1 and print the gateway's invalid_weights message."""
-    server = live_server()
-    with Client(server.url) as client:
-        version = client.model("fmnist").versions[0].version
-    assert main(["models", "weights", "fmnist", f"{version}=90", "--url", server.url]) == 1
+    base_url, version = served
+    assert main(["models", "weights", "fmnist", f"{version}=90", "--url", base_url]) == 1
     assert "sum to 90" in capsys.readouterr().err
 
 
