@@ -359,15 +359,14 @@ async def subscribe_rollout(pubsub: PubSub, topic: str, group: str) -> Subscript
 
 
 async def follow_rollout(
-    pubsub: PubSub, subscription: Subscription, state: RolloutState, caught_up: asyncio.Event
+    subscription: Subscription, state: RolloutState, caught_up: asyncio.Event, quiet_s: float
 ) -> None:
     """Apply the rollout topic until cancelled or the subscription ends; `caught_up` is set once
-    a receive found nothing ready (the read-back is done)."""
+    a receive waited `quiet_s` for nothing (the read-back is done)."""
     try:
         while True:
-            quiet_s = None if caught_up.is_set() else _caught_up_quiet_s(pubsub)
             try:
-                async with asyncio.timeout(quiet_s):
+                async with asyncio.timeout(None if caught_up.is_set() else quiet_s):
                     messages = await subscription.receive_batch(_ROLLOUT_CHUNK)
             except TimeoutError:
                 caught_up.set()
@@ -379,8 +378,3 @@ async def follow_rollout(
                 await message.ack()
     finally:
         await subscription.aclose()
-
-
-def _caught_up_quiet_s(pubsub: PubSub) -> float:
-    # An in-process broker queues its whole history at join; a remote one takes a moment to deliver.
-    return 0.5 if pubsub.durable else 0.05

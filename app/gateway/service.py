@@ -259,7 +259,9 @@ class Gateway:
         learner = asyncio.create_task(
             learn_models(self.registry, control, self._models_known, quiet_s), name="fmnist-models"
         )
-        follower = asyncio.create_task(self._follow_rollout(pubsub, rollout), name="fmnist-rollout")
+        follower = asyncio.create_task(
+            self._follow_rollout(rollout, quiet_s), name="fmnist-rollout"
+        )
         try:
             await self.feed.consume(results, pubsub.durable, self._caught_up)
             if not self._stopping:
@@ -280,9 +282,9 @@ class Gateway:
                     await task
             await _close_quietly(pubsub)
 
-    async def _follow_rollout(self, pubsub: PubSub, subscription: Subscription) -> None:
+    async def _follow_rollout(self, subscription: Subscription, quiet_s: float) -> None:
         try:
-            await follow_rollout(pubsub, subscription, self.rollout, self._rollout_known)
+            await follow_rollout(subscription, self.rollout, self._rollout_known, quiet_s)
         except Exception as exc:  # the weights in force stay; the next reconnect reads again
             log.warning(kv("rollout_follow_failed", broker=self.broker_url, error=exc))
             self._rollout_known.set()

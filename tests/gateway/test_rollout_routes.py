@@ -213,3 +213,13 @@ async def test_an_idempotency_key_lands_on_the_same_version_through_any_gateway(
     landed = {key: {version_of[request_id] for request_id in pair} for key, pair in ids.items()}
     assert all(len(versions) == 1 for versions in landed.values()), landed
     assert {v for versions in landed.values() for v in versions} == {OLD.version, NEW.version}
+
+
+async def test_a_gateway_started_later_has_the_split_in_force_when_it_starts() -> None:
+    """A gateway started after a weights change reads the rollout topic back before it serves."""
+    settings = gateway_settings()
+    async with two_versions(settings) as (_, a):
+        await a.put("/v1/models/fmnist/weights", json={"weights": {"v1": 90, "v2": 10}})
+        async with running_gateway(settings, announce=False) as (later, _):
+            weights = later.state.gateway.rollout.weights("fmnist")
+    assert weights == {OLD.version: 90, NEW.version: 10}
