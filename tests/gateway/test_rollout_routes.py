@@ -216,7 +216,7 @@ async def test_an_idempotency_key_lands_on_the_same_version_through_any_gateway(
 
 
 async def test_a_gateway_started_later_has_the_split_in_force_when_it_starts() -> None:
-    """A gateway started after a weights change reads the rollout topic back before it serves."""
+    """A gateway started after a weights change reads the rollout topic from its beginning at start."""
     settings = gateway_settings()
     async with two_versions(settings) as (_, a):
         await a.put("/v1/models/fmnist/weights", json={"weights": {"v1": 90, "v2": 10}})
