@@ -326,6 +326,11 @@ async def publish_by_topic(
     by_topic: dict[str, list[int]] = {}
     for index, (topic, _) in enumerate(items):
         by_topic.setdefault(topic, []).append(index)
+    if len(by_topic) == 1:  # no split, or all to one version: the plain call
+        (topic,) = by_topic
+        return list(
+            await pubsub.publish_many(topic, [item for _, item in items], timeout_s=timeout_s)
+        )
     answers = await asyncio.gather(
         *(
             pubsub.publish_many(topic, [items[i][1] for i in indexes], timeout_s=timeout_s)

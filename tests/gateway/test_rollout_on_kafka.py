@@ -3,28 +3,15 @@ and a gateway started later reads the split in force from the rollout topic's be
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from app.gateway.service import Gateway
 from tests.brokers import unique_name
-from tests.gateway.helpers import announce_model, announcement, gateway_settings, running_gateway
+from tests.gateway.helpers import announce_model, gateway_settings, running_gateway
+from tests.gateway.test_rollout_routes import NEW, OLD, applied
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(90)]
 
-OLD = announcement("old-worker", version="aaaaaaaaaaaa", tag="v1")
-NEW = announcement("new-worker", version="bbbbbbbbbbbb", tag="v2")
 SPLIT = {OLD.version: 80, NEW.version: 20}
-
-
-async def applied(gateway: Gateway, weights: dict[str, int]) -> None:
-    """Wait until `gateway` has `weights` in force for fmnist."""
-    async with asyncio.timeout(5):
-        while True:
-            if gateway.rollout.weights("fmnist") == weights:
-                return
-            await asyncio.sleep(0.02)
 
 
 async def test_a_weight_change_through_one_gateway_is_applied_by_the_others(kafka_url: str) -> None:

@@ -47,6 +47,15 @@ async def two_versions(
         yield app.state.gateway, client
 
 
+async def applied(gateway: Gateway, weights: dict[str, int]) -> None:
+    """Wait until `gateway` has `weights` in force for fmnist (another gateway set them)."""
+    async with asyncio.timeout(5):
+        while True:
+            if gateway.rollout.weights("fmnist") == weights:
+                return
+            await asyncio.sleep(0.01)
+
+
 async def test_weights_need_an_admin_key_when_keys_are_configured() -> None:
     """PUT weights: 401 without a key, 403 with an API key that is not an admin key, 200 with one."""
     settings = gateway_settings(api_keys=["user-key"], admin_api_keys=["admin-key"])
@@ -192,9 +201,10 @@ async def test_an_idempotency_key_lands_on_the_same_version_through_any_gateway(
     keys = [f"order-{i}" for i in range(20)]
     async with (
         two_versions(settings) as (_, a),
-        running_gateway(settings, announce=False) as (_, b),
+        running_gateway(settings, announce=False) as (bapp, b),
     ):
         await a.put("/v1/models/fmnist/weights", json={"weights": {"v1": 50, "v2": 50}})
+        await applied(bapp.state.gateway, {OLD.version: 50, NEW.version: 50})
         ids: dict[str, list[str]] = {key: [] for key in keys}
         for client in (a, b):
             for key in keys:
