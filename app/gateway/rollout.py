@@ -165,9 +165,8 @@ class RolloutState:
     ) -> None:
         self.history_size = history_size
         self.window_s = window_s
-        self._routed_horizon_s = (
-            routed_horizon_s  # how long a routed request may wait for its result
-        )
+        # How long a routed request may wait for its result before it is forgotten here.
+        self._routed_horizon_s = routed_horizon_s
         self._clock = clock
         self._weights: dict[str, TrafficWeights] = {}
         self._history: dict[str, list[HistoryEntry]] = {}
