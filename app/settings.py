@@ -277,6 +277,24 @@ class GatewaySettings(BaseModel):
         default_factory=list,
         description="Comma-separated API keys. Empty (default): no auth. Set: every `/v1` route needs a key.",
     )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated admin keys: needed to change a model's traffic weights and to "
+        "record rollout events whenever any key (API or admin) is configured; they work as API keys "
+        "too. Without any key the admin calls are open like the rest of the API.",
+    )
+    rollout_window_s: float = Field(
+        60.0,
+        gt=0,
+        description="Window of the live figures per version in `GET /v1/models/{name}` (requests, "
+        "errors, latency of the results this gateway routed). Lengthen it where traffic is sparse.",
+    )
+    rollout_history_size: int = Field(
+        1000,
+        ge=1,
+        description="Rollout decisions (weights changes and promotion events) each gateway keeps per "
+        "model for `GET /v1/models/{name}/history`; older ones drop out.",
+    )
     default_model: str | None = Field(
         None,
         description="Model that `/v1/predictions` (no model named) goes to. Default: `fmnist serve`'s "
@@ -509,7 +527,7 @@ class Settings(
         """The group every process reads."""
         return _group(self, ProcessSettings)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -134,7 +134,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="a model to serve, repeatable: a checkpoint (.safetensors), an exported program (.pt2 or "
         "TorchScript .pt, with its spec beside it) or package.module:Class; NAME= names it (default: "
-        "the file's stem or the spec's name). Without it: FMNIST_MODEL_PATH",
+        "the file's stem or the spec's name); the same NAME with two sources serves two versions of "
+        "one model. Without it: FMNIST_MODEL_PATH",
     )
     parser.add_argument(
         "--device",
@@ -167,8 +168,9 @@ def model_options(
     except ValueError as exc:
         print(f"fmnist: {exc}", file=sys.stderr)
         return None
-    names = [name for name, _ in models if name is not None]
-    if len(names) != len(set(names)):
-        print(f"fmnist: --model names a model twice: {names}", file=sys.stderr)
+    # One name given twice with different sources serves two versions of one model (a canary).
+    named = [(name, source) for name, source in models if name is not None]
+    if len(named) != len(set(named)):
+        print(f"fmnist: --model gives the same NAME=SOURCE twice: {args.model}", file=sys.stderr)
         return None
     return models

@@ -20,14 +20,45 @@ def key_fingerprint(key: str) -> str:
 
 
 class ApiKeys:
-    """The configured keys. Empty: auth is off and every caller is `ANONYMOUS`."""
+    """The configured keys. Empty: auth is off and every caller is `ANONYMOUS`.
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = [key.encode() for key in keys if key]
+    Admin keys (`FMNIST_ADMIN_API_KEYS`) are needed for the admin calls whenever any key is
+    configured, and work as API keys too; without any key the admin calls are open like the rest.
+    """
+
+    def __init__(self, keys: Iterable[str], admin_keys: Iterable[str] = ()) -> None:
+        self._admin = [key.encode() for key in admin_keys if key]
+        self._api = [key.encode() for key in keys if key]
+        # Admin keys work on every route; they do not turn auth on for the other routes.
+        self._keys = self._api + self._admin if self._api else []
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys)
+
+    @property
+    def admin_mode(self) -> str:
+        """How admin calls are guarded: `open` (no key configured), `keys`, or `none` (API keys but
+        no admin key: every admin call is refused)."""
+        if self._admin:
+            return "keys"
+        return "none" if self._api else "open"
+
+    def admin_of(self, connection: HTTPConnection) -> str:
+        """The admin caller's owner fingerprint; 401 without a key, 403 with a key that is not an
+        admin key, when any key is configured."""
+        if not self._api and not self._admin:
+            return ANONYMOUS
+        presented = presented_key(connection)
+        if presented is None:
+            raise _missing_key()
+        if not _matches(presented.encode(), self._admin):
+            raise ApiError(
+                403,
+                "forbidden",
+                "this call needs an admin key (one listed in FMNIST_ADMIN_API_KEYS)",
+            )
+        return key_fingerprint(presented)
 
     def owner_of(self, connection: HTTPConnection) -> str:
         """The caller's owner fingerprint; 401 without a key, 403 with a wrong one."""
@@ -40,21 +71,28 @@ class ApiKeys:
         if not self._keys:
             return ANONYMOUS
         if presented is None:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "missing API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
-                " (websockets may use `?api_key=KEY`)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        candidate = presented.encode()
-        # Compare against every key, in constant time per key, so timing reveals nothing.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(candidate, key)
-        if not matched:
+            raise _missing_key()
+        if not _matches(presented.encode(), self._keys):
             raise ApiError(403, "forbidden", "invalid API key")
         return key_fingerprint(presented)
+
+
+def _missing_key() -> ApiError:
+    return ApiError(
+        401,
+        "unauthorized",
+        "missing API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
+        " (websockets may use `?api_key=KEY`)",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _matches(candidate: bytes, keys: list[bytes]) -> bool:
+    # Compare against every key, in constant time per key, so timing reveals nothing.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, key)
+    return matched
 
 
 def presented_key(connection: HTTPConnection) -> str | None:

@@ -1,4 +1,5 @@
-"""Routes `GET /v1/models` and `GET /v1/models/{name}`: the models workers announced, their versions and readiness."""
+"""Routes `GET /v1/models` and `GET /v1/models/{name}`: the models workers announced, their versions and
+readiness, the traffic weights in force and each version's live figures on this gateway."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, Field
 from app.gateway.deps import GatewayDep, get_owner
 from app.gateway.errors import ApiError, error_responses
 from app.gateway.registry import ModelRegistry, ModelVersion
+from app.gateway.rollout import LiveStats, RolloutState
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(get_owner)])
 
@@ -31,6 +33,7 @@ class VersionInfo(BaseModel):
         "serving", description="`shadow`: reads a copy of live traffic, never answers clients."
     )
     shadow_workers: int = 0
+    live: LiveStats
 
 
 class ModelInfo(BaseModel):
@@ -43,6 +46,10 @@ class ModelInfo(BaseModel):
     input_shape: list[int] = Field(description="The newest version's C, H, W.")
     class_names: list[str] = Field(description="The newest version's classes.")
     versions: list[VersionInfo]
+    weights: dict[str, int] = Field(
+        examples=[{"c90190025781": 90, "d4e5f6a7b8c9": 10}],
+        description="The split of unpinned traffic in force, full version id -> percent; {} = none.",
+    )
 
 
 class ModelList(BaseModel):
@@ -50,7 +57,7 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
-def _version_info(version: ModelVersion) -> VersionInfo:
+def _version_info(version: ModelVersion, live: LiveStats) -> VersionInfo:
     return VersionInfo(
         version=version.version,
         tag=version.tag,
@@ -64,10 +71,11 @@ def _version_info(version: ModelVersion) -> VersionInfo:
         ready=version.ready,
         role=version.role,
         shadow_workers=version.shadow_workers,
+        live=live,
     )
 
 
-def model_info(registry: ModelRegistry, name: str) -> ModelInfo | None:
+def model_info(registry: ModelRegistry, rollout: RolloutState, name: str) -> ModelInfo | None:
     """What the registry knows of `name`, or None."""
     versions = registry.versions(name)
     if not versions:
@@ -81,7 +89,8 @@ def model_info(registry: ModelRegistry, name: str) -> ModelInfo | None:
         live_workers=sum(v.live_workers for v in versions),
         input_shape=list(newest.input_shape),
         class_names=list(newest.class_names),
-        versions=[_version_info(v) for v in versions],
+        versions=[_version_info(v, rollout.live(name, v.version)) for v in versions],
+        weights=rollout.weights(name),
     )
 
 
@@ -91,7 +100,7 @@ def model_info(registry: ModelRegistry, name: str) -> ModelInfo | None:
 async def list_models(gateway: GatewayDep) -> ModelList:
     """Every model a worker announced: versions, input shape, classes, live workers and readiness."""
     registry = gateway.registry
-    infos = [model_info(registry, name) for name in registry.names()]
+    infos = [model_info(registry, gateway.rollout, name) for name in registry.names()]
     return ModelList(
         default=registry.default_name or None, models=[i for i in infos if i is not None]
     )
@@ -108,7 +117,7 @@ async def get_model(
     name: Annotated[str, Path(max_length=128, description="The model's name.")],
 ) -> ModelInfo:
     """One model; 404 `model_not_found` listing the known ones."""
-    info = model_info(gateway.registry, name)
+    info = model_info(gateway.registry, gateway.rollout, name)
     if info is None:
         known = ", ".join(gateway.registry.names()) or "none yet"
         raise ApiError(404, "model_not_found", f"no model {name!r}; known models: {known}")

@@ -28,6 +28,7 @@ from app.gateway.results import (
     StoredResult,
     Submission,
 )
+from app.gateway.rollout import RolloutState
 from app.gateway.shared_state import SharedState
 from app.logs import kv
 from app.protocol import (
@@ -67,12 +68,14 @@ class ResultsFeed:
         store: ResultStore,
         metrics: GatewayMetrics,
         *,
+        rollout: RolloutState,
         gateway_id: str,
         results_group: str,
     ) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        self.rollout = rollout  # counts the results of requests this gateway routed, per version
         self.gateway_id = gateway_id
         self.results_group = results_group
         # Set by the gateway once created: the shared state's sink is this feed's `take_published`.
@@ -248,6 +251,7 @@ class ResultsFeed:
     def _record(self, result: ResultMessage) -> None:
         """Count a result stored here, and hand it to the listeners."""
         self.metrics.record_result(result)
+        self.rollout.record_result(result)
         for listener in self.result_listeners:
             listener(result)
 

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.gateway import catalog, demo, ops, predictions, shadow_api, stream
+from app.gateway import catalog, demo, ops, predictions, rollout_routes, shadow_api, stream
 from app.gateway.docs import install_docs
 from app.gateway.errors import ApiError, error_body, install_error_handlers
 from app.gateway.service import Gateway, PubSubFactory
@@ -61,6 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             broker=gateway.broker_url,
             ready=gateway.ready,
             auth="on" if gateway.api_keys.enabled else "off",
+            admin_calls=gateway.api_keys.admin_mode,
         )
     )
     try:
@@ -200,6 +201,7 @@ def create_app(
     app.include_router(predictions.router)
     app.include_router(catalog.router)
     app.include_router(shadow_api.router)
+    app.include_router(rollout_routes.router)
     app.include_router(v2_rest.router)
     app.include_router(stream.router)
     app.include_router(ops.router)

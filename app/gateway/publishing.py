@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from app.gateway.errors import ApiError
 from app.gateway.metrics import GatewayMetrics
 from app.gateway.refusals import broker_unavailable, shared_unavailable, too_many_requests
-from app.gateway.registry import ModelVersion
+from app.gateway.registry import ModelRegistry, ModelVersion
 from app.gateway.results import (
     ACCEPTED_KIND,
     MARKER_KIND_ATTR,
@@ -23,6 +23,7 @@ from app.gateway.results import (
     ResultStore,
     Submission,
 )
+from app.gateway.rollout import RolloutState, publish_by_topic, versions_for
 from app.gateway.shared_state import SharedState
 from app.gateway.submission import (
     Accepted,
@@ -59,6 +60,8 @@ class Publisher:
         metrics: GatewayMetrics,
         shared: SharedState | None,
         *,
+        registry: ModelRegistry,
+        rollout: RolloutState,
         gateway_id: str,
         broker_url: str,
         on_broker_failure: Callable[[str], None],
@@ -67,6 +70,8 @@ class Publisher:
         self.store = store
         self.metrics = metrics
         self.shared = shared
+        self.registry = registry
+        self.rollout = rollout
         self.gateway_id = gateway_id
         self.broker_url = broker_url
         self._on_broker_failure = on_broker_failure
@@ -186,23 +191,19 @@ class Publisher:
         common[MODEL_ATTR] = model.name
         if self.shared is not None:  # results are routed back here without being decoded
             common[GATEWAY_ATTR] = self.gateway_id
-        if pinned:
-            common[MODEL_VERSION_ATTR] = model.version
-        topic = requests_topic_for(
-            self.settings.requests_topic, model.name, model.version if pinned else None
-        )
-        for image in fresh:
+        versions = versions_for(self.rollout, self.registry, model, owner, fresh, pinned)
+        outgoing = []
+        for image, version in zip(fresh, versions, strict=True):
             self.store.add_pending(Submission(image.request_id, owner, deadline, metadata))
-        sends = pubsub.publish_many(
-            topic,
-            [
-                Outgoing(
-                    image.payload, image.request_id, {**common, REQUEST_ID_ATTR: image.request_id}
-                )
-                for image in fresh
-            ],
-            timeout_s=self.settings.publish_timeout_s,
-        )
+            self.rollout.routed(image.request_id, submitted_at, model.name, version)
+            attributes = {**common, REQUEST_ID_ATTR: image.request_id}
+            if (
+                version is not None
+            ):  # pinned, or chosen by the split: the worker treats it as pinned
+                attributes[MODEL_VERSION_ATTR] = version
+            topic = requests_topic_for(self.settings.requests_topic, model.name, version)
+            outgoing.append((topic, Outgoing(image.payload, image.request_id, attributes)))
+        sends = publish_by_topic(pubsub, outgoing, timeout_s=self.settings.publish_timeout_s)
         # No marker where pending ids live in Redis, or where the broker's log dies with this process.
         if self.shared is not None or not pubsub.durable:
             return list(await sends)

@@ -14,7 +14,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from app.broker import connect_broker
 from app.gateway.auth import ApiKeys
@@ -27,7 +28,8 @@ from app.gateway.metrics import GatewayMetrics
 from app.gateway.publishing import Publisher
 from app.gateway.refusals import RETRY_AFTER_BROKER_S, RETRY_AFTER_OVERLOAD_S, broker_unavailable
 from app.gateway.registry import ModelRegistry, ModelVersion
-from app.gateway.results import ResultStore, StoredResult, Submission
+from app.gateway.results import EXPIRY_GRACE_S, ResultStore, StoredResult, Submission
+from app.gateway.rollout import RolloutState, follow_rollout, subscribe_rollout
 from app.gateway.shadow import ShadowMonitor
 from app.gateway.shared_state import SharedState
 from app.gateway.submission import Accepted, IdempotencyClaim
@@ -66,10 +68,17 @@ class Gateway:
             max_results=settings.result_store_size, ttl_s=settings.result_ttl_s
         )
         self.metrics = GatewayMetrics(in_flight=lambda: self.store.pending_count)
+        self.registry = ModelRegistry(settings.default_model)
+        self.rollout = RolloutState(
+            history_size=settings.rollout_history_size,
+            window_s=settings.rollout_window_s,
+            routed_horizon_s=settings.request_deadline_s + EXPIRY_GRACE_S,
+        )
         self.feed = ResultsFeed(
             settings,
             self.store,
             self.metrics,
+            rollout=self.rollout,
             gateway_id=self.gateway_id,
             results_group=self.results_group,
         )
@@ -91,13 +100,14 @@ class Gateway:
             self.store,
             self.metrics,
             self.shared,
+            registry=self.registry,
+            rollout=self.rollout,
             gateway_id=self.gateway_id,
             broker_url=self.broker_url,
             on_broker_failure=self._broker_failed,
         )
-        self.api_keys = ApiKeys(settings.api_keys)
+        self.api_keys = ApiKeys(settings.api_keys, settings.admin_api_keys)
         self.bodies = BodyBudget(settings.max_body_bytes_in_flight)
-        self.registry = ModelRegistry(settings.default_model)
         self._factory = pubsub_factory or connect_broker
         self.shadow = ShadowMonitor(
             settings,
@@ -113,6 +123,7 @@ class Gateway:
         self._broker_reachable = False
         self._consuming = False
         self._models_known = asyncio.Event()  # the read-back of the control topic caught up
+        self._rollout_known = asyncio.Event()  # the read-back of the rollout topic caught up
         self._last_broker_error = "not connected yet"
         self._first_attempt = asyncio.Event()  # the first connection attempt ended, either way
         self._tasks: list[asyncio.Task[None]] = []
@@ -175,6 +186,7 @@ class Gateway:
                 await self._first_attempt.wait()
                 if self._consuming:
                     await self._models_known.wait()
+                    await self._rollout_known.wait()
         if not self.ready:
             log.warning(
                 kv(
@@ -201,7 +213,7 @@ class Gateway:
         while not self._stopping:
             pubsub = self._factory(self.settings)
             try:
-                control, results = await self._connect(pubsub)
+                control, rollout, results = await self._connect(pubsub)
             except asyncio.CancelledError:
                 await _close_quietly(pubsub)
                 raise
@@ -216,18 +228,26 @@ class Gateway:
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
             backoff = 0.2
-            await self._serve(pubsub, control, results)
+            await self._serve(pubsub, control, rollout, results)
             if not self._stopping:
                 await asyncio.sleep(backoff)
 
-    async def _connect(self, pubsub: PubSub) -> tuple[Subscription, Subscription]:
-        """Connect, create the topics, subscribe to the control topic and to the results topic."""
+    async def _connect(self, pubsub: PubSub) -> tuple[Subscription, Subscription, Subscription]:
+        """Connect, create the topics, subscribe to the control, rollout and results topics."""
         await pubsub.connect()
         await pubsub.ensure_topics(
             self.settings.results_topic, self.settings.deadletter_topic, self.settings.control_topic
         )
-        control = await subscribe_control(
-            pubsub, self.settings.control_topic, self.gateway_id, self.settings.heartbeat_interval_s
+        control, rollout = await _both(
+            subscribe_control(
+                pubsub,
+                self.settings.control_topic,
+                self.gateway_id,
+                self.settings.heartbeat_interval_s,
+            ),
+            subscribe_rollout(
+                pubsub, self.settings.rollout_topic, f"gateway-{self.gateway_id}-rollout"
+            ),
         )
         # The log is the store: re-read the results of the last TTL, whatever the group
         # committed, so a restarted gateway serves what it accepted before. With shared
@@ -240,9 +260,11 @@ class Gateway:
             max_in_flight=_RESULTS_MAX_UNACKED,
         )
         await results.start()
-        return control, results
+        return control, rollout, results
 
-    async def _serve(self, pubsub: PubSub, control: Subscription, results: Subscription) -> None:
+    async def _serve(
+        self, pubsub: PubSub, control: Subscription, rollout: Subscription, results: Subscription
+    ) -> None:
         """Serve on a connected broker until its results subscription ends or fails; then close it."""
         self._pubsub = pubsub
         self._results = results
@@ -254,6 +276,9 @@ class Gateway:
         learner = asyncio.create_task(
             learn_models(self.registry, control, self._models_known, quiet_s), name="fmnist-models"
         )
+        follower = asyncio.create_task(
+            self._follow_rollout(rollout, quiet_s), name="fmnist-rollout"
+        )
         try:
             await self.feed.consume(results, pubsub.durable, self._caught_up)
             if not self._stopping:
@@ -264,14 +289,22 @@ class Gateway:
         finally:
             self._consuming = False
             self._models_known.clear()
+            self._rollout_known.clear()
             self._pubsub = None
             self._results = None
             self.metrics.broker_up.set(0)
-            for task in (monitor, learner):
+            for task in (monitor, learner, follower):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await _close_quietly(pubsub)
+
+    async def _follow_rollout(self, subscription: Subscription, quiet_s: float) -> None:
+        try:
+            await follow_rollout(subscription, self.rollout, self._rollout_known, quiet_s)
+        except Exception as exc:  # the weights in force stay; the next reconnect reads again
+            log.warning(kv("rollout_follow_failed", broker=self.broker_url, error=exc))
+            self._rollout_known.set()
 
     def _caught_up(self) -> None:
         """The results read-back caught up: the gateway can serve."""
@@ -307,6 +340,7 @@ class Gateway:
             expired = self.store.expire()
             for stored in expired:
                 self.metrics.record_result(stored.result)
+                self.rollout.record_result(stored.result)
             if expired and self.shared is not None:
                 # Other gateways answer these ids too; a real result already there still wins.
                 with contextlib.suppress(Exception):
@@ -402,6 +436,23 @@ class Gateway:
     ) -> list[StoredResult]:
         """With shared state: `owner`'s results after the cursor, and those of `request_ids`, from Redis."""
         return await self.feed.stored_results(owner, request_ids, after)
+
+
+async def _both(
+    first: Coroutine[Any, Any, Subscription], second: Coroutine[Any, Any, Subscription]
+) -> tuple[Subscription, Subscription]:
+    """Start two subscriptions side by side (each joins its group meanwhile); when one fails, the
+    other is closed."""
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        for started in results:
+            if isinstance(started, Subscription):
+                await started.aclose()
+        raise failed[0]
+    a, b = results
+    assert isinstance(a, Subscription) and isinstance(b, Subscription)
+    return a, b
 
 
 async def _close_quietly(pubsub: PubSub) -> None:

@@ -115,3 +115,24 @@ def test_a_websocket_key_given_twice_with_different_values_is_401() -> None:
     with pytest.raises(ApiError) as refused:
         ApiKeys(KEYS).owner_of(websocket_connection(b"api_key=alice-key&api%5Fkey=bob-key"))
     assert refused.value.status == 401
+
+
+def http_connection(key: str | None) -> HTTPConnection:
+    headers = [] if key is None else [(b"x-api-key", key.encode())]
+    return HTTPConnection({"type": "http", "query_string": b"", "headers": headers})
+
+
+def test_admin_keys_alone_guard_only_the_admin_calls() -> None:
+    """With only FMNIST_ADMIN_API_KEYS set, other routes stay open and admin calls need an admin key."""
+    keys = ApiKeys([], admin_keys=["root-key"])
+    with pytest.raises(ApiError) as missing:
+        keys.admin_of(http_connection(None))
+    assert keys.owner_of(http_connection(None)) == ""
+    assert missing.value.status == 401
+    assert keys.admin_of(http_connection("root-key")) == key_fingerprint("root-key")
+
+
+def test_an_admin_key_works_as_an_api_key() -> None:
+    """An admin key is accepted on the ordinary routes too, under its own fingerprint."""
+    keys = ApiKeys(KEYS, admin_keys=["root-key"])
+    assert keys.owner_of(http_connection("root-key")) == key_fingerprint("root-key")

@@ -21,7 +21,16 @@ from ._exceptions import (
     Unavailable,
 )
 from ._images import ImageInput
-from ._models import ErrorDetail, ModelInfo, ModelVersionInfo, Prediction, Status
+from ._models import (
+    ErrorDetail,
+    LiveStats,
+    ModelInfo,
+    ModelVersionInfo,
+    Prediction,
+    RolloutEvent,
+    Status,
+    TrafficWeights,
+)
 from ._stream import StreamEvent, StreamEventCallback, StreamState
 from ._version import __version__
 
@@ -34,6 +43,7 @@ __all__ = [
     "FmnistError",
     "Health",
     "ImageInput",
+    "LiveStats",
     "ModelInfo",
     "ModelVersionInfo",
     "NotFound",
@@ -42,11 +52,13 @@ __all__ = [
     "PredictionFailed",
     "PredictionHandle",
     "ProgressCallback",
+    "RolloutEvent",
     "Status",
     "StreamEvent",
     "StreamEventCallback",
     "StreamState",
     "Timeout",
+    "TrafficWeights",
     "Unauthorized",
     "Unavailable",
     "__version__",

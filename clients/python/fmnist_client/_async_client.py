@@ -35,8 +35,11 @@ from ._base import (
     build_submit_request,
     check_many_arguments,
     chunks,
+    event_from_response,
+    event_request,
     fill_in,
     health_from_responses,
+    history_from_response,
     in_order_or_raise,
     is_finished,
     model_from_response,
@@ -49,11 +52,13 @@ from ._base import (
     result_timeout,
     retry_delay,
     transport_error,
+    weights_from_response,
+    weights_request,
 )
 from ._client import ProgressCallback
 from ._exceptions import FmnistError
 from ._images import ImageInput
-from ._models import ModelInfo, Prediction
+from ._models import ModelInfo, Prediction, RolloutEvent, TrafficWeights
 from ._stream import StreamEventCallback, StreamSession, stream_predictions
 
 logger = logging.getLogger("fmnist_client")
@@ -304,6 +309,34 @@ class AsyncClient:
         return model_from_response(
             await self._send(self._http.build_request("GET", model_path(name)))
         )
+
+    async def set_weights(
+        self, name: str, weights: Mapping[str, int], *, reason: str = ""
+    ) -> TrafficWeights:
+        """Split `name`'s live traffic between versions (`PUT /v1/models/{name}/weights`, admin):
+        versions by full id, unique prefix or tag, percents summing to 100; {} clears the split.
+        Raises `BadRequest` (invalid_weights), `NotFound`, `Unauthorized`."""
+        request = weights_request(self._http, name, weights, reason)
+        return weights_from_response(await self._send(request))
+
+    async def history(self, name: str) -> list[TrafficWeights | RolloutEvent]:
+        """`name`'s weights changes and rollout decisions, oldest first (`GET .../history`)."""
+        request = self._http.build_request("GET", f"{model_path(name)}/history")
+        return history_from_response(await self._send(request))
+
+    async def record_event(
+        self,
+        name: str,
+        candidate: str,
+        action: str,
+        *,
+        figures: Mapping[str, float] | None = None,
+        weights: Mapping[str, int] | None = None,
+        detail: str = "",
+    ) -> RolloutEvent:
+        """Record one rollout decision on `name`'s history (`POST .../history`, admin)."""
+        request = event_request(self._http, name, candidate, action, figures, weights, detail)
+        return event_from_response(await self._send(request))
 
     async def health(self) -> Health:
         """The gateway's liveness and readiness (see `Client.health`)."""

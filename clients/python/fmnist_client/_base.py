@@ -26,7 +26,7 @@ from ._exceptions import (
     error_from_response,
 )
 from ._images import ImageInput, ImagePayload, encode_image
-from ._models import ModelInfo, Prediction
+from ._models import ModelInfo, Prediction, RolloutEvent, TrafficWeights, history_entry
 from ._version import __version__
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -440,3 +440,48 @@ def model_from_response(response: httpx.Response) -> ModelInfo:
     """The `GET /v1/models/{name}` answer; raises `NotFound` for an unknown model."""
     raise_for_error(response)
     return ModelInfo.from_json(parse_json(response))
+
+
+def weights_request(
+    http: httpx.Client | httpx.AsyncClient, name: str, weights: Mapping[str, int], reason: str
+) -> httpx.Request:
+    """`PUT /v1/models/{name}/weights`: versions by full id, unique prefix or tag; {} clears."""
+    body = {"weights": {str(v): int(p) for v, p in weights.items()}, "reason": reason}
+    return http.build_request("PUT", f"{model_path(name)}/weights", json=body)
+
+
+def weights_from_response(response: httpx.Response) -> TrafficWeights:
+    """The `PUT .../weights` answer: the split in force, by full version id."""
+    raise_for_error(response)
+    return TrafficWeights.from_json(parse_json(response))
+
+
+def history_from_response(response: httpx.Response) -> list[TrafficWeights | RolloutEvent]:
+    """The `GET .../history` answer, oldest first."""
+    raise_for_error(response)
+    return [history_entry(item) for item in parse_json(response).get("events", [])]
+
+
+def event_request(
+    http: httpx.Client | httpx.AsyncClient,
+    name: str,
+    candidate: str,
+    action: str,
+    figures: Mapping[str, float] | None,
+    weights: Mapping[str, int] | None,
+    detail: str,
+) -> httpx.Request:
+    """`POST /v1/models/{name}/history`: one rollout decision (the gateway stamps time and author)."""
+    body = {
+        "candidate": candidate,
+        "action": action,
+        "figures": dict(figures or {}),
+        "weights": dict(weights or {}),
+        "detail": detail,
+    }
+    return http.build_request("POST", f"{model_path(name)}/history", json=body)
+
+
+def event_from_response(response: httpx.Response) -> RolloutEvent:
+    raise_for_error(response)
+    return RolloutEvent.from_json(parse_json(response))

@@ -27,8 +27,11 @@ from ._base import (
     build_submit_request,
     check_many_arguments,
     chunks,
+    event_from_response,
+    event_request,
     fill_in,
     health_from_responses,
+    history_from_response,
     in_order_or_raise,
     is_finished,
     model_from_response,
@@ -41,10 +44,12 @@ from ._base import (
     result_timeout,
     retry_delay,
     transport_error,
+    weights_from_response,
+    weights_request,
 )
 from ._exceptions import FmnistError
 from ._images import ImageInput
-from ._models import ModelInfo, Prediction
+from ._models import ModelInfo, Prediction, RolloutEvent, TrafficWeights
 from ._stream import StreamEventCallback, StreamSession, stream_predictions_sync
 
 logger = logging.getLogger("fmnist_client")
@@ -296,6 +301,34 @@ class Client:
     def model(self, name: str) -> ModelInfo:
         """One model (`GET /v1/models/{name}`); raises `NotFound` for an unknown name."""
         return model_from_response(self._send(self._http.build_request("GET", model_path(name))))
+
+    def set_weights(
+        self, name: str, weights: Mapping[str, int], *, reason: str = ""
+    ) -> TrafficWeights:
+        """Split `name`'s live traffic between versions (`PUT /v1/models/{name}/weights`, admin):
+        versions by full id, unique prefix or tag, percents summing to 100; {} clears the split.
+        Raises `BadRequest` (invalid_weights), `NotFound`, `Unauthorized`."""
+        request = weights_request(self._http, name, weights, reason)
+        return weights_from_response(self._send(request))
+
+    def history(self, name: str) -> list[TrafficWeights | RolloutEvent]:
+        """`name`'s weights changes and rollout decisions, oldest first (`GET .../history`)."""
+        request = self._http.build_request("GET", f"{model_path(name)}/history")
+        return history_from_response(self._send(request))
+
+    def record_event(
+        self,
+        name: str,
+        candidate: str,
+        action: str,
+        *,
+        figures: Mapping[str, float] | None = None,
+        weights: Mapping[str, int] | None = None,
+        detail: str = "",
+    ) -> RolloutEvent:
+        """Record one rollout decision on `name`'s history (`POST .../history`, admin)."""
+        request = event_request(self._http, name, candidate, action, figures, weights, detail)
+        return event_from_response(self._send(request))
 
     def health(self) -> Health:
         """The gateway's liveness and readiness (`/healthz`, `/readyz`), asked once, no retries;

@@ -83,6 +83,33 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class LiveStats:
+    """One version's results that the answering gateway routed in the last `window_s` seconds."""
+
+    window_s: float
+    requests: int
+    failed: int
+    error_rate: float
+    p50_ms: float | None
+    p99_ms: float | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LiveStats:
+        return cls(
+            window_s=float(data.get("window_s", 0.0)),
+            requests=int(data.get("requests", 0)),
+            failed=int(data.get("failed", 0)),
+            error_rate=float(data.get("error_rate", 0.0)),
+            p50_ms=_optional_float(data.get("p50_ms")),
+            p99_ms=_optional_float(data.get("p99_ms")),
+        )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
 class ModelVersionInfo:
     """One version of a model, as its workers announced it."""
 
@@ -96,6 +123,7 @@ class ModelVersionInfo:
     device: str
     live_workers: int
     ready: bool
+    live: LiveStats | None = None  # None from a gateway without rollout figures
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelVersionInfo:
@@ -111,6 +139,7 @@ class ModelVersionInfo:
             device=str(data.get("device", "")),
             live_workers=int(data.get("live_workers", 0)),
             ready=bool(data.get("ready", False)),
+            live=LiveStats.from_json(data["live"]) if data.get("live") else None,
         )
 
 
@@ -125,6 +154,9 @@ class ModelInfo:
     input_shape: tuple[int, int, int]
     class_names: list[str]
     versions: list[ModelVersionInfo]
+    weights: dict[str, int] = field(
+        default_factory=dict
+    )  # full version id -> percent; {}: no split
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelInfo:
@@ -137,4 +169,64 @@ class ModelInfo:
             input_shape=(c, h, w),
             class_names=[str(n) for n in data.get("class_names", [])],
             versions=[ModelVersionInfo.from_json(v) for v in data.get("versions", [])],
+            weights=_weights(data.get("weights")),
         )
+
+
+def _weights(data: Any) -> dict[str, int]:
+    return {str(version): int(percent) for version, percent in (data or {}).items()}
+
+
+@dataclass(frozen=True)
+class TrafficWeights:
+    """A split of a model's live traffic between its versions, in percent ({}: no split)."""
+
+    model: str
+    weights: dict[str, int]
+    set_at: float
+    set_by: str = ""
+    reason: str = ""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrafficWeights:
+        return cls(
+            model=str(data["model"]),
+            weights=_weights(data.get("weights")),
+            set_at=float(data["set_at"]),
+            set_by=str(data.get("set_by", "")),
+            reason=str(data.get("reason", "")),
+        )
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    """One decision of a rollout (a gate, a step, a promotion or rollback) with its figures."""
+
+    model: str
+    candidate: str
+    action: str
+    figures: dict[str, float]
+    weights: dict[str, int]
+    detail: str
+    at: float
+    by: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RolloutEvent:
+        return cls(
+            model=str(data["model"]),
+            candidate=str(data["candidate"]),
+            action=str(data["action"]),
+            figures={str(k): float(v) for k, v in (data.get("figures") or {}).items()},
+            weights=_weights(data.get("weights")),
+            detail=str(data.get("detail", "")),
+            at=float(data["at"]),
+            by=str(data.get("by", "")),
+        )
+
+
+def history_entry(data: dict[str, Any]) -> TrafficWeights | RolloutEvent:
+    """One item of `GET /v1/models/{name}/history`, by its `kind`."""
+    if data.get("kind") == "weights":
+        return TrafficWeights.from_json(data)
+    return RolloutEvent.from_json(data)
