@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "send_images",
     "listen",
     "replay",
+    "promote",
 )
 
 

@@ -290,6 +290,7 @@ class ReplayOutcome:
     summary: ComparisonSummary | None
     report: Path | None
     missing_live: int = 0
+    candidate_version: str | None = None
 
 
 async def replay(
@@ -348,7 +349,7 @@ async def replay(
                         progress=bar,
                     )
                 if not window:
-                    return ReplayOutcome(0, None, None)
+                    return ReplayOutcome(0, None, None, candidate_version=served.version)
                 with tqdm(
                     desc="candidate",
                     total=len(window),
@@ -386,7 +387,7 @@ async def replay(
         details=details,
     )
     missing = len(comparison.waiting_for_live())
-    return ReplayOutcome(len(window), summary, report, missing)
+    return ReplayOutcome(len(window), summary, report, missing, served.version)
 
 
 async def _read_results(subscription: Subscription, live: LiveResults) -> None:
@@ -442,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     except Exception as exc:
-        return _failed(exc)
+        return replay_failed(exc, "replay")
     if outcome.summary is None or outcome.report is None:
         print(
             f"fmnist replay: no request of model {args.model!r} retained in the window; check "
@@ -458,14 +459,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _failed(exc: Exception) -> int:
-    """Print why the replay could not run, with what to change; returns the exit status."""
+def replay_failed(exc: Exception, command: str) -> int:
+    """Print why the replay of `fmnist COMMAND` could not run, with what to change; returns the exit
+    status. Re-raises what no flag or setting can fix."""
     import messaging
     from ml.checkpoint import CheckpointError
     from ml.serving import ModelLoadError
 
     if isinstance(exc, ModelLoadError | CheckpointError | FileNotFoundError):
-        fix = "--version takes what `fmnist worker --model` takes (docs/model.md)"
+        fix = (
+            "--version takes what `fmnist worker --model` takes (docs/model.md)"
+            if command == "replay"
+            else "CANDIDATE with --replay-last is what `fmnist worker --model` takes (docs/model.md)"
+        )
     elif isinstance(exc, messaging.MessagingError):
         fix = "check --broker / FMNIST_BROKER_URL"
     elif isinstance(exc, ValueError):
@@ -473,5 +479,5 @@ def _failed(exc: Exception) -> int:
     else:
         raise exc
     logger.error(kv("replay_failed", error=exc, fix=fix))
-    print(f"fmnist replay: {exc} ({fix})", file=sys.stderr)
+    print(f"fmnist {command}: {exc} ({fix})", file=sys.stderr)
     return 1
