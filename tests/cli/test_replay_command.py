@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,59 @@ def test_replay_names_what_version_takes_for_a_bad_candidate(
     )
     assert status == 1
     assert "--version takes what `fmnist worker --model` takes" in capsys.readouterr().err
+
+
+def _result(request_id: str, label: int) -> messaging.Outgoing:
+    result = protocol.ResultMessage(
+        request_id=request_id,
+        status="completed",
+        label=label,
+        model="fmnist",
+        model_version="live0000",
+        inference_ms=1.0,
+        completed_at=time.time(),
+    )
+    return messaging.Outgoing(result.to_bytes(), request_id, {})
+
+
+async def test_replay_shows_a_progress_bar_per_stage_and_writes_every_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reading and the candidate each draw a tqdm bar to 100%; the report has all four plots."""
+    from app.cli.replay import replay
+    from app.settings import Settings
+    from ml import ImageClassifier
+
+    candidate = tmp_path / "fmnist.safetensors"
+    ImageClassifier(widths=(4, 8), convs_per_stage=(1, 1), seed=3).save(candidate)
+    broker = f"memory://{uuid.uuid4().hex}"
+    now = time.time()
+    requests = []
+    for index in range(6):
+        attributes = {
+            protocol.REQUEST_ID_ATTR: f"r{index}",
+            protocol.SHAPE_ATTR: "1,28,28",
+            protocol.SUBMITTED_AT_ATTR: str(now - 5 + index * 0.1),
+            protocol.METADATA_ATTR: protocol.encode_metadata({"label": str(index % 3)}),
+        }
+        requests.append(messaging.Outgoing(bytes(28 * 28), f"r{index}", attributes))
+    async with messaging.connect(broker) as pubsub:
+        await pubsub.publish_many("fmnist.requests.fmnist", requests)
+        await pubsub.publish_many("fmnist.results", [_result(f"r{i}", i % 3) for i in range(6)])
+        outcome = await replay(
+            Settings(broker_url=broker, device="cpu", inference_precision="fp32"),
+            model="fmnist",
+            candidate=str(candidate),
+            since=None,
+            last=6,
+            quiet_s=0.2,
+            runtime="eager",
+            out_dir=tmp_path / "report",
+            progress=True,
+        )
+    err = capsys.readouterr().err
+    assert "requests: 100%" in err and "6/6" in err
+    assert "candidate: 100%" in err
+    assert outcome.summary is not None and outcome.summary.pairs == 6
+    for plot in ("agreement.png", "confusion.png", "accuracy.png", "latency.png"):
+        assert (tmp_path / "report" / plot).is_file()
