@@ -59,7 +59,8 @@ def register(subparsers: Any) -> None:
             "--max-error-rate, or its p99 latency is more than --max-p99-ratio times the live "
             "version's, the live version gets all traffic back. Every decision is recorded on the "
             "rollout topic (`fmnist models history NAME`). Exit status: 0 promoted, 1 refused at the "
-            "gate or the gateway could not be used, 2 invalid flags, 3 rolled back, 130 interrupted."
+            "gate, stopped for want of traffic (--min-step-requests) or the gateway could not be "
+            "used, 2 invalid flags, 3 rolled back, 130 interrupted."
         ),
     )
     parser.add_argument("name", metavar="NAME", help="the model")
@@ -133,6 +134,14 @@ def register(subparsers: Any) -> None:
         metavar="R",
         help="roll back when the candidate's p99 latency exceeds R times the live version's "
         "(default: %(default)g)",
+    )
+    parser.add_argument(
+        "--min-step-requests",
+        type=int,
+        default=_DEFAULTS.min_step_requests,
+        metavar="N",
+        help="stop (the live version back at 100) when the candidate answered fewer than N "
+        "requests by the end of a step: no traffic is no evidence (default: %(default)s, off)",
     )
     parser.add_argument(
         "--replay-last",
@@ -255,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             max_error_rate=args.max_error_rate,
             max_p99_ratio=args.max_p99_ratio,
+            min_step_requests=args.min_step_requests,
         )
     except PromotionError as exc:
         print(f"fmnist promote: {exc}", file=sys.stderr)
@@ -352,16 +362,17 @@ def _steps_until_done(
             return PROMOTED
         api.set_weights(name, decision.weights, f"promote {candidate}: {decision.detail}")
         record(decision)
-        rollback = _watch(api, promotion, step_s, poll_s, echo, monotonic, sleep)
-        if rollback is not None:
-            api.set_weights(name, rollback.weights, f"promote {candidate}: {rollback.detail}")
-            record(rollback)
+        stopped = _watch(api, promotion, step_s, poll_s, echo, monotonic, sleep)
+        if stopped is not None:
+            api.set_weights(name, stopped.weights, f"promote {candidate}: {stopped.detail}")
+            record(stopped)
+            what = "rolled back" if stopped.action == "rolled_back" else "stopped"
             print(
-                f"fmnist promote: rolled back, {promotion.live} takes all live traffic again: "
-                f"{rollback.detail}",
+                f"fmnist promote: {what}, {promotion.live} takes all live traffic again: "
+                f"{stopped.detail}",
                 file=sys.stderr,
             )
-            return ROLLED_BACK
+            return ROLLED_BACK if stopped.action == "rolled_back" else REFUSED
 
 
 def _abort(
@@ -432,7 +443,8 @@ def _watch(
     monotonic: Callable[[], float],
     sleep: Callable[[float], None],
 ) -> Decision | None:
-    """Poll both versions' live stats for `step_s`; the rollback decision, or None if the step held."""
+    """Poll both versions' live stats for `step_s`; the rollback (or, without enough candidate
+    traffic, abort) decision, or None if the step held."""
     deadline = monotonic() + step_s
     observation: Observation | None = None
     while True:
@@ -450,6 +462,9 @@ def _watch(
         if left <= 0:
             break
         sleep(min(poll_s, left))
+    short = promotion.step_watched(observation)
+    if short is not None:
+        return short
     echo(
         f"{'held':<12} {promotion.candidate} at {promotion.percent}% for {step_s:g} s"
         f"{_figures_text(observation.figures())}"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from app.rollout.compare import ComparisonSummary
@@ -58,7 +58,9 @@ class PromotionPolicy:
     The gate holds when the candidate was compared on at least `min_samples` requests, agrees with the
     live version on at least `min_agreement` of them, and is right on at least `min_accuracy` of the
     labelled ones. A step rolls back when the candidate's error rate exceeds the live version's by more
-    than `max_error_rate`, or its p99 latency exceeds `max_p99_ratio` times the live version's."""
+    than `max_error_rate`, or its p99 latency exceeds `max_p99_ratio` times the live version's, and a
+    step the candidate answered fewer than `min_step_requests` requests in is not evidence enough to
+    go on (the promotion aborts, the live version back at 100)."""
 
     min_agreement: float
     min_accuracy: float
@@ -66,6 +68,7 @@ class PromotionPolicy:
     steps: tuple[int, ...] = DEFAULT_STEPS
     max_error_rate: float = 0.01
     max_p99_ratio: float = 2.0
+    min_step_requests: int = 0
 
     def __post_init__(self) -> None:
         for name in ("min_agreement", "min_accuracy", "max_error_rate"):
@@ -74,6 +77,8 @@ class PromotionPolicy:
                 raise PromotionError(f"{name} must be a share between 0 and 1, got {value}")
         if self.min_samples < 1:
             raise PromotionError(f"min_samples must be >= 1, got {self.min_samples}")
+        if self.min_step_requests < 0:
+            raise PromotionError(f"min_step_requests must be >= 0, got {self.min_step_requests}")
         if not self.max_p99_ratio > 0:
             raise PromotionError(f"max_p99_ratio must be > 0, got {self.max_p99_ratio}")
         check_steps(self.steps)
@@ -85,6 +90,7 @@ class PromotionPolicy:
             "min_samples": float(self.min_samples),
             "max_error_rate": self.max_error_rate,
             "max_p99_ratio": self.max_p99_ratio,
+            "min_step_requests": float(self.min_step_requests),
         }
 
 
@@ -372,6 +378,19 @@ class Promotion:
                     f"{live.p99_ms:.1f} ms, above {policy.max_p99_ratio:g}×"
                 )
         return reasons
+
+    def step_watched(self, observation: Observation) -> Decision | None:
+        """The step was watched through without regression: None to go on, or aborted when the
+        candidate answered fewer than `min_step_requests` requests (no evidence either way)."""
+        self._expect("stepping")
+        answered, wanted = observation.candidate.requests, self.policy.min_step_requests
+        if answered >= wanted:
+            return None
+        decision = self.abort(
+            f"the candidate answered {answered} requests at {self.percent}%, fewer than "
+            f"{wanted}: send traffic or watch longer (--step-s)"
+        )
+        return replace(decision, figures={**decision.figures, **observation.figures()})
 
     def abort(self, why: str) -> Decision:
         """Stop here: the live version back at 100 when a step had moved traffic, else as it was."""

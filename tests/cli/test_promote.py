@@ -235,6 +235,18 @@ def test_a_regressing_candidate_is_rolled_back(
     assert "rolled back, aaaa11112222 takes all live traffic again" in capsys.readouterr().err
 
 
+def test_a_step_the_candidate_saw_too_little_traffic_in_stops_it(
+    gateway: tuple[str, GatewayState], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--min-step-requests above the candidate's count: live back at 100, aborted, exit 1."""
+    url, state = gateway
+    status = main(promote_argv(url, "--step-s", "0.05", "--min-step-requests", "20"))
+    assert status == 1
+    assert [put["weights"] for put in state.puts] == [{CANDIDATE: 10, LIVE: 90}, {LIVE: 100}]
+    assert actions(state)[-1] == "aborted"
+    assert "fewer than 20" in capsys.readouterr().err
+
+
 def test_no_shadow_of_the_candidate_refuses_with_what_to_start(
     gateway: tuple[str, GatewayState], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -178,6 +178,32 @@ def test_a_candidate_without_traffic_yet_holds() -> None:
     assert promotion.observe(quiet) is None
 
 
+def test_a_step_without_enough_candidate_traffic_stops_the_promotion() -> None:
+    """Fewer candidate requests than `min_step_requests` by a step's end: aborted, live at 100."""
+    policy = PromotionPolicy(
+        min_agreement=0.9, min_accuracy=0.8, min_samples=1, min_step_requests=5
+    )
+    promotion = gated(policy)
+    promotion.next_step()
+    few = Observation(live=VersionStats(100, 0, 10.0), candidate=VersionStats(4, 0, 10.0))
+    decision = promotion.step_watched(few)
+    assert decision is not None and decision.action == "aborted"
+    assert decision.weights == {LIVE: 100} and decision.figures["candidate_requests"] == 4
+    assert "answered 4 requests at 10%, fewer than 5" in decision.detail
+
+
+def test_a_step_with_enough_candidate_traffic_goes_on() -> None:
+    """As many candidate requests as `min_step_requests`: the step counts, the next may follow."""
+    policy = PromotionPolicy(
+        min_agreement=0.9, min_accuracy=0.8, min_samples=1, min_step_requests=5
+    )
+    promotion = gated(policy)
+    promotion.next_step()
+    enough = Observation(live=VersionStats(100, 0, 10.0), candidate=VersionStats(5, 0, 10.0))
+    assert promotion.step_watched(enough) is None
+    assert promotion.next_step().weights == {CANDIDATE: 50, LIVE: 50}
+
+
 def test_abort_during_a_step_puts_the_live_version_back() -> None:
     """Ctrl-C after a step moved traffic: aborted with the live version at 100."""
     promotion = gated()
