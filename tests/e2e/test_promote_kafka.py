@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 
-SAMPLES = 60  # labelled images both shadows compare before any promotion starts
+SAMPLES = 50  # labelled images both shadows compare before any promotion starts
 GATE = ["--min-agreement", "0.9", "--min-accuracy", "0.7", "--min-samples", str(SAMPLES)]
 SHADOW_READY = r"event=shadow_worker_ready"
 SERVING_READY = r"event=worker_ready"
@@ -95,44 +95,37 @@ def promote_stack(
         base_env=processes.broker_env(broker_url),
     )
     try:
-        stack.start_worker("promote-live", wait_ready=False)
+        # Every process starts at once: no traffic is sent before the split holds the live version
+        # at 100, so the good candidate's serving worker takes none before its promotion.
+        workers = {
+            "promote-live": ({}, SERVING_READY),
+            "promote-good": ({"FMNIST_MODEL_PATH": str(candidates.good)}, SERVING_READY),
+            "promote-good-shadow": (
+                {"FMNIST_MODEL_PATH": str(candidates.good), "FMNIST_WORKER_ROLE": "shadow"},
+                SHADOW_READY,
+            ),
+            "promote-bad-shadow": (
+                {"FMNIST_MODEL_PATH": str(candidates.bad), "FMNIST_WORKER_ROLE": "shadow"},
+                SHADOW_READY,
+            ),
+        }
+        for name, (env, _) in workers.items():
+            stack.start_worker(name, wait_ready=False, **env)
         stack.start_gateway("promote-gateway")
         url = stack.gateway_url("promote-gateway")
-        stack.workers["promote-live"].wait_for_log(SERVING_READY, timeout=PROCESS_START_TIMEOUT_S)
-        (live,) = _wait_for_versions(url, lambda vs: [v for v in vs if v["ready"]])
+        for name, (_, ready) in workers.items():
+            stack.workers[name].wait_for_log(ready, timeout=PROCESS_START_TIMEOUT_S)
+        live, good, bad = _wait_for_roles(url)
         with httpx.Client(base_url=url, timeout=30) as client:
             held = client.put(
                 "/v1/models/fmnist/weights", json={"weights": {live: 100}, "reason": "hold v1"}
             )
             assert held.status_code == 200, held.text
-        started = [
-            stack.start_worker(
-                "promote-good", wait_ready=False, FMNIST_MODEL_PATH=str(candidates.good)
-            ),
-            stack.start_worker(
-                "promote-good-shadow",
-                wait_ready=False,
-                FMNIST_MODEL_PATH=str(candidates.good),
-                FMNIST_WORKER_ROLE="shadow",
-            ),
-            stack.start_worker(
-                "promote-bad-shadow",
-                wait_ready=False,
-                FMNIST_MODEL_PATH=str(candidates.bad),
-                FMNIST_WORKER_ROLE="shadow",
-            ),
-        ]
-        for worker, ready in zip(started, (SERVING_READY, SHADOW_READY, SHADOW_READY), strict=True):
-            worker.wait_for_log(ready, timeout=PROCESS_START_TIMEOUT_S)
-        (good,) = _wait_for_versions(
-            url,
-            lambda vs: [
-                v for v in vs if v["ready"] and v["shadow_workers"] and v["version"] != live
-            ],
-        )
-        (bad,) = _wait_for_versions(
-            url, lambda vs: [v for v in vs if v["role"] == "shadow" and v["shadow_workers"]]
-        )
+        for shadow in ("promote-good-shadow", "promote-bad-shadow"):
+            stack.workers[shadow].wait_for_log(
+                rf"event=shadow_topic_joined .*topic=fmnist\.requests\.fmnist\.v-{live}",
+                timeout=PROCESS_START_TIMEOUT_S,
+            )
         pngs, labels = test_pngs
         _send(url, pngs[:SAMPLES], labels[:SAMPLES])
         _wait_for_shadow_samples(url, {good, bad}, SAMPLES)
@@ -142,17 +135,21 @@ def promote_stack(
         broker.stop()
 
 
-def _wait_for_versions(
-    url: str, wanted: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], timeout: float = 30.0
-) -> list[str]:
-    """The ids of the model's versions `wanted` picks, once it picks one."""
+def _wait_for_roles(url: str, timeout: float = 30.0) -> tuple[str, str, str]:
+    """The live version (serving, no shadow), the good candidate (serving and shadowing) and the
+    bad one (shadow only), once the gateway knows all three."""
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=url, timeout=10) as client:
         while True:
             answer = client.get("/v1/models/fmnist")
-            if answer.status_code == 200 and (picked := wanted(answer.json()["versions"])):
-                return [v["version"] for v in picked]
-            assert time.monotonic() < deadline, f"no such version yet: {answer.text}"
+            if answer.status_code == 200:
+                versions = answer.json()["versions"]
+                live = [v["version"] for v in versions if v["ready"] and not v["shadow_workers"]]
+                good = [v["version"] for v in versions if v["ready"] and v["shadow_workers"]]
+                bad = [v["version"] for v in versions if v["role"] == "shadow"]
+                if len(live) == len(good) == len(bad) == 1:
+                    return live[0], good[0], bad[0]
+            assert time.monotonic() < deadline, f"versions not all known: {answer.text}"
             time.sleep(0.1)
 
 
