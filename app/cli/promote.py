@@ -283,11 +283,15 @@ def run(args: argparse.Namespace) -> int:
     except (GatewayError, PromotionError) as exc:
         print(f"fmnist promote: {exc}", file=sys.stderr)
         return REFUSED
+    except KeyboardInterrupt:  # before the promotion started (a step's Ctrl-C is handled there)
+        print("fmnist promote: interrupted before any decision", file=sys.stderr)
+        return ABORTED
     finally:
         api.close()
 
 
-ReplayGate = Callable[[], tuple[str, GateFigures]]
+# Given the split in force, replays and returns the candidate's version and its gate figures.
+ReplayGate = Callable[[Mapping[str, int]], tuple[str, GateFigures]]
 
 
 def promote(
@@ -300,8 +304,6 @@ def promote(
     poll_s: float = POLL_S,
     replay_gate: ReplayGate | None = None,
     echo: Echo = print,
-    monotonic: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Run one promotion against the gateway `api`; returns the exit status. `replay_gate`, when
     given, runs the replay and returns the candidate's version and its figures."""
@@ -311,7 +313,7 @@ def promote(
     figures: GateFigures | None = None
     if replay_gate is not None:
         echo(f"replaying the last requests of {name} through {candidate_text} for the gate")
-        candidate, figures = replay_gate()
+        candidate, figures = replay_gate(weights)
     else:
         candidate = resolve_version(versions, candidate_text)
     live = choose_live(versions, weights, candidate)
@@ -333,7 +335,7 @@ def promote(
             )
             return REFUSED
         _require_serving(api.model(name), candidate)
-        return _steps_until_done(api, promotion, record, step_s, poll_s, echo, monotonic, sleep)
+        return _steps_until_done(api, promotion, record, step_s, poll_s, echo)
     except KeyboardInterrupt:
         _abort(api, promotion, record, "interrupted (Ctrl-C)")
         return ABORTED
@@ -351,8 +353,6 @@ def _steps_until_done(
     step_s: float,
     poll_s: float,
     echo: Echo,
-    monotonic: Callable[[], float],
-    sleep: Callable[[float], None],
 ) -> int:
     name, candidate = promotion.model, promotion.candidate
     while True:
@@ -362,7 +362,7 @@ def _steps_until_done(
             return PROMOTED
         api.set_weights(name, decision.weights, f"promote {candidate}: {decision.detail}")
         record(decision)
-        stopped = _watch(api, promotion, step_s, poll_s, echo, monotonic, sleep)
+        stopped = _watch(api, promotion, step_s, poll_s, echo)
         if stopped is not None:
             api.set_weights(name, stopped.weights, f"promote {candidate}: {stopped.detail}")
             record(stopped)
@@ -440,12 +440,10 @@ def _watch(
     step_s: float,
     poll_s: float,
     echo: Echo,
-    monotonic: Callable[[], float],
-    sleep: Callable[[float], None],
 ) -> Decision | None:
     """Poll both versions' live stats for `step_s`; the rollback (or, without enough candidate
     traffic, abort) decision, or None if the step held."""
-    deadline = monotonic() + step_s
+    deadline = time.monotonic() + step_s
     observation: Observation | None = None
     while True:
         model = api.model(promotion.model)
@@ -458,10 +456,10 @@ def _watch(
         rollback = promotion.observe(observation)
         if rollback is not None:
             return rollback
-        left = deadline - monotonic()
+        left = deadline - time.monotonic()
         if left <= 0:
             break
-        sleep(min(poll_s, left))
+        time.sleep(min(poll_s, left))
     short = promotion.step_watched(observation)
     if short is not None:
         return short
@@ -475,7 +473,7 @@ def _watch(
 def _replay_gate(args: argparse.Namespace) -> ReplayGate:
     """The gate on a replay of the last `--replay-last` requests through CANDIDATE, in this process."""
 
-    def gate() -> tuple[str, GateFigures]:
+    def gate(weights: Mapping[str, int]) -> tuple[str, GateFigures]:
         import asyncio
 
         from app.cli.prologue import start_command
@@ -504,6 +502,8 @@ def _replay_gate(args: argparse.Namespace) -> ReplayGate:
                     runtime="auto",
                     out_dir=out_dir,
                     progress=not args.no_progress,
+                    # Under a split the live traffic is on the weighted versions' topics.
+                    versions=[version for version, percent in weights.items() if percent > 0],
                 )
             )
         except Exception as exc:
