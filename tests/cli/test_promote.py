@@ -288,6 +288,18 @@ def test_ctrl_c_during_a_step_puts_the_live_version_back(
     assert "interrupted" in state.events[-1]["detail"]
 
 
+def test_a_replay_gate_on_the_embedded_broker_is_refused(
+    gateway: tuple[str, GatewayState], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--replay-last with memory:// exits 1 saying which broker it needs; nothing is set."""
+    url, state = gateway
+    argv = promote_argv(url, "--replay-last", "10", "--broker", "memory://")
+    argv[2] = "candidate.safetensors"
+    assert main(argv) == 1
+    assert "--replay-last needs a broker another process can read" in capsys.readouterr().err
+    assert state.puts == [] and state.events == []
+
+
 def test_steps_that_do_not_end_at_100_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     """`--steps 10,50` exits 2 before any call, saying the steps must end at 100."""
     with pytest.raises(SystemExit) as exit_info:
