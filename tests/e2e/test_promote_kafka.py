@@ -50,15 +50,13 @@ class Candidates:
 
 @pytest.fixture(scope="module")
 def candidates(tmp_path_factory: pytest.TempPathFactory, e2e_checkpoint: Path) -> Candidates:
-    """The live weights with one weight nudged by a negligible amount (so a new version that answers
-    the same), and an untrained network; each saved as `fmnist.safetensors` so it serves model fmnist.
+    """The live weights under a temperature nudged by a negligible amount (the served version covers
+    the temperature, and scaling logits keeps every top-1 class: a new version that answers the
+    same), and an untrained network; each saved as `fmnist.safetensors` so it serves model fmnist.
     Both are deterministic, so their compiled programs are cached from one run to the next."""
-    import torch
-
     root = tmp_path_factory.mktemp("promote-candidates")
     good = ImageClassifier.load(e2e_checkpoint, device="cpu")
-    with torch.no_grad():
-        next(good.network.parameters()).view(-1)[0] += 1e-5
+    good.temperature *= 1.001
     (root / "good").mkdir()
     good.save(root / "good" / "fmnist.safetensors")
     (root / "bad").mkdir()
