@@ -136,6 +136,15 @@ def register(subparsers: Any) -> None:
         "(default: %(default)g)",
     )
     parser.add_argument(
+        "--min-p99-requests",
+        type=int,
+        default=_DEFAULTS.min_p99_requests,
+        metavar="N",
+        help="compare p99s only once each version has N results in the gateway's window: the p99 "
+        "of a few requests is their slowest, often the candidate's cold start "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--min-step-requests",
         type=int,
         default=_DEFAULTS.min_step_requests,
@@ -265,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
             max_error_rate=args.max_error_rate,
             max_p99_ratio=args.max_p99_ratio,
             min_step_requests=args.min_step_requests,
+            min_p99_requests=args.min_p99_requests,
         )
     except PromotionError as exc:
         print(f"fmnist promote: {exc}", file=sys.stderr)

@@ -58,7 +58,9 @@ class PromotionPolicy:
     The gate holds when the candidate was compared on at least `min_samples` requests, agrees with the
     live version on at least `min_agreement` of them, and is right on at least `min_accuracy` of the
     labelled ones. A step rolls back when the candidate's error rate exceeds the live version's by more
-    than `max_error_rate`, or its p99 latency exceeds `max_p99_ratio` times the live version's, and a
+    than `max_error_rate`, or its p99 latency exceeds `max_p99_ratio` times the live version's (judged
+    once each side has `min_p99_requests` results in the window: the p99 of a few is their slowest,
+    often a cold start), and a
     step the candidate answered fewer than `min_step_requests` requests in is not evidence enough to
     go on (the promotion aborts, the live version back at 100)."""
 
@@ -69,6 +71,7 @@ class PromotionPolicy:
     max_error_rate: float = 0.01
     max_p99_ratio: float = 2.0
     min_step_requests: int = 0
+    min_p99_requests: int = 20
 
     def __post_init__(self) -> None:
         for name in ("min_agreement", "min_accuracy", "max_error_rate"):
@@ -77,8 +80,9 @@ class PromotionPolicy:
                 raise PromotionError(f"{name} must be a share between 0 and 1, got {value}")
         if self.min_samples < 1:
             raise PromotionError(f"min_samples must be >= 1, got {self.min_samples}")
-        if self.min_step_requests < 0:
-            raise PromotionError(f"min_step_requests must be >= 0, got {self.min_step_requests}")
+        for name in ("min_step_requests", "min_p99_requests"):
+            if getattr(self, name) < 0:
+                raise PromotionError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.max_p99_ratio > 0:
             raise PromotionError(f"max_p99_ratio must be > 0, got {self.max_p99_ratio}")
         check_steps(self.steps)
@@ -91,6 +95,7 @@ class PromotionPolicy:
             "max_error_rate": self.max_error_rate,
             "max_p99_ratio": self.max_p99_ratio,
             "min_step_requests": float(self.min_step_requests),
+            "min_p99_requests": float(self.min_p99_requests),
         }
 
 
@@ -370,7 +375,8 @@ class Promotion:
                     f"{candidate.requests}) exceeds live {_share(live_rate)} by more than "
                     f"{_share(policy.max_error_rate)}"
                 )
-        if candidate.p99_ms is not None and live.p99_ms:
+        enough = min(candidate.requests, live.requests) >= policy.min_p99_requests
+        if enough and candidate.p99_ms is not None and live.p99_ms:
             ratio = candidate.p99_ms / live.p99_ms
             if ratio > policy.max_p99_ratio:
                 reasons.append(

@@ -162,12 +162,23 @@ def test_a_p99_regression_rolls_back() -> None:
     promotion.next_step()
     slow = Observation(
         live=VersionStats(requests=100, failed=0, p99_ms=10.0),
-        candidate=VersionStats(requests=10, failed=0, p99_ms=16.0),
+        candidate=VersionStats(requests=30, failed=0, p99_ms=16.0),
     )
     decision = promotion.observe(slow)
     assert decision is not None and decision.action == "rolled_back"
     assert "1.60× live 10.0 ms, above 1.5×" in decision.detail
     assert decision.figures["candidate_p99_ms"] == 16.0
+
+
+def test_a_p99_over_too_few_requests_is_not_judged() -> None:
+    """A slow p99 over fewer than `min_p99_requests` candidate results (a cold start) holds."""
+    promotion = gated()
+    promotion.next_step()
+    cold = Observation(
+        live=VersionStats(requests=100, failed=0, p99_ms=10.0),
+        candidate=VersionStats(requests=19, failed=0, p99_ms=150.0),
+    )
+    assert promotion.observe(cold) is None
 
 
 def test_a_candidate_without_traffic_yet_holds() -> None:
