@@ -347,7 +347,8 @@ def promote(
         _require_serving(api.model(name), candidate)
         return _steps_until_done(api, promotion, record, step_s, poll_s, echo)
     except KeyboardInterrupt:
-        _abort(api, promotion, record, "interrupted (Ctrl-C)")
+        if not promotion.done:  # a decision already taken stands
+            _abort(api, promotion, record, "interrupted (Ctrl-C)")
         return ABORTED
     except (GatewayError, PromotionError) as exc:
         # Traffic a step moved goes back to the live version before the error is reported.
