@@ -6,6 +6,7 @@ its gate and reaches 100%; an untrained one is refused at the gate and never tak
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -129,6 +130,8 @@ def promote_stack(
         _wait_for_shadow_samples(url, {good, bad}, SAMPLES)
         yield PromoteStack(stack, url, live, good, bad)
     finally:
+        for process in [*stack.gateways.values(), *stack.workers.values()]:
+            process.signal(signal.SIGTERM)  # all drain at once; stop() then waits for each
         stack.stop()
         broker.stop()
 
