@@ -1,5 +1,5 @@
 """`fmnist promote`'s HTTP loop against a CONTRACT DOUBLE: a minimal real HTTP server started here that
-implements docs/rollout.md's endpoints (model with weights and live stats, shadow, weights, history)
+implements the rollout endpoints of docs/api.md (model with weights and live stats, shadow, weights, history)
 from recorded state. It checks what the command sends and in what order; whether the decisions are
 right is tests/rollout/test_promotion.py's, and the real gateway's part tests/e2e/test_promote_kafka.py's.
 """
