@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "listen",
     "replay",
     "models",
+    "promote",
 )
 
 

@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -169,6 +170,7 @@ class Retained:
     request_id: str
     image: np.ndarray
     truth: int | None
+    submitted_at: float = 0.0
 
 
 @dataclass
@@ -236,7 +238,8 @@ async def read_window(
             if submitted_at >= until or request_id in seen:
                 continue  # live traffic after the replay began, or a re-queued try
             seen.add(request_id)
-            kept[request_id] = Retained(request_id, image, true_label(metadata, num_classes))
+            truth = true_label(metadata, num_classes)
+            kept[request_id] = Retained(request_id, image, truth, submitted_at)
             if last is not None and len(kept) > last:
                 kept.popitem(last=False)
             waited_from, patience = time.monotonic(), quiet_s
@@ -290,6 +293,7 @@ class ReplayOutcome:
     summary: ComparisonSummary | None
     report: Path | None
     missing_live: int = 0
+    candidate_version: str | None = None
 
 
 async def replay(
@@ -303,8 +307,11 @@ async def replay(
     runtime: str,
     out_dir: Path,
     progress: bool,
+    versions: Sequence[str] = (),
 ) -> ReplayOutcome:
-    """Load the candidate, read the window, run it, join with the live results, write the report."""
+    """Load the candidate, read the window, run it, join with the live results, write the report.
+    `versions`: those whose own topics carry part of the model's traffic too (a split's weighted
+    versions); their requests join the window, which stays the newest `last` of them all."""
     from tqdm import tqdm
 
     from app.broker import connect_broker
@@ -324,45 +331,61 @@ async def replay(
     start = since if since is not None else 0.0  # --last: from the oldest retained request
     group = f"replay.{model}.{uuid.uuid4().hex[:8]}"
     live = LiveResults(model)
-    topic = requests_topic_for(settings.requests_topic, model)
+    topics = [requests_topic_for(settings.requests_topic, model)]
+    topics += [requests_topic_for(settings.requests_topic, model, v) for v in versions]
     pubsub = connect_broker(settings)
-    async with pubsub:
-        requests_in = pubsub.subscribe(topic, group=group, start=start, max_in_flight=1024)
+    async with pubsub, contextlib.AsyncExitStack() as stack:
+        # A group per topic: consumers of one group on different topics would rebalance each other.
+        requests_in = [
+            pubsub.subscribe(topic, group=f"{group}.{i}", start=start, max_in_flight=1024)
+            for i, topic in enumerate(topics)
+        ]
         results_in = pubsub.subscribe(
             settings.results_topic, group=f"{group}.results", start=start, max_in_flight=1024
         )
-        # Both groups join at once: a join waits out the broker's rebalance delay.
-        await asyncio.gather(requests_in.start(), results_in.start())
-        async with requests_in, results_in:
-            reading = asyncio.create_task(_read_results(results_in, live))
-            try:
-                with tqdm(
-                    desc="requests", total=last, unit="req", disable=not progress, file=sys.stderr
-                ) as bar:
-                    window = await read_window(
-                        requests_in,
-                        until=began,
-                        last=last,
-                        quiet_s=quiet_s,
-                        num_classes=len(served.class_names),
-                        progress=bar,
+        for subscription in [*requests_in, results_in]:
+            stack.push_async_callback(subscription.aclose)
+        # Every group joins at once: a join waits out the broker's rebalance delay.
+        await asyncio.gather(*(s.start() for s in [*requests_in, results_in]))
+        reading = asyncio.create_task(_read_results(results_in, live))
+        try:
+            with tqdm(
+                desc="requests",
+                total=last if len(topics) == 1 else None,  # N per topic, at most N kept
+                unit="req",
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar:
+                windows = await asyncio.gather(
+                    *(
+                        read_window(
+                            subscription,
+                            until=began,
+                            last=last,
+                            quiet_s=quiet_s,
+                            num_classes=len(served.class_names),
+                            progress=bar,
+                        )
+                        for subscription in requests_in
                     )
-                if not window:
-                    return ReplayOutcome(0, None, None)
-                with tqdm(
-                    desc="candidate",
-                    total=len(window),
-                    unit="req",
-                    disable=not progress,
-                    file=sys.stderr,
-                ) as bar:
-                    await run_candidate(served, window, comparison, settings=settings, progress=bar)
-                wanted = {request.request_id for request in window}
-                await _until_answered(live, wanted, quiet_s)
-            finally:
-                reading.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reading
+                )
+            window = _newest(windows, last)
+            if not window:
+                return ReplayOutcome(0, None, None, candidate_version=served.version)
+            with tqdm(
+                desc="candidate",
+                total=len(window),
+                unit="req",
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar:
+                await run_candidate(served, window, comparison, settings=settings, progress=bar)
+            wanted = {request.request_id for request in window}
+            await _until_answered(live, wanted, quiet_s)
+        finally:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
     for request in window:
         answer = live.answers.get(request.request_id)
         if answer is not None:
@@ -386,7 +409,13 @@ async def replay(
         details=details,
     )
     missing = len(comparison.waiting_for_live())
-    return ReplayOutcome(len(window), summary, report, missing)
+    return ReplayOutcome(len(window), summary, report, missing, served.version)
+
+
+def _newest(windows: Sequence[list[Retained]], last: int | None) -> list[Retained]:
+    """The windows of several topics as one, oldest first, cut to the `last` newest."""
+    merged = sorted((r for window in windows for r in window), key=lambda r: r.submitted_at)
+    return merged[-last:] if last is not None else merged
 
 
 async def _read_results(subscription: Subscription, live: LiveResults) -> None:
@@ -442,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     except Exception as exc:
-        return _failed(exc)
+        return replay_failed(exc, "replay")
     if outcome.summary is None or outcome.report is None:
         print(
             f"fmnist replay: no request of model {args.model!r} retained in the window; check "
@@ -458,14 +487,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _failed(exc: Exception) -> int:
-    """Print why the replay could not run, with what to change; returns the exit status."""
+def replay_failed(exc: Exception, command: str) -> int:
+    """Print why the replay of `fmnist COMMAND` could not run, with what to change; returns the exit
+    status. Re-raises what no flag or setting can fix."""
     import messaging
     from ml.checkpoint import CheckpointError
     from ml.serving import ModelLoadError
 
     if isinstance(exc, ModelLoadError | CheckpointError | FileNotFoundError):
-        fix = "--version takes what `fmnist worker --model` takes (docs/model.md)"
+        fix = (
+            "--version takes what `fmnist worker --model` takes (docs/model.md)"
+            if command == "replay"
+            else "CANDIDATE with --replay-last is what `fmnist worker --model` takes (docs/model.md)"
+        )
     elif isinstance(exc, messaging.MessagingError):
         fix = "check --broker / FMNIST_BROKER_URL"
     elif isinstance(exc, ValueError):
@@ -473,5 +507,5 @@ def _failed(exc: Exception) -> int:
     else:
         raise exc
     logger.error(kv("replay_failed", error=exc, fix=fix))
-    print(f"fmnist replay: {exc} ({fix})", file=sys.stderr)
+    print(f"fmnist {command}: {exc} ({fix})", file=sys.stderr)
     return 1

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["REPORT_FILES", "write_report"]
 
+SIDE_COLOURS = {"live": "tab:gray", "candidate": "tab:blue"}  # the same in every plot
 REPORT_FILES = {
     "report": "report.md",
     "summary": "summary.json",
@@ -161,7 +162,7 @@ def _annotate(axes: Axes, matrix: Sequence[Sequence[int]]) -> None:
 def _accuracy_figure(summary: ComparisonSummary) -> Figure:
     figure, axes = _figure(4, 4)
     values = [summary.live_accuracy, summary.candidate_accuracy]
-    axes.bar(["live", "candidate"], values, color=["tab:gray", "tab:blue"])
+    axes.bar(["live", "candidate"], values, color=[SIDE_COLOURS["live"], SIDE_COLOURS["candidate"]])
     for x, value in enumerate(values):
         axes.text(x, value, _percent(value), ha="center", va="bottom")
     axes.set_ylim(0, 1.05)
@@ -178,7 +179,9 @@ def _latency_figure(summary: ComparisonSummary) -> Figure:
     ):
         values = [getattr(latency, mark) if latency.count else 0.0 for mark in marks]
         positions = [i + (offset - 0.5) * width for i in range(len(marks))]
-        axes.bar(positions, values, width, label=f"{side} ({latency.count})")
+        axes.bar(
+            positions, values, width, label=f"{side} ({latency.count})", color=SIDE_COLOURS[side]
+        )
     axes.set_xticks(range(len(marks)), marks)
     axes.set_ylabel("inference ms")
     axes.set_title("inference latency")

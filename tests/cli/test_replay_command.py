@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 import messaging
 from app import protocol
 from app.cli import main
-from app.cli.replay import parse_since, read_window
+from app.cli.replay import ReplayOutcome, parse_since, read_window, replay
 
 NOW = 1_800_000_000.0
 
@@ -120,3 +121,96 @@ def test_replay_names_what_version_takes_for_a_bad_candidate(
     )
     assert status == 1
     assert "--version takes what `fmnist worker --model` takes" in capsys.readouterr().err
+
+
+def _result(request_id: str, label: int) -> messaging.Outgoing:
+    result = protocol.ResultMessage(
+        request_id=request_id,
+        status="completed",
+        label=label,
+        model="fmnist",
+        model_version="live0000",
+        inference_ms=1.0,
+        completed_at=time.time(),
+    )
+    return messaging.Outgoing(result.to_bytes(), request_id, {})
+
+
+def _image_request(request_id: str, submitted_at: float, label: int) -> messaging.Outgoing:
+    attributes = {
+        protocol.REQUEST_ID_ATTR: request_id,
+        protocol.SHAPE_ATTR: "1,28,28",
+        protocol.SUBMITTED_AT_ATTR: str(submitted_at),
+        protocol.METADATA_ATTR: protocol.encode_metadata({"label": str(label)}),
+    }
+    return messaging.Outgoing(bytes(28 * 28), request_id, attributes)
+
+
+async def _replay_on_memory(
+    tmp_path: Path,
+    topics: dict[str, list[str]],
+    *,
+    last: int,
+    versions: tuple[str, ...] = (),
+    progress: bool = False,
+) -> ReplayOutcome:
+    """`replay()` in this process on a fresh memory broker whose `topics` hold the named requests
+    (submitted in the order of their names, each answered on the results topic), against a tiny
+    untrained candidate."""
+    from app.settings import Settings
+    from ml import ImageClassifier
+
+    candidate = tmp_path / "fmnist.safetensors"
+    ImageClassifier(widths=(4, 8), convs_per_stage=(1, 1), seed=3).save(candidate)
+    broker = f"memory://{uuid.uuid4().hex}"
+    now = time.time()
+    names = sorted(name for ids in topics.values() for name in ids)
+    async with messaging.connect(broker) as pubsub:
+        for topic, ids in topics.items():
+            items = [_image_request(i, now - 5 + names.index(i) * 0.1, len(i) % 3) for i in ids]
+            await pubsub.publish_many(topic, items)
+        await pubsub.publish_many("fmnist.results", [_result(i, len(i) % 3) for i in names])
+        return await replay(
+            Settings(broker_url=broker, device="cpu", inference_precision="fp32"),
+            model="fmnist",
+            candidate=str(candidate),
+            since=None,
+            last=last,
+            quiet_s=0.2,
+            runtime="eager",
+            out_dir=tmp_path / "report",
+            progress=progress,
+            versions=versions,
+        )
+
+
+async def test_replay_shows_a_progress_bar_per_stage_and_writes_every_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reading and the candidate each draw a tqdm bar to 100%; the report has all four plots."""
+    ids = [f"r{i}" for i in range(6)]
+    outcome = await _replay_on_memory(
+        tmp_path, {"fmnist.requests.fmnist": ids}, last=6, progress=True
+    )
+    err = capsys.readouterr().err
+    assert "requests: 100%" in err and "6/6" in err
+    assert "candidate: 100%" in err
+    assert outcome.summary is not None and outcome.summary.pairs == 6
+    for plot in ("agreement.png", "confusion.png", "accuracy.png", "latency.png"):
+        assert (tmp_path / "report" / plot).is_file()
+
+
+async def test_replay_reads_the_topics_of_a_splits_versions_too(tmp_path: Path) -> None:
+    """With `versions`, the requests on those versions' topics join the window, cut to N in all."""
+    outcome = await _replay_on_memory(
+        tmp_path,
+        {
+            "fmnist.requests.fmnist": ["r0", "r1", "r4"],
+            "fmnist.requests.fmnist.v-aaaa": ["r2", "r3", "r5"],
+        },
+        last=4,
+        versions=("aaaa",),
+    )
+    assert outcome.replayed == 4
+    assert outcome.summary is not None and outcome.summary.pairs == 4
+    assert outcome.candidate_version is not None
