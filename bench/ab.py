@@ -3,17 +3,19 @@
     .venv/bin/python -m bench.ab --mode batch "FMNIST_MAX_BATCH_SIZE=32" "FMNIST_MAX_BATCH_SIZE=128"
     .venv/bin/python -m bench.ab --mode single --rounds 3 "" "FMNIST_INFERENCE_CONCURRENCY=1"
     .venv/bin/python -m bench.ab --broker kafka --mode single "" "KAFKA_OPTIONS=linger_ms=0"
+    .venv/bin/python -m bench.ab --mode single "TREE=/work/wt/before" ""
+
+`TREE=DIR` in a configuration serves the code of another checkout (e.g. a `git worktree` of an older
+commit) with this one's Python and packages, for a before/after of code.
 
 Each argument is one configuration: space-separated `FMNIST_*=value` settings for the server (`""`
 is the defaults); with `--broker kafka`, `KAFKA_OPTIONS=a=1&b=2` sets the broker URL's query string
-(default: none, the backend's defaults); `TREE=DIR` serves the code of another checkout (e.g. a `git
-worktree` of an older commit) with this one's Python, for a before/after of code. Every round starts
-a fresh server per configuration (`fmnist serve`, or Tansu + `fmnist worker` + `fmnist gateway`
-processes), in turn, warms it up and measures it with wrk: `--mode batch` sends
-`POST /v1/predictions:batch?wait=30` with 256 real test PNGs per request at 4 connections, `--mode
-single` one PNG per `POST /v1/predictions?wait=10` at 64 connections. Shared machines drift by tens
-of percent within minutes, so only configurations measured in the same run, round by round, are
-compared; the medians are the verdict, and images per server CPU-second the steadier of the two.
+(default: none, the backend's defaults). Every round starts a fresh server per configuration (`fmnist
+serve`, or Tansu + `fmnist worker` + `fmnist gateway` processes), in turn, warms it up
+and measures it with wrk: `--mode batch` sends `POST /v1/predictions:batch?wait=30` with 256 real
+test PNGs per request at 4 connections, `--mode single` one PNG per `POST /v1/predictions?wait=10`
+at 64 connections. Shared machines drift by tens of percent within minutes, so only configurations
+measured in the same run, round by round, are compared; the medians are the verdict.
 """
 
 from __future__ import annotations
