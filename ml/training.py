@@ -395,12 +395,9 @@ def fit(
 
     Fills in `config`'s automatic fields first (`TrainConfig.resolve`)."""
     generator = torch.Generator().manual_seed(config.seed)
-    config.resolve(int(train_images.shape[0]))
-    batch_size, _, _ = config.resolved()
-    samples_per_epoch = _samples_per_epoch(int(train_images.shape[0]), batch_size)
-    optimizer = _optimizer(network, config)
-    total_steps = config.epochs * max(samples_per_epoch // batch_size, 1)
-    scheduler = _scheduler(optimizer, config, total_steps)
+    samples_per_epoch, optimizer, scheduler = _optimisation(
+        network, config, int(train_images.shape[0])
+    )
     history = TrainingHistory(
         train_size=int(train_images.shape[0]),
         val_size=int(val_images.shape[0]) if val_images is not None else 0,
@@ -445,9 +442,19 @@ def fit(
     return history
 
 
-def _samples_per_epoch(count: int, batch_size: int) -> int:
-    """Images one epoch trains on: whole batches only, unless the data is smaller than one batch."""
-    return count if count < batch_size else count - count % batch_size
+def _optimisation(
+    network: nn.Module, config: TrainConfig, train_size: int
+) -> tuple[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """`config` resolved for `train_size` images; the images per epoch, the optimizer and its schedule."""
+    config.resolve(train_size)
+    batch_size, _, _ = config.resolved()
+    # Whole batches only, unless the data is smaller than one batch.
+    samples_per_epoch = (
+        train_size - train_size % batch_size if train_size >= batch_size else train_size
+    )
+    optimizer = _optimizer(network, config)
+    total_steps = config.epochs * max(samples_per_epoch // batch_size, 1)
+    return samples_per_epoch, optimizer, _scheduler(optimizer, config, total_steps)
 
 
 def _scheduler(

@@ -7,217 +7,92 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from app.cli.flags import Flag, HelpFormatter, add_flags, int_list
 from app.logs import configure_logging, kv
+
+if TYPE_CHECKING:
+    from ml import EvaluationResult, ImageClassifier
+    from ml.calibration import CalibrationReport
 
 logger = logging.getLogger("fmnist.train")
 
-SHIPPED = Path("models/fmnist.safetensors")
+_DESCRIPTION = (
+    "Train on the Fashion-MNIST training set (minus a seeded validation split) and evaluate once "
+    "on the 10k test set, or, with --data DIR, on an image folder (one sub-folder per class, any "
+    "channels and size) evaluated on its seeded validation split; save a .safetensors "
+    "checkpoint (default models/<name>.safetensors, never over an existing file without "
+    "--force or an explicit --out) and write a report beside it: "
+    "loss/accuracy curves, confusion matrix, reliability diagram and a model card with CPU "
+    "throughput. After training, a temperature is fitted on the validation split so that "
+    "served probabilities are calibrated (see the card's Calibration section)."
+)
 
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 16,32,64, got {text!r}"
-        ) from exc
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help only where that says something: not when the help
-    already states its default, not for None (the help says what happens then) nor for on/off flags;
-    tuples print as typed (16,32,64)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        default = action.default
-        if (
-            "(default" in text
-            or default is None
-            or default is argparse.SUPPRESS
-            or isinstance(action, argparse._StoreTrueAction)
-            or not action.option_strings
-        ):
-            return text
-        if isinstance(default, tuple):
-            return f"{text} (default: {','.join(str(v) for v in default)})"
-        return f"{text} (default: %(default)s)"
+_DATA = (
+    Flag("--data", Path, None, "train on this image folder (DIR/<class>/<image>) instead of Fashion-MNIST", "DIR"),
+    Flag("--val-fraction", float, 0.1, "with --data: the share of each class held out (seeded) for "
+         "validation, the temperature and the report"),
+    Flag("--data-dir", Path, None, "directory with the IDX .gz files (default: FMNIST_DATA_DIR, then "
+         "/usr/share/datasets/fashion-mnist, then a torchvision download)"),
+    Flag("--val-size", int, 5000, "training images held out for validation and for fitting the "
+         "temperature (0: train on all 60k and serve uncalibrated probabilities)"),
+    Flag("--subset", int, None, "train on a seeded random N of the 60k training images; the validation "
+         "split is carved from them (at most a tenth); the test set stays whole"),
+)  # fmt: skip
+_MODEL = (
+    Flag("--widths", int_list, (16, 32, 64, 128), "channels per stage"),
+    Flag("--convs", int_list, (2, 2, 2, 1), "3×3 convs per stage"),
+    Flag("--head", ("avg", "flatten"), "flatten", "classifier head"),
+    Flag("--dropout", float, 0.0, "dropout before the classifier"),
+)
+_OPTIMISATION = (
+    Flag("--epochs", int, 35, "passes over the training set"),
+    Flag("--batch-size", int, None, "images per training step (default: scaled to the training set's size)"),
+    Flag("--lr", float, None, "peak learning rate (default: scaled to the batch size)"),
+    Flag("--schedule", ("cosine", "one-cycle"), "cosine", "learning-rate schedule after the warm-up"),
+    Flag("--grad-clip", float, 2.0, "clip the gradient's global norm to this (0: off)"),
+    Flag("--optimizer", ("sgd", "adamw"), "sgd", "sgd (Nesterov momentum) or adamw"),
+    Flag("--weight-decay", float, 5e-4, "decoupled weight decay on conv and linear weights"),
+    Flag("--label-smoothing", float, 0.0, "label smoothing of the training loss (the fitted "
+         "temperature undoes the under-confidence it leaves)"),
+    Flag("--warmup", float, None, "fraction of steps warming up to the peak lr (default: scaled to "
+         "the run's length)"),
+    Flag("--crop-padding", int, 2, "random-crop padding in pixels (0: off)"),
+    Flag("--no-flip", bool, False, "turn off random horizontal flips"),
+    Flag("--precision", ("fp32", "bf16"), "fp32", "bf16: autocast convs to bfloat16 while training "
+         "(faster where the CPU/GPU supports it)"),
+    Flag("--seed", int, 0, "fixes the initial weights, the validation split, batch order and augmentation"),
+)  # fmt: skip
+_RUN = (
+    Flag("--out", Path, None, "checkpoint path (.safetensors); named explicitly it may replace an "
+         "existing file (default: models/<name>.safetensors, refused when it exists unless --force)"),
+    Flag("--name", str, None, "the model's name, for the default --out (default: the --data folder's "
+         "name, else fmnist-trained)"),
+    Flag("--force", bool, False, "let the default --out replace an existing file"),
+    Flag("--device", str, None, "cpu, cuda, cuda:1 (default: cuda when available)"),
+    Flag("--threads", int, None, "torch intra-op threads (default: torch's choice)"),
+    Flag("--notes", Path, None, "markdown appended to the model card (e.g. what was tried)"),
+    Flag("--throughput-seconds", float, 2.0, "time spent measuring CPU throughput per batch size for the card"),
+    Flag("--no-report", bool, False, "skip plots, card and throughput measurement"),
+    Flag("--no-progress", bool, False, "no progress bars"),
+)  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train the classifier on Fashion-MNIST or your image folder; write checkpoint + model card",
-        description=(
-            "Train on the Fashion-MNIST training set (minus a seeded validation split) and evaluate once "
-            "on the 10k test set, or, with --data DIR, on an image folder (one sub-folder per class, any "
-            "channels and size) evaluated on its seeded validation split; save a .safetensors "
-            "checkpoint (default models/<name>.safetensors, never over an existing file without "
-            "--force or an explicit --out) and write a report beside it: "
-            "loss/accuracy curves, confusion matrix, reliability diagram and a model card with CPU "
-            "throughput. After training, a temperature is fitted on the validation split so that "
-            "served probabilities are calibrated (see the card's Calibration section)."
-        ),
+        description=_DESCRIPTION,
         formatter_class=HelpFormatter,
     )
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="train on this image folder (DIR/<class>/<image>) instead of Fashion-MNIST",
-    )
-    data.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="with --data: the share of each class held out (seeded) for validation, the "
-        "temperature and the report",
-    )
-    data.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="directory with the IDX .gz files (default: FMNIST_DATA_DIR, then /usr/share/datasets/fashion-mnist, then a torchvision download)",
-    )
-    data.add_argument(
-        "--val-size",
-        type=int,
-        default=5000,
-        help="training images held out for validation and for fitting the temperature "
-        "(0: train on all 60k and serve uncalibrated probabilities)",
-    )
-    data.add_argument(
-        "--subset",
-        type=int,
-        default=None,
-        help="train on a seeded random N of the 60k training images; the validation split is carved "
-        "from them (at most a tenth); the test set stays whole",
-    )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--widths", type=_int_list, default=(16, 32, 64, 128), help="channels per stage"
-    )
-    model.add_argument("--convs", type=_int_list, default=(2, 2, 2, 1), help="3×3 convs per stage")
-    model.add_argument(
-        "--head", choices=("avg", "flatten"), default="flatten", help="classifier head"
-    )
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=35, help="passes over the training set")
-    optim.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per training step (default: scaled to the training set's size)",
-    )
-    optim.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="peak learning rate (default: scaled to the batch size)",
-    )
-    optim.add_argument(
-        "--schedule",
-        choices=("cosine", "one-cycle"),
-        default="cosine",
-        help="learning-rate schedule after the warm-up",
-    )
-    optim.add_argument(
-        "--grad-clip",
-        type=float,
-        default=2.0,
-        help="clip the gradient's global norm to this (0: off)",
-    )
-    optim.add_argument(
-        "--optimizer",
-        choices=("sgd", "adamw"),
-        default="sgd",
-        help="sgd (Nesterov momentum) or adamw",
-    )
-    optim.add_argument(
-        "--weight-decay",
-        type=float,
-        default=5e-4,
-        help="decoupled weight decay on conv and linear weights",
-    )
-    optim.add_argument(
-        "--label-smoothing",
-        type=float,
-        default=0.0,
-        help="label smoothing of the training loss (the fitted temperature undoes the "
-        "under-confidence it leaves)",
-    )
-    optim.add_argument(
-        "--warmup",
-        type=float,
-        default=None,
-        help="fraction of steps warming up to the peak lr (default: scaled to the run's length)",
-    )
-    optim.add_argument(
-        "--crop-padding", type=int, default=2, help="random-crop padding in pixels (0: off)"
-    )
-    optim.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
-    optim.add_argument(
-        "--precision",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="bf16: autocast convs to bfloat16 while training (faster where the CPU/GPU supports it)",
-    )
-    optim.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="fixes the initial weights, the validation split, batch order and augmentation",
-    )
-    run = parser.add_argument_group("run")
-    run.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="checkpoint path (.safetensors); named explicitly it may replace an existing file "
-        "(default: models/<name>.safetensors, refused when it exists unless --force)",
-    )
-    run.add_argument(
-        "--name",
-        default=None,
-        help="the model's name, for the default --out (default: the --data folder's name, else "
-        "fmnist-trained)",
-    )
-    run.add_argument(
-        "--force", action="store_true", help="let the default --out replace an existing file"
-    )
-    run.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)"
-    )
-    run.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (default: torch's choice)",
-    )
-    run.add_argument(
-        "--notes",
-        type=Path,
-        default=None,
-        help="markdown appended to the model card (e.g. what was tried)",
-    )
-    run.add_argument(
-        "--throughput-seconds",
-        type=float,
-        default=2.0,
-        help="time spent measuring CPU throughput per batch size for the card",
-    )
-    run.add_argument(
-        "--no-report", action="store_true", help="skip plots, card and throughput measurement"
-    )
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for title, flags in (
+        ("data", _DATA),
+        ("model", _MODEL),
+        ("optimisation", _OPTIMISATION),
+        ("run", _RUN),
+    ):
+        add_flags(parser.add_argument_group(title), flags)
     parser.set_defaults(func=run_train, command_line=lambda args: canonical_command(parser, args))
 
 
@@ -244,9 +119,6 @@ def run_train(args: argparse.Namespace) -> int:
     configure_logging()
     import torch
 
-    from ml import DataError, ImageClassifier, TrainConfig, fashion_mnist_splits
-    from ml.report import duration, evaluate_bf16, measure_precisions, write_model_card
-
     out = output_path(args)
     if out is None:
         return 2
@@ -256,79 +128,7 @@ def run_train(args: argparse.Namespace) -> int:
     command = args.command_line(args)
     if args.data is not None:
         return _train_on_folder(args, command)
-    try:
-        splits = fashion_mnist_splits(
-            args.data_dir, val_size=args.val_size, seed=args.seed, subset=args.subset
-        )
-    except DataError as exc:
-        print(f"fmnist train: {exc}", file=sys.stderr)
-        return 2
-    logger.info(
-        kv(
-            "train_start",
-            data_dir=splits.data_dir,
-            train=len(splits.train),
-            val=len(splits.val),
-            test=len(splits.test),
-            threads=torch.get_num_threads(),
-        )
-    )
-    classifier = ImageClassifier(
-        num_channels=1,
-        num_classes=len(splits.train.class_names),
-        image_size=(28, 28),
-        class_names=splits.train.class_names,
-        widths=args.widths,
-        convs_per_stage=args.convs,
-        head=args.head,
-        dropout=args.dropout,
-        seed=args.seed,
-        device=args.device,
-    )
-    config = train_config(args, TrainConfig)
-    history = classifier.fit(splits.train, splits.val if len(splits.val) else None, config=config)
-    test = classifier.evaluate(splits.test)
-    calibration = classifier.calibration_report(splits.test)
-    classifier.metrics["test_accuracy"] = test.accuracy
-    classifier.metrics["test_loss"] = test.loss
-    evaluate_bf16(classifier, splits.test)
-    classifier.training["command"] = command
-    # What `fmnist evaluate --calibrate` needs to rebuild the same validation split later.
-    classifier.training["split"] = {
-        "val_size": args.val_size,
-        "subset": args.subset,
-        "seed": args.seed,
-    }
-    classifier.save(args.out)
-    logger.info(
-        kv(
-            "train_done",
-            out=args.out,
-            version=classifier.version,
-            test_accuracy=f"{test.accuracy:.4f}",
-            seconds=f"{history.seconds:.1f}",
-        )
-    )
-    print(
-        f"test accuracy {100 * test.accuracy:.2f}% ({test.num_samples} images), trained in {duration(history.seconds)} -> {args.out}"
-    )
-    print(
-        f"temperature {classifier.temperature:.4f}: test expected calibration error "
-        f"{calibration.before.ece:.4f} (raw softmax) -> {calibration.after.ece:.4f} (served)"
-    )
-    if not args.no_report:
-        throughput = measure_precisions(args.out, seconds=args.throughput_seconds)
-        notes = args.notes.read_text() if args.notes else ""
-        paths = write_model_card(
-            classifier, args.out, test, throughput, command, notes, calibration=calibration
-        )
-        for t in throughput:
-            print(
-                f"cpu predict {t.precision} batch={t.batch_size} threads={t.threads} clock={t.clock}: "
-                f"{t.images_per_second:,.0f} images/s"
-            )
-        print("report: " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return _train_on_fashion_mnist(args, command)
 
 
 def output_path(args: argparse.Namespace) -> Path | None:
@@ -370,34 +170,18 @@ def train_config(args: argparse.Namespace, config_class: type[Any]) -> Any:
     )
 
 
-def _train_on_folder(args: argparse.Namespace, command: str) -> int:
-    """`fmnist train --data DIR`: the folder split (seeded), fitted, evaluated and reported on its
-    validation split."""
-    from ml import DataError, ImageClassifier, TrainConfig
-    from ml.folders import describe, folder_splits
-    from ml.report import duration, measure_precisions, write_model_card
+def _new_classifier(
+    args: argparse.Namespace, input_shape: tuple[int, int, int], class_names: list[str]
+) -> ImageClassifier:
+    """A fresh classifier of the flags' architecture for images of `input_shape` in `class_names`."""
+    from ml import ImageClassifier
 
-    try:
-        splits = folder_splits(args.data, val_fraction=args.val_fraction, seed=args.seed)
-    except DataError as exc:
-        print(f"fmnist train: {exc}", file=sys.stderr)
-        return 2
-    channels, height, width = splits.input_shape
-    logger.info(
-        kv(
-            "train_start",
-            data=args.data,
-            train=len(splits.train),
-            val=len(splits.val),
-            input_shape=f"{channels},{height},{width}",
-            classes=len(splits.class_names),
-        )
-    )
-    classifier = ImageClassifier(
+    channels, height, width = input_shape
+    return ImageClassifier(
         num_channels=channels,
-        num_classes=len(splits.class_names),
+        num_classes=len(class_names),
         image_size=(height, width),
-        class_names=splits.class_names,
+        class_names=class_names,
         widths=args.widths,
         convs_per_stage=args.convs,
         head=args.head,
@@ -405,6 +189,91 @@ def _train_on_folder(args: argparse.Namespace, command: str) -> int:
         seed=args.seed,
         device=args.device,
     )
+
+
+def _train_on_fashion_mnist(args: argparse.Namespace, command: str) -> int:
+    """`fmnist train`: fitted on the Fashion-MNIST training split, evaluated once on the test set."""
+    import torch
+
+    from ml import DataError, TrainConfig, fashion_mnist_splits
+    from ml.report import duration, evaluate_bf16
+
+    try:
+        splits = fashion_mnist_splits(
+            args.data_dir, val_size=args.val_size, seed=args.seed, subset=args.subset
+        )
+    except DataError as exc:
+        print(f"fmnist train: {exc}", file=sys.stderr)
+        return 2
+    logger.info(
+        kv(
+            "train_start",
+            data_dir=splits.data_dir,
+            train=len(splits.train),
+            val=len(splits.val),
+            test=len(splits.test),
+            threads=torch.get_num_threads(),
+        )
+    )
+    classifier = _new_classifier(args, (1, 28, 28), splits.train.class_names)
+    config = train_config(args, TrainConfig)
+    history = classifier.fit(splits.train, splits.val if len(splits.val) else None, config=config)
+    test = classifier.evaluate(splits.test)
+    calibration = classifier.calibration_report(splits.test)
+    classifier.metrics["test_accuracy"] = test.accuracy
+    classifier.metrics["test_loss"] = test.loss
+    evaluate_bf16(classifier, splits.test)
+    classifier.training["command"] = command
+    # What `fmnist evaluate --calibrate` needs to rebuild the same validation split later.
+    classifier.training["split"] = {
+        "val_size": args.val_size,
+        "subset": args.subset,
+        "seed": args.seed,
+    }
+    classifier.save(args.out)
+    logger.info(
+        kv(
+            "train_done",
+            out=args.out,
+            version=classifier.version,
+            test_accuracy=f"{test.accuracy:.4f}",
+            seconds=f"{history.seconds:.1f}",
+        )
+    )
+    print(
+        f"test accuracy {100 * test.accuracy:.2f}% ({test.num_samples} images), trained in {duration(history.seconds)} -> {args.out}"
+    )
+    print(
+        f"temperature {classifier.temperature:.4f}: test expected calibration error "
+        f"{calibration.before.ece:.4f} (raw softmax) -> {calibration.after.ece:.4f} (served)"
+    )
+    _write_report(args, classifier, test, command, calibration, print_throughput=True)
+    return 0
+
+
+def _train_on_folder(args: argparse.Namespace, command: str) -> int:
+    """`fmnist train --data DIR`: the folder split (seeded), fitted, evaluated and reported on its
+    validation split."""
+    from ml import DataError, TrainConfig
+    from ml.folders import describe, folder_splits
+    from ml.report import duration
+
+    try:
+        splits = folder_splits(args.data, val_fraction=args.val_fraction, seed=args.seed)
+    except DataError as exc:
+        print(f"fmnist train: {exc}", file=sys.stderr)
+        return 2
+    logger.info(
+        kv(
+            "train_start",
+            data=args.data,
+            train=len(splits.train),
+            val=len(splits.val),
+            input_shape=",".join(str(n) for n in splits.input_shape),
+            classes=len(splits.class_names),
+        )
+    )
+    classifier = _new_classifier(args, splits.input_shape, splits.class_names)
     val = splits.val if len(splits.val) else None
     history = classifier.fit(splits.train, val, config=train_config(args, TrainConfig))
     classifier.training["data"] = describe(args.data, splits.train, "training split")
@@ -420,18 +289,48 @@ def _train_on_folder(args: argparse.Namespace, command: str) -> int:
     classifier.metrics["val_accuracy"] = result.accuracy
     classifier.save(args.out)
     data = describe(
-        args.data, report_set, "validation split" if val is not None else "training split"
+        args.data,
+        report_set,
+        "validation split" if val is not None else "training split",
     )
     print(
         f"validation accuracy {100 * result.accuracy:.2f}% ({result.num_samples} images), trained in "
         f"{duration(history.seconds)} -> {args.out}"
     )
-    if not args.no_report:
-        throughput = measure_precisions(args.out, seconds=args.throughput_seconds)
-        notes = args.notes.read_text() if args.notes else ""
-        paths = write_model_card(
-            classifier, args.out, result, throughput, command, notes,
-            calibration=calibration, data=data,
-        )  # fmt: skip
-        print("report: " + ", ".join(str(p) for p in paths.values()))
+    _write_report(args, classifier, result, command, calibration, data=data)
     return 0
+
+
+def _write_report(
+    args: argparse.Namespace,
+    classifier: ImageClassifier,
+    result: EvaluationResult,
+    command: str,
+    calibration: CalibrationReport,
+    *,
+    data: str | None = None,
+    print_throughput: bool = False,
+) -> None:
+    """The model card, plots and CPU throughput beside the checkpoint, unless --no-report."""
+    if args.no_report:
+        return
+    from ml.report import measure_precisions, write_model_card
+
+    throughput = measure_precisions(args.out, seconds=args.throughput_seconds)
+    notes = args.notes.read_text() if args.notes else ""
+    paths = write_model_card(
+        classifier,
+        args.out,
+        result,
+        throughput,
+        command,
+        notes,
+        calibration=calibration,
+        data=data,
+    )
+    for t in throughput if print_throughput else ():
+        print(
+            f"cpu predict {t.precision} batch={t.batch_size} threads={t.threads} clock={t.clock}: "
+            f"{t.images_per_second:,.0f} images/s"
+        )
+    print("report: " + ", ".join(str(p) for p in paths.values()))

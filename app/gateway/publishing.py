@@ -258,13 +258,9 @@ class Publisher:
         if failed and self.shared is not None:
             await self.shared.discard_pending([image.request_id for image, _ in failed])
         if failed:
+            first = outcomes[failed[0][0].position]  # the first refusal, not the first image
             log.warning(
-                kv(
-                    "publish_failed",
-                    broker=self.broker_url,
-                    count=len(failed),
-                    error=outcomes[fresh[0].position],
-                )
+                kv("publish_failed", broker=self.broker_url, count=len(failed), error=first)
             )
         self.metrics.record_accepted(len(fresh) - len(failed))
 
