@@ -17,6 +17,7 @@ class Flag:
     default: Any
     help: str
     metavar: str | None = None
+    required: bool = False
 
 
 def add_flags(group: argparse._ActionsContainer, flags: Sequence[Flag]) -> None:
@@ -33,6 +34,7 @@ def add_flags(group: argparse._ActionsContainer, flags: Sequence[Flag]) -> None:
                 default=flag.default,
                 help=flag.help,
                 metavar=flag.metavar,
+                required=flag.required,
             )
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.cli.flags import Flag, HelpFormatter, add_flags
+from app.cli.rollout_api import GatewayError, RolloutApi
 from app.rollout.promotion import (
     DEFAULT_STEPS,
     Decision,
@@ -34,12 +36,11 @@ from app.rollout.promotion import (
 )
 
 if TYPE_CHECKING:
-    import httpx
+    pass
 
 PROMOTED, REFUSED, ROLLED_BACK, ABORTED = 0, 1, 3, 130
 STEP_S = 60.0  # default watch per step: the gateway's live stats cover about this long
 POLL_S = 1.0  # how often a step reads the live stats
-HTTP_TIMEOUT_S = 30.0
 _DEFAULTS = PromotionPolicy(min_agreement=0.0, min_accuracy=0.0, min_samples=1)
 
 Echo = Callable[[str], None]
@@ -49,131 +50,138 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "promote",
         help="move live traffic to a candidate version in gated steps, rolling back on regression",
-        description=(
-            "Promote CANDIDATE over the live version of model NAME. The gate first: the candidate's "
-            "shadow comparison (GET /v1/models/NAME/shadow), or with --replay-last N a replay of the "
-            "last N requests in this process, must have at least --min-samples requests, agreement "
-            "with the live version of at least --min-agreement and accuracy on labelled requests of "
-            "at least --min-accuracy. Then live traffic moves in --steps, each watched for --step-s "
-            "seconds; when the candidate's error rate exceeds the live version's by more than "
-            "--max-error-rate, or its p99 latency is more than --max-p99-ratio times the live "
-            "version's, the live version gets all traffic back. Every decision is recorded on the "
-            "rollout topic (`fmnist models history NAME`). Exit status: 0 promoted, 1 refused at the "
-            "gate, stopped for want of traffic (--min-step-requests) or the gateway could not be "
-            "used, 2 invalid flags, 3 rolled back, 130 interrupted."
-        ),
+        description=DESCRIPTION,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("name", metavar="NAME", help="the model")
-    parser.add_argument(
-        "candidate",
-        metavar="CANDIDATE",
-        help="the candidate version: its id, a unique prefix of it or its tag; with --replay-last, "
-        "what `fmnist worker --model` takes (a checkpoint, an exported program or "
-        "package.module:Class), whose version is then promoted",
-    )
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("FMNIST_URL", "http://127.0.0.1:8000"),
-        help="gateway URL (default: $FMNIST_URL, else %(default)s)",
-    )
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("FMNIST_API_KEY"),
-        help="an admin API key (default: $FMNIST_API_KEY); needed when the gateway has keys",
-    )
-    parser.add_argument(
-        "--min-agreement",
-        type=_share,
-        required=True,
-        metavar="A",
-        help="least share of compared requests on which the candidate answers as the live version",
-    )
-    parser.add_argument(
-        "--min-accuracy",
-        type=_share,
-        required=True,
-        metavar="B",
-        help="least accuracy of the candidate on requests whose metadata carries a `label` "
-        "(0: pass without labels)",
-    )
-    parser.add_argument(
-        "--min-samples",
-        type=_positive_int,
-        required=True,
-        metavar="N",
-        help="least number of requests the gate's comparison must hold",
-    )
-    parser.add_argument(
-        "--steps",
-        type=_steps,
-        default=DEFAULT_STEPS,
-        metavar="P,P,...",
-        help="the candidate's percent of live traffic at each step, rising to 100 (default: "
-        + ",".join(map(str, DEFAULT_STEPS))
-        + ")",
-    )
-    parser.add_argument(
-        "--step-s",
-        type=_positive_float,
-        default=STEP_S,
-        metavar="S",
-        help="how long each step is watched before the next (default: %(default)g)",
-    )
-    parser.add_argument(
-        "--max-error-rate",
-        type=_share,
-        default=_DEFAULTS.max_error_rate,
-        metavar="E",
-        help="roll back when the candidate's error rate exceeds the live version's by more than "
-        "this share (default: %(default)g)",
-    )
-    parser.add_argument(
-        "--max-p99-ratio",
-        type=_positive_float,
-        default=_DEFAULTS.max_p99_ratio,
-        metavar="R",
-        help="roll back when the candidate's p99 latency exceeds R times the live version's "
-        "(default: %(default)g)",
-    )
-    parser.add_argument(
-        "--min-p99-requests",
-        type=int,
-        default=_DEFAULTS.min_p99_requests,
-        metavar="N",
-        help="compare p99s only once each version has N results in the gateway's window: the p99 "
-        "of a few requests is their slowest, often the candidate's cold start "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--min-step-requests",
-        type=int,
-        default=_DEFAULTS.min_step_requests,
-        metavar="N",
-        help="stop (the live version back at 100) when the candidate answered fewer than N "
-        "requests by the end of a step: no traffic is no evidence (default: %(default)s, off)",
-    )
-    parser.add_argument(
-        "--replay-last",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="gate on a replay of the model's last N retained requests through CANDIDATE (a model "
-        "source) instead of its shadow; needs --broker or FMNIST_BROKER_URL (Kafka or Pub/Sub)",
-    )
-    parser.add_argument(
-        "--broker", metavar="URL", help="broker URL for --replay-last (FMNIST_BROKER_URL)"
-    )
-    parser.add_argument(
-        "--replay-out",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="where --replay-last writes its report (default: promote-replay-NAME-YYYYMMDD-HHMMSS)",
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bars during --replay-last"
-    )
+    parser.add_argument("candidate", metavar="CANDIDATE", help=CANDIDATE_HELP)
+    add_flags(parser, _flags())
     parser.set_defaults(func=run)
+
+
+DESCRIPTION = (
+    "Promote CANDIDATE over the live version of model NAME. The gate first: the candidate's "
+    "shadow comparison (GET /v1/models/NAME/shadow), or with --replay-last N a replay of the "
+    "last N requests in this process, must have at least --min-samples requests, agreement "
+    "with the live version of at least --min-agreement and accuracy on labelled requests of "
+    "at least --min-accuracy. Then live traffic moves in --steps, each watched for --step-s "
+    "seconds; when the candidate's error rate exceeds the live version's by more than "
+    "--max-error-rate, or its p99 latency is more than --max-p99-ratio times the live "
+    "version's, the live version gets all traffic back. Every decision is recorded on the "
+    "rollout topic (`fmnist models history NAME`). Exit status: 0 promoted, 1 refused at the "
+    "gate, stopped for want of traffic (--min-step-requests) or the gateway could not be "
+    "used, 2 invalid flags, 3 rolled back, 130 interrupted."
+)
+CANDIDATE_HELP = (
+    "the candidate version: its id, a unique prefix of it or its tag; with --replay-last, "
+    "what `fmnist worker --model` takes (a checkpoint, an exported program or "
+    "package.module:Class), whose version is then promoted"
+)
+
+
+def _flags() -> list[Flag]:
+    """The options, in --help order (defaults read at call time: $FMNIST_URL, $FMNIST_API_KEY)."""
+    return [
+        Flag(
+            "--url",
+            str,
+            os.environ.get("FMNIST_URL", "http://127.0.0.1:8000"),
+            "gateway URL (default: $FMNIST_URL, else %(default)s)",
+        ),
+        Flag(
+            "--api-key",
+            str,
+            os.environ.get("FMNIST_API_KEY"),
+            "an admin API key (default: $FMNIST_API_KEY); needed when the gateway has keys",
+        ),
+        Flag(
+            "--min-agreement",
+            _share,
+            None,
+            "least share of compared requests on which the candidate answers as the live version",
+            "A",
+            required=True,
+        ),
+        Flag(
+            "--min-accuracy",
+            _share,
+            None,
+            "least accuracy of the candidate on requests whose metadata carries a `label` "
+            "(0: pass without labels)",
+            "B",
+            required=True,
+        ),
+        Flag(
+            "--min-samples",
+            _positive_int,
+            None,
+            "least number of requests the gate's comparison must hold",
+            "N",
+            required=True,
+        ),
+        Flag(
+            "--steps",
+            _steps,
+            DEFAULT_STEPS,
+            "the candidate's percent of live traffic at each step, rising to 100",
+            "P,P,...",
+        ),
+        Flag(
+            "--step-s",
+            _positive_float,
+            STEP_S,
+            "how long each step is watched before the next",
+            "S",
+        ),
+        Flag(
+            "--max-error-rate",
+            _share,
+            _DEFAULTS.max_error_rate,
+            "roll back when the candidate's error rate exceeds the live version's by more than "
+            "this share",
+            "E",
+        ),
+        Flag(
+            "--max-p99-ratio",
+            _positive_float,
+            _DEFAULTS.max_p99_ratio,
+            "roll back when the candidate's p99 latency exceeds R times the live version's",
+            "R",
+        ),
+        Flag(
+            "--min-p99-requests",
+            int,
+            _DEFAULTS.min_p99_requests,
+            "compare p99s only once each version has N results in the gateway's window: the p99 "
+            "of a few requests is their slowest, often the candidate's cold start",
+            "N",
+        ),
+        Flag(
+            "--min-step-requests",
+            int,
+            _DEFAULTS.min_step_requests,
+            "stop (the live version back at 100) when the candidate answered fewer than N "
+            "requests by the end of a step: no traffic is no evidence (0: off)",
+            "N",
+        ),
+        Flag(
+            "--replay-last",
+            _positive_int,
+            None,
+            "gate on a replay of the model's last N retained requests through CANDIDATE (a model "
+            "source) instead of its shadow; needs --broker or FMNIST_BROKER_URL (Kafka or Pub/Sub)",
+            "N",
+        ),
+        Flag("--broker", str, None, "broker URL for --replay-last (FMNIST_BROKER_URL)", "URL"),
+        Flag(
+            "--replay-out",
+            Path,
+            None,
+            "where --replay-last writes its report (default: promote-replay-NAME-YYYYMMDD-HHMMSS)",
+            "DIR",
+        ),
+        Flag("--no-progress", bool, False, "no progress bars during --replay-last"),
+    ]
 
 
 def _share(text: str) -> float:
@@ -202,66 +210,6 @@ def _steps(text: str) -> tuple[int, ...]:
         return parse_steps(text)
     except PromotionError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-class GatewayError(RuntimeError):
-    """A gateway call that failed: the status and the gateway's own message."""
-
-    def __init__(self, what: str, status: int | None, message: str) -> None:
-        self.status = status
-        hint = {
-            401: " (pass an admin key: --api-key or FMNIST_API_KEY)",
-            403: " (the key is not an admin key: see FMNIST_ADMIN_API_KEYS)",
-        }.get(status or 0, "")
-        super().__init__(f"{what}: {message}{hint}")
-
-
-class RolloutApi:
-    """The contract's rollout endpoints of one gateway, over httpx."""
-
-    def __init__(
-        self, url: str, api_key: str | None, *, transport: httpx.BaseTransport | None = None
-    ) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(
-            base_url=url, headers=headers, timeout=HTTP_TIMEOUT_S, transport=transport
-        )
-
-    def close(self) -> None:
-        self._client.close()
-
-    def _call(self, what: str, method: str, path: str, body: object = None) -> Any:
-        import httpx
-
-        try:
-            response = self._client.request(method, path, json=body)
-        except httpx.HTTPError as exc:
-            where = self._client.base_url
-            raise GatewayError(what, None, f"{exc} (is the gateway at {where}?)") from None
-        if response.is_success:
-            return response.json()
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200] or response.reason_phrase
-        raise GatewayError(what, response.status_code, f"{response.status_code} {message}")
-
-    def model(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("reading the model", "GET", f"/v1/models/{name}")
-        return result
-
-    def shadow(self, name: str) -> list[dict[str, Any]]:
-        body = self._call("reading the shadow comparison", "GET", f"/v1/models/{name}/shadow")
-        return list(body.get("candidates", []))
-
-    def set_weights(self, name: str, weights: Mapping[str, int], reason: str) -> None:
-        body = {"weights": dict(weights), "reason": reason}
-        self._call("setting the weights", "PUT", f"/v1/models/{name}/weights", body)
-
-    def record(self, name: str, event: Mapping[str, Any]) -> None:
-        self._call("recording the decision", "POST", f"/v1/models/{name}/history", event)
 
 
 def run(args: argparse.Namespace) -> int:
