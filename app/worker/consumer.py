@@ -221,6 +221,7 @@ class Worker:
             max_queue=max(settings.max_queued_images, settings.max_batch_size),
             concurrency=layout.concurrency,
             preferred_batch_size=min(settings.preferred_batch_size, settings.max_batch_size),
+            fill_when_idle=settings.batch_fill_when_idle,
         )
         await runner.start()
         self._runner = runner
