@@ -62,7 +62,9 @@ def test_fill_when_idle_keeps_a_lone_image_waiting_on_an_idle_runner() -> None:
 def test_the_due_time_runs_from_the_oldest_image() -> None:
     """Ten images, the oldest 4 ms old, a pass busy: due 1 ms from now, however recent the others are."""
     policy = BatchingPolicy(max_batch_size=64, max_wait_ms=5, concurrency=2)
-    assert policy.decide(state(10, oldest=2.0, running=1, now=2.004)).due_at == pytest.approx(2.0 + WAIT)
+    assert policy.decide(state(10, oldest=2.0, running=1, now=2.004)).due_at == pytest.approx(
+        2.0 + WAIT
+    )
 
 
 def test_a_full_batch_goes_at_once_even_while_every_pass_is_busy() -> None:
