@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.kafka_trace hop --options "fetch_max_wait_ms=100" "fetch_max_wait_ms=5"
     .venv/bin/python -m bench.kafka_trace roundtrip --options "" "fetch_max_wait_ms=5" --requests 200
+    .venv/bin/python -m bench.kafka_trace roundtrip --options "" "FMNIST_BATCH_FILL_WHEN_IDLE=true"
 
 `hop` starts Tansu and sends one message at a time (every `--interval-ms`, so the consumer is idle
 in between) through our `messaging` Kafka backend, with each URL query in turn, and reports per
@@ -14,7 +15,8 @@ timings, so one request's time splits into: intake (client send to the gateway's
 request hop + model queue (`queue_ms`: `submitted_at` to inference, broker transit included),
 inference (`inference_ms`), and back (the worker's `completed_at` to the answer at the client: the
 result's publish, the gateway's fetch and store, the HTTP answer). All clocks are this machine's.
-Configurations alternate request by request in rounds (`--rounds`), so drift hits all alike.
+A roundtrip configuration may also set the servers' `FMNIST_*` settings (space-separated from the
+URL query). Configurations alternate request by request in rounds (`--rounds`), so drift hits all alike.
 """
 
 from __future__ import annotations
@@ -124,21 +126,36 @@ def round_trips(server: Server, pngs: Sequence[bytes], count: int) -> Iterator[d
             time.sleep(0.02)
 
 
+def split_configuration(text: str) -> tuple[str, dict[str, str]]:
+    """A configuration as (URL query, FMNIST_* settings): `FMNIST_X=1 linger_ms=0&a=b`."""
+    query: list[str] = []
+    settings: dict[str, str] = {}
+    for item in text.split():
+        name, _, value = item.partition("=")
+        if name.startswith("FMNIST_"):
+            settings[name] = value
+        else:
+            query.append(item)
+    return "&".join(query), settings
+
+
 def run_roundtrip(configurations: Sequence[str], count: int, rounds: int, checkpoint: Path) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="fmnist-trace-"))
     pngs, _ = load_test_pngs(DATA_DIR, 64)
     splits: dict[str, list[dict[str, float]]] = {c: [] for c in configurations}
     with ExitStack() as stack:
-        servers = {
-            options: stack.enter_context(ours_kafka(checkpoint, log_dir, options=options))
-            for options in configurations
-        }
+        servers = {}
+        for configuration in configurations:
+            options, settings = split_configuration(configuration)
+            servers[configuration] = stack.enter_context(
+                ours_kafka(checkpoint, log_dir, options=options, **settings)
+            )
         per_round = max(1, count // rounds)
         for _ in range(rounds):
             for options, server in servers.items():
                 splits[options].extend(round_trips(server, pngs, per_round))
     parts = ("total", "intake", "hop_and_queue", "inference", "back")
-    print("| URL options | " + " | ".join(f"{p} p50 / p90 ms" for p in parts) + " |")
+    print("| configuration | " + " | ".join(f"{p} p50 / p90 ms" for p in parts) + " |")
     print("| --- |" + " ---: |" * len(parts))
     for options, rows in splits.items():
         cells = " | ".join(quantiles([row[p] for row in rows]) for p in parts)
@@ -148,7 +165,13 @@ def run_roundtrip(configurations: Sequence[str], count: int, rounds: int, checkp
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["hop", "roundtrip"])
-    parser.add_argument("--options", nargs="+", default=[""], help="kafka:// URL query strings")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[""],
+        help="kafka:// URL query strings; in roundtrip, FMNIST_*=value settings may join them "
+        "(space-separated): one configuration per argument",
+    )
     parser.add_argument("--count", type=int, default=100, help="messages per configuration (hop)")
     parser.add_argument(
         "--interval-ms", type=float, default=30.0, help="gap between messages (hop)"
