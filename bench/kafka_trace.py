@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.kafka_trace hop --options "fetch_max_wait_ms=100" "fetch_max_wait_ms=5"
     .venv/bin/python -m bench.kafka_trace roundtrip --options "" "fetch_max_wait_ms=5" --requests 200
     .venv/bin/python -m bench.kafka_trace roundtrip --options "" "FMNIST_BATCH_FILL_WHEN_IDLE=true"
+    .venv/bin/python -m bench.kafka_trace many --rounds 4
 
 `hop` starts Tansu and sends one message at a time (every `--interval-ms`, so the consumer is idle
 in between) through our `messaging` Kafka backend, with each URL query in turn, and reports per
@@ -17,6 +18,10 @@ inference (`inference_ms`), and back (the worker's `completed_at` to the answer 
 result's publish, the gateway's fetch and store, the HTTP answer). All clocks are this machine's.
 A roundtrip configuration may also set the servers' `FMNIST_*` settings (space-separated from the
 URL query). Configurations alternate request by request in rounds (`--rounds`), so drift hits all alike.
+
+`many` publishes `--per-call` request-like records per `publish_many` through the base class's path
+(a task per message) and through the Kafka backend's own (records handed to the producer in turn),
+alternating on one Tansu, and reports messages per second and per CPU-second of the publisher.
 """
 
 from __future__ import annotations
@@ -94,6 +99,67 @@ def run_hop(configurations: Sequence[str], count: int, interval_ms: float) -> No
         broker.stop()
 
 
+# --- publish_many ---------------------------------------------------------------------------------
+
+PAYLOAD = bytes(range(256)) * 3 + bytes(16)  # 784 bytes: one 28×28 image
+ATTRIBUTES = {
+    "request_id": "0" * 32,
+    "shape": "1,28,28",
+    "submitted_at": "1764246000.123",
+    "deadline": "1764246060.123",
+    "owner": "",
+    "metadata": "{}",
+}
+
+
+async def many(bootstrap: str, rounds: int, per_call: int, calls: int) -> None:
+    """`publish_many` of `per_call` request-like records, `calls` times per round: the base class's
+    path (a task per message) and the Kafka backend's own, alternating; messages per wall and per
+    CPU second of this process (the client's own work: the broker runs elsewhere)."""
+    from messaging._base import PubSub
+
+    url = f"kafka://{bootstrap}"
+    async with connect(url, kafka_idempotence=False, kafka_partitions=4) as pubsub:
+        topic = f"many-{uuid.uuid4().hex[:8]}"
+        await pubsub.ensure_topics(topic)
+        items = [(PAYLOAD, f"r{i}", ATTRIBUTES) for i in range(per_call)]
+        paths = {
+            "task per message (PubSub)": PubSub.publish_many,
+            "kafka": type(pubsub).publish_many,
+        }
+        rates: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        for path in paths.values():  # warm-up: connections, metadata
+            await path(pubsub, topic, items)
+        for _ in range(rounds):
+            for name, path in paths.items():
+                cpu, wall = time.process_time(), time.perf_counter()
+                for _ in range(calls):
+                    outcomes = await path(pubsub, topic, items, timeout_s=30)
+                    if any(outcome is not None for outcome in outcomes):
+                        raise RuntimeError(f"{name}: {outcomes[:3]}")
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                rates[name].append((per_call * calls / wall, per_call * calls / cpu))
+    print(
+        "| publish_many path | messages/s (median) | messages per CPU-s (median) | rounds (per CPU-s) |"
+    )
+    print("| --- | ---: | ---: | --- |")
+    for name, values in rates.items():
+        walls, cpus = [v[0] for v in values], [v[1] for v in values]
+        rounds_text = " / ".join(f"{v:,.0f}" for v in cpus)
+        print(
+            f"| {name} | {statistics.median(walls):,.0f} | {statistics.median(cpus):,.0f} | {rounds_text} |"
+        )
+
+
+def run_many(rounds: int, per_call: int, calls: int) -> None:
+    log_dir = Path(tempfile.mkdtemp(prefix="fmnist-trace-"))
+    broker = start_tansu(log_dir)
+    try:
+        asyncio.run(many(f"127.0.0.1:{broker.port}", rounds, per_call, calls))
+    finally:
+        broker.stop()
+
+
 # --- the whole service ---------------------------------------------------------------------------
 
 
@@ -164,7 +230,7 @@ def run_roundtrip(configurations: Sequence[str], count: int, rounds: int, checkp
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["hop", "roundtrip"])
+    parser.add_argument("what", choices=["hop", "roundtrip", "many"])
     parser.add_argument(
         "--options",
         nargs="+",
@@ -177,7 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--interval-ms", type=float, default=30.0, help="gap between messages (hop)"
     )
     parser.add_argument("--requests", type=int, default=200, help="requests per configuration")
-    parser.add_argument("--rounds", type=int, default=4, help="alternations (roundtrip)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations (roundtrip, many)")
+    parser.add_argument("--per-call", type=int, default=256, help="records per publish_many (many)")
+    parser.add_argument("--calls", type=int, default=20, help="publish_many calls per round (many)")
     parser.add_argument(
         "--checkpoint", type=Path, default=REPO_ROOT / "models" / "fmnist.safetensors"
     )
@@ -185,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {machine_context()}")
     if args.what == "hop":
         run_hop(args.options, args.count, args.interval_ms)
+    elif args.what == "many":
+        run_many(args.rounds, args.per_call, args.calls)
     else:
         run_roundtrip(args.options, args.requests, args.rounds, args.checkpoint)
     return 0
