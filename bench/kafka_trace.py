@@ -16,6 +16,8 @@ timings, so one request's time splits into: intake (client send to the gateway's
 request hop + model queue (`queue_ms`: `submitted_at` to inference, broker transit included),
 inference (`inference_ms`), and back (the worker's `completed_at` to the answer at the client: the
 result's publish, the gateway's fetch and store, the HTTP answer). All clocks are this machine's.
+The last column is the CPU the server's processes (Tansu, worker, gateway) used per request while
+its requests ran (20 ms apart, so polling between requests counts: what a fetch wait costs).
 A roundtrip configuration may also set the servers' `FMNIST_*` settings (space-separated from the
 URL query). Configurations alternate request by request in rounds (`--rounds`), so drift hits all alike.
 
@@ -39,7 +41,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
-from bench.http_single import DATA_DIR, REPO_ROOT, Server, machine_context, ours_kafka
+from bench.http_single import (
+    DATA_DIR,
+    REPO_ROOT,
+    Server,
+    group_cpu_seconds,
+    machine_context,
+    ours_kafka,
+)
 from messaging import connect
 from tests.brokers import start_tansu
 from tests.e2e.images import load_test_pngs
@@ -217,15 +226,24 @@ def run_roundtrip(configurations: Sequence[str], count: int, rounds: int, checkp
                 ours_kafka(checkpoint, log_dir, options=options, **settings)
             )
         per_round = max(1, count // rounds)
+        cpu_s = dict.fromkeys(configurations, 0.0)
         for _ in range(rounds):
             for options, server in servers.items():
+                groups = {p.pid for p in server.processes if p.running()}
+                before = group_cpu_seconds(groups)
                 splits[options].extend(round_trips(server, pngs, per_round))
+                cpu_s[options] += group_cpu_seconds(groups) - before
     parts = ("total", "intake", "hop_and_queue", "inference", "back")
-    print("| configuration | " + " | ".join(f"{p} p50 / p90 ms" for p in parts) + " |")
-    print("| --- |" + " ---: |" * len(parts))
+    print(
+        "| configuration | "
+        + " | ".join(f"{p} p50 / p90 ms" for p in parts)
+        + " | server CPU ms per request |"
+    )
+    print("| --- |" + " ---: |" * (len(parts) + 1))
     for options, rows in splits.items():
         cells = " | ".join(quantiles([row[p] for row in rows]) for p in parts)
-        print(f"| {options or '(defaults)'} | {cells} |")
+        cpu_ms = cpu_s[options] * 1000 / max(1, len(rows))
+        print(f"| {options or '(defaults)'} | {cells} | {cpu_ms:.1f} |")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
