@@ -228,8 +228,17 @@ class WorkerSettings(BaseModel):
         ge=0,
         le=10_000,
         validation_alias=_renamed("batch_fill_wait_ms"),
-        description="Longest a queued image waits for its batch to fill, from the oldest item. Lower "
-        "it for lower latency at light load, raise it for fuller batches when traffic is sparse.",
+        description="Longest a queued image waits for its batch to fill, from the oldest item, while "
+        "a forward pass is busy (on an idle worker a lone image runs at once unless "
+        "`FMNIST_BATCH_FILL_WHEN_IDLE`). Lower it for lower latency under load, raise it for fuller "
+        "batches.",
+    )
+    batch_fill_when_idle: bool = Field(
+        False,
+        description="Make queued images wait `FMNIST_BATCH_FILL_WAIT_MS` for company even when every "
+        "forward pass is idle. Off: an idle worker computes a lone image at once, for the lowest "
+        "latency at light load. Turn it on where the worker's cores are busy with other work and "
+        "fuller batches (less CPU per image) matter more than light-load latency.",
     )
     max_queued_images: int = Field(
         4096,

@@ -15,7 +15,9 @@ serve`, or Tansu + `fmnist worker` + `fmnist gateway` processes), in turn, warms
 and measures it with wrk: `--mode batch` sends `POST /v1/predictions:batch?wait=30` with 256 real
 test PNGs per request at 4 connections, `--mode single` one PNG per `POST /v1/predictions?wait=10`
 at 64 connections. Shared machines drift by tens of percent within minutes, so only configurations
-measured in the same run, round by round, are compared; the medians are the verdict.
+measured in the same run, round by round, are compared; the medians are the verdict. Each round
+also prints the batch size the results came in (per image, from the gateway's `/metrics`) and the
+server's CPU, so that a policy that answers sooner can be checked for batches that stopped filling.
 """
 
 from __future__ import annotations
@@ -79,6 +81,24 @@ def server_for(
     return ours_memory(checkpoint, log_dir, **env)
 
 
+def mean_batch_size(server: Server) -> float | None:
+    """The batch size the server's results came in, averaged per image (warm-up included), from
+    the gateway's `fmnist_batch_size` histogram; None when /metrics does not have it."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("fmnist_batch_size_sum", "fmnist_batch_size_count"):
+            values[name] = float(value)
+    count = values.get("fmnist_batch_size_count")
+    return values["fmnist_batch_size_sum"] / count if count else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configurations", nargs="+", help='e.g. "FMNIST_MAX_BATCH_SIZE=32"')
@@ -129,13 +149,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     warmup_s=args.warmup,
                     images_per_request=per_request,
                 )
+                batch = mean_batch_size(server)
             rates[name].append(result.images_per_s)
             per_cpu_s[name].append(result.images_per_cpu_s)
             print(
                 f"# round {round_number}: {name}: {result.images_per_s:,.0f} images/s, "
                 f"{result.images_per_cpu_s:,.0f} per server CPU-s, "
                 f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
-                f"{result.not_completed} not completed",
+                f"{result.not_completed} not completed, "
+                f"mean batch size {batch or 0:.1f} per image, "
+                f"server CPU {result.server_cpu_s / result.seconds / 2:.0%} of 2 cores",
                 flush=True,
             )
     # Images per server CPU-second hold up better than images/s when others load the machine.

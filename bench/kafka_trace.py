@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.kafka_trace hop --options "fetch_max_wait_ms=100" "fetch_max_wait_ms=5"
     .venv/bin/python -m bench.kafka_trace roundtrip --options "" "fetch_max_wait_ms=5" --requests 200
+    .venv/bin/python -m bench.kafka_trace roundtrip --options "" "FMNIST_BATCH_FILL_WHEN_IDLE=true"
+    .venv/bin/python -m bench.kafka_trace many --rounds 4
 
 `hop` starts Tansu and sends one message at a time (every `--interval-ms`, so the consumer is idle
 in between) through our `messaging` Kafka backend, with each URL query in turn, and reports per
@@ -14,7 +16,14 @@ timings, so one request's time splits into: intake (client send to the gateway's
 request hop + model queue (`queue_ms`: `submitted_at` to inference, broker transit included),
 inference (`inference_ms`), and back (the worker's `completed_at` to the answer at the client: the
 result's publish, the gateway's fetch and store, the HTTP answer). All clocks are this machine's.
-Configurations alternate request by request in rounds (`--rounds`), so drift hits all alike.
+The last column is the CPU the server's processes (Tansu, worker, gateway) used per request while
+its requests ran (20 ms apart, so polling between requests counts: what a fetch wait costs).
+A roundtrip configuration may also set the servers' `FMNIST_*` settings (space-separated from the
+URL query). Configurations alternate request by request in rounds (`--rounds`), so drift hits all alike.
+
+`many` publishes `--per-call` request-like records per `publish_many` through the base class's path
+(a task per message) and through the Kafka backend's own (records handed to the producer in turn),
+alternating on one Tansu, and reports messages per second and per CPU-second of the publisher.
 """
 
 from __future__ import annotations
@@ -32,7 +41,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
-from bench.http_single import DATA_DIR, REPO_ROOT, Server, machine_context, ours_kafka
+from bench.http_single import (
+    DATA_DIR,
+    REPO_ROOT,
+    Server,
+    group_cpu_seconds,
+    machine_context,
+    ours_kafka,
+)
 from messaging import connect
 from tests.brokers import start_tansu
 from tests.e2e.images import load_test_pngs
@@ -92,6 +108,67 @@ def run_hop(configurations: Sequence[str], count: int, interval_ms: float) -> No
         broker.stop()
 
 
+# --- publish_many ---------------------------------------------------------------------------------
+
+PAYLOAD = bytes(range(256)) * 3 + bytes(16)  # 784 bytes: one 28×28 image
+ATTRIBUTES = {
+    "request_id": "0" * 32,
+    "shape": "1,28,28",
+    "submitted_at": "1764246000.123",
+    "deadline": "1764246060.123",
+    "owner": "",
+    "metadata": "{}",
+}
+
+
+async def many(bootstrap: str, rounds: int, per_call: int, calls: int) -> None:
+    """`publish_many` of `per_call` request-like records, `calls` times per round: the base class's
+    path (a task per message) and the Kafka backend's own, alternating; messages per wall and per
+    CPU second of this process (the client's own work: the broker runs elsewhere)."""
+    from messaging._base import PubSub
+
+    url = f"kafka://{bootstrap}"
+    async with connect(url, kafka_idempotence=False, kafka_partitions=4) as pubsub:
+        topic = f"many-{uuid.uuid4().hex[:8]}"
+        await pubsub.ensure_topics(topic)
+        items = [(PAYLOAD, f"r{i}", ATTRIBUTES) for i in range(per_call)]
+        paths = {
+            "task per message (PubSub)": PubSub.publish_many,
+            "kafka": type(pubsub).publish_many,
+        }
+        rates: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        for path in paths.values():  # warm-up: connections, metadata
+            await path(pubsub, topic, items)
+        for _ in range(rounds):
+            for name, path in paths.items():
+                cpu, wall = time.process_time(), time.perf_counter()
+                for _ in range(calls):
+                    outcomes = await path(pubsub, topic, items, timeout_s=30)
+                    if any(outcome is not None for outcome in outcomes):
+                        raise RuntimeError(f"{name}: {outcomes[:3]}")
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                rates[name].append((per_call * calls / wall, per_call * calls / cpu))
+    print(
+        "| publish_many path | messages/s (median) | messages per CPU-s (median) | rounds (per CPU-s) |"
+    )
+    print("| --- | ---: | ---: | --- |")
+    for name, values in rates.items():
+        walls, cpus = [v[0] for v in values], [v[1] for v in values]
+        rounds_text = " / ".join(f"{v:,.0f}" for v in cpus)
+        print(
+            f"| {name} | {statistics.median(walls):,.0f} | {statistics.median(cpus):,.0f} | {rounds_text} |"
+        )
+
+
+def run_many(rounds: int, per_call: int, calls: int) -> None:
+    log_dir = Path(tempfile.mkdtemp(prefix="fmnist-trace-"))
+    broker = start_tansu(log_dir)
+    try:
+        asyncio.run(many(f"127.0.0.1:{broker.port}", rounds, per_call, calls))
+    finally:
+        broker.stop()
+
+
 # --- the whole service ---------------------------------------------------------------------------
 
 
@@ -124,37 +201,69 @@ def round_trips(server: Server, pngs: Sequence[bytes], count: int) -> Iterator[d
             time.sleep(0.02)
 
 
+def split_configuration(text: str) -> tuple[str, dict[str, str]]:
+    """A configuration as (URL query, FMNIST_* settings): `FMNIST_X=1 linger_ms=0&a=b`."""
+    query: list[str] = []
+    settings: dict[str, str] = {}
+    for item in text.split():
+        name, _, value = item.partition("=")
+        if name.startswith("FMNIST_"):
+            settings[name] = value
+        else:
+            query.append(item)
+    return "&".join(query), settings
+
+
 def run_roundtrip(configurations: Sequence[str], count: int, rounds: int, checkpoint: Path) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="fmnist-trace-"))
     pngs, _ = load_test_pngs(DATA_DIR, 64)
     splits: dict[str, list[dict[str, float]]] = {c: [] for c in configurations}
     with ExitStack() as stack:
-        servers = {
-            options: stack.enter_context(ours_kafka(checkpoint, log_dir, options=options))
-            for options in configurations
-        }
+        servers = {}
+        for configuration in configurations:
+            options, settings = split_configuration(configuration)
+            servers[configuration] = stack.enter_context(
+                ours_kafka(checkpoint, log_dir, options=options, **settings)
+            )
         per_round = max(1, count // rounds)
+        cpu_s = dict.fromkeys(configurations, 0.0)
         for _ in range(rounds):
             for options, server in servers.items():
+                groups = {p.pid for p in server.processes if p.running()}
+                before = group_cpu_seconds(groups)
                 splits[options].extend(round_trips(server, pngs, per_round))
+                cpu_s[options] += group_cpu_seconds(groups) - before
     parts = ("total", "intake", "hop_and_queue", "inference", "back")
-    print("| URL options | " + " | ".join(f"{p} p50 / p90 ms" for p in parts) + " |")
-    print("| --- |" + " ---: |" * len(parts))
+    print(
+        "| configuration | "
+        + " | ".join(f"{p} p50 / p90 ms" for p in parts)
+        + " | server CPU ms per request |"
+    )
+    print("| --- |" + " ---: |" * (len(parts) + 1))
     for options, rows in splits.items():
         cells = " | ".join(quantiles([row[p] for row in rows]) for p in parts)
-        print(f"| {options or '(defaults)'} | {cells} |")
+        cpu_ms = cpu_s[options] * 1000 / max(1, len(rows))
+        print(f"| {options or '(defaults)'} | {cells} | {cpu_ms:.1f} |")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["hop", "roundtrip"])
-    parser.add_argument("--options", nargs="+", default=[""], help="kafka:// URL query strings")
+    parser.add_argument("what", choices=["hop", "roundtrip", "many"])
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[""],
+        help="kafka:// URL query strings; in roundtrip, FMNIST_*=value settings may join them "
+        "(space-separated): one configuration per argument",
+    )
     parser.add_argument("--count", type=int, default=100, help="messages per configuration (hop)")
     parser.add_argument(
         "--interval-ms", type=float, default=30.0, help="gap between messages (hop)"
     )
     parser.add_argument("--requests", type=int, default=200, help="requests per configuration")
-    parser.add_argument("--rounds", type=int, default=4, help="alternations (roundtrip)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations (roundtrip, many)")
+    parser.add_argument("--per-call", type=int, default=256, help="records per publish_many (many)")
+    parser.add_argument("--calls", type=int, default=20, help="publish_many calls per round (many)")
     parser.add_argument(
         "--checkpoint", type=Path, default=REPO_ROOT / "models" / "fmnist.safetensors"
     )
@@ -162,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {machine_context()}")
     if args.what == "hop":
         run_hop(args.options, args.count, args.interval_ms)
+    elif args.what == "many":
+        run_many(args.rounds, args.per_call, args.calls)
     else:
         run_roundtrip(args.options, args.requests, args.rounds, args.checkpoint)
     return 0

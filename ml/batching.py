@@ -12,7 +12,11 @@ images and futures around it. Given the queue and the passes running, `BatchingP
 3. a batch that is not full goes when `max_wait_ms` has passed since its OLDEST image arrived (or
    the runner is closing) **and** a pass is free: while the model is busy, waiting costs nothing,
    so the batch keeps filling;
-4. a due batch smaller than `preferred_batch_size` is split into one part per free pass, at least
+4. ... except when every pass is idle: then whatever waits goes at once, since no pass is there to
+   finish and bring company, and a lone image would only idle for `max_wait_ms` (unless
+   `fill_when_idle`, for a worker whose cores are busy with other work, where fuller batches save
+   CPU);
+5. a due batch smaller than `preferred_batch_size` is split into one part per free pass, at least
    `MIN_SHARED_BATCH` images each, so two free cores compute two halves side by side instead of one
    core computing all of it; the parts beyond the free passes stay at the head of the queue.
 
@@ -69,6 +73,8 @@ class BatchingPolicy:
     concurrency: int = 1
     preferred_batch_size: int | None = None
     """None: `max_batch_size` (batches never grow past the preferred size)."""
+    fill_when_idle: bool = False
+    """Wait `max_wait_ms` for company even when every pass is idle (rule 4 off)."""
 
     def __post_init__(self) -> None:
         _require_positive_int("max_batch_size (FMNIST_MAX_BATCH_SIZE)", self.max_batch_size)
@@ -79,6 +85,10 @@ class BatchingPolicy:
         if wait < 0:
             raise ValueError(
                 f"max_wait_ms (FMNIST_BATCH_FILL_WAIT_MS) must be a finite number >= 0, got {self.max_wait_ms!r}"
+            )
+        if not isinstance(self.fill_when_idle, bool):
+            raise ValueError(
+                f"fill_when_idle (FMNIST_BATCH_FILL_WHEN_IDLE) must be True or False, got {self.fill_when_idle!r}"
             )
         preferred = self.preferred_batch_size
         if preferred is None:
@@ -111,7 +121,7 @@ class BatchingPolicy:
         return min(self.max_batch_size, max(preferred, share))
 
     def decide(self, state: QueueState) -> Decision:
-        """The next step for this queue state (rules 1-4 of the module docstring)."""
+        """The next step for this queue state (rules 1-5 of the module docstring)."""
         if state.waiting == 0 or state.oldest_arrival is None:
             return Decision(stop=state.closing)
         full = self.full_size(state.waiting)
@@ -120,14 +130,15 @@ class BatchingPolicy:
             return Decision(passes=(size,))
         due_at = state.oldest_arrival + self.max_wait_s
         due = state.now >= due_at
-        if state.passes_running < self.concurrency and (due or state.closing):
+        idle = state.passes_running == 0 and not self.fill_when_idle
+        if state.passes_running < self.concurrency and (due or state.closing or idle):
             return Decision(passes=self.shares(size, state.passes_running))
         # A batch already due needs no timer: only a free pass or a full batch can release it, and
         # both wake the runner; a zero-delay timer there would spin the event loop.
         return Decision(due_at=None if due else due_at)
 
     def shares(self, size: int, passes_running: int) -> tuple[int, ...]:
-        """A due batch of `size` images as the passes to start now (rule 4)."""
+        """A due batch of `size` images as the passes to start now (rule 5)."""
         parts = min(self.concurrency, size // MIN_SHARED_BATCH)
         if size >= self.preferred or parts <= 1:
             return (size,)

@@ -98,8 +98,10 @@ class ModelRunner:
     core (at most `ml.layout.MAX_DEFAULT_PASSES`) on CPU, one on a GPU. More than one pays off on
     CPU, most when each pass uses fewer torch threads than there are cores.
 
-    `max_batch_size`, `max_wait_ms`, `concurrency` and `preferred_batch_size` make the
-    `ml.batching.BatchingPolicy` that decides which queued images form each pass.
+    `max_batch_size`, `max_wait_ms`, `concurrency`, `preferred_batch_size` and `fill_when_idle`
+    make the `ml.batching.BatchingPolicy` that decides which queued images form each pass: a lone
+    image on an idle runner runs at once, and `max_wait_ms` is how long a batch fills while passes
+    are busy.
 
     `executor`: where forward passes run. Default: a private executor of `concurrency` threads (torch
     uses its own intra-op threads inside each). A caller-supplied executor is not shut down by the
@@ -115,11 +117,14 @@ class ModelRunner:
         executor: Executor | None = None,
         concurrency: int | None = None,
         preferred_batch_size: int | None = None,
+        fill_when_idle: bool = False,
     ) -> None:
         _validate_classifier(classifier)
         if concurrency is None:
             concurrency = default_concurrency(classifier)
-        self.policy = BatchingPolicy(max_batch_size, max_wait_ms, concurrency, preferred_batch_size)
+        self.policy = BatchingPolicy(
+            max_batch_size, max_wait_ms, concurrency, preferred_batch_size, fill_when_idle
+        )
         if (
             isinstance(max_queue, bool)
             or not isinstance(max_queue, int)

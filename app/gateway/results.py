@@ -40,6 +40,22 @@ class Submission:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def deadline_failure(submission: Submission, now: float) -> ResultMessage:
+    """The `failed` result of a submission still without one past its deadline + `EXPIRY_GRACE_S`."""
+    return ResultMessage(
+        request_id=submission.request_id,
+        status="failed",
+        completed_at=now,
+        owner=submission.owner,
+        metadata=submission.metadata,
+        error=ErrorInfo(
+            code="deadline_exceeded",
+            message="no worker answered before the request's deadline "
+            "(FMNIST_REQUEST_DEADLINE_S); are workers running?",
+        ),
+    )
+
+
 # A result read back after a restart gets the cursor the gateway that first stored it would have given
 # it at the latest: its completion time plus this bound on the delay from a worker to a gateway. A
 # stream resuming with an old gateway's cursor then gets every result it had not seen (and, again,
@@ -316,19 +332,7 @@ class ResultStore:
             overdue.append(submission)
         failures = []
         for submission in overdue:
-            result = ResultMessage(
-                request_id=submission.request_id,
-                status="failed",
-                completed_at=wall_now,
-                owner=submission.owner,
-                metadata=submission.metadata,
-                error=ErrorInfo(
-                    code="deadline_exceeded",
-                    message="no worker answered before the request's deadline "
-                    "(FMNIST_REQUEST_DEADLINE_S); are workers running?",
-                ),
-            )
-            stored = self.add_result(result)
+            stored = self.add_result(deadline_failure(submission, wall_now))
             if stored is not None:
                 failures.append(stored)
         return failures

@@ -5,7 +5,10 @@ partition writes it here as it came, routed by the attributes workers add (owner
 and not decoded (`store_results`, one Lua script per result, one round trip per chunk):
 
 * `{p}:result:{id}`   "CURSOR JSON" with the result TTL, set only if absent (the first result wins);
-* `{p}:pending:{id}`  the accepted submission (owner, deadline, metadata, accepting gateway) until its result;
+* `{p}:pending:{id}`  the accepted submission (owner, deadline, metadata, accepting gateway) until its
+                      result, kept past its deadline as long as a result: an overdue one is answered
+                      `failed` (`deadline_exceeded`) by whichever gateway looks it up (`get_pending`),
+                      since its own gateway, which would have, may be gone;
 * `{p}:idem:{owner}:{key}` "REQUEST_ID FINGERPRINT", claimed with SET NX;
 * `{p}:owner:{owner}` a sorted set of request ids by cursor, for stream resume (`results_after`);
 * `{p}:cursor`        the last cursor given: µs of Redis' clock, strictly increasing across gateways.
@@ -28,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from app.gateway.results import EXPIRY_GRACE_S, Submission
+from app.gateway.results import EXPIRY_GRACE_S, Submission, deadline_failure
 from app.logs import kv
 from app.protocol import ResultMessage
 from messaging import MissingDependency
@@ -302,7 +305,8 @@ class SharedState:
                     "gateway": self.gateway_id,
                 }
             )
-            ttl_ms = max(1, int((submission.deadline + EXPIRY_GRACE_S - now) * 1000))
+            # Past the deadline too, so that a request whose gateway died reads `failed`, not unknown.
+            ttl_ms = max(1, int((submission.deadline + EXPIRY_GRACE_S - now) * 1000)) + self.ttl_ms
             pipe.set(self._key("pending", submission.request_id), value, px=ttl_ms)
         await self._run(pipe.execute())
 
@@ -314,11 +318,23 @@ class SharedState:
                 )
 
     async def get_pending(self, request_id: str) -> Submission | None:
+        """The accepted submission still waiting for its result; None when there is none, or when it
+        was overdue: then its `deadline_exceeded` failure is stored in its place (first result wins),
+        for the caller's next look."""
         raw = await self._run(self.client.get(self._key("pending", request_id)))
         if raw is None:
             return None
         fields = json.loads(raw)
-        return Submission(request_id, fields["owner"], fields["deadline"], fields["metadata"])
+        submission = Submission(request_id, fields["owner"], fields["deadline"], fields["metadata"])
+        now = time.time()
+        if submission.deadline + EXPIRY_GRACE_S >= now:
+            return submission
+        # Its gateway's sweep answers it at this point; that gateway being gone, the reader does.
+        failure = deadline_failure(submission, now)
+        await self.store_results(
+            [(request_id, submission.owner, failure.to_bytes(), fields.get("gateway") or "")]
+        )
+        return None
 
     async def get_results(self, request_ids: Sequence[str]) -> list[tuple[int, ResultMessage]]:
         """The stored results of these ids (those that have one)."""

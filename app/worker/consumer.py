@@ -49,7 +49,7 @@ from app.worker.decoding import (
     parse_request,
     request_id_of,
 )
-from app.worker.inference import announcement_of, load_served_model, worker_layout
+from app.worker.inference import announcement_of, load_served_model, start_runner
 from app.worker.results import WORKER_ID_ATTR, Ready, ResultPublisher
 from messaging import Message, MessagingError, PubSub, Subscription
 from ml.runner import (
@@ -167,19 +167,7 @@ class Worker:
         self._log_ready(announcement, runner, *routes[0])
 
     async def _start_runner(self, classifier: BatchPredictor, owns_model: bool) -> ModelRunner:
-        settings = self.settings
-        layout = worker_layout(settings, classifier)
-        if owns_model:  # this worker loaded the process's model, so it sets torch's thread count
-            torch.set_num_threads(layout.threads)
-        runner = ModelRunner(
-            classifier,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.batch_fill_wait_ms,
-            max_queue=max(settings.max_queued_images, settings.max_batch_size),
-            concurrency=layout.concurrency,
-            preferred_batch_size=min(settings.preferred_batch_size, settings.max_batch_size),
-        )
-        await runner.start()
+        runner = await start_runner(self.settings, classifier, owns_model=owns_model)
         self._runner = runner
         return runner
 

@@ -17,7 +17,7 @@ from app.settings import Settings
 from ml.layout import InferenceLayout, inference_layout, usable_cores
 
 if TYPE_CHECKING:
-    from ml.runner import BatchPredictor
+    from ml.runner import BatchPredictor, ModelRunner
 
 __all__ = [
     "announcement_of",
@@ -25,6 +25,7 @@ __all__ = [
     "load_served_model",
     "native_bf16",
     "resolve_precision",
+    "start_runner",
     "worker_layout",
 ]
 
@@ -41,6 +42,28 @@ def worker_layout(settings: Settings, classifier: BatchPredictor) -> InferenceLa
         concurrency=settings.inference_concurrency,
         threads=settings.inference_threads,
     )
+
+
+async def start_runner(
+    settings: Settings, classifier: BatchPredictor, *, owns_model: bool
+) -> ModelRunner:
+    """A started `ModelRunner` for `classifier` with the worker's batching settings and layout."""
+    from ml.runner import ModelRunner
+
+    layout = worker_layout(settings, classifier)
+    if owns_model:  # this worker loaded the process's model, so it sets torch's thread count
+        torch.set_num_threads(layout.threads)
+    runner = ModelRunner(
+        classifier,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.batch_fill_wait_ms,
+        max_queue=max(settings.max_queued_images, settings.max_batch_size),
+        concurrency=layout.concurrency,
+        preferred_batch_size=min(settings.preferred_batch_size, settings.max_batch_size),
+        fill_when_idle=settings.batch_fill_when_idle,
+    )
+    await runner.start()
+    return runner
 
 
 def _cpu_capabilities() -> Mapping[str, Any]:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
-import torch
 
 from app import protocol
 from app.logs import kv
@@ -41,7 +40,7 @@ from app.protocol import (
     shadow_group_for,
 )
 from app.settings import Settings
-from app.worker.inference import announcement_of, load_served_model, worker_layout
+from app.worker.inference import announcement_of, load_served_model, start_runner
 from messaging import Message, MessagingError, Outgoing, PubSub, Subscription
 from ml.runner import ModelRunner, Overloaded, Prediction, RunnerError
 
@@ -161,18 +160,7 @@ class ShadowWorker:
             )
         announcement = announcement_of(self._classifier, settings, self.worker_id, name=self._name)
         self.announcement = announcement.model_copy(update={"role": "shadow"})
-        layout = worker_layout(settings, self._classifier)
-        if owns_model:
-            torch.set_num_threads(layout.threads)
-        runner = ModelRunner(
-            self._classifier,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.batch_fill_wait_ms,
-            max_queue=max(settings.max_queued_images, settings.max_batch_size),
-            concurrency=layout.concurrency,
-            preferred_batch_size=min(settings.preferred_batch_size, settings.max_batch_size),
-        )
-        await runner.start()
+        runner = await start_runner(settings, self._classifier, owns_model=owns_model)
         self._runner = runner
         try:
             model_topic = requests_topic_for(settings.requests_topic, self.model_name)

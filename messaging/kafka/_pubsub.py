@@ -7,7 +7,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -20,7 +20,14 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
-from messaging._base import PubSub, StartPosition, Subscription
+from messaging._base import (
+    Outgoing,
+    OutgoingItem,
+    PubSub,
+    StartPosition,
+    Subscription,
+    _outgoing,
+)
 from messaging._url import BrokerURL
 from messaging.errors import BrokerUnavailable, MessagingError
 from messaging.kafka._logs import quiet_client_logs
@@ -280,6 +287,70 @@ class KafkaPubSub(PubSub):
     async def _publish(
         self, topic: str, data: bytes, key: str | None, attributes: Mapping[str, str] | None
     ) -> None:
+        producer = await self._producer_for(topic)
+        try:
+            await (await self._send(producer, topic, data, key, attributes))
+        except Exception as exc:
+            raise self._send_error(exc, topic, len(data)) from exc
+
+    async def publish_many(
+        self, topic: str, items: Iterable[OutgoingItem], *, timeout_s: float | None = None
+    ) -> list[Exception | None]:
+        """`PubSub.publish_many`, with every record handed to the producer in turn and their
+        acknowledgements awaited together: the producer batches them all the same, without a task
+        per message (the gateway's batch endpoint and the worker publish hundreds at a time)."""
+        if self._state != "connected":
+            self._require_connected()
+        self._check_topic(topic)
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
+        outcomes: list[Exception | None] = []
+        checked: list[tuple[int, Outgoing]] = []
+        for index, item in enumerate(items):
+            try:
+                checked.append((index, _outgoing(item)))
+                outcomes.append(None)
+            except TypeError as exc:
+                outcomes.append(exc)
+        if not checked:
+            return outcomes
+        deliveries: list[tuple[int, int, asyncio.Future[Any]]] = []  # index, bytes, ack
+        handed = 0
+        late: TimeoutError | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                producer = await self._producer_for(topic)
+                for index, message in checked:
+                    try:
+                        delivery = await self._send(
+                            producer, topic, message.data, message.key or None, message.attributes
+                        )
+                    except Exception as exc:
+                        outcomes[index] = self._send_error(exc, topic, len(message.data))
+                    else:
+                        deliveries.append((index, len(message.data), delivery))
+                    handed += 1
+                if deliveries:
+                    await asyncio.wait([delivery for *_, delivery in deliveries])
+        except BrokerUnavailable as exc:  # before any send: the link is down
+            for index, _ in checked:
+                outcomes[index] = exc
+            return outcomes
+        except TimeoutError:
+            assert timeout_s is not None  # only the deadline raises it here
+            late = TimeoutError(f"not accepted by the broker within {timeout_s:g} s")
+            for index, _ in checked[handed:]:
+                outcomes[index] = late
+        for index, size, delivery in deliveries:
+            if not delivery.done():
+                delivery.cancel()
+                outcomes[index] = late
+            elif (error := delivery.exception()) is not None:
+                outcomes[index] = self._send_error(error, topic, size)
+        return outcomes
+
+    async def _producer_for(self, topic: str) -> AIOKafkaProducer:
+        """The producer, once the link is up and `topic` exists and its partitions are known."""
         if not self._link_ready.is_set():
             try:
                 await asyncio.wait_for(self._link_ready.wait(), self.connect_timeout)
@@ -292,29 +363,44 @@ class KafkaPubSub(PubSub):
         producer = self._producer
         if producer is None:  # the link broke again meanwhile
             raise BrokerUnavailable(f"the link to {self.url} broke; retry once it is back")
-        try:
-            if producer.client.cluster.partitions_for_topic(topic) is None:
-                # send() would wait for the topic's metadata up to request_timeout_ms, and for
-                # ever once the link broke and this producer was retired.
+        if producer.client.cluster.partitions_for_topic(topic) is None:
+            # send() would wait for the topic's metadata up to request_timeout_ms, and for
+            # ever once the link broke and this producer was retired.
+            try:
                 await asyncio.wait_for(producer.partitions_for(topic), self.connect_timeout)
-            delivery = await producer.send(
-                topic,
-                data,
-                key=key.encode() if key is not None else None,
-                headers=[(name, value.encode()) for name, value in attributes.items()]
-                if attributes
-                else None,
-            )
-            await delivery
-        except MessageSizeTooLargeError as exc:
-            raise MessagingError(
-                f"a message of {len(data)} bytes does not fit Kafka's limit on {self.url}: raise "
+            except (KafkaError, TimeoutError) as exc:
+                raise self._send_error(exc, topic, 0) from exc
+        return producer
+
+    @staticmethod
+    async def _send(
+        producer: AIOKafkaProducer,
+        topic: str,
+        data: bytes,
+        key: str | None,
+        attributes: Mapping[str, str] | None,
+    ) -> asyncio.Future[Any]:
+        """Hand one record to the producer; the future of its acknowledgement."""
+        delivery: asyncio.Future[Any] = await producer.send(
+            topic,
+            data,
+            key=key.encode() if key is not None else None,
+            headers=[(name, value.encode()) for name, value in attributes.items()]
+            if attributes
+            else None,
+        )
+        return delivery
+
+    def _send_error(self, exc: BaseException, topic: str, size: int) -> Exception:
+        """What a failed send means to the caller."""
+        if isinstance(exc, MessageSizeTooLargeError):
+            return MessagingError(
+                f"a message of {size} bytes does not fit Kafka's limit on {self.url}: raise "
                 f"?max_message_bytes= (now {self.options.max_message_bytes}) in the broker URL, and the broker's message.max.bytes"
-            ) from exc
-        except (KafkaError, TimeoutError) as exc:
-            raise BrokerUnavailable(
-                f"publishing to {topic!r} on {self.url} failed: {exc!r}"
-            ) from exc
+            )
+        if isinstance(exc, KafkaError | TimeoutError):
+            return BrokerUnavailable(f"publishing to {topic!r} on {self.url} failed: {exc!r}")
+        return exc if isinstance(exc, Exception) else MessagingError(repr(exc))
 
     def _subscription(
         self, topic: str, *, group: str, start: StartPosition, max_in_flight: int

@@ -240,6 +240,24 @@ async def test_a_get_racing_the_result_into_redis_answers_the_result(
     assert (answer.json()["status"], answer.json()["label"]) == ("completed", 2)
 
 
+async def test_an_overdue_request_of_a_gone_gateway_answers_failed_on_another(
+    redis_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its deadline, a request whose gateway is gone answers failed (deadline_exceeded) on B, not 404."""
+    monkeypatch.setattr("app.gateway.shared_state.EXPIRY_GRACE_S", 0.0)  # no 5 s wait for the grace
+    settings = shared_settings(redis_address, request_deadline_s=0.3)
+    async with running_gateway(settings) as (_, a):
+        request_id = (await submit(a, 7)).json()["request_id"]
+    async with running_gateway(twin(settings)) as (_, b):
+        await asyncio.sleep(0.5)
+        answer = await b.get(f"/v1/predictions/{request_id}")
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["status"], answer.json()["error"]["code"]) == (
+        "failed",
+        "deadline_exceeded",
+    )
+
+
 async def test_a_stream_on_one_gateway_gets_results_of_the_other_and_resumes(
     redis_address: str,
 ) -> None:

@@ -33,17 +33,38 @@ def test_an_empty_queue_stops_when_closing() -> None:
     assert BatchingPolicy().decide(state(0, closing=True)) == Decision(stop=True)
 
 
-def test_a_lone_image_waits_until_max_wait_after_it_arrived() -> None:
-    """One image at t=1.0 with max_wait_ms=5: a timer for 1.005, then one pass of 1 at 1.005."""
-    policy = BatchingPolicy(max_batch_size=64, max_wait_ms=5)
+def test_a_lone_image_waits_until_max_wait_while_a_pass_is_busy() -> None:
+    """One of two passes busy, one image at t=1.0, max_wait_ms=5: a timer for 1.005, then a pass of 1."""
+    policy = BatchingPolicy(max_batch_size=64, max_wait_ms=5, concurrency=2)
+    assert policy.decide(state(1, oldest=1.0, running=1, now=1.001)) == Decision(due_at=1.0 + WAIT)
+    assert policy.decide(state(1, oldest=1.0, running=1, now=1.0 + WAIT)) == Decision(passes=(1,))
+
+
+def test_a_lone_image_goes_at_once_when_every_pass_is_idle() -> None:
+    """No pass running: nothing will finish and bring company, so one image goes before it is due."""
+    policy = BatchingPolicy(max_batch_size=64, max_wait_ms=5, concurrency=2)
+    assert policy.decide(state(1, oldest=1.0, now=1.0)) == Decision(passes=(1,))
+
+
+def test_what_waits_on_an_idle_runner_is_shared_among_its_passes() -> None:
+    """No pass running: 40 images not yet due start at once as two passes of 20."""
+    policy = BatchingPolicy(max_batch_size=128, max_wait_ms=1000, concurrency=2)
+    assert policy.decide(state(40, oldest=1.0, now=1.0)) == Decision(passes=(20, 20))
+
+
+def test_fill_when_idle_keeps_a_lone_image_waiting_on_an_idle_runner() -> None:
+    """fill_when_idle: one image on an idle runner still waits max_wait_ms for company."""
+    policy = BatchingPolicy(max_batch_size=64, max_wait_ms=5, fill_when_idle=True)
     assert policy.decide(state(1, oldest=1.0, now=1.001)) == Decision(due_at=1.0 + WAIT)
     assert policy.decide(state(1, oldest=1.0, now=1.0 + WAIT)) == Decision(passes=(1,))
 
 
 def test_the_due_time_runs_from_the_oldest_image() -> None:
-    """Ten images, the oldest 4 ms old: due 1 ms from now, however recent the others are."""
-    policy = BatchingPolicy(max_batch_size=64, max_wait_ms=5)
-    assert policy.decide(state(10, oldest=2.0, now=2.004)).due_at == pytest.approx(2.0 + WAIT)
+    """Ten images, the oldest 4 ms old, a pass busy: due 1 ms from now, however recent the others are."""
+    policy = BatchingPolicy(max_batch_size=64, max_wait_ms=5, concurrency=2)
+    assert policy.decide(state(10, oldest=2.0, running=1, now=2.004)).due_at == pytest.approx(
+        2.0 + WAIT
+    )
 
 
 def test_a_full_batch_goes_at_once_even_while_every_pass_is_busy() -> None:
@@ -106,6 +127,7 @@ def test_a_batch_too_small_to_share_runs_whole() -> None:
         ({"max_wait_ms": float("nan")}, "FMNIST_BATCH_FILL_WAIT_MS"),
         ({"concurrency": 0}, "FMNIST_INFERENCE_CONCURRENCY"),
         ({"max_batch_size": 8, "preferred_batch_size": 9}, "FMNIST_PREFERRED_BATCH_SIZE"),
+        ({"fill_when_idle": "yes"}, "FMNIST_BATCH_FILL_WHEN_IDLE"),
     ],
 )
 def test_settings_that_cannot_work_are_rejected_naming_the_setting(

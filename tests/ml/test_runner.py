@@ -62,10 +62,21 @@ async def test_each_caller_gets_the_prediction_for_its_own_image() -> None:
         assert prediction.model_version == model.version
 
 
-async def test_a_lone_image_waits_max_wait_ms_then_runs_alone() -> None:
-    """With no other traffic, one image is computed about max_wait_ms after it arrived."""
+async def test_a_lone_image_on_an_idle_runner_runs_at_once() -> None:
+    """With no other traffic and no pass running, one image is computed without waiting max_wait_ms."""
     model = TinyClassifier()
-    async with ModelRunner(model, max_batch_size=64, max_wait_ms=50, concurrency=1) as runner:
+    async with ModelRunner(model, max_batch_size=64, max_wait_ms=2000, concurrency=1) as runner:
+        prediction = await runner.submit(image(1))
+    assert prediction.batch_size == 1
+    assert prediction.queue_ms < 500
+
+
+async def test_with_fill_when_idle_a_lone_image_waits_max_wait_ms_then_runs_alone() -> None:
+    """fill_when_idle: with no other traffic, one image is computed about max_wait_ms after it arrived."""
+    model = TinyClassifier()
+    async with ModelRunner(
+        model, max_batch_size=64, max_wait_ms=50, concurrency=1, fill_when_idle=True
+    ) as runner:
         prediction = await runner.submit(image(1))
     assert prediction.batch_size == 1
     assert 50 <= prediction.queue_ms < 400
@@ -74,7 +85,9 @@ async def test_a_lone_image_waits_max_wait_ms_then_runs_alone() -> None:
 async def test_the_timer_runs_from_the_oldest_item_not_the_newest() -> None:
     """A later arrival joins the batch but does not push back when the batch closes."""
     model = TinyClassifier()
-    async with ModelRunner(model, max_batch_size=64, max_wait_ms=300, concurrency=1) as runner:
+    async with ModelRunner(
+        model, max_batch_size=64, max_wait_ms=300, concurrency=1, fill_when_idle=True
+    ) as runner:
         first = asyncio.ensure_future(runner.submit(image(1)))
         await asyncio.sleep(0.15)
         second = await runner.submit(image(2))
@@ -424,7 +437,9 @@ def test_a_timer_that_fires_early_does_not_strand_the_batch() -> None:
     """A lone image is still computed about max_wait_ms after arrival when the loop's timer fires early."""
 
     async def lone_image() -> Prediction:
-        async with ModelRunner(TinyClassifier(), max_batch_size=64, max_wait_ms=20) as runner:
+        async with ModelRunner(
+            TinyClassifier(), max_batch_size=64, max_wait_ms=20, fill_when_idle=True
+        ) as runner:
             return await asyncio.wait_for(runner.submit(image(1)), timeout=2.0)
 
     with asyncio.Runner(loop_factory=EarlyTimerLoop) as loop_runner:

@@ -42,6 +42,7 @@ def start_worker_process(
         "FMNIST_DEADLETTER_TOPIC": settings.deadletter_topic,
         "FMNIST_WORKER_GROUP": settings.worker_group,
         "FMNIST_CONTROL_TOPIC": settings.control_topic,
+        "FMNIST_BATCH_FILL_WHEN_IDLE": str(settings.batch_fill_when_idle).lower(),
     }
     flags = [
         "--broker", settings.broker_url,
@@ -69,7 +70,9 @@ async def test_sigterm_answers_in_flight_requests_then_exits_0(
     kafka_url: str, tmp_path: Path
 ) -> None:
     """SIGTERM mid-stream: the worker answers what it holds, exits 0, and a successor answers the rest, none twice."""
-    settings = worker_settings(kafka_url, max_batch_size=64, batch_fill_wait_ms=500.0)
+    settings = worker_settings(
+        kafka_url, max_batch_size=64, batch_fill_wait_ms=500.0, batch_fill_when_idle=True
+    )
     first = start_worker_process("first", settings, untrained_checkpoint(tmp_path), tmp_path)
     with processes.stopping(first):
         await wait_until_ready(first)
