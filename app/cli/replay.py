@@ -186,13 +186,16 @@ class Retained:
 
 @dataclass
 class LiveResults:
-    """The live answers of one model, first per request id, from the results topic: those of any
-    version but the candidate's own, whose answers under a split would only agree with itself."""
+    """The live answers of one model, first per request id, from the results topic. The candidate's
+    own version's answers are kept apart: under a split or a promotion they would only agree with
+    the candidate, so they count only when no other version answered (a replay of the live version
+    against itself)."""
 
     model: str
     candidate_version: str | None = None
-    answers: dict[str, Answer] = field(default_factory=dict)
-    versions: set[str] = field(default_factory=set)
+    others: dict[str, Answer] = field(default_factory=dict)
+    own: dict[str, Answer] = field(default_factory=dict)
+    other_versions: set[str] = field(default_factory=set)
     last_arrival: float = field(default_factory=time.monotonic)
 
     def take(self, message: Message) -> None:
@@ -204,15 +207,28 @@ class LiveResults:
             result = ResultMessage.from_bytes(message.data)
         except ValueError:
             return
-        if result.model not in (None, self.model) or result.request_id in self.answers:
-            return
-        if self.candidate_version is not None and result.model_version == self.candidate_version:
+        if result.model not in (None, self.model) or self.answered(result.request_id):
             return
         label = result.label if result.status == "completed" else None
-        self.answers[result.request_id] = Answer(label, result.inference_ms)
-        if result.model_version:
-            self.versions.add(result.model_version)
+        if self.candidate_version is not None and result.model_version == self.candidate_version:
+            self.own[result.request_id] = Answer(label, result.inference_ms)
+        else:
+            self.others[result.request_id] = Answer(label, result.inference_ms)
+            if result.model_version:
+                self.other_versions.add(result.model_version)
         self.last_arrival = time.monotonic()
+
+    def answered(self, request_id: str) -> bool:
+        return request_id in self.others or request_id in self.own
+
+    def answers(self, wanted: set[str]) -> tuple[dict[str, Answer], list[str]]:
+        """(the live answers to `wanted`, the versions that gave them): other versions' answers,
+        or the candidate's own when no other version answered any of them."""
+        others = {i: a for i, a in self.others.items() if i in wanted}
+        if others or self.candidate_version is None:
+            return others, sorted(self.other_versions)
+        own = {i: a for i, a in self.own.items() if i in wanted}
+        return own, [self.candidate_version] if own else []
 
 
 async def read_window(
@@ -352,13 +368,14 @@ async def replay(
     )
     if not window:
         return ReplayOutcome(0, None, None, candidate_version=served.version)
+    answers, live_versions = live.answers({request.request_id for request in window})
     for request in window:
-        answer = live.answers.get(request.request_id)
+        answer = answers.get(request.request_id)
         if answer is not None:
             comparison.add_live(request.request_id, answer, request.truth)
     details = {
         "model": model,
-        "live versions": ", ".join(sorted(live.versions)) or "unknown",
+        "live versions": ", ".join(live_versions) or "unknown",
         "candidate": f"`{candidate}` (version {served.version}, {served.precision}, "
         f"{served.description.runtime} on {served.description.device})",
         "window": f"last {last} requests" if last else f"since {datetime.fromtimestamp(start)}",
@@ -470,9 +487,9 @@ async def _read_results(subscription: Subscription, live: LiveResults) -> None:
 async def _until_answered(live: LiveResults, wanted: set[str], quiet_s: float) -> None:
     """Wait until the live results hold every wanted id, or none arrived for `quiet_s`."""
     waited_from = time.monotonic()
-    while not wanted <= live.answers.keys():
+    while not all(live.answered(request_id) for request_id in wanted):
         idle = time.monotonic() - max(live.last_arrival, waited_from)
-        if idle > max(quiet_s, JOIN_WAIT_S if not live.answers else 0.0):
+        if idle > max(quiet_s, JOIN_WAIT_S if not (live.others or live.own) else 0.0):
             return
         await asyncio.sleep(0.05)
 

@@ -237,3 +237,13 @@ async def test_replay_takes_no_live_answer_from_the_candidates_own_version(tmp_p
     assert outcome.replayed == 6
     assert outcome.summary is not None and outcome.summary.pairs == 4
     assert outcome.missing_live == 2
+
+
+async def test_replay_of_the_live_version_compares_with_its_own_answers(tmp_path: Path) -> None:
+    """When only the candidate's own version answered, those answers are the live ones."""
+    ids = [f"r{i}" for i in range(4)]
+    outcome = await _replay_on_memory(
+        tmp_path, {"fmnist.requests.fmnist": ids}, last=4, answered_by_candidate=frozenset(ids)
+    )
+    assert outcome.summary is not None and outcome.summary.pairs == 4
+    assert outcome.missing_live == 0
