@@ -343,7 +343,7 @@ async def replay(
     """Load the candidate, read the window, run it, join with the live results, write the report.
     `versions`: those whose own topics carry part of the model's traffic too (a split's weighted
     versions); their requests join the window, which stays the newest `last` of them all. Live
-    answers are those of every version but the candidate's own."""
+    answers: see `LiveResults`."""
     from app.rollout.report import write_report
     from ml.serving import load_model
 
@@ -358,13 +358,9 @@ async def replay(
     comparison = Comparison(served.class_names)
     start = since if since is not None else 0.0  # --last: from the oldest retained request
     live = LiveResults(model, candidate_version=served.version)
+    spec = _Window(model, versions, start, began, last, quiet_s)
     window, broker_url = await _replay_window(
-        settings,
-        served,
-        comparison,
-        live,
-        _Window(model, versions, start, began, last, quiet_s),
-        progress=progress,
+        settings, served, comparison, live, spec, progress=progress
     )
     if not window:
         return ReplayOutcome(0, None, None, candidate_version=served.version)
