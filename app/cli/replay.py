@@ -74,6 +74,29 @@ def register(subparsers: Any) -> None:
         help="the candidate: a checkpoint (.safetensors), an exported program (.pt2, or TorchScript "
         ".pt, with its spec beside it) or package.module:Class, as `fmnist worker --model` takes",
     )
+    _add_window_arguments(parser)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the report goes (default: replay-MODEL-YYYYMMDD-HHMMSS)",
+    )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="broker URL, kafka://host:9092 or gcp://PROJECT (FMNIST_BROKER_URL)",
+    )
+    _add_candidate_runtime_arguments(parser)
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (for logs and CI)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """--since / --last (one of them) and --quiet: which requests the replay reads, and when it
+    has read them all."""
     window = parser.add_mutually_exclusive_group(required=True)
     window.add_argument(
         "--since",
@@ -89,24 +112,16 @@ def register(subparsers: Any) -> None:
         help="replay the last N requests the broker still holds",
     )
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="where the report goes (default: replay-MODEL-YYYYMMDD-HHMMSS)",
-    )
-    parser.add_argument(
-        "--broker",
-        metavar="URL",
-        help="broker URL, kafka://host:9092 or gcp://PROJECT (FMNIST_BROKER_URL)",
-    )
-    parser.add_argument(
         "--quiet",
         type=float,
         default=QUIET_S,
         metavar="SECONDS",
         help="caught up once nothing from the window arrived for this long (default: %(default)g)",
     )
+
+
+def _add_candidate_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --precision and --runtime: how the candidate runs in this process."""
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -124,10 +139,6 @@ def register(subparsers: Any) -> None:
         default="auto",
         help="the candidate's CPU runtime; eager skips compiling (default: %(default)s, as workers)",
     )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (for logs and CI)"
-    )
-    parser.set_defaults(func=run)
 
 
 def _positive_int(text: str) -> int:
@@ -175,11 +186,16 @@ class Retained:
 
 @dataclass
 class LiveResults:
-    """The live version's answers of one model, first per request id, from the results topic."""
+    """The live answers of one model, first per request id, from the results topic. The candidate's
+    own version's answers are kept apart: under a split or a promotion they would only agree with
+    the candidate, so they count only when no other version answered (a replay of the live version
+    against itself)."""
 
     model: str
-    answers: dict[str, Answer] = field(default_factory=dict)
-    versions: set[str] = field(default_factory=set)
+    candidate_version: str | None = None
+    others: dict[str, Answer] = field(default_factory=dict)
+    own: dict[str, Answer] = field(default_factory=dict)
+    other_versions: set[str] = field(default_factory=set)
     last_arrival: float = field(default_factory=time.monotonic)
 
     def take(self, message: Message) -> None:
@@ -191,13 +207,28 @@ class LiveResults:
             result = ResultMessage.from_bytes(message.data)
         except ValueError:
             return
-        if result.model not in (None, self.model) or result.request_id in self.answers:
+        if result.model not in (None, self.model) or self.answered(result.request_id):
             return
         label = result.label if result.status == "completed" else None
-        self.answers[result.request_id] = Answer(label, result.inference_ms)
-        if result.model_version:
-            self.versions.add(result.model_version)
+        if self.candidate_version is not None and result.model_version == self.candidate_version:
+            self.own[result.request_id] = Answer(label, result.inference_ms)
+        else:
+            self.others[result.request_id] = Answer(label, result.inference_ms)
+            if result.model_version:
+                self.other_versions.add(result.model_version)
         self.last_arrival = time.monotonic()
+
+    def answered(self, request_id: str) -> bool:
+        return request_id in self.others or request_id in self.own
+
+    def answers(self, wanted: set[str]) -> tuple[dict[str, Answer], list[str]]:
+        """(the live answers to `wanted`, the versions that gave them): other versions' answers,
+        or the candidate's own when no other version answered any of them."""
+        others = {i: a for i, a in self.others.items() if i in wanted}
+        if others or self.candidate_version is None:
+            return others, sorted(self.other_versions)
+        own = {i: a for i, a in self.own.items() if i in wanted}
+        return own, [self.candidate_version] if own else []
 
 
 async def read_window(
@@ -311,11 +342,8 @@ async def replay(
 ) -> ReplayOutcome:
     """Load the candidate, read the window, run it, join with the live results, write the report.
     `versions`: those whose own topics carry part of the model's traffic too (a split's weighted
-    versions); their requests join the window, which stays the newest `last` of them all."""
-    from tqdm import tqdm
-
-    from app.broker import connect_broker
-    from app.protocol import requests_topic_for
+    versions); their requests join the window, which stays the newest `last` of them all. Live
+    answers: see `LiveResults`."""
     from app.rollout.report import write_report
     from ml.serving import load_model
 
@@ -329,87 +357,114 @@ async def replay(
     )
     comparison = Comparison(served.class_names)
     start = since if since is not None else 0.0  # --last: from the oldest retained request
-    group = f"replay.{model}.{uuid.uuid4().hex[:8]}"
-    live = LiveResults(model)
-    topics = [requests_topic_for(settings.requests_topic, model)]
-    topics += [requests_topic_for(settings.requests_topic, model, v) for v in versions]
+    live = LiveResults(model, candidate_version=served.version)
+    spec = _Window(model, versions, start, began, last, quiet_s)
+    window, broker_url = await _replay_window(
+        settings, served, comparison, live, spec, progress=progress
+    )
+    if not window:
+        return ReplayOutcome(0, None, None, candidate_version=served.version)
+    answers, live_versions = live.answers({request.request_id for request in window})
+    for request in window:
+        answer = answers.get(request.request_id)
+        if answer is not None:
+            comparison.add_live(request.request_id, answer, request.truth)
+    details = {
+        "model": model,
+        "live versions": ", ".join(live_versions) or "unknown",
+        "candidate": f"`{candidate}` (version {served.version}, {served.precision}, "
+        f"{served.description.runtime} on {served.description.device})",
+        "window": f"last {last} requests" if last else f"since {datetime.fromtimestamp(start)}",
+        "requests replayed": str(len(window)),
+        "broker": broker_url,
+        "replayed at": datetime.fromtimestamp(began).isoformat(timespec="seconds"),
+    }
+    summary = comparison.summary()
+    title = f"Replay of {model} against a candidate"
+    report = await asyncio.to_thread(write_report, summary, out_dir, title=title, details=details)
+    missing = len(comparison.waiting_for_live())
+    return ReplayOutcome(len(window), summary, report, missing, served.version)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Which requests a replay reads: a model's topics (its own and its split versions'), from
+    `start`, submitted before `until`, the `last` newest; caught up after `quiet_s` of silence."""
+
+    model: str
+    versions: Sequence[str]
+    start: float
+    until: float
+    last: int | None
+    quiet_s: float
+
+
+async def _replay_window(
+    settings: Settings,
+    served: ServedModel,
+    comparison: Comparison,
+    live: LiveResults,
+    spec: _Window,
+    *,
+    progress: bool,
+) -> tuple[list[Retained], str]:
+    """Read the window's requests, run them through `served` into `comparison` and collect their
+    live answers into `live`; returns the window and the broker's URL."""
+    from tqdm import tqdm
+
+    from app.broker import connect_broker
+    from app.protocol import requests_topic_for
+
+    group = f"replay.{spec.model}.{uuid.uuid4().hex[:8]}"
+    topics = [requests_topic_for(settings.requests_topic, spec.model)]
+    topics += [requests_topic_for(settings.requests_topic, spec.model, v) for v in spec.versions]
     pubsub = connect_broker(settings)
     async with pubsub, contextlib.AsyncExitStack() as stack:
         # A group per topic: consumers of one group on different topics would rebalance each other.
         requests_in = [
-            pubsub.subscribe(topic, group=f"{group}.{i}", start=start, max_in_flight=1024)
+            pubsub.subscribe(topic, group=f"{group}.{i}", start=spec.start, max_in_flight=1024)
             for i, topic in enumerate(topics)
         ]
         results_in = pubsub.subscribe(
-            settings.results_topic, group=f"{group}.results", start=start, max_in_flight=1024
+            settings.results_topic, group=f"{group}.results", start=spec.start, max_in_flight=1024
         )
         for subscription in [*requests_in, results_in]:
             stack.push_async_callback(subscription.aclose)
         # Every group joins at once: a join waits out the broker's rebalance delay.
         await asyncio.gather(*(s.start() for s in [*requests_in, results_in]))
         reading = asyncio.create_task(_read_results(results_in, live))
-        try:
-            with tqdm(
-                desc="requests",
-                total=last if len(topics) == 1 else None,  # N per topic, at most N kept
-                unit="req",
-                disable=not progress,
-                file=sys.stderr,
-            ) as bar:
-                windows = await asyncio.gather(
-                    *(
-                        read_window(
-                            subscription,
-                            until=began,
-                            last=last,
-                            quiet_s=quiet_s,
-                            num_classes=len(served.class_names),
-                            progress=bar,
-                        )
-                        for subscription in requests_in
+        stack.push_async_callback(_cancelled, reading)
+        total = spec.last if len(topics) == 1 else None  # N per topic, at most N kept
+        bar = partial(tqdm, unit="req", disable=not progress, file=sys.stderr)
+        with bar(desc="requests", total=total) as reading_bar:
+            windows = await asyncio.gather(
+                *(
+                    read_window(
+                        subscription,
+                        until=spec.until,
+                        last=spec.last,
+                        quiet_s=spec.quiet_s,
+                        num_classes=len(served.class_names),
+                        progress=reading_bar,
                     )
+                    for subscription in requests_in
                 )
-            window = _newest(windows, last)
-            if not window:
-                return ReplayOutcome(0, None, None, candidate_version=served.version)
-            with tqdm(
-                desc="candidate",
-                total=len(window),
-                unit="req",
-                disable=not progress,
-                file=sys.stderr,
-            ) as bar:
-                await run_candidate(served, window, comparison, settings=settings, progress=bar)
+            )
+        window = _newest(windows, spec.last)
+        if window:
+            with bar(desc="candidate", total=len(window)) as running_bar:
+                await run_candidate(
+                    served, window, comparison, settings=settings, progress=running_bar
+                )
             wanted = {request.request_id for request in window}
-            await _until_answered(live, wanted, quiet_s)
-        finally:
-            reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reading
-    for request in window:
-        answer = live.answers.get(request.request_id)
-        if answer is not None:
-            comparison.add_live(request.request_id, answer, request.truth)
-    summary = comparison.summary()
-    details = {
-        "model": model,
-        "live versions": ", ".join(sorted(live.versions)) or "unknown",
-        "candidate": f"`{candidate}` (version {served.version}, {served.precision}, "
-        f"{served.description.runtime} on {served.description.device})",
-        "window": f"last {last} requests" if last else f"since {datetime.fromtimestamp(start)}",
-        "requests replayed": str(len(window)),
-        "broker": pubsub.url,
-        "replayed at": datetime.fromtimestamp(began).isoformat(timespec="seconds"),
-    }
-    report = await asyncio.to_thread(
-        write_report,
-        summary,
-        out_dir,
-        title=f"Replay of {model} against a candidate",
-        details=details,
-    )
-    missing = len(comparison.waiting_for_live())
-    return ReplayOutcome(len(window), summary, report, missing, served.version)
+            await _until_answered(live, wanted, spec.quiet_s)
+    return window, pubsub.url
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _newest(windows: Sequence[list[Retained]], last: int | None) -> list[Retained]:
@@ -428,9 +483,9 @@ async def _read_results(subscription: Subscription, live: LiveResults) -> None:
 async def _until_answered(live: LiveResults, wanted: set[str], quiet_s: float) -> None:
     """Wait until the live results hold every wanted id, or none arrived for `quiet_s`."""
     waited_from = time.monotonic()
-    while not wanted <= live.answers.keys():
+    while not all(live.answered(request_id) for request_id in wanted):
         idle = time.monotonic() - max(live.last_arrival, waited_from)
-        if idle > max(quiet_s, JOIN_WAIT_S if not live.answers else 0.0):
+        if idle > max(quiet_s, JOIN_WAIT_S if not (live.others or live.own) else 0.0):
             return
         await asyncio.sleep(0.05)
 

@@ -123,13 +123,13 @@ def test_replay_names_what_version_takes_for_a_bad_candidate(
     assert "--version takes what `fmnist worker --model` takes" in capsys.readouterr().err
 
 
-def _result(request_id: str, label: int) -> messaging.Outgoing:
+def _result(request_id: str, label: int, version: str = "live0000") -> messaging.Outgoing:
     result = protocol.ResultMessage(
         request_id=request_id,
         status="completed",
         label=label,
         model="fmnist",
-        model_version="live0000",
+        model_version=version,
         inference_ms=1.0,
         completed_at=time.time(),
     )
@@ -153,15 +153,20 @@ async def _replay_on_memory(
     last: int,
     versions: tuple[str, ...] = (),
     progress: bool = False,
+    answered_by_candidate: frozenset[str] = frozenset(),
 ) -> ReplayOutcome:
     """`replay()` in this process on a fresh memory broker whose `topics` hold the named requests
-    (submitted in the order of their names, each answered on the results topic), against a tiny
-    untrained candidate."""
+    (submitted in the order of their names, each answered on the results topic: by the candidate's
+    own version for those in `answered_by_candidate`), against a tiny untrained candidate."""
     from app.settings import Settings
     from ml import ImageClassifier
+    from ml.serving import load_model
 
     candidate = tmp_path / "fmnist.safetensors"
     ImageClassifier(widths=(4, 8), convs_per_stage=(1, 1), seed=3).save(candidate)
+    candidate_version = load_model(
+        str(candidate), device="cpu", precision="fp32", runtime="eager"
+    ).version
     broker = f"memory://{uuid.uuid4().hex}"
     now = time.time()
     names = sorted(name for ids in topics.values() for name in ids)
@@ -169,7 +174,11 @@ async def _replay_on_memory(
         for topic, ids in topics.items():
             items = [_image_request(i, now - 5 + names.index(i) * 0.1, len(i) % 3) for i in ids]
             await pubsub.publish_many(topic, items)
-        await pubsub.publish_many("fmnist.results", [_result(i, len(i) % 3) for i in names])
+        results = [
+            _result(i, len(i) % 3, candidate_version if i in answered_by_candidate else "live0000")
+            for i in names
+        ]
+        await pubsub.publish_many("fmnist.results", results)
         return await replay(
             Settings(broker_url=broker, device="cpu", inference_precision="fp32"),
             model="fmnist",
@@ -214,3 +223,27 @@ async def test_replay_reads_the_topics_of_a_splits_versions_too(tmp_path: Path) 
     assert outcome.replayed == 4
     assert outcome.summary is not None and outcome.summary.pairs == 4
     assert outcome.candidate_version is not None
+
+
+async def test_replay_takes_no_live_answer_from_the_candidates_own_version(tmp_path: Path) -> None:
+    """Results the candidate's version gave under a split are not live answers to compare with."""
+    ids = [f"r{i}" for i in range(6)]
+    outcome = await _replay_on_memory(
+        tmp_path,
+        {"fmnist.requests.fmnist": ids},
+        last=6,
+        answered_by_candidate=frozenset({"r1", "r4"}),
+    )
+    assert outcome.replayed == 6
+    assert outcome.summary is not None and outcome.summary.pairs == 4
+    assert outcome.missing_live == 2
+
+
+async def test_replay_of_the_live_version_compares_with_its_own_answers(tmp_path: Path) -> None:
+    """When only the candidate's own version answered, those answers are the live ones."""
+    ids = [f"r{i}" for i in range(4)]
+    outcome = await _replay_on_memory(
+        tmp_path, {"fmnist.requests.fmnist": ids}, last=4, answered_by_candidate=frozenset(ids)
+    )
+    assert outcome.summary is not None and outcome.summary.pairs == 4
+    assert outcome.missing_live == 0

@@ -6,6 +6,7 @@ const WAIT_SECONDS = 10; // POST ?wait=: most answers come back in the same requ
 const POLL_EVERY_MS = 300; // fallback when a result takes longer than WAIT_SECONDS
 const POLL_FOR_MS = 60_000;
 const STATS_EVERY_MS = 1000;
+const SPLIT_EVERY_MS = 2000; // the split's figures cover a minute: every other stats tick is enough
 const THROUGHPUT_POINTS = 60;
 const MAX_RESULT_CARDS = 12;
 const GALLERY_SIZE = 36;
@@ -34,6 +35,7 @@ const state = {
   reconnectDelayMs: 500,
   reconnectTimer: null,
   statsTimer: null,
+  splitPolledAt: 0, // Date.now() of the last canary split refresh
   throughput: [],
   streamCount: 0,
   pendingCards: new Map(), // request id → result card still waiting
@@ -700,6 +702,10 @@ async function pollStats() {
       const { body } = await api("/v1/stats");
       renderStats(body);
       await pollShadow();
+      if (Date.now() - state.splitPolledAt >= SPLIT_EVERY_MS) {
+        state.splitPolledAt = Date.now();
+        await pollSplit();
+      }
     } catch (error) {
       if (error.isAuth) {
         handleAuthError(error);
@@ -744,6 +750,54 @@ async function pollShadow() {
   $("shadow-disagreements").textContent = cells.length
     ? cells.map(([live, other, count]) => `${live} → ${other} (${count})`).join(", ")
     : "none yet";
+}
+
+// ---------------------------------------------------------------- canary split
+
+// The chosen model's traffic weights in force and each weighted version's live figures on this
+// gateway; the panel stays hidden while no split is set.
+async function pollSplit() {
+  const panel = $("split");
+  let model = null;
+  if (state.model !== null) {
+    try {
+      ({ body: model } = await api(`/v1/models/${encodeURIComponent(state.model)}`));
+    } catch (error) {
+      if (error.isAuth) throw error;
+    }
+  }
+  const weights = Object.entries(model?.weights ?? {}).sort(([a], [b]) => a.localeCompare(b));
+  panel.hidden = weights.length === 0;
+  if (weights.length === 0) return;
+  const versions = new Map((model.versions ?? []).map((info) => [info.version, info]));
+  $("split-model").textContent = state.model;
+  const rows = weights.map(([version, weight]) => {
+    const info = versions.get(version);
+    const live = info?.live ?? null;
+    if (live) $("split-window").textContent = String(Math.round(live.window_s));
+    const row = document.createElement("tr");
+    row.dataset.version = version;
+    const cells = [
+      info?.tag ? `${version} (${info.tag})` : version,
+      `${weight}%`,
+      live ? live.requests.toLocaleString() : "–",
+      live ? live.failed.toLocaleString() : "–",
+      live ? `${formatMs(live.p50_ms)} / ${formatMs(live.p99_ms)}` : "–",
+    ];
+    const classes = ["version", "weight", "requests", "failed", "latency"];
+    row.append(
+      ...cells.map((text, i) => {
+        const cell = document.createElement(i === 0 ? "th" : "td");
+        if (i === 0) cell.scope = "row";
+        cell.className = classes[i];
+        cell.textContent = text;
+        return cell;
+      }),
+    );
+    if (info && !info.ready) row.title = "No live worker now: its share goes to the others.";
+    return row;
+  });
+  $("split-rows").replaceChildren(...rows);
 }
 
 // ---------------------------------------------------------------- websocket
