@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -285,3 +286,114 @@ def stopping(*processes: ManagedProcess) -> Iterator[None]:
     finally:
         for process in reversed(processes):
             process.stop()
+
+
+# --- a whole service on one broker ------------------------------------------------------------
+
+# A worker logs this once it has loaded the model and joined the consumer group.
+WORKER_READY = r"event=worker_ready"
+PROCESS_START_TIMEOUT_S = 60.0  # torch import + model load on a busy 2-core machine
+# Tansu answers a long-polling fetch late (p50 137 ms per hop with the default fetch_max_wait_ms=500,
+# 5 ms with 20); a short session timeout lets the group notice a SIGKILLed worker in 4 s, not 10 s.
+KAFKA_E2E_OPTIONS = "fetch_max_wait_ms=20&session_timeout_ms=4000&heartbeat_interval_ms=500"
+
+
+@dataclass
+class Stack:
+    """One broker with gateways and workers as real processes; restart or kill any of them."""
+
+    log_dir: Path
+    broker_url: str
+    checkpoint: Path
+    base_env: dict[str, str]
+    gateways: dict[str, ManagedProcess] = field(default_factory=dict)
+    gateway_ports: dict[str, int] = field(default_factory=dict)
+    workers: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    def gateway_url(self, name: str = "gateway") -> str:
+        return f"http://127.0.0.1:{self.gateway_ports[name]}"
+
+    def start_gateway(
+        self, name: str = "gateway", *, wait_ready: bool = True, **env: str
+    ) -> ManagedProcess:
+        """Start (or restart, on the same port and gateway id) the gateway called `name`."""
+        port = self.gateway_ports.setdefault(name, free_port())
+        settings = {
+            **self.base_env,
+            "FMNIST_GATEWAY_ID": f"e2e-{name}",
+            "FMNIST_HOST": "127.0.0.1",
+            "FMNIST_PORT": str(port),
+            **env,
+        }
+        gateway = fmnist(name, "gateway", self.log_dir, settings).start()
+        self.gateways[name] = gateway
+        if wait_ready:
+            gateway.wait_for_http(
+                f"{self.gateway_url(name)}/readyz", timeout=PROCESS_START_TIMEOUT_S
+            )
+        return gateway
+
+    def start_worker(self, name: str, *, wait_ready: bool = True, **env: str) -> ManagedProcess:
+        settings = {
+            **self.base_env,
+            "FMNIST_MODEL_PATH": str(self.checkpoint),
+            "FMNIST_WORKER_ID": name,
+            **env,
+        }
+        worker = fmnist(name, "worker", self.log_dir, settings).start()
+        self.workers[name] = worker
+        if wait_ready:
+            worker.wait_for_log(WORKER_READY, timeout=PROCESS_START_TIMEOUT_S)
+        return worker
+
+    def ensure_workers(self, *names: str) -> None:
+        """Make sure each named worker runs and is not paused (tests kill and pause them)."""
+        started = []
+        for name in names:
+            worker = self.workers.get(name)
+            if worker is not None and worker.running():
+                worker.signal(signal.SIGCONT)
+            else:
+                started.append(self.start_worker(name, wait_ready=False))
+        for worker in started:
+            worker.wait_for_log(WORKER_READY, timeout=PROCESS_START_TIMEOUT_S)
+
+    def ensure_some_worker(self) -> None:
+        """Resume every paused worker; start one only if none is running (restarts cost seconds of CPU)."""
+        running = [name for name, worker in self.workers.items() if worker.running()]
+        self.ensure_workers(*(running or ["worker-1"]))
+
+    def stop(self) -> None:
+        for process in [*self.gateways.values(), *self.workers.values()]:
+            process.stop()
+
+
+@contextlib.contextmanager
+def kafka_stack(
+    log_dir: Path,
+    checkpoint: Path,
+    broker_name: str,
+    *,
+    url_options: str = "",
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Stack]:
+    """A Tansu called `broker_name` and a `Stack` on it with no process yet; all stopped on the way out.
+
+    `url_options` (`&partitions=4`) extend the broker URL; `env` adds settings every process gets.
+    Raises `ProcessFailed` when Tansu does not start.
+    """
+    port = free_port()
+    broker = tansu(port, log_dir, name=broker_name).start()
+    with stopping(broker):
+        broker.wait_for_port(port, timeout=20)
+        broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}{url_options}"
+        stack = Stack(
+            log_dir=log_dir,
+            broker_url=broker_url,
+            checkpoint=checkpoint,
+            base_env={**broker_env(broker_url), **(env or {})},
+        )
+        try:
+            yield stack
+        finally:
+            stack.stop()

@@ -12,8 +12,7 @@ from fmnist_client import AsyncClient, FmnistError, Prediction
 
 from tests.brokers import start_redis
 from tests.conftest import missing_service
-from tests.e2e import processes
-from tests.e2e.conftest import KAFKA_E2E_OPTIONS, Stack, _tansu_or_skip
+from tests.e2e.conftest import Stack, tansu_stack
 from tests.e2e.streams import StreamCollector
 
 pytestmark = [
@@ -31,32 +30,26 @@ PHASE_S = 4.0
 @pytest.fixture(scope="module")
 def cluster(e2e_log_dir: Path, e2e_checkpoint: Path) -> Iterator[Stack]:
     """Tansu, redis-server, two workers and two gateways (`a`, `b`) sharing state, for this module only."""
-    broker, port = _tansu_or_skip(e2e_log_dir, "tansu-scaling")
     try:
         redis = start_redis(e2e_log_dir)
     except RuntimeError as exc:
-        broker.stop()
         missing_service(str(exc))
         raise
-    broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}&partitions=4"
-    stack = Stack(
-        log_dir=e2e_log_dir,
-        broker_url=broker_url,
-        checkpoint=e2e_checkpoint,
-        base_env={
-            **processes.broker_env(broker_url),
-            "FMNIST_SHARED_STATE_URL": f"redis://127.0.0.1:{redis.port}/0",
-        },
-    )
+    shared_state = {"FMNIST_SHARED_STATE_URL": f"redis://127.0.0.1:{redis.port}/0"}
     try:
-        stack.ensure_workers("scale-w1", "scale-w2")
-        stack.start_gateway("a")
-        stack.start_gateway("b")
-        yield stack
+        with tansu_stack(
+            e2e_log_dir,
+            e2e_checkpoint,
+            "tansu-scaling",
+            url_options="&partitions=4",
+            env=shared_state,
+        ) as stack:
+            stack.ensure_workers("scale-w1", "scale-w2")
+            stack.start_gateway("a")
+            stack.start_gateway("b")
+            yield stack
     finally:
-        stack.stop()
         redis.stop()
-        broker.stop()
 
 
 async def round_robin_load(
