@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import math
 import re
@@ -139,12 +140,9 @@ async def stop_one_by_one(stack: Stack, names: Sequence[str]) -> list[int | None
         seen = [_assignments(worker) for worker in staying]
         codes.append(await asyncio.to_thread(stack.workers.pop(name).stop))
         for worker, before in zip(staying, seen, strict=True):
-            await asyncio.to_thread(
-                worker.wait_for,
-                lambda w=worker, b=before: _reassigned(w, b),
-                REFORMED_WITHIN_S,
-                f"new partitions after {name} left",
-            )
+            reassigned = functools.partial(_reassigned, worker, before)
+            what = f"new partitions after {name} left"
+            await asyncio.to_thread(worker.wait_for, reassigned, REFORMED_WITHIN_S, what)
     return codes
 
 
