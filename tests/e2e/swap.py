@@ -7,20 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import math
-import re
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fmnist_client import AsyncClient, FmnistError
+from fmnist_client import AsyncClient
 
 from ml import ImageClassifier
 from ml.serving import load_model
-from tests.e2e.processes import PROCESS_START_TIMEOUT_S, WORKER_READY, ManagedProcess, Stack
+from tests.e2e.load import fixed_rate_load
+from tests.e2e.processes import PROCESS_START_TIMEOUT_S, WORKER_READY, Stack
 from tests.e2e.streams import Delivery, StreamCollector
 
 # Results still on their way when the load stops arrive within this.
@@ -80,78 +78,6 @@ class SwapRun:
         }
 
 
-async def fixed_rate_load(
-    client: AsyncClient, images: Sequence[bytes], rate: float, run: SwapRun, stop: asyncio.Event
-) -> None:
-    """Submit one image every 1/`rate` s until `stop`, each in its own task so a slow answer does
-    not slow the rate; ids answered 202 go to `run.submitted_at`."""
-
-    async def submit(image: bytes) -> None:
-        started = time.monotonic()
-        try:
-            handle = await client.submit(image)
-        except FmnistError as error:
-            run.refused.append(f"{error.status_code} {error}")
-            return
-        run.submitted_at[handle.request_id] = started
-
-    tasks: set[asyncio.Task[None]] = set()
-    period = 1.0 / rate
-    next_at = time.monotonic()
-    for index in itertools.count():
-        if stop.is_set():
-            break
-        task = asyncio.create_task(submit(images[index % len(images)]))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        next_at += period
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-    await asyncio.gather(*tasks)
-
-
-# A worker logs this each time the group hands it partitions: once per topic it reads (the model's
-# and its version's) after every rebalance.
-ASSIGNED = re.compile(r"event=kafka_assigned topic=\S+ group=(\S+)")
-REFORMED_WITHIN_S = 30.0
-
-
-def _assignments(worker: ManagedProcess) -> Counter[str]:
-    """How many times the worker was handed partitions, per consumer group."""
-    return Counter(ASSIGNED.findall(worker.log_text()))
-
-
-def _reassigned(worker: ManagedProcess, before: Counter[str]) -> bool:
-    """Whether every group of the worker handed it partitions since `before` was counted."""
-    now = _assignments(worker)
-    return bool(before) and all(now[group] > count for group, count in before.items())
-
-
-async def stop_one_by_one(stack: Stack, names: Sequence[str]) -> list[int | None]:
-    """SIGTERM the named workers in turn; before the next, wait until each worker still running got
-    its partitions again in each of its groups, i.e. the groups formed again without the last one.
-
-    Tansu 0.6.0 never forms a group again when its leader leaves while the group is forming (its
-    `leave` keeps the departed leader; docs/benchmarks.md, "Worker swap"), and workers leaving
-    together hit exactly that; Apache Kafka elects another leader.
-    """
-    codes: list[int | None] = []
-    for index, name in enumerate(names):
-        staying = [stack.workers[n] for n in names[index + 1 :]]
-        seen = [_assignments(worker) for worker in staying]
-        codes.append(await asyncio.to_thread(stack.workers.pop(name).stop))
-        for worker, before in zip(staying, seen, strict=True):
-            reassigned = functools.partial(_reassigned, worker, before)
-            what = f"new partitions after {name} left"
-            await asyncio.to_thread(worker.wait_for, reassigned, REFORMED_WITHIN_S, what)
-    return codes
-
-
-async def stop_together(stack: Stack, names: Sequence[str]) -> list[int | None]:
-    """SIGTERM the named workers at once; wait for each to exit."""
-    leaving = [stack.workers.pop(name) for name in names]
-    return list(await asyncio.gather(*(asyncio.to_thread(worker.stop) for worker in leaving)))
-
-
 async def swap_workers(
     stack: Stack,
     old: Sequence[str],
@@ -173,7 +99,9 @@ async def swap_workers(
             for worker in started
         )
     )
-    return await (stop_together if together else stop_one_by_one)(stack, old)
+    if together:  # no wait for the groups: on Tansu they may never form again
+        return await asyncio.to_thread(functools.partial(stack.stop_workers, regroup=False), *old)
+    return await asyncio.to_thread(stack.retire_workers, *old)
 
 
 async def swap_under_load(
@@ -198,7 +126,9 @@ async def swap_under_load(
     ):
         run.delivery = stream.delivery
         await asyncio.sleep(0.3)  # the socket is subscribed before the first submission
-        load = asyncio.create_task(fixed_rate_load(client, images, rate, run, stop))
+        load = asyncio.create_task(
+            fixed_rate_load([client], images, rate, run.submitted_at, run.refused, stop)
+        )
         try:
             await asyncio.sleep(steady_s)
             run.swap_started = time.monotonic()
