@@ -7,10 +7,11 @@ A fresh Tansu (`--partitions` partitions), one `fmnist gateway`, `--workers` v1 
 processes on `--checkpoint`; v2 is the same weights with another calibration temperature (another
 served version, same labels). One client submits single PNGs at `--rate` per second and reads every
 result from the websocket stream. After `--steady` s, `--workers` v2 workers start; once they
-consume, the v1 workers are SIGTERMed together (they drain); the load goes on `--after` s. Latency is
-from the submit call to the result's arrival on the stream; a request belongs to the phase in which
-it was submitted: steady (before the first v2 worker started), swap (until the last v1 worker
-exited), after.
+consume, the v1 workers are SIGTERMed one at a time, each once the groups formed again
+(`Stack.retire_workers`; `--together`: all at once), and drain; the load goes on `--after` s.
+Latency is from the submit call to the result's arrival on the stream; a request belongs to the
+phase in which it was submitted: steady (before the first v2 worker started), swap (until the groups
+formed without the last v1 worker), after.
 """
 
 from __future__ import annotations

@@ -309,9 +309,11 @@ def stopping(*processes: ManagedProcess) -> Iterator[None]:
 # A worker logs this once it has loaded the model and joined the consumer group.
 WORKER_READY = r"event=worker_ready"
 PROCESS_START_TIMEOUT_S = 60.0  # torch import + model load on a busy 2-core machine
-# Tansu answers a long-polling fetch late (p50 137 ms per hop with the default fetch_max_wait_ms=500,
-# 5 ms with 20); a short session timeout lets the group notice a SIGKILLed worker in 4 s, not 10 s.
-KAFKA_E2E_OPTIONS = "fetch_max_wait_ms=20&session_timeout_ms=4000&heartbeat_interval_ms=500"
+# Tansu answers a long-polling fetch late unless `fetch_max_wait_ms` is short, and makes a joining
+# consumer wait half the session timeout (every worker and gateway joins two groups at start, and
+# every rebalance is a join): a short session timeout keeps starts and rebalances quick and lets a
+# group notice a SIGKILLed worker in 2 s. docs/benchmarks.md has the figures.
+KAFKA_E2E_OPTIONS = "fetch_max_wait_ms=20&session_timeout_ms=2000&heartbeat_interval_ms=400"
 # A worker logs this each time a consumer group hands it partitions (after every rebalance).
 PARTITIONS_HANDED = re.compile(r"event=kafka_assigned topic=\S+ group=(\S+)")
 GROUP_FORMED_WITHIN_S = 30.0
