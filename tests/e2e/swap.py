@@ -50,7 +50,7 @@ class SwapRun:
     refused: list[str] = field(default_factory=list)  # submissions not answered 202, and why
     delivery: Delivery = field(default_factory=Delivery)
     swap_started: float = math.inf  # the first v2 worker was started
-    swap_ended: float = math.inf  # the last v1 worker exited
+    swap_ended: float = math.inf  # the groups formed without the last v1 worker
     drain_exit_codes: list[int | None] = field(default_factory=list)
 
     @property
