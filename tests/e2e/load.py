@@ -1,15 +1,21 @@
-"""A lean HTTP/1.1 load generator on asyncio streams, for overload tests.
+"""Load for end-to-end tests: a lean HTTP/1.1 generator for overload tests, and a steady rate
+through the SDK.
 
 httpx spends milliseconds of CPU per request in its connection pool; on 2 shared cores that makes
-the client, not the server, the bottleneck. This sends pre-built requests over keep-alive
+the client, not the server, the bottleneck. `post_all` sends pre-built requests over keep-alive
 connections and parses only what the tests check (status, headers, a Content-Length body).
+`fixed_rate_load` submits at a set rate, so the backlog stays what the workers can keep up with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from fmnist_client import AsyncClient, FmnistError
 
 
 @dataclass(frozen=True)
@@ -64,3 +70,40 @@ async def post_all(
 
     await asyncio.gather(*(connection_loop() for _ in range(connections)))
     return [answer for answer in answers if answer is not None]
+
+
+async def fixed_rate_load(
+    clients: Sequence[AsyncClient],
+    images: Sequence[bytes],
+    rate: float,
+    accepted: dict[str, float],
+    refused: list[str],
+    stop: asyncio.Event,
+) -> None:
+    """Submit one image every 1/`rate` s until `stop`, through each client in turn, each in its own
+    task so a slow answer does not slow the rate. Ids answered 202 go to `accepted` with when
+    (`time.monotonic()`) they were submitted; `refused` gets the status and message of the rest."""
+
+    async def submit(client: AsyncClient, image: bytes) -> None:
+        started = time.monotonic()
+        try:
+            handle = await client.submit(image)
+        except FmnistError as error:
+            refused.append(f"{error.status_code} {error}")
+            return
+        accepted[handle.request_id] = started
+
+    tasks: set[asyncio.Task[None]] = set()
+    period = 1.0 / rate
+    next_at = time.monotonic()
+    for index in itertools.count():
+        if stop.is_set():
+            break
+        task = asyncio.create_task(
+            submit(clients[index % len(clients)], images[index % len(images)])
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        next_at += period
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+    await asyncio.gather(*tasks)

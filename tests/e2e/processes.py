@@ -8,6 +8,7 @@ readiness (a TCP port, `/readyz`, or a log line), and stopped by its PID (SIGTER
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -15,7 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -75,11 +78,13 @@ class ManagedProcess:
         self.log_path = log_dir / f"{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
+        self._terminated = False
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> ManagedProcess:
         # Append, so a restarted process (same name) keeps the earlier run's log for diagnosis.
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._terminated = False
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
             self.popen = subprocess.Popen(
@@ -116,21 +121,25 @@ class ManagedProcess:
                 os.killpg(self.pid, signal.SIGKILL)
         self.popen.wait(timeout=10)
 
+    def terminate(self) -> None:
+        """Ask the process to stop (SIGTERM, once) without waiting; `stop` then waits for it."""
+        # Once: a second SIGTERM could land after the process removed its handler, and kill it.
+        if self.running() and not self._terminated:
+            self._terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                # A stopped (SIGSTOP) process cannot handle SIGTERM.
+                os.kill(self.pid, signal.SIGCONT)
+                os.kill(self.pid, signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait up to `timeout` s, then SIGKILL; returns the exit code of a graceful stop."""
         if self.popen is None:
             return None
-        code: int | None = self.popen.poll()
-        if code is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(
-                    self.pid, signal.SIGCONT
-                )  # a stopped (SIGSTOP) process cannot handle SIGTERM
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                code = self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                code = None
+        self.terminate()
+        try:
+            code: int | None = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
         # Whatever the leader did, nothing it spawned (LitServe's workers, say) may outlive it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
@@ -277,6 +286,14 @@ def broker_env(broker_url: str, emulator_port: int | None = None) -> dict[str, s
     return env
 
 
+def stop_all(*processes: ManagedProcess) -> None:
+    """SIGTERM every process at once, then `stop` each (wait, SIGKILL what is left)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.stop()
+
+
 @contextlib.contextmanager
 def stopping(*processes: ManagedProcess) -> Iterator[None]:
     """Stop every given process on the way out, whatever happened."""
@@ -285,3 +302,170 @@ def stopping(*processes: ManagedProcess) -> Iterator[None]:
     finally:
         for process in reversed(processes):
             process.stop()
+
+
+# --- a whole service on one broker ------------------------------------------------------------
+
+# A worker logs this once it has loaded the model and joined the consumer group.
+WORKER_READY = r"event=worker_ready"
+PROCESS_START_TIMEOUT_S = 60.0  # torch import + model load on a busy 2-core machine
+# Tansu answers a long-polling fetch late unless `fetch_max_wait_ms` is short, and makes a joining
+# consumer wait half the session timeout (every worker and gateway joins two groups at start, and
+# every rebalance is a join): a short session timeout keeps starts and rebalances quick and lets a
+# group notice a SIGKILLed worker in 2 s. docs/benchmarks.md has the figures.
+KAFKA_E2E_OPTIONS = "fetch_max_wait_ms=20&session_timeout_ms=2000&heartbeat_interval_ms=400"
+# A worker logs this each time a consumer group hands it partitions (after every rebalance).
+PARTITIONS_HANDED = re.compile(r"event=kafka_assigned topic=\S+ group=(\S+)")
+GROUP_FORMED_WITHIN_S = 30.0
+
+
+def partitions_handed(worker: ManagedProcess) -> Counter[str]:
+    """How many times the worker's consumer groups handed it partitions, per group (from its log)."""
+    return Counter(PARTITIONS_HANDED.findall(worker.log_text()))
+
+
+def _handed_again(worker: ManagedProcess, before: Counter[str], groups: set[str]) -> bool:
+    now = partitions_handed(worker)
+    return all(now[group] > before[group] for group in groups)
+
+
+@dataclass
+class Stack:
+    """One broker with gateways and workers as real processes; restart or kill any of them."""
+
+    log_dir: Path
+    broker_url: str
+    checkpoint: Path
+    base_env: dict[str, str]
+    gateways: dict[str, ManagedProcess] = field(default_factory=dict)
+    gateway_ports: dict[str, int] = field(default_factory=dict)
+    workers: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    def gateway_url(self, name: str = "gateway") -> str:
+        return f"http://127.0.0.1:{self.gateway_ports[name]}"
+
+    def start_gateway(
+        self, name: str = "gateway", *, wait_ready: bool = True, **env: str
+    ) -> ManagedProcess:
+        """Start (or restart, on the same port and gateway id) the gateway called `name`."""
+        port = self.gateway_ports.setdefault(name, free_port())
+        settings = {
+            **self.base_env,
+            "FMNIST_GATEWAY_ID": f"e2e-{name}",
+            "FMNIST_HOST": "127.0.0.1",
+            "FMNIST_PORT": str(port),
+            **env,
+        }
+        gateway = fmnist(name, "gateway", self.log_dir, settings).start()
+        self.gateways[name] = gateway
+        if wait_ready:
+            gateway.wait_for_http(
+                f"{self.gateway_url(name)}/readyz", timeout=PROCESS_START_TIMEOUT_S
+            )
+        return gateway
+
+    def start_worker(self, name: str, *, wait_ready: bool = True, **env: str) -> ManagedProcess:
+        settings = {
+            **self.base_env,
+            "FMNIST_MODEL_PATH": str(self.checkpoint),
+            "FMNIST_WORKER_ID": name,
+            **env,
+        }
+        worker = fmnist(name, "worker", self.log_dir, settings).start()
+        self.workers[name] = worker
+        if wait_ready:
+            worker.wait_for_log(WORKER_READY, timeout=PROCESS_START_TIMEOUT_S)
+        return worker
+
+    def ensure_workers(self, *names: str) -> None:
+        """Make sure each named worker runs and is not paused (tests kill and pause them)."""
+        started = []
+        for name in names:
+            worker = self.workers.get(name)
+            if worker is not None and worker.running():
+                worker.signal(signal.SIGCONT)
+            else:
+                started.append(self.start_worker(name, wait_ready=False))
+        for worker in started:
+            worker.wait_for_log(WORKER_READY, timeout=PROCESS_START_TIMEOUT_S)
+
+    def ensure_some_worker(self) -> None:
+        """Resume every paused worker; start one only if none is running (restarts cost seconds of CPU)."""
+        running = [name for name, worker in self.workers.items() if worker.running()]
+        self.ensure_workers(*(running or ["worker-1"]))
+
+    def stop_workers(self, *names: str, regroup: bool = True) -> list[int | None]:
+        """SIGTERM the named workers at once and wait for each (they drain); with `regroup`, also
+        until the groups they left formed again (see `retire_workers`). Their exit codes."""
+        leaving = [self.workers.pop(name) for name in names]
+        regrouped = self._regrouping(leaving)
+        for worker in leaving:
+            worker.terminate()
+        codes = [worker.stop() for worker in leaving]
+        if regroup:
+            regrouped(f"{', '.join(names)} left")
+        return codes
+
+    def retire_workers(self, *names: str) -> list[int | None]:
+        """SIGTERM the named workers in turn, each once the groups the last one left formed again:
+        every worker still running got partitions again in the groups it shared with the one that
+        left. Their exit codes.
+
+        Tansu 0.6.0 never forms a group again when its leader leaves while the group is forming
+        (its `leave` keeps the departed leader; docs/benchmarks.md, "Worker swap"): workers leaving
+        together do exactly that when the leader is not the first to go. Apache Kafka elects another
+        leader.
+        """
+        return [code for name in names for code in self.stop_workers(name)]
+
+    def _regrouping(self, leaving: list[ManagedProcess]) -> Callable[[str], None]:
+        """A wait, to call once `leaving` are gone, until every other running worker got partitions
+        again in each group it shared with them."""
+        groups = {group for worker in leaving for group in partitions_handed(worker)}
+        staying = {w: partitions_handed(w) for w in self.workers.values() if w.running()}
+
+        def wait(what: str) -> None:
+            for worker, before in staying.items():
+                shared = groups & set(before)
+                worker.wait_for(
+                    functools.partial(_handed_again, worker, before, shared),
+                    GROUP_FORMED_WITHIN_S,
+                    f"partitions again in {sorted(shared)} after {what}",
+                )
+
+        return wait
+
+    def stop(self) -> None:
+        """Stop every gateway and worker: all asked at once, then each waited for."""
+        stop_all(*self.gateways.values(), *self.workers.values())
+
+
+@contextlib.contextmanager
+def kafka_stack(
+    log_dir: Path,
+    checkpoint: Path,
+    broker_name: str,
+    *,
+    url_options: str = "",
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Stack]:
+    """A Tansu called `broker_name` and a `Stack` on it with no process yet; all stopped on the way out.
+
+    `url_options` (`&partitions=4`) extend the broker URL; `env` adds settings every process gets.
+    Raises `ProcessFailed` when Tansu does not start.
+    """
+    port = free_port()
+    broker = tansu(port, log_dir, name=broker_name).start()
+    with stopping(broker):
+        broker.wait_for_port(port, timeout=20)
+        broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}{url_options}"
+        stack = Stack(
+            log_dir=log_dir,
+            broker_url=broker_url,
+            checkpoint=checkpoint,
+            base_env={**broker_env(broker_url), **(env or {})},
+        )
+        try:
+            yield stack
+        finally:
+            stack.stop()

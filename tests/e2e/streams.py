@@ -14,10 +14,12 @@ from fmnist_client import AsyncClient, Prediction
 
 @dataclass
 class Delivery:
-    """What one websocket consumer saw: every result in arrival order, and deliveries per id."""
+    """What one websocket consumer saw: every result in arrival order, deliveries per id, and when
+    (`time.monotonic()`) each id first arrived."""
 
     results: list[Prediction] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
+    arrived_at: dict[str, float] = field(default_factory=dict)
 
     def of(self, ids: Sequence[str]) -> dict[str, Prediction]:
         wanted = set(ids)
@@ -54,6 +56,7 @@ class StreamCollector:
         async for prediction in self.client.stream(reconnects=None):
             self.delivery.results.append(prediction)
             self.delivery.counts[prediction.request_id] += 1
+            self.delivery.arrived_at.setdefault(prediction.request_id, time.monotonic())
             self._changed.set()
 
     async def wait_for(

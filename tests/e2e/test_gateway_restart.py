@@ -13,8 +13,7 @@ import pytest
 from fmnist_client import AsyncClient, FmnistError, Prediction
 from websockets.asyncio.client import connect
 
-from tests.e2e import processes
-from tests.e2e.conftest import KAFKA_E2E_OPTIONS, Stack, _tansu_or_skip
+from tests.e2e.conftest import Stack, tansu_stack
 from tests.e2e.streams import StreamCollector
 
 pytestmark = [
@@ -32,21 +31,10 @@ RESULTS_BEFORE_KILL = 150
 @pytest.fixture(scope="module")
 def restart_stack(e2e_log_dir: Path, e2e_checkpoint: Path) -> Iterator[Stack]:
     """Tansu, one worker and one gateway (`e2e-restart`), for this module only."""
-    broker, port = _tansu_or_skip(e2e_log_dir, "tansu-restart")
-    broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}"
-    stack = Stack(
-        log_dir=e2e_log_dir,
-        broker_url=broker_url,
-        checkpoint=e2e_checkpoint,
-        base_env=processes.broker_env(broker_url),
-    )
-    try:
+    with tansu_stack(e2e_log_dir, e2e_checkpoint, "tansu-restart") as stack:
         stack.ensure_workers("restart-worker")
         stack.start_gateway("restart")
         yield stack
-    finally:
-        stack.stop()
-        broker.stop()
 
 
 async def steady_load(

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,15 +155,21 @@ async def run_connection_attacks(base: str, result: Outcome) -> None:
     """Every attack on connections at once (raw sockets run in threads, websockets on the loop)."""
     address = base.split(":")
     host, port = address[0], int(address[1])
-    await asyncio.gather(
-        *(asyncio.to_thread(unterminated_headers, host, port, result) for _ in range(5)),
-        *(asyncio.to_thread(slow_headers, host, port, result) for _ in range(20)),
-        *(asyncio.to_thread(held_body, host, port, result) for _ in range(8)),
-        *(asyncio.to_thread(non_reading_websocket, host, port, result) for _ in range(3)),
-        refused_subscribes(base),
-        keys_in_odd_encodings(base, result),
-        over_long_websocket_url(base, result),
-    )
+    attackers = [
+        *[unterminated_headers] * 5,
+        *[slow_headers] * 20,
+        *[held_body] * 8,
+        *[non_reading_websocket] * 3,
+    ]
+    loop = asyncio.get_running_loop()
+    # A thread each: asyncio's default pool has a few, and would run the attackers in waves.
+    with ThreadPoolExecutor(max_workers=len(attackers)) as pool:
+        await asyncio.gather(
+            *(loop.run_in_executor(pool, attack, host, port, result) for attack in attackers),
+            refused_subscribes(base),
+            keys_in_odd_encodings(base, result),
+            over_long_websocket_url(base, result),
+        )
 
 
 def read_status(sock: socket.socket, within: float) -> tuple[int, dict[str, str]]:

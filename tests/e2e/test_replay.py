@@ -16,7 +16,7 @@ import pytest
 
 from ml import ImageClassifier
 from tests.e2e import processes
-from tests.e2e.conftest import KAFKA_E2E_OPTIONS, Stack, _tansu_or_skip
+from tests.e2e.conftest import Stack, tansu_stack
 
 pytestmark = [
     pytest.mark.e2e,
@@ -36,22 +36,11 @@ def replay_stack(
 ) -> Iterator[Stack]:
     """Tansu, one worker of the shipped model and a gateway, after 200 labelled test images were
     sent and answered."""
-    broker, port = _tansu_or_skip(e2e_log_dir, "replay-tansu")
-    broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}"
-    stack = Stack(
-        log_dir=e2e_log_dir,
-        broker_url=broker_url,
-        checkpoint=e2e_checkpoint,
-        base_env=processes.broker_env(broker_url),
-    )
-    try:
+    with tansu_stack(e2e_log_dir, e2e_checkpoint, "replay-tansu") as stack:
         stack.ensure_workers("replay-worker")
         stack.start_gateway("replay-gateway")
         _send_labelled(stack.gateway_url("replay-gateway"), *test_pngs)
         yield stack
-    finally:
-        stack.stop()
-        broker.stop()
 
 
 def _send_labelled(url: str, pngs: list[bytes], labels: list[int]) -> None:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fmnist_client import AsyncClient, FmnistError, Prediction
+from fmnist_client import AsyncClient, Prediction
 
 from tests.brokers import start_redis
 from tests.conftest import missing_service
-from tests.e2e import processes
-from tests.e2e.conftest import KAFKA_E2E_OPTIONS, Stack, _tansu_or_skip
+from tests.e2e.conftest import PROCESS_START_TIMEOUT_S, WORKER_READY, Stack, tansu_stack
+from tests.e2e.load import fixed_rate_load
 from tests.e2e.streams import StreamCollector
 
 pytestmark = [
@@ -24,58 +23,40 @@ pytestmark = [
     pytest.mark.timeout(150),
 ]
 
-LOAD_CONNECTIONS = 4
-PHASE_S = 4.0
+RATE_PER_S = 40.0  # alternating between the gateways
+PHASE_S = 2.5  # of load in each configuration
+WORKERS = ("scale-w1", "scale-w2", "scale-w3", "scale-w4")
 
 
 @pytest.fixture(scope="module")
 def cluster(e2e_log_dir: Path, e2e_checkpoint: Path) -> Iterator[Stack]:
     """Tansu, redis-server, two workers and two gateways (`a`, `b`) sharing state, for this module only."""
-    broker, port = _tansu_or_skip(e2e_log_dir, "tansu-scaling")
     try:
         redis = start_redis(e2e_log_dir)
     except RuntimeError as exc:
-        broker.stop()
         missing_service(str(exc))
         raise
-    broker_url = f"kafka://127.0.0.1:{port}?{KAFKA_E2E_OPTIONS}&partitions=4"
-    stack = Stack(
-        log_dir=e2e_log_dir,
-        broker_url=broker_url,
-        checkpoint=e2e_checkpoint,
-        base_env={
-            **processes.broker_env(broker_url),
-            "FMNIST_SHARED_STATE_URL": f"redis://127.0.0.1:{redis.port}/0",
-        },
-    )
+    shared_state = {"FMNIST_SHARED_STATE_URL": f"redis://127.0.0.1:{redis.port}/0"}
     try:
-        stack.ensure_workers("scale-w1", "scale-w2")
-        stack.start_gateway("a")
-        stack.start_gateway("b")
-        yield stack
+        with tansu_stack(
+            e2e_log_dir,
+            e2e_checkpoint,
+            "tansu-scaling",
+            url_options="&partitions=4",
+            env=shared_state,
+        ) as stack:
+            # w1 alone first: the first member leads its groups, and the leader stays to the end.
+            stack.ensure_workers("scale-w1")
+            second = stack.start_worker("scale-w2", wait_ready=False)
+            gateways = {name: stack.start_gateway(name, wait_ready=False) for name in ("a", "b")}
+            second.wait_for_log(WORKER_READY, timeout=PROCESS_START_TIMEOUT_S)
+            for name, gateway in gateways.items():
+                gateway.wait_for_http(
+                    f"{stack.gateway_url(name)}/readyz", timeout=PROCESS_START_TIMEOUT_S
+                )
+            yield stack
     finally:
-        stack.stop()
         redis.stop()
-        broker.stop()
-
-
-async def round_robin_load(
-    clients: list[AsyncClient], images: list[bytes], accepted: list[str], stop: asyncio.Event
-) -> None:
-    """Submit over `LOAD_CONNECTIONS` loops, alternating gateways, until `stop`; ids answered 202 go to `accepted`."""
-
-    async def loop(offset: int) -> None:
-        turn = itertools.count(offset)
-        while not stop.is_set():
-            index = next(turn)
-            try:
-                handle = await clients[index % len(clients)].submit(images[index % len(images)])
-            except FmnistError:
-                await asyncio.sleep(0.1)  # that gateway is down: never answered 202
-                continue
-            accepted.append(handle.request_id)
-
-    await asyncio.gather(*(loop(offset) for offset in range(LOAD_CONNECTIONS)))
 
 
 async def test_scaling_workers_and_replacing_a_gateway_loses_nothing(
@@ -84,38 +65,45 @@ async def test_scaling_workers_and_replacing_a_gateway_loses_nothing(
     """Workers 2 → 4 → 1 and gateway `a` SIGKILLed then replaced under load: every accepted id served, each once per stream."""
     images = test_pngs[0][:300]
     url_a, url_b = cluster.gateway_url("a"), cluster.gateway_url("b")
-    accepted: list[str] = []
+    accepted: dict[str, float] = {}
+    refused: list[str] = []  # by gateway `a` while it is down: never answered 202
     stop = asyncio.Event()
     async with (
         AsyncClient(url_a, backoff=0.1, retries=0) as a,
         AsyncClient(url_b, backoff=0.1, retries=0) as b,
+        StreamCollector(b) as stream,
     ):
+        await asyncio.sleep(0.3)  # subscribed before the first result can exist
         first = await a.submit(images[0], idempotency_key="scaling-upload")
         repeated = await b.submit(images[0], idempotency_key="scaling-upload")
-        async with StreamCollector(b) as stream:
-            await asyncio.sleep(0.3)
-            load = asyncio.create_task(round_robin_load([a, b], images, accepted, stop))
-            await asyncio.sleep(PHASE_S)
-            cluster.ensure_workers("scale-w1", "scale-w2", "scale-w3", "scale-w4")
-            await asyncio.sleep(PHASE_S)
-            cluster.gateways["a"].kill()  # SIGKILL: its share of the results group moves to `b`
-            await asyncio.sleep(PHASE_S / 2)
-            for name in ("scale-w2", "scale-w3", "scale-w4"):
-                cluster.workers.pop(name).stop()  # SIGTERM: each drains what it holds
-            cluster.start_gateway("a")  # replaced: same name, a new process
-            await asyncio.sleep(PHASE_S)
-            stop.set()
-            await load
-            ids = [first.request_id, *accepted]
-            semaphore = asyncio.Semaphore(32)
+        load = asyncio.create_task(
+            fixed_rate_load([a, b], images, RATE_PER_S, accepted, refused, stop)
+        )
+        await asyncio.sleep(PHASE_S)
+        # In threads, so the load goes on while processes start and stop.
+        await asyncio.to_thread(cluster.ensure_workers, *WORKERS)
+        await asyncio.sleep(PHASE_S)
+        cluster.gateways["a"].kill()  # SIGKILL: its share of the results group moves to `b`
+        await asyncio.sleep(PHASE_S / 2)
+        # SIGTERM: each drains what it holds; they may leave together, since w1 leads the groups
+        # (see `Stack.retire_workers`). Meanwhile `a` is replaced: same name, a new process.
+        await asyncio.gather(
+            asyncio.to_thread(cluster.stop_workers, "scale-w2", "scale-w3", "scale-w4"),
+            asyncio.to_thread(cluster.start_gateway, "a"),
+        )
+        await asyncio.sleep(PHASE_S)
+        stop.set()
+        await load
+        ids = [first.request_id, *accepted]
+        semaphore = asyncio.Semaphore(32)
 
-            async def result(index_and_id: tuple[int, str]) -> Prediction:
-                index, request_id = index_and_id
-                async with semaphore:  # asked of either gateway, whichever accepted it
-                    return await (a, b)[index % 2].result(request_id, timeout=60)
+        async def result(index_and_id: tuple[int, str]) -> Prediction:
+            index, request_id = index_and_id
+            async with semaphore:  # asked of either gateway, whichever accepted it
+                return await (a, b)[index % 2].result(request_id, timeout=60)
 
-            finished = await asyncio.gather(*map(result, enumerate(ids)))
-            await stream.wait_for_all(ids, within_s=30)
+        finished = await asyncio.gather(*map(result, enumerate(ids)))
+        await stream.wait_for_all(ids, within_s=30)
     assert repeated.request_id == first.request_id
     assert len(accepted) > 50
     assert [p.request_id for p in finished if p.status != "completed"] == []

@@ -374,9 +374,11 @@ async def test_subscription_started_at_a_time_rereads_what_its_group_acked(
             for message in await take(messages, 3):
                 await message.ack()
         await asyncio.sleep(1.0)  # let the acks (Kafka commits) land before the group reopens
+    # The emulator delivers a seek at once or not at all: waiting long for it only slows the xfail.
+    within = 5.0 if broker_url.startswith("gcp://") else 30.0
     restarted = open_broker(broker_url)  # a new connection, as a restarted process has
     async with restarted, restarted.subscribe(topic, group=group, start=since) as messages:
-        again = await take(messages, 3, within=30)
+        again = await take(messages, 3, within=within)
         for message in again:
             await message.ack()
     assert sorted(m.data for m in again) == [b"0", b"1", b"2"]

@@ -1,0 +1,99 @@
+"""Every v1 worker replaced by a v2 worker under steady load on Kafka (Tansu): nothing failed, lost
+or delivered twice (issue 15, item 5).
+
+The v1 workers leave one at a time (`Stack.retire_workers`): on Tansu 0.6.0 workers leaving together
+can leave their group without a leader for good (docs/benchmarks.md, "Worker swap"). The latency
+during the swap is `bench/swap.py`'s to measure, not asserted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import PROCESS_START_TIMEOUT_S, WORKER_READY, tansu_stack
+from tests.e2e.swap import SwapRun, recalibrated_checkpoint, swap_under_load
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.kafka,
+    pytest.mark.data,
+    pytest.mark.timeout(120),
+]
+
+OLD = ("swap-v1-a", "swap-v1-b")
+NEW = ("swap-v2-a", "swap-v2-b")
+RATE_PER_S = 25.0
+PHASE_S = 1.5  # of load before the swap and after it
+
+
+@pytest.fixture(scope="module")
+def swap_run(
+    e2e_log_dir: Path,
+    e2e_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    test_pngs: tuple[list[bytes], list[int]],
+) -> Iterator[SwapRun]:
+    """The swap, once, on Tansu (4 partitions) and a gateway: two v1 workers under a steady load,
+    two v2 workers started, the v1 workers SIGTERMed, the load kept on a little longer."""
+    with tansu_stack(
+        e2e_log_dir, e2e_checkpoint, "tansu-swap", url_options="&partitions=4"
+    ) as stack:
+        starting = [stack.start_worker(name, wait_ready=False) for name in OLD]
+        stack.start_gateway("swap")
+        # Made while the v1 workers load torch: the machine has idle time then.
+        v2 = recalibrated_checkpoint(e2e_checkpoint, tmp_path_factory.mktemp("v2"))
+        for worker in starting:
+            worker.wait_for_log(WORKER_READY, timeout=PROCESS_START_TIMEOUT_S)
+        yield asyncio.run(
+            swap_under_load(
+                stack,
+                "swap",
+                test_pngs[0][:200],
+                rate=RATE_PER_S,
+                steady_s=PHASE_S,
+                after_s=PHASE_S,
+                old=OLD,
+                new=NEW,
+                new_checkpoint=v2,
+            )
+        )
+
+
+def test_every_submission_during_the_swap_is_accepted(swap_run: SwapRun) -> None:
+    """Submissions before, during and after the swap are all answered 202 (no 503 gap)."""
+    assert swap_run.refused == []
+    assert len(swap_run.accepted) > 2 * PHASE_S * RATE_PER_S
+
+
+def test_every_accepted_request_reaches_the_stream(swap_run: SwapRun) -> None:
+    """Each id answered 202 has its result pushed to the websocket: none lost in the swap."""
+    assert swap_run.delivery.missing(swap_run.accepted) == []
+
+
+def test_no_result_is_delivered_twice(swap_run: SwapRun) -> None:
+    """No id reaches the websocket twice, though the v1 workers' partitions moved twice."""
+    assert swap_run.delivery.duplicated(swap_run.accepted) == {}
+
+
+def test_no_request_fails_during_the_swap(swap_run: SwapRun) -> None:
+    """Every result of the swap is completed, none failed."""
+    results = swap_run.delivery.of(swap_run.accepted)
+    failed = {i: r.error for i, r in results.items() if r.status != "completed"}
+    assert failed == {}
+
+
+def test_the_old_workers_drain_and_exit_cleanly(swap_run: SwapRun) -> None:
+    """Both v1 workers exit 0 after their SIGTERM (drained, not killed)."""
+    assert swap_run.drain_exit_codes == [0, 0]
+
+
+def test_results_switch_from_the_old_version_to_the_new(swap_run: SwapRun) -> None:
+    """Requests submitted before the swap are answered by v1, those after it only by v2."""
+    before = swap_run.versions_submitted(end=swap_run.swap_started)
+    after = swap_run.versions_submitted(start=swap_run.swap_ended)
+    assert len(before) == 1 and len(after) == 1 and before != after
