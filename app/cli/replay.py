@@ -8,7 +8,9 @@ live results of the same window from the results topic (its own group too), join
 id (`app.rollout.compare`) and writes the report (`app.rollout.report`).
 
 It needs a broker that keeps a log other processes can read: Kafka (retention) or Pub/Sub (seek).
-The embedded broker (`memory://`) lives inside `fmnist serve`'s process, out of this one's reach.
+The embedded broker (`memory://`) lives inside `fmnist serve`'s process, out of this one's reach:
+`fmnist serve` replays there itself (`POST /v1/models/{name}/replay`, `app.cli.serve_replay`, which
+reuses the window, the candidate's runner and the join defined here).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def register(subparsers: Any) -> None:
             "matrix, accuracy on requests whose metadata carries a `label`, latency) to --out. Clients "
             "see nothing: the replay reads in consumer groups of its own and publishes nothing. "
             "It needs a broker that keeps the log: Kafka (retention) or Pub/Sub (seek). The embedded "
-            "broker (memory://) lives inside `fmnist serve`'s process, so this command cannot reach it."
+            "broker (memory://) lives inside `fmnist serve`'s process, so this command cannot reach it: "
+            "there, POST /v1/models/NAME/replay replays inside `fmnist serve`."
         ),
     )
     parser.add_argument("--model", required=True, metavar="NAME", help="the live model's name")
@@ -530,8 +533,9 @@ def run(args: argparse.Namespace) -> int:
     if settings.broker_url.startswith("memory://"):
         print(
             "fmnist replay: the embedded broker (memory://) lives inside `fmnist serve`'s process, "
-            "so another process cannot read its requests; pass --broker kafka://HOST:9092 or "
-            "gcp://PROJECT (FMNIST_BROKER_URL)",
+            "so another process cannot read its requests; replay inside it with POST "
+            f"/v1/models/{args.model}/replay (docs/rollout.md), or pass --broker kafka://HOST:9092 "
+            "or gcp://PROJECT (FMNIST_BROKER_URL)",
             file=sys.stderr,
         )
         return INVALID_SETTING_STATUS

@@ -16,7 +16,14 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from app.cli.replay import LiveResults, WindowCollector, join_live, newest_of, run_candidate
+from app.cli.replay import (
+    RECEIVE_CHUNK,
+    LiveResults,
+    WindowCollector,
+    join_live,
+    newest_of,
+    run_candidate,
+)
 from app.gateway.replay_api import LoadedVersion, ReplayBusy, ReplayFindings
 from app.protocol import requests_topic_for
 from app.rollout.compare import Comparison
@@ -85,8 +92,10 @@ class EmbeddedReplay:
         topics += [requests_topic_for(topic, model, v) for v in split_versions]
         collector = WindowCollector(began, None, len(class_names))
         for name in topics:
-            for message in self.pubsub.retained(name, since=since or 0.0):
+            for index, message in enumerate(self.pubsub.retained(name, since=since or 0.0)):
                 collector.take(message)
+                if index % RECEIVE_CHUNK == RECEIVE_CHUNK - 1:
+                    await asyncio.sleep(0)  # the live gateway and workers share this event loop
         window = newest_of([collector.requests()], last)
         if not window:
             return None
