@@ -3,9 +3,11 @@ the refusals of a gateway that cannot replay in its own process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
+import messaging
 from tests.cli.test_serve_and_gateway import fmnist
 from tests.e2e.images import load_test_pngs
-from tests.gateway.helpers import gateway_settings, running_gateway
+from tests.gateway.helpers import fashion_like, gateway_settings, png_bytes, running_gateway
+from tests.sdk.conftest import gateway_learned
 
 SENT = 24  # labelled test images sent through the live version
 REPLAYED = 20  # the newest of them replayed
@@ -135,6 +139,74 @@ def test_replay_in_serve_refuses_a_version_not_loaded_and_an_empty_window(served
     assert unknown.status_code == 422 and unknown.json()["error"]["code"] == "unknown_candidate"
     assert served.live in unknown.json()["error"]["message"]
     assert empty.status_code == 409 and empty.json()["error"]["code"] == "nothing_to_replay"
+
+
+@asynccontextmanager
+async def serve_in_process(
+    tmp_path: Path, sent: int
+) -> AsyncIterator[tuple[Any, list[str], httpx.AsyncClient]]:
+    """What `fmnist serve` wires, in this process: a worker and the gateway with the replay hook on
+    one embedded broker, after `sent` labelled images were answered; yields (broker, the model's
+    requests and results topics, client)."""
+    from app.cli.serve_replay import EmbeddedReplay
+    from app.protocol import requests_topic_for
+    from app.worker.consumer import Worker
+    from messaging.memory import MemoryPubSub
+    from ml import ImageClassifier
+    from ml.serving import load_model
+
+    path = tmp_path / "model.safetensors"
+    ImageClassifier(seed=3).save(path)  # the untrained checkpoint the serve tests compile too
+    served = await asyncio.to_thread(load_model, str(path), name="fmnist")
+    settings = gateway_settings()
+    async with messaging.connect(settings.broker_url) as pubsub:
+        assert isinstance(pubsub, MemoryPubSub)
+        hook = EmbeddedReplay(settings, pubsub, {"fmnist": [served]})
+        async with (
+            Worker(settings, pubsub, served),
+            running_gateway(settings, replay=hook, announce=False) as (app, client),
+        ):
+            await gateway_learned(app.state.gateway, "fmnist")
+            for index in range(sent):
+                answer = await client.post(
+                    "/v1/predictions?wait=20",
+                    content=png_bytes(fashion_like(index)),
+                    headers={"Content-Type": "image/png", "X-Fmnist-Metadata": '{"label": "1"}'},
+                )
+                assert answer.status_code == 200, answer.text
+            topics = [requests_topic_for(settings.requests_topic, "fmnist"), settings.results_topic]
+            yield pubsub.broker, topics, client
+
+
+@pytest.mark.timeout(60)
+async def test_a_replay_in_process_joins_no_group_and_publishes_nothing(tmp_path: Path) -> None:
+    """The replay reads a snapshot: every topic keeps the groups and retained messages it had, and
+    the live version replayed against itself agrees on every request."""
+    async with serve_in_process(tmp_path, 6) as (broker, topics, client):
+        before = {t: (set(broker.topics[t].groups), len(broker.topics[t].retained)) for t in topics}
+        version = (await client.get("/v1/models/fmnist")).json()["versions"][0]["version"]
+        answer = await client.post(
+            "/v1/models/fmnist/replay", json={"candidate": version, "last": 6}
+        )
+        after = {t: (set(broker.topics[t].groups), len(broker.topics[t].retained)) for t in topics}
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["replayed"], answer.json()["agreement"]) == (6, 1.0)
+    assert before[topics[0]][1] == 6 and after == before
+
+
+@pytest.mark.timeout(60)
+async def test_a_second_replay_while_one_runs_is_refused_with_409(tmp_path: Path) -> None:
+    """One replay runs at a time beside the live traffic: a concurrent one gets 409 `replay_running`."""
+    async with serve_in_process(tmp_path, 4) as (_, _, client):
+        version = (await client.get("/v1/models/fmnist")).json()["versions"][0]["version"]
+        body = {"candidate": version, "last": 4}
+        answers = await asyncio.gather(
+            *(client.post("/v1/models/fmnist/replay", json=body) for _ in range(2))
+        )
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200, 409], [a.text for a in answers]
+    refused = next(a for a in answers if a.status_code == 409)
+    assert refused.json()["error"]["code"] == "replay_running" and refused.headers["retry-after"]
 
 
 async def test_a_gateway_without_a_replay_hook_answers_409_pointing_to_fmnist_replay() -> None:
