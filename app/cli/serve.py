@@ -35,8 +35,10 @@ def register(subparsers: Any) -> None:
         description=(
             "Run everything in one process: the HTTP gateway, one inference worker and, by default, the "
             "embedded memory:// broker, one worker per --model. Open http://127.0.0.1:8000/ for the demo page and /docs for the "
-            "API. Settings come from FMNIST_* environment variables; the flags override them. SIGTERM "
-            "or Ctrl-C stops the server, then the worker drains."
+            "API. On the embedded broker, POST /v1/models/NAME/replay replays the requests it retains "
+            "through any --model or --shadow loaded here (docs/rollout.md). Settings come from "
+            "FMNIST_* environment variables; the flags override them. SIGTERM or Ctrl-C stops the "
+            "server, then the worker drains."
         ),
     )
     add_http_arguments(parser)
