@@ -244,6 +244,15 @@ class MemoryMessage(Message):
         self._subscription._settle(self, acked=acked)
 
 
+class RetainedMessage(Message):
+    """A retained message read outside any group (`MemoryPubSub.retained`): settling it does nothing."""
+
+    __slots__ = ()
+
+    def _settle(self, *, acked: bool) -> None:
+        return None
+
+
 class MemorySubscription(Subscription):
     """One consumer attached to a group of an in-process topic."""
 
@@ -408,6 +417,20 @@ class MemoryPubSub(PubSub):
         return MemorySubscription(
             self, topic, group=group, start=start, max_in_flight=max_in_flight
         )
+
+    def retained(self, topic: str, *, since: float = 0.0) -> list[Message]:
+        """A snapshot of `topic`'s retained messages published at or after `since` (unix seconds),
+        oldest first. It reads outside any group, so no group is created, moved or kept: what an
+        in-process replay (`fmnist serve`) needs."""
+        state = self.broker.topics.get(topic)
+        if state is None:
+            return []
+        state.forget_older(time.time(), self.limits)
+        return [
+            RetainedMessage(topic, entry.data, entry.key, dict(entry.attributes))
+            for entry in state.retained
+            if entry.published_at >= since
+        ]
 
     async def _ensure_topics(self, topics: tuple[str, ...]) -> None:
         for topic in topics:

@@ -8,12 +8,15 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.cli.prologue import INVALID_SETTING_STATUS, start_command
 from app.logs import kv
 from app.settings import Settings
 from messaging import parse_broker_url
+
+if TYPE_CHECKING:
+    from app.gateway.replay_api import ReplayHook
 
 logger = logging.getLogger("app.gateway")
 
@@ -74,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve_http(settings))
 
 
-async def serve_http(settings: Settings) -> int:
-    """Serve the gateway app with uvicorn until SIGTERM/SIGINT; log its URL once it listens."""
+async def serve_http(settings: Settings, *, replay: ReplayHook | None = None) -> int:
+    """Serve the gateway app with uvicorn until SIGTERM/SIGINT; log its URL once it listens.
+    `replay`: the in-process replay hook (`fmnist serve`)."""
     import uvicorn
 
     from app.gateway.main import create_app
@@ -95,7 +99,7 @@ async def serve_http(settings: Settings) -> int:
                 for signum in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(signum)
 
-    app = create_app(settings)
+    app = create_app(settings, replay=replay)
     config = uvicorn_config(app, settings, host=settings.host, port=settings.port)
     server = Server(config)
     grpc = await start_grpc(app, settings)  # the v2 gRPC service, on this loop beside uvicorn

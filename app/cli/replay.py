@@ -8,7 +8,9 @@ live results of the same window from the results topic (its own group too), join
 id (`app.rollout.compare`) and writes the report (`app.rollout.report`).
 
 It needs a broker that keeps a log other processes can read: Kafka (retention) or Pub/Sub (seek).
-The embedded broker (`memory://`) lives inside `fmnist serve`'s process, out of this one's reach.
+The embedded broker (`memory://`) lives inside `fmnist serve`'s process, out of this one's reach:
+`fmnist serve` replays there itself (`POST /v1/models/{name}/replay`, `app.cli.serve_replay`, which
+reuses the window, the candidate's runner and the join defined here).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def register(subparsers: Any) -> None:
             "matrix, accuracy on requests whose metadata carries a `label`, latency) to --out. Clients "
             "see nothing: the replay reads in consumer groups of its own and publishes nothing. "
             "It needs a broker that keeps the log: Kafka (retention) or Pub/Sub (seek). The embedded "
-            "broker (memory://) lives inside `fmnist serve`'s process, so this command cannot reach it."
+            "broker (memory://) lives inside `fmnist serve`'s process, so this command cannot reach it: "
+            "there, POST /v1/models/NAME/replay replays inside `fmnist serve`."
         ),
     )
     parser.add_argument("--model", required=True, metavar="NAME", help="the live model's name")
@@ -231,6 +234,42 @@ class LiveResults:
         return own, [self.candidate_version] if own else []
 
 
+@dataclass
+class WindowCollector:
+    """The requests of a window as they are read, oldest first and once per id: those submitted
+    before `until` (unix seconds), or the `last` of them."""
+
+    until: float
+    last: int | None
+    num_classes: int
+    kept: OrderedDict[str, Retained] = field(default_factory=OrderedDict)
+    seen: set[str] = field(default_factory=set)
+
+    def take(self, message: Message) -> bool:
+        """Keep `message` if it is a decodable request of the window seen for the first time."""
+        from app import protocol
+        from app.worker.consumer import UndecodableRequest, decode_request
+
+        attributes = message.attributes
+        try:
+            submitted_at = float(attributes.get(protocol.SUBMITTED_AT_ATTR, "0"))
+            request_id, image = decode_request(message)
+            metadata = protocol.decode_metadata(attributes.get(protocol.METADATA_ATTR))
+        except (UndecodableRequest, ValueError):
+            return False
+        if submitted_at >= self.until or request_id in self.seen:
+            return False  # live traffic after the replay began, or a re-queued try
+        self.seen.add(request_id)
+        truth = true_label(metadata, self.num_classes)
+        self.kept[request_id] = Retained(request_id, image, truth, submitted_at)
+        if self.last is not None and len(self.kept) > self.last:
+            self.kept.popitem(last=False)
+        return True
+
+    def requests(self) -> list[Retained]:
+        return list(self.kept.values())
+
+
 async def read_window(
     subscription: Subscription,
     *,
@@ -240,14 +279,10 @@ async def read_window(
     num_classes: int,
     progress: tqdm[Any] | None = None,
 ) -> list[Retained]:
-    """The requests of the window, oldest first and once per id: those submitted before `until`
-    (unix seconds), or the `last` of them. Ends when nothing from the window arrived for `quiet_s`
-    (`JOIN_WAIT_S` at least for the first message) or the subscription ended."""
-    from app import protocol
-    from app.worker.consumer import UndecodableRequest, decode_request
-
-    kept: OrderedDict[str, Retained] = OrderedDict()
-    seen: set[str] = set()
+    """The requests of the window (`WindowCollector`) read from `subscription`. Ends when nothing
+    from the window arrived for `quiet_s` (`JOIN_WAIT_S` at least for the first message) or the
+    subscription ended."""
+    window = WindowCollector(until, last, num_classes)
     waited_from = time.monotonic()
     patience = max(quiet_s, JOIN_WAIT_S)
     while (left := patience - (time.monotonic() - waited_from)) > 0:
@@ -259,24 +294,11 @@ async def read_window(
             break
         for message in batch:
             await message.ack()  # the replay's own group: it moves no live position
-            attributes = message.attributes
-            try:
-                submitted_at = float(attributes.get(protocol.SUBMITTED_AT_ATTR, "0"))
-                request_id, image = decode_request(message)
-                metadata = protocol.decode_metadata(attributes.get(protocol.METADATA_ATTR))
-            except (UndecodableRequest, ValueError):
-                continue
-            if submitted_at >= until or request_id in seen:
-                continue  # live traffic after the replay began, or a re-queued try
-            seen.add(request_id)
-            truth = true_label(metadata, num_classes)
-            kept[request_id] = Retained(request_id, image, truth, submitted_at)
-            if last is not None and len(kept) > last:
-                kept.popitem(last=False)
-            waited_from, patience = time.monotonic(), quiet_s
-            if progress is not None:
-                progress.update(1)
-    return list(kept.values())
+            if window.take(message):
+                waited_from, patience = time.monotonic(), quiet_s
+                if progress is not None:
+                    progress.update(1)
+    return window.requests()
 
 
 async def run_candidate(
@@ -286,8 +308,10 @@ async def run_candidate(
     *,
     settings: Settings,
     progress: tqdm[Any] | None = None,
+    concurrency: int | None = None,
 ) -> None:
-    """Every request through `served` in batches; each answer (or failure) to `comparison`."""
+    """Every request through `served` in batches; each answer (or failure) to `comparison`.
+    `concurrency`: forward passes at once (default: one per usable core)."""
     from ml.runner import ModelRunner
 
     async with ModelRunner(
@@ -296,6 +320,7 @@ async def run_candidate(
         max_wait_ms=settings.batch_fill_wait_ms,
         max_queue=max(len(requests), settings.max_batch_size),
         preferred_batch_size=settings.preferred_batch_size,
+        concurrency=concurrency,
     ) as runner:
 
         def answered(request_id: str, future: asyncio.Future[Prediction]) -> None:
@@ -364,11 +389,7 @@ async def replay(
     )
     if not window:
         return ReplayOutcome(0, None, None, candidate_version=served.version)
-    answers, live_versions = live.answers({request.request_id for request in window})
-    for request in window:
-        answer = answers.get(request.request_id)
-        if answer is not None:
-            comparison.add_live(request.request_id, answer, request.truth)
+    live_versions = join_live(comparison, window, live)
     details = {
         "model": model,
         "live versions": ", ".join(live_versions) or "unknown",
@@ -384,6 +405,16 @@ async def replay(
     report = await asyncio.to_thread(write_report, summary, out_dir, title=title, details=details)
     missing = len(comparison.waiting_for_live())
     return ReplayOutcome(len(window), summary, report, missing, served.version)
+
+
+def join_live(comparison: Comparison, window: Sequence[Retained], live: LiveResults) -> list[str]:
+    """Add the live answers to the window's requests to `comparison`; the versions that gave them."""
+    answers, live_versions = live.answers({request.request_id for request in window})
+    for request in window:
+        answer = answers.get(request.request_id)
+        if answer is not None:
+            comparison.add_live(request.request_id, answer, request.truth)
+    return live_versions
 
 
 @dataclass(frozen=True)
@@ -450,7 +481,7 @@ async def _replay_window(
                     for subscription in requests_in
                 )
             )
-        window = _newest(windows, spec.last)
+        window = newest_of(windows, spec.last)
         if window:
             with bar(desc="candidate", total=len(window)) as running_bar:
                 await run_candidate(
@@ -467,7 +498,7 @@ async def _cancelled(task: asyncio.Task[None]) -> None:
         await task
 
 
-def _newest(windows: Sequence[list[Retained]], last: int | None) -> list[Retained]:
+def newest_of(windows: Sequence[list[Retained]], last: int | None) -> list[Retained]:
     """The windows of several topics as one, oldest first, cut to the `last` newest."""
     merged = sorted((r for window in windows for r in window), key=lambda r: r.submitted_at)
     return merged[-last:] if last is not None else merged
@@ -502,8 +533,9 @@ def run(args: argparse.Namespace) -> int:
     if settings.broker_url.startswith("memory://"):
         print(
             "fmnist replay: the embedded broker (memory://) lives inside `fmnist serve`'s process, "
-            "so another process cannot read its requests; pass --broker kafka://HOST:9092 or "
-            "gcp://PROJECT (FMNIST_BROKER_URL)",
+            "so another process cannot read its requests; replay inside it with POST "
+            f"/v1/models/{args.model}/replay (docs/rollout.md), or pass --broker kafka://HOST:9092 "
+            "or gcp://PROJECT (FMNIST_BROKER_URL)",
             file=sys.stderr,
         )
         return INVALID_SETTING_STATUS

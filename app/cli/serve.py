@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from app.cli.gateway import add_http_arguments, http_overrides, serve_http
 from app.cli.prologue import (
@@ -20,6 +20,11 @@ from app.cli.prologue import (
 from app.logs import kv
 from app.settings import Settings
 
+if TYPE_CHECKING:
+    from app.cli.serve_replay import EmbeddedReplay
+    from messaging import PubSub
+    from ml.serving import ServedModel
+
 logger = logging.getLogger("app.serve")
 
 
@@ -30,8 +35,10 @@ def register(subparsers: Any) -> None:
         description=(
             "Run everything in one process: the HTTP gateway, one inference worker and, by default, the "
             "embedded memory:// broker, one worker per --model. Open http://127.0.0.1:8000/ for the demo page and /docs for the "
-            "API. Settings come from FMNIST_* environment variables; the flags override them. SIGTERM "
-            "or Ctrl-C stops the server, then the worker drains."
+            "API. On the embedded broker, POST /v1/models/NAME/replay replays the requests it retains "
+            "through any --model or --shadow loaded here (docs/rollout.md). Settings come from "
+            "FMNIST_* environment variables; the flags override them. SIGTERM or Ctrl-C stops the "
+            "server, then the worker drains."
         ),
     )
     add_http_arguments(parser)
@@ -63,9 +70,11 @@ async def serve_all(
     *,
     shadow: str | None = None,
 ) -> int:
-    """Start one worker per model (each loads its model), then the gateway on the same broker, whose
-    default model is the first (unless FMNIST_DEFAULT_MODEL says); stop in reverse. `shadow`: a
-    model run as a shadow of the first one."""
+    """Start one worker per model, then the gateway on the same broker, whose default model is the
+    first (unless FMNIST_DEFAULT_MODEL says); stop in reverse. `shadow`: a model run as a shadow of
+    the first one. Each source is loaded once, also when it both serves and shadows. On the embedded
+    broker the gateway can replay retained requests through any loaded version
+    (`app.cli.serve_replay`)."""
     import messaging
     from app.broker import connect_broker
     from app.worker.consumer import Worker
@@ -76,17 +85,21 @@ async def serve_all(
     pubsub = connect_broker(settings)
     try:
         async with pubsub, contextlib.AsyncExitStack() as stack:
-            workers = [
-                await stack.enter_async_context(Worker(settings, pubsub, name=name, source=source))
-                for name, source in models or [(None, str(settings.model_path))]
-            ]
+            loaded = _Loaded(settings)
+            workers = []
+            for name, source in models or [(None, str(settings.model_path))]:
+                classifier = await loaded.load(source, name)
+                worker = Worker(settings, pubsub, classifier, name=name, source=source)
+                workers.append(await stack.enter_async_context(worker))
             if shadow is not None:
+                name = workers[0].model_name
+                classifier = await loaded.load(shadow, name)
                 await stack.enter_async_context(
-                    ShadowWorker(settings, pubsub, name=workers[0].model_name, source=shadow)
+                    ShadowWorker(settings, pubsub, classifier, name=name, source=shadow)
                 )
             if settings.default_model is None:
                 settings = settings.model_copy(update={"default_model": workers[0].model_name})
-            return await serve_http(settings)
+            return await serve_http(settings, replay=loaded.replay_hook(pubsub))
     except messaging.MessagingError as exc:
         logger.error(kv("serve_failed", error=exc))
         return 1
@@ -102,3 +115,41 @@ async def serve_all(
             )
         )
         return 1
+
+
+class _Loaded:
+    """The models this process loaded, once per (source, name), by model name."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._by_source: dict[tuple[str, str | None], ServedModel] = {}
+        self.by_model: dict[str, list[ServedModel]] = {}
+
+    async def load(self, source: str, name: str | None) -> ServedModel:
+        """The model `source` loaded as `name` (its own name when None), loading it on first use;
+        the first load sets torch's threads for the process, as a worker loading its own would."""
+        import torch
+
+        from app.worker.inference import load_served_model, worker_layout
+
+        served = self._by_source.get((source, name))
+        if served is None:
+            predictor = await asyncio.to_thread(load_served_model, self.settings, source, name)
+            served = cast("ServedModel", predictor)
+            if not self._by_source:
+                torch.set_num_threads(worker_layout(self.settings, served).threads)
+            self._by_source[(source, name)] = served
+            versions = self.by_model.setdefault(served.name, [])
+            if all(v.version != served.version for v in versions):
+                versions.append(served)
+        return served
+
+    def replay_hook(self, pubsub: PubSub) -> EmbeddedReplay | None:
+        """The gateway's replay hook on the embedded broker; None on a broker other processes
+        read (`fmnist replay` serves those)."""
+        from app.cli.serve_replay import EmbeddedReplay
+        from messaging.memory import MemoryPubSub
+
+        if not isinstance(pubsub, MemoryPubSub):
+            return None
+        return EmbeddedReplay(self.settings, pubsub, self.by_model)

@@ -18,7 +18,16 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.gateway import catalog, demo, ops, predictions, rollout_routes, shadow_api, stream
+from app.gateway import (
+    catalog,
+    demo,
+    ops,
+    predictions,
+    replay_api,
+    rollout_routes,
+    shadow_api,
+    stream,
+)
 from app.gateway.docs import install_docs
 from app.gateway.errors import ApiError, error_body, install_error_handlers
 from app.gateway.service import Gateway, PubSubFactory
@@ -172,9 +181,13 @@ async def _refuse_headers(scope: Scope, send: Send, reason: str) -> None:
 
 
 def create_app(
-    settings: Settings | None = None, *, pubsub_factory: PubSubFactory | None = None
+    settings: Settings | None = None,
+    *,
+    pubsub_factory: PubSubFactory | None = None,
+    replay: replay_api.ReplayHook | None = None,
 ) -> FastAPI:
-    """The gateway ASGI app. `pubsub_factory` replaces `messaging.connect` (tests inject broker faults)."""
+    """The gateway ASGI app. `pubsub_factory` replaces `messaging.connect` (tests inject broker
+    faults); `replay` runs `POST /v1/models/{name}/replay` (`fmnist serve` installs one)."""
     settings = settings or get_settings()
     gateway = Gateway(settings, pubsub_factory)
     app = FastAPI(
@@ -196,12 +209,14 @@ def create_app(
     )
     app.state.settings = settings
     app.state.gateway = gateway
+    app.state.replay = replay
     app.state.stream_slots = stream.StreamSlots(settings.stream_max_connections)
     install_error_handlers(app)
     app.include_router(predictions.router)
     app.include_router(catalog.router)
     app.include_router(shadow_api.router)
     app.include_router(rollout_routes.router)
+    app.include_router(replay_api.router)
     app.include_router(v2_rest.router)
     app.include_router(stream.router)
     app.include_router(ops.router)

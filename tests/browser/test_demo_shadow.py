@@ -82,3 +82,40 @@ def test_the_demo_page_shows_the_shadow_candidate_live(
     finally:
         context.close()
     assert errors == [], "JavaScript errors on the page"
+
+
+def test_the_shadow_panel_replays_retained_requests_through_the_candidate(
+    browser: Browser, shadow_server: Server, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """The panel's replay button runs the retained requests through the candidate inside `fmnist
+    serve` and shows how many it replayed, with agreement and accuracy."""
+    images, labels = first_test_images(fashion_mnist_dir, 5)
+    with httpx.Client(base_url=shadow_server.url, timeout=30) as client:
+        for image, label in zip(images, labels, strict=True):
+            response = client.post(
+                "/v1/predictions?wait=20",
+                content=png_file(image, tmp_path / "image.png").read_bytes(),
+                headers={
+                    "Content-Type": "image/png",
+                    "X-Fmnist-Metadata": json.dumps({"label": str(int(label))}),
+                },
+            )
+            assert response.status_code == 200, response.text
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(shadow_server.url + "/")
+        expect(page.locator("#shadow")).to_be_visible(timeout=20_000)
+        page.locator("#replay-shadow").click()
+        expect(page.locator("#replay-result")).to_have_text(
+            re.compile(
+                r"^Replayed \d+ retained requests: agreement \d.*%, accuracy live / "
+                r"candidate \d.*% / \d.*% \(\d+ labelled\)$"
+            ),
+            timeout=20_000,
+        )
+    finally:
+        context.close()
+    assert errors == [], "JavaScript errors on the page"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -144,3 +145,25 @@ async def test_a_start_time_replaces_the_groups_queue() -> None:
                 await asyncio.wait_for(anext(messages), 0.5)
         assert shared_broker(name).backlog(topic, "g") == 0
     assert [m.data for m in received] == [b"acked", b"queued"]
+
+
+async def test_retained_is_a_snapshot_from_a_time_that_joins_no_group() -> None:
+    """`retained(topic, since=)` gives the retained messages published from `since` on, oldest
+    first, and leaves the topic's groups as they were."""
+    url = f"memory://{unique_name('snapshot')}"
+    topic = unique_name("t")
+    async with messaging.connect(url) as pubsub:
+        assert isinstance(pubsub, MemoryPubSub)
+        await pubsub.publish(topic, b"old", key="a")
+        await asyncio.sleep(0.01)
+        since = time.time()
+        for index in range(3):
+            await pubsub.publish(topic, f"new-{index}".encode(), key=str(index))
+        snapshot = pubsub.retained(topic, since=since)
+        everything = pubsub.retained(topic)
+        for message in snapshot:
+            await message.ack()  # nothing to settle: no group
+    assert [m.data for m in snapshot] == [b"new-0", b"new-1", b"new-2"]
+    assert [m.key for m in everything] == ["a", "0", "1", "2"]
+    assert pubsub.broker.topics[topic].groups == {}
+    assert pubsub.retained(unique_name("never-published")) == []

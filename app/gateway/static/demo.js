@@ -7,6 +7,7 @@ const POLL_EVERY_MS = 300; // fallback when a result takes longer than WAIT_SECO
 const POLL_FOR_MS = 60_000;
 const STATS_EVERY_MS = 1000;
 const SPLIT_EVERY_MS = 2000; // the split's figures cover a minute: every other stats tick is enough
+const REPLAY_LAST = 500; // requests the shadow panel's replay button runs through the candidate
 const THROUGHPUT_POINTS = 60;
 const MAX_RESULT_CARDS = 12;
 const GALLERY_SIZE = 36;
@@ -36,6 +37,7 @@ const state = {
   reconnectTimer: null,
   statsTimer: null,
   splitPolledAt: 0, // Date.now() of the last canary split refresh
+  shadowVersion: null, // the shadow panel's candidate, for its replay button
   throughput: [],
   streamCount: 0,
   pendingCards: new Map(), // request id → result card still waiting
@@ -734,6 +736,7 @@ async function pollShadow() {
     if (error.isAuth) throw error;
   }
   panel.hidden = candidate === null;
+  state.shadowVersion = candidate?.version ?? null;
   if (candidate === null) return;
   const share = (v) => (typeof v === "number" ? percent(v) : "–");
   $("shadow-model").textContent = state.model;
@@ -750,6 +753,33 @@ async function pollShadow() {
   $("shadow-disagreements").textContent = cells.length
     ? cells.map(([live, other, count]) => `${live} → ${other} (${count})`).join(", ")
     : "none yet";
+}
+
+// Replays the newest retained requests through the shadow's candidate (`fmnist serve` only; other
+// gateways answer 409 with what to run instead, shown as the result).
+async function replayShadow() {
+  const version = state.shadowVersion;
+  if (state.model === null || version === null) return;
+  const button = $("replay-shadow");
+  const result = $("replay-result");
+  button.disabled = true;
+  result.textContent = "Replaying…";
+  try {
+    const { body } = await api(`/v1/models/${encodeURIComponent(state.model)}/replay`, {
+      method: "POST",
+      body: JSON.stringify({ candidate: version, last: REPLAY_LAST }),
+      headers: { "Content-Type": "application/json" },
+    });
+    const share = (v) => (typeof v === "number" ? percent(v) : "–");
+    result.textContent =
+      `Replayed ${body.replayed.toLocaleString()} retained requests: agreement ${share(body.agreement)}, ` +
+      `accuracy live / candidate ${share(body.live_accuracy)} / ${share(body.candidate_accuracy)}` +
+      ` (${body.labelled.toLocaleString()} labelled)`;
+  } catch (error) {
+    result.textContent = describe(error);
+  } finally {
+    button.disabled = false;
+  }
 }
 
 // ---------------------------------------------------------------- canary split
@@ -1093,6 +1123,9 @@ function bindLoadTest() {
   });
   $("send-test-images").addEventListener("click", () => {
     sendTestImages().catch((error) => showError(describe(error)));
+  });
+  $("replay-shadow").addEventListener("click", () => {
+    replayShadow().catch((error) => showError(describe(error)));
   });
 }
 
