@@ -114,7 +114,6 @@ class Gateway:
             self.registry,
             self.metrics,
             gateway_id=self.gateway_id,
-            pubsub_factory=self._factory,
             live_result=self._stored_result,
         )
         self.feed.result_listeners.append(self.shadow.add_live)
@@ -279,6 +278,7 @@ class Gateway:
         follower = asyncio.create_task(
             self._follow_rollout(rollout, quiet_s), name="fmnist-rollout"
         )
+        shadow_reader = asyncio.create_task(self.shadow.read(pubsub), name="fmnist-shadow-results")
         try:
             await self.feed.consume(results, pubsub.durable, self._caught_up)
             if not self._stopping:
@@ -293,7 +293,7 @@ class Gateway:
             self._pubsub = None
             self._results = None
             self.metrics.broker_up.set(0)
-            for task in (monitor, learner, follower):
+            for task in (monitor, learner, follower, shadow_reader):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -119,7 +119,6 @@ class ShadowMonitor:
         metrics: GatewayMetrics,
         *,
         gateway_id: str,
-        pubsub_factory: Callable[[Settings], PubSub],
         live_result: Callable[[str], ResultMessage | None] = lambda request_id: None,
     ) -> None:
         self.settings = settings
@@ -129,7 +128,6 @@ class ShadowMonitor:
         self.group = f"gateway-{gateway_id}-shadow"
         # With shared state a gateway sees only its own requests' live results: compare only those.
         self.own_only = bool(settings.shared_state_url)
-        self._factory = pubsub_factory
         self._live_result = live_result
         self._comparisons: dict[str, dict[str, ShadowComparison]] = {}  # model -> candidate -> it
         # What a live result feeds: the comparisons of candidates with a live shadow worker.
@@ -229,10 +227,7 @@ class ShadowMonitor:
 
     async def start(self) -> None:
         self._reading_since = time.time()
-        self._tasks = [
-            asyncio.create_task(self._read(), name="fmnist-shadow-results"),
-            asyncio.create_task(self._refresh(), name="fmnist-shadow-registry"),
-        ]
+        self._tasks = [asyncio.create_task(self._refresh(), name="fmnist-shadow-registry")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -247,32 +242,27 @@ class ShadowMonitor:
             self.follow_registry()
             await asyncio.sleep(_REFRESH_S)
 
-    async def _read(self) -> None:
-        """Read the shadow results topic from now, reconnecting with a back-off while it fails."""
-        backoff = 0.2
-        while True:
-            pubsub = self._factory(self.settings)
-            try:
-                async with pubsub:
-                    await pubsub.ensure_topics(self.settings.shadow_results_topic)
-                    subscription = pubsub.subscribe(
-                        self.settings.shadow_results_topic,
-                        group=self.group,
-                        start=time.time(),
-                        max_in_flight=_MAX_UNACKED,
-                    )
-                    async with subscription:
-                        self.reading = True
-                        backoff = 0.2
-                        await self._consume(subscription)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the live path goes on; the comparison resumes later
-                log.warning(kv("shadow_results_unavailable", error=exc, retry_s=backoff))
-            finally:
-                self.reading = False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+    async def read(self, pubsub: PubSub) -> None:
+        """Read the shadow results topic from now on the gateway's broker connection, until it is
+        cancelled; a failure is logged and ends only the comparison (the next connection reads again),
+        never the live path."""
+        try:
+            await pubsub.ensure_topics(self.settings.shadow_results_topic)
+            subscription = pubsub.subscribe(
+                self.settings.shadow_results_topic,
+                group=self.group,
+                start=time.time(),
+                max_in_flight=_MAX_UNACKED,
+            )
+            async with subscription:
+                self.reading = True
+                await self._consume(subscription)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the live path goes on; the comparison resumes on reconnect
+            log.warning(kv("shadow_results_unavailable", error=exc))
+        finally:
+            self.reading = False
 
     async def _consume(self, subscription: Subscription) -> None:
         while messages := await subscription.receive_batch(_CHUNK):

@@ -114,7 +114,6 @@ def monitor_of(
         registry,
         metrics,
         gateway_id="gw-a",
-        pubsub_factory=lambda s: messaging.connect(s.broker_url),
         live_result=live_result,
     )
 
@@ -206,6 +205,9 @@ async def test_with_shared_state_a_gateway_compares_only_its_own_requests() -> N
     )
     settings = monitor.settings
     await monitor.start()
+    reader_connection = messaging.connect(settings.broker_url)
+    await reader_connection.connect()
+    reader = asyncio.create_task(monitor.read(reader_connection))
     try:
         await until(lambda: monitor.reading)
         for request_id in ("mine", "theirs"):
@@ -221,6 +223,10 @@ async def test_with_shared_state_a_gateway_compares_only_its_own_requests() -> N
         await until(lambda: [c["samples"] for c in monitor.candidates(STAND_IN_MODEL)] == [1])
         await asyncio.sleep(0.1)
     finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await reader_connection.close()
         await monitor.stop()
     (entry,) = monitor.candidates(STAND_IN_MODEL)
     assert entry["samples"] == 1
