@@ -436,7 +436,8 @@ def _replay_gate(args: argparse.Namespace) -> ReplayGate:
         import asyncio
 
         from app.cli.prologue import start_command
-        from app.cli.replay import QUIET_S, replay, replay_failed
+        from app.cli.replay import replay_failed
+        from app.cli.replay_engine import QUIET_S, replay
 
         settings = start_command("promote", {"broker_url": args.broker}, runs_model=True)
         if settings is None:

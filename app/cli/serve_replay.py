@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from app.cli.replay import (
+from app.cli.replay_engine import (
     RECEIVE_CHUNK,
     LiveResults,
     WindowCollector,

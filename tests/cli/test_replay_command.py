@@ -13,7 +13,8 @@ import pytest
 import messaging
 from app import protocol
 from app.cli import main
-from app.cli.replay import ReplayOutcome, parse_since, read_window, replay
+from app.cli.replay import parse_since
+from app.cli.replay_engine import ReplayOutcome, read_window, replay
 
 NOW = 1_800_000_000.0
 
