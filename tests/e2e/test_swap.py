@@ -1,5 +1,6 @@
 """Every v1 worker replaced by a v2 worker under steady load on Kafka (Tansu): nothing failed, lost
-or delivered twice (issue 15, item 5).
+or delivered twice (issue 15, item 5), by either procedure: through the model's shared group, or
+through the traffic weights (docs/rollout.md, "Replacing a version without a pause").
 
 The v1 workers leave one at a time (`Stack.retire_workers`): on Tansu 0.6.0 workers leaving together
 can leave their group without a leader for good (docs/benchmarks.md, "Worker swap"). The latency
@@ -9,12 +10,13 @@ during the swap is `bench/swap.py`'s to measure, not asserted here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import PROCESS_START_TIMEOUT_S, WORKER_READY, tansu_stack
+from tests.e2e.conftest import PROCESS_START_TIMEOUT_S, WORKER_READY, Stack, tansu_stack
 from tests.e2e.swap import SwapRun, recalibrated_checkpoint, swap_under_load
 
 pytestmark = [
@@ -27,19 +29,49 @@ pytestmark = [
 
 OLD = ("swap-v1-a", "swap-v1-b")
 NEW = ("swap-v2-a", "swap-v2-b")
+# v1 again, replacing v2 through the weights: one worker, as a worker's start is most of a swap's time
+BACK = ("swap-v1-c",)
 RATE_PER_S = 25.0
 PHASE_S = 1.5  # of load before the swap and after it
 
 
+@dataclass
+class SwapStack:
+    """Tansu (4 partitions), a gateway and the workers of whichever swap ran last."""
+
+    stack: Stack
+    v1: Path
+    v2: Path
+    pngs: list[bytes]
+
+    def swap(
+        self, old: Sequence[str], new: Sequence[str], to: Path, *, via_weights: bool
+    ) -> SwapRun:
+        """`old` replaced by `new` workers on `to` under the steady load."""
+        return asyncio.run(
+            swap_under_load(
+                self.stack,
+                "swap",
+                self.pngs,
+                rate=RATE_PER_S,
+                steady_s=PHASE_S,
+                after_s=PHASE_S,
+                old=old,
+                new=new,
+                new_checkpoint=to,
+                via_weights=via_weights,
+            )
+        )
+
+
 @pytest.fixture(scope="module")
-def swap_run(
+def swap_stack(
     e2e_log_dir: Path,
     e2e_checkpoint: Path,
     tmp_path_factory: pytest.TempPathFactory,
     test_pngs: tuple[list[bytes], list[int]],
-) -> Iterator[SwapRun]:
-    """The swap, once, on Tansu (4 partitions) and a gateway: two v1 workers under a steady load,
-    two v2 workers started, the v1 workers SIGTERMed, the load kept on a little longer."""
+) -> Iterator[SwapStack]:
+    """One stack for both swaps (a stack's start costs more than a swap): two v1 workers."""
     with tansu_stack(
         e2e_log_dir, e2e_checkpoint, "tansu-swap", url_options="&partitions=4"
     ) as stack:
@@ -49,19 +81,29 @@ def swap_run(
         v2 = recalibrated_checkpoint(e2e_checkpoint, tmp_path_factory.mktemp("v2"))
         for worker in starting:
             worker.wait_for_log(WORKER_READY, timeout=PROCESS_START_TIMEOUT_S)
-        yield asyncio.run(
-            swap_under_load(
-                stack,
-                "swap",
-                test_pngs[0][:200],
-                rate=RATE_PER_S,
-                steady_s=PHASE_S,
-                after_s=PHASE_S,
-                old=OLD,
-                new=NEW,
-                new_checkpoint=v2,
-            )
-        )
+        yield SwapStack(stack, e2e_checkpoint, v2, test_pngs[0][:200])
+
+
+@pytest.fixture(scope="module")
+def group_swap(swap_stack: SwapStack) -> SwapRun:
+    """v1 workers replaced by v2 workers in the model's shared group: the v2 workers join it, the
+    v1 workers leave it one at a time."""
+    return swap_stack.swap(OLD, NEW, swap_stack.v2, via_weights=False)
+
+
+@pytest.fixture(scope="module")
+def weights_swap(swap_stack: SwapStack, group_swap: SwapRun) -> SwapRun:
+    """Then both v2 workers replaced by one v1 worker through the weights: the traffic moves from
+    v2's version topic to v1's before the v2 workers leave."""
+    return swap_stack.swap(NEW, BACK, swap_stack.v1, via_weights=True)
+
+
+@pytest.fixture(params=["via-group", "via-weights"])
+def swap_run(request: pytest.FixtureRequest) -> SwapRun:
+    """Each swap's run, for the checks both procedures must pass."""
+    name = "group_swap" if request.param == "via-group" else "weights_swap"
+    run: SwapRun = request.getfixturevalue(name)
+    return run
 
 
 def test_every_submission_during_the_swap_is_accepted(swap_run: SwapRun) -> None:
