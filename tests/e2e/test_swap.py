@@ -1,10 +1,11 @@
-"""Every v1 worker replaced by a v2 worker under steady load on Kafka (Tansu): nothing failed, lost
-or delivered twice (issue 15, item 5), by either procedure: through the model's shared group, or
-through the traffic weights (docs/rollout.md, "Replacing a version without a pause").
+"""Every worker of the old version replaced by workers of a new one under steady load on Kafka
+(Tansu): nothing failed, lost or delivered twice (issue 15, item 5), by either procedure: v1 by v2
+through the model's shared group, then v2 by v1 again through the traffic weights (docs/rollout.md,
+"Replacing a version without a pause"), on one stack.
 
-The v1 workers leave one at a time (`Stack.retire_workers`): on Tansu 0.6.0 workers leaving together
-can leave their group without a leader for good (docs/benchmarks.md, "Worker swap"). The latency
-during the swap is `bench/swap.py`'s to measure, not asserted here.
+The old workers leave one at a time (`Stack.retire_workers`, `retire_from_group`): on Tansu 0.6.0
+workers leaving together can leave their group without a leader for good (docs/benchmarks.md,
+"Worker swap"). The latency during the swap is `bench/swap.py`'s to measure, not asserted here.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def test_every_accepted_request_reaches_the_stream(swap_run: SwapRun) -> None:
 
 
 def test_no_result_is_delivered_twice(swap_run: SwapRun) -> None:
-    """No id reaches the websocket twice, though the v1 workers' partitions moved twice."""
+    """No id reaches the websocket twice, though the old workers' partitions moved."""
     assert swap_run.delivery.duplicated(swap_run.accepted) == {}
 
 
@@ -130,12 +131,12 @@ def test_no_request_fails_during_the_swap(swap_run: SwapRun) -> None:
 
 
 def test_the_old_workers_drain_and_exit_cleanly(swap_run: SwapRun) -> None:
-    """Both v1 workers exit 0 after their SIGTERM (drained, not killed)."""
+    """Both old workers exit 0 after their SIGTERM (drained, not killed)."""
     assert swap_run.drain_exit_codes == [0, 0]
 
 
 def test_results_switch_from_the_old_version_to_the_new(swap_run: SwapRun) -> None:
-    """Requests submitted before the swap are answered by v1, those after it only by v2."""
+    """Requests before the swap are answered by the old version, those after it by the new only."""
     before = swap_run.versions_submitted(end=swap_run.swap_started)
     after = swap_run.versions_submitted(start=swap_run.swap_ended)
     assert len(before) == 1 and len(after) == 1 and before != after
