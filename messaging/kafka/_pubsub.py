@@ -32,6 +32,7 @@ from messaging._url import BrokerURL
 from messaging.errors import BrokerUnavailable, MessagingError
 from messaging.kafka._logs import quiet_client_logs
 from messaging.kafka._options import KafkaOptions, _bootstrap
+from messaging.kafka._partitioner import Murmur2Partitioner
 from messaging.kafka._subscription import KafkaSubscription
 
 logger = logging.getLogger("messaging.kafka")
@@ -86,6 +87,7 @@ class KafkaPubSub(PubSub):
             max_batch_size=options.max_batch_bytes,
             max_request_size=options.max_message_bytes,
             request_timeout_ms=options.request_timeout_ms,
+            partitioner=Murmur2Partitioner(),
             **options.security.client_kwargs(),
         )
         self._watch(producer.client)
