@@ -8,7 +8,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -298,9 +298,11 @@ class KafkaPubSub(PubSub):
     async def publish_many(
         self, topic: str, items: Iterable[OutgoingItem], *, timeout_s: float | None = None
     ) -> list[Exception | None]:
-        """`PubSub.publish_many`, with every record handed to the producer in turn and their
-        acknowledgements awaited together: the producer batches them all the same, without a task
-        per message (the gateway's batch endpoint and the worker publish hundreds at a time)."""
+        """`PubSub.publish_many`, with the records packed into one batch per partition and each
+        batch handed to the producer whole (`send_batch`): one acknowledgement to await per batch,
+        not a future, a coroutine and a partition lookup per record (the gateway's batch endpoint
+        and the worker publish hundreds at a time). Each record goes to the partition `send` would
+        choose; a record too big to share a batch is sent alone, as `send` would."""
         if self._state != "connected":
             self._require_connected()
         self._check_topic(topic)
@@ -316,24 +318,24 @@ class KafkaPubSub(PubSub):
                 outcomes.append(exc)
         if not checked:
             return outcomes
-        deliveries: list[tuple[int, int, asyncio.Future[Any]]] = []  # index, bytes, ack
-        handed = 0
-        late: TimeoutError | None = None
+        deliveries: list[_Delivery] = []
         try:
             async with asyncio.timeout(timeout_s):
                 producer = await self._producer_for(topic)
-                for index, message in checked:
+                alone, by_partition = self._by_partition(producer, topic, checked)
+                for index, message in alone:
                     try:
-                        delivery = await self._send(
+                        acked = await self._send(
                             producer, topic, message.data, message.key or None, message.attributes
                         )
                     except Exception as exc:
                         outcomes[index] = self._send_error(exc, topic, len(message.data))
                     else:
-                        deliveries.append((index, len(message.data), delivery))
-                    handed += 1
+                        deliveries.append(_Delivery([index], len(message.data), acked))
+                for partition, records in by_partition.items():
+                    await self._send_batches(producer, topic, partition, records, deliveries)
                 if deliveries:
-                    await asyncio.wait([delivery for *_, delivery in deliveries])
+                    await asyncio.wait([delivery.acked for delivery in deliveries])
         except BrokerUnavailable as exc:  # before any send: the link is down
             for index, _ in checked:
                 outcomes[index] = exc
@@ -341,15 +343,99 @@ class KafkaPubSub(PubSub):
         except TimeoutError:
             assert timeout_s is not None  # only the deadline raises it here
             late = TimeoutError(f"not accepted by the broker within {timeout_s:g} s")
-            for index, _ in checked[handed:]:
-                outcomes[index] = late
-        for index, size, delivery in deliveries:
-            if not delivery.done():
-                delivery.cancel()
-                outcomes[index] = late
-            elif (error := delivery.exception()) is not None:
-                outcomes[index] = self._send_error(error, topic, size)
+            handed = {index for delivery in deliveries for index in delivery.indexes}
+            for index, _ in checked:
+                if index not in handed and outcomes[index] is None:
+                    outcomes[index] = late
+            for delivery in deliveries:
+                if not delivery.acked.done():
+                    delivery.acked.cancel()
+                    for index in delivery.indexes:
+                        outcomes[index] = late
+        for delivery in deliveries:
+            if delivery.acked.cancelled():
+                continue
+            if (error := delivery.acked.exception()) is not None:
+                failure = self._send_error(error, topic, delivery.size)
+                for index in delivery.indexes:
+                    outcomes[index] = failure
         return outcomes
+
+    def _by_partition(
+        self, producer: AIOKafkaProducer, topic: str, checked: list[tuple[int, Outgoing]]
+    ) -> tuple[list[tuple[int, Outgoing]], dict[int, list[tuple[int, Outgoing]]]]:
+        """The records to send alone (too big to share a batch), and the others by partition,
+        chosen as `send` chooses: the producer's partitioner over the topic's partitions."""
+        cluster = producer.client.cluster
+        all_partitions = list(cluster.partitions_for_topic(topic) or ())
+        available = list(cluster.available_partitions_for_topic(topic) or ())
+        partitioner = producer._partitioner
+        # Room for the record's framing and headers under the batch's size bound.
+        shared_limit = self.options.max_batch_bytes // 2
+        alone: list[tuple[int, Outgoing]] = []
+        by_partition: dict[int, list[tuple[int, Outgoing]]] = {}
+        for record in checked:
+            message = record[1]
+            if len(message.data) > shared_limit:
+                alone.append(record)
+                continue
+            key = message.key.encode() if message.key else None
+            partition = partitioner(key, all_partitions, available)
+            by_partition.setdefault(partition, []).append(record)
+        return alone, by_partition
+
+    async def _send_batches(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        partition: int,
+        records: list[tuple[int, Outgoing]],
+        deliveries: list[_Delivery],
+    ) -> None:
+        """Pack `records` into as few batches as their size allows and hand each to the producer;
+        each batch's acknowledgement joins `deliveries`, with the positions of its records."""
+        builder = producer.create_batch()
+        indexes: list[int] = []
+        size = 0
+        for index, message in records:
+            key = message.key.encode() if message.key else None
+            attributes = message.attributes
+            headers = (
+                [(name, value.encode()) for name, value in attributes.items()] if attributes else []
+            )
+            while (
+                builder.append(timestamp=None, key=key, value=message.data, headers=headers) is None
+            ):
+                # Full: this batch goes, the record starts the next one.
+                deliveries.append(
+                    await self._send_batch(producer, topic, partition, builder, indexes, size)
+                )
+                builder, indexes, size = producer.create_batch(), [], 0
+            indexes.append(index)
+            size += len(message.data)
+        if indexes:
+            deliveries.append(
+                await self._send_batch(producer, topic, partition, builder, indexes, size)
+            )
+
+    async def _send_batch(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        partition: int,
+        builder: Any,
+        indexes: list[int],
+        size: int,
+    ) -> _Delivery:
+        """Hand one packed batch to the producer; its acknowledgement, for the records at `indexes`."""
+        try:
+            acked: asyncio.Future[Any] = await producer.send_batch(
+                builder, topic, partition=partition
+            )
+        except Exception as exc:  # not queued (the producer closed, its queue full for too long)
+            acked = asyncio.get_running_loop().create_future()
+            acked.set_exception(exc)
+        return _Delivery(indexes, size, acked)
 
     async def _producer_for(self, topic: str) -> AIOKafkaProducer:
         """The producer, once the link is up and `topic` exists and its partitions are known."""
@@ -479,6 +565,15 @@ class KafkaPubSub(PubSub):
         admin = self._admin
         assert admin is not None
         await admin.describe_cluster()
+
+
+class _Delivery(NamedTuple):
+    """Records handed to the producer together: their positions in the call, their payload bytes
+    (for the error of a record too big) and the acknowledgement they share."""
+
+    indexes: list[int]
+    size: int
+    acked: asyncio.Future[Any]
 
 
 async def _retire_producer(producer: AIOKafkaProducer) -> None:
