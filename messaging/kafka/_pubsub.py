@@ -62,6 +62,7 @@ class KafkaPubSub(PubSub):
             idempotence if self.options.idempotence is None else self.options.idempotence
         )
         self.partitions = partitions if self.options.partitions is None else self.options.partitions
+        self._partitioner = Murmur2Partitioner()
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._replication_factor = 1
@@ -87,7 +88,7 @@ class KafkaPubSub(PubSub):
             max_batch_size=options.max_batch_bytes,
             max_request_size=options.max_message_bytes,
             request_timeout_ms=options.request_timeout_ms,
-            partitioner=Murmur2Partitioner(),
+            partitioner=self._partitioner,
             **options.security.client_kwargs(),
         )
         self._watch(producer.client)
@@ -365,22 +366,18 @@ class KafkaPubSub(PubSub):
         self, producer: AIOKafkaProducer, topic: str, checked: list[tuple[int, Outgoing]]
     ) -> tuple[list[tuple[int, Outgoing]], dict[int, list[tuple[int, Outgoing]]]]:
         """The records to send alone (too big to share a batch), and the others by partition,
-        chosen as `send` chooses: the producer's partitioner over the topic's partitions."""
+        chosen as `send` chooses: murmur2 of the key over the topic's partitions."""
         cluster = producer.client.cluster
         all_partitions = list(cluster.partitions_for_topic(topic) or ())
         available = list(cluster.available_partitions_for_topic(topic) or ())
-        partitioner = producer._partitioner
         # Room for the record's framing and headers under the batch's size bound.
         shared_limit = self.options.max_batch_bytes // 2
-        alone: list[tuple[int, Outgoing]] = []
+        alone = [record for record in checked if len(record[1].data) > shared_limit]
+        shared = [record for record in checked if len(record[1].data) <= shared_limit]
+        keys = [message.key.encode() if message.key else None for _, message in shared]
+        partitions = self._partitioner.partitions(keys, all_partitions, available)
         by_partition: dict[int, list[tuple[int, Outgoing]]] = {}
-        for record in checked:
-            message = record[1]
-            if len(message.data) > shared_limit:
-                alone.append(record)
-                continue
-            key = message.key.encode() if message.key else None
-            partition = partitioner(key, all_partitions, available)
+        for record, partition in zip(shared, partitions, strict=True):
             by_partition.setdefault(partition, []).append(record)
         return alone, by_partition
 

@@ -9,7 +9,7 @@ from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 import messaging
 from messaging.kafka import KafkaPubSub
-from messaging.kafka._partitioner import Murmur2Partitioner, murmur2
+from messaging.kafka._partitioner import Murmur2Partitioner, murmur2, murmur2_same_length
 
 
 def _keys(count: int, seed: int = 17) -> list[bytes]:
@@ -24,6 +24,30 @@ def test_murmur2_equals_aiokafkas_on_every_key() -> None:
     """murmur2 returns aiokafka's hash for 10,000 random keys of 0-69 bytes and request ids."""
     mismatched = [key for key in _keys(5_000) if murmur2(key) != aiokafka_murmur2(key)]
     assert mismatched == []
+
+
+def test_murmur2_of_keys_of_one_length_together_equals_aiokafkas() -> None:
+    """murmur2_same_length returns aiokafka's hash for 50 random keys of each length 0-69."""
+    rng = random.Random(5)
+    for length in range(70):
+        keys = [rng.randbytes(length) for _ in range(50)]
+        assert murmur2_same_length(keys) == [aiokafka_murmur2(key) for key in keys], length
+
+
+def test_a_batch_of_keys_goes_to_aiokafkas_partitions() -> None:
+    """partitions() of mixed keys (lengths, repeats, no key) equals DefaultPartitioner per key."""
+    rng = random.Random(9)
+    keys: list[bytes | None] = _keys(400, seed=3) + [None] * 5
+    keys += [rng.randbytes(16).hex().encode() for _ in range(40)] * 2
+    rng.shuffle(keys)
+    partitions = list(range(6))
+    chosen = Murmur2Partitioner().partitions(keys, partitions, partitions)
+    theirs = DefaultPartitioner()
+    for key, partition in zip(keys, chosen, strict=True):
+        if key is None:
+            assert partition in partitions
+        else:
+            assert partition == theirs(key, partitions, partitions)
 
 
 def test_murmur2_matches_the_java_clients_known_values() -> None:
