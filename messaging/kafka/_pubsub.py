@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import ssl
 import time
@@ -16,9 +17,12 @@ from aiokafka.conn import CloseReason, create_conn
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
+    ProducerClosed,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.structs import TopicPartition
 
 from messaging._base import (
     Outgoing,
@@ -299,11 +303,11 @@ class KafkaPubSub(PubSub):
     async def publish_many(
         self, topic: str, items: Iterable[OutgoingItem], *, timeout_s: float | None = None
     ) -> list[Exception | None]:
-        """`PubSub.publish_many`, with the records packed into one batch per partition and each
-        batch handed to the producer whole (`send_batch`): one acknowledgement to await per batch,
-        not a future, a coroutine and a partition lookup per record (the gateway's batch endpoint
-        and the worker publish hundreds at a time). Each record goes to the partition `send` would
-        choose; a record too big to share a batch is sent alone, as `send` would."""
+        """`PubSub.publish_many`, with the records appended to the producer's batches directly
+        and one acknowledgement awaited per batch: not a future, a coroutine and a partition lookup
+        per record as `send` makes (the gateway's batch endpoint and the worker publish hundreds
+        at a time). Each record goes to the partition `send` would choose (its keys hashed
+        together); a record too big to share a batch is sent alone, through `send`."""
         if self._state != "connected":
             self._require_connected()
         self._check_topic(topic)
@@ -334,7 +338,15 @@ class KafkaPubSub(PubSub):
                     else:
                         deliveries.append(_Delivery([index], len(message.data), acked))
                 for partition, records in by_partition.items():
-                    await self._send_batches(producer, topic, partition, records, deliveries)
+                    before = len(deliveries)
+                    try:
+                        await self._send_batches(producer, topic, partition, records, deliveries)
+                    except Exception as exc:  # no batch would take them (the producer closed)
+                        refusal = self._send_error(exc, topic, 0)
+                        taken = {i for delivery in deliveries[before:] for i in delivery.indexes}
+                        for index, _ in records:
+                            if index not in taken:
+                                outcomes[index] = refusal
                 if deliveries:
                     await asyncio.wait([delivery.acked for delivery in deliveries])
         except BrokerUnavailable as exc:  # before any send: the link is down
@@ -389,9 +401,20 @@ class KafkaPubSub(PubSub):
         records: list[tuple[int, Outgoing]],
         deliveries: list[_Delivery],
     ) -> None:
-        """Pack `records` into as few batches as their size allows and hand each to the producer;
-        each batch's acknowledgement joins `deliveries`, with the positions of its records."""
-        builder = producer.create_batch()
+        """Append `records` to the partition's open batch in the producer, as `send` does (so that
+        concurrent publishes share batches and requests), opening the next batch when one is full;
+        each batch's acknowledgement joins `deliveries` with the positions of its records here.
+
+        Records go into the batch itself, without the future, coroutine and metadata `send` makes
+        for each (aiokafka 0.14's accumulator: `_batches`, `_append_batch`, as `send_batch` uses)."""
+        accumulator = producer._message_accumulator
+        if accumulator._closed:
+            raise ProducerClosed()
+        if accumulator._exception is not None:
+            raise copy.copy(accumulator._exception)
+        tp = TopicPartition(topic, partition)
+        queued = accumulator._batches.get(tp)
+        batch = queued[-1] if queued else None
         indexes: list[int] = []
         size = 0
         for index, message in records:
@@ -401,38 +424,37 @@ class KafkaPubSub(PubSub):
                 [(name, value.encode()) for name, value in attributes.items()] if attributes else []
             )
             while (
-                builder.append(timestamp=None, key=key, value=message.data, headers=headers) is None
-            ):
-                # Full: this batch goes, the record starts the next one.
-                deliveries.append(
-                    await self._send_batch(producer, topic, partition, builder, indexes, size)
+                batch is None
+                or batch._builder.append(
+                    timestamp=None, key=key, value=message.data, headers=headers
                 )
-                builder, indexes, size = producer.create_batch(), [], 0
+                is None
+            ):
+                if batch is not None:  # full: its records are handed over, the next batch opens
+                    if indexes:
+                        deliveries.append(_Delivery(indexes, size, asyncio.shield(batch.future)))
+                        indexes, size = [], 0
+                    # At most one batch per partition waits for the sender, as with `send`.
+                    await self._drained(batch)
+                batch = self._open_batch(producer, tp)
             indexes.append(index)
             size += len(message.data)
-        if indexes:
-            deliveries.append(
-                await self._send_batch(producer, topic, partition, builder, indexes, size)
-            )
+        if indexes and batch is not None:
+            deliveries.append(_Delivery(indexes, size, asyncio.shield(batch.future)))
 
-    async def _send_batch(
-        self,
-        producer: AIOKafkaProducer,
-        topic: str,
-        partition: int,
-        builder: Any,
-        indexes: list[int],
-        size: int,
-    ) -> _Delivery:
-        """Hand one packed batch to the producer; its acknowledgement, for the records at `indexes`."""
-        try:
-            acked: asyncio.Future[Any] = await producer.send_batch(
-                builder, topic, partition=partition
-            )
-        except Exception as exc:  # not queued (the producer closed, its queue full for too long)
-            acked = asyncio.get_running_loop().create_future()
-            acked.set_exception(exc)
-        return _Delivery(indexes, size, acked)
+    @staticmethod
+    def _open_batch(producer: AIOKafkaProducer, tp: TopicPartition) -> Any:
+        """A new batch queued for `tp` in the producer (the sender takes it when it is ready)."""
+        return producer._message_accumulator._append_batch(producer.create_batch(), tp)
+
+    async def _drained(self, batch: Any) -> None:
+        """Wait until the sender took `batch`; KafkaTimeoutError after `request_timeout_ms`."""
+        deadline = time.monotonic() + self.options.request_timeout_ms / 1000
+        while not batch._drain_waiter.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise KafkaTimeoutError()
+            await batch.wait_drain(remaining)
 
     async def _producer_for(self, topic: str) -> AIOKafkaProducer:
         """The producer, once the link is up and `topic` exists and its partitions are known."""
