@@ -408,12 +408,10 @@ class KafkaPubSub(PubSub):
         Records go into the batch itself, without the future, coroutine and metadata `send` makes
         for each (aiokafka 0.14's accumulator: `_batches`, `_append_batch`, as `send_batch` uses)."""
         accumulator = producer._message_accumulator
-        if accumulator._closed:
-            raise ProducerClosed()
         if accumulator._exception is not None:
             raise copy.copy(accumulator._exception)
         tp = TopicPartition(topic, partition)
-        queued = accumulator._batches.get(tp)
+        queued = None if producer._closed else accumulator._batches.get(tp)
         batch = queued[-1] if queued else None
         indexes: list[int] = []
         size = 0
@@ -444,8 +442,12 @@ class KafkaPubSub(PubSub):
 
     @staticmethod
     def _open_batch(producer: AIOKafkaProducer, tp: TopicPartition) -> Any:
-        """A new batch queued for `tp` in the producer (the sender takes it when it is ready)."""
-        return producer._message_accumulator._append_batch(producer.create_batch(), tp)
+        """A new batch queued for `tp` in the producer (the sender takes it when it is ready);
+        ProducerClosed once the producer is closed or retired, whose sender would never take it."""
+        accumulator = producer._message_accumulator
+        if accumulator._closed or producer._closed:
+            raise ProducerClosed()
+        return accumulator._append_batch(producer.create_batch(), tp)
 
     async def _drained(self, batch: Any) -> None:
         """Wait until the sender took `batch`; KafkaTimeoutError after `request_timeout_ms`."""
