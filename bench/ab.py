@@ -17,7 +17,9 @@ test PNGs per request at 4 connections, `--mode single` one PNG per `POST /v1/pr
 at 64 connections. Shared machines drift by tens of percent within minutes, so only configurations
 measured in the same run, round by round, are compared; the medians are the verdict. Each round
 also prints the batch size the results came in (per image, from the gateway's `/metrics`) and the
-server's CPU, so that a policy that answers sooner can be checked for batches that stopped filling.
+server's CPU, so that a policy that answers sooner can be checked for batches that stopped filling,
+and each server process's CPU per image (µs, from /proc during the measured run: the broker, the
+worker, the gateway), which holds up on a shared machine better than images/s.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from bench.http_single import (
     DATA_DIR,
     REPO_ROOT,
     Server,
+    group_cpu_seconds,
     machine_context,
     measure,
     multipart_body,
     ours_kafka,
     ours_memory,
+    run_wrk,
     write_bodies,
 )
 from tests.e2e.images import load_test_pngs
@@ -99,6 +103,21 @@ def mean_batch_size(server: Server) -> float | None:
     return values["fmnist_batch_size_sum"] / count if count else None
 
 
+def process_cpu_seconds(server: Server) -> dict[str, float]:
+    """CPU seconds used so far by each of the server's processes (with its children), by role."""
+    return {
+        _role(proc.name): group_cpu_seconds({proc.pid})
+        for proc in server.processes
+        if proc.running()
+    }
+
+
+def _role(name: str) -> str:
+    """`bench-worker-0` → `worker`, `bench-tansu` → `tansu`, `serve` → `serve`."""
+    parts = name.split("-")
+    return parts[1] if parts[0] == "bench" and len(parts) > 1 else name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configurations", nargs="+", help='e.g. "FMNIST_MAX_BATCH_SIZE=32"')
@@ -135,10 +154,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rates: dict[str, list[float]] = {name: [] for name, _ in configurations}
     per_cpu_s: dict[str, list[float]] = {name: [] for name, _ in configurations}
+    # Per configuration and process role: µs of that process's CPU per image answered, by round.
+    us_per_image: dict[str, dict[str, list[float]]] = {name: {} for name, _ in configurations}
     for round_number in range(1, args.rounds + 1):
         for name, settings in configurations:
             with server_for(args.broker, args.checkpoint, log_dir, settings) as server:
                 server.path = path
+                # The warm-up here, so that each process's CPU is read around the measured run only.
+                run_wrk(
+                    server.url,
+                    path,
+                    bodies,
+                    body_count,
+                    connections=connections,
+                    duration_s=args.warmup,
+                )
+                before = process_cpu_seconds(server)
                 result = measure(
                     name,
                     server,
@@ -146,10 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     body_count,
                     connections=connections,
                     duration_s=args.duration,
-                    warmup_s=args.warmup,
+                    warmup_s=0,
                     images_per_request=per_request,
                 )
+                after = process_cpu_seconds(server)
                 batch = mean_batch_size(server)
+            images = max(result.completed * per_request, 1)
+            for role, cpu_s in after.items():
+                spent = cpu_s - before.get(role, cpu_s)
+                us_per_image[name].setdefault(role, []).append(spent / images * 1e6)
             rates[name].append(result.images_per_s)
             per_cpu_s[name].append(result.images_per_cpu_s)
             print(
@@ -158,7 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
                 f"{result.not_completed} not completed, "
                 f"mean batch size {batch or 0:.1f} per image, "
-                f"server CPU {result.server_cpu_s / result.seconds / 2:.0%} of 2 cores",
+                f"server CPU {result.server_cpu_s / result.seconds / 2:.0%} of 2 cores; "
+                "CPU µs per image: "
+                + ", ".join(
+                    f"{role} {values[-1]:.1f}" for role, values in us_per_image[name].items()
+                ),
                 flush=True,
             )
     # Images per server CPU-second hold up better than images/s when others load the machine.
@@ -170,6 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds = " / ".join(f"{v:,.0f}" for v in values)
         cpu = statistics.median(per_cpu_s[name])
         print(f"| {name} | {statistics.median(values):,.0f} | {rounds} | {cpu:,.0f} |")
+    print(
+        "\n| configuration | process | median CPU µs per image | rounds |\n| --- | --- | ---: | --- |"
+    )
+    for name, roles in us_per_image.items():
+        for role, values in roles.items():
+            rounds = " / ".join(f"{v:.1f}" for v in values)
+            print(f"| {name} | {role} | {statistics.median(values):.1f} | {rounds} |")
     return 0
 
 

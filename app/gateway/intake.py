@@ -148,7 +148,10 @@ def _disposition_name(value: bytes) -> bytes | None:
             raise _bad_multipart("a part's Content-Disposition parameters are malformed")
         if parameter.group(1).lower() == b"name":
             quoted = parameter.group(2)
-            name = re.sub(rb"\\(.)", rb"\1", quoted) if quoted is not None else parameter.group(3)
+            if quoted is None:
+                name = parameter.group(3)
+            else:  # unescaping only where there is an escape: parts are parsed by the hundred
+                name = re.sub(rb"\\(.)", rb"\1", quoted) if b"\\" in quoted else quoted
         position = parameter.end()
     return name
 

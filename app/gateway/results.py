@@ -115,6 +115,21 @@ class _IdempotencyRecord:
     created: float  # monotonic seconds
 
 
+class _Countdown:
+    """One `wait_for_all` call: its future is set when the last of its ids has a result."""
+
+    __slots__ = ("done", "remaining")
+
+    def __init__(self, done: asyncio.Future[None], remaining: int) -> None:
+        self.done = done
+        self.remaining = remaining
+
+    def arrived(self) -> None:
+        self.remaining -= 1
+        if self.remaining <= 0 and not self.done.done():
+            self.done.set_result(None)
+
+
 class ResultStore:
     """Pending submissions, results (bounded by count and age), idempotency keys and live listeners."""
 
@@ -133,7 +148,7 @@ class ResultStore:
         self._pending: dict[str, Submission] = {}
         self._results: dict[str, StoredResult] = {}
         self._order: deque[StoredResult] = deque()  # cursor order == insertion order
-        self._waiters: dict[str, list[asyncio.Future[StoredResult]]] = {}
+        self._waiters: dict[str, list[_Countdown]] = {}
         self._listeners: list[ResultListener] = []
         self._idempotency: OrderedDict[tuple[str, str], _IdempotencyRecord] = OrderedDict()
         self._last_cursor = 0
@@ -217,8 +232,7 @@ class ResultStore:
         waiters = self._waiters.pop(request_id, None)
         if waiters:
             for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(stored)
+                waiter.arrived()
         for listener in self._listeners:
             listener(stored)
         return stored
@@ -242,26 +256,24 @@ class ResultStore:
 
     async def wait_for_all(self, request_ids: list[str], wait_s: float) -> None:
         """Return once every id has a result, or after `wait_s` seconds."""
-        loop = asyncio.get_running_loop()
-        waiting: list[tuple[str, asyncio.Future[StoredResult]]] = []
-        for request_id in request_ids:
-            if request_id in self._results:
-                continue
-            waiter: asyncio.Future[StoredResult] = loop.create_future()
-            self._waiters.setdefault(request_id, []).append(waiter)
-            waiting.append((request_id, waiter))
-        if not waiting:
+        missing = [request_id for request_id in request_ids if request_id not in self._results]
+        if not missing:
             return
+        # One future for the whole call, counted down per result: a batch of hundreds waits without
+        # a future, a callback and a wake-up per id.
+        countdown = _Countdown(asyncio.get_running_loop().create_future(), len(missing))
+        waiters = self._waiters
+        for request_id in missing:
+            waiters.setdefault(request_id, []).append(countdown)
         try:
-            # Plain futures, no task per id: a batch of hundreds waits cheaply.
-            await asyncio.wait([waiter for _, waiter in waiting], timeout=wait_s)
+            await asyncio.wait([countdown.done], timeout=wait_s)
         finally:
-            for request_id, waiter in waiting:
-                waiters = self._waiters.get(request_id)
-                if waiters is not None and waiter in waiters:
-                    waiters.remove(waiter)
-                    if not waiters:
-                        del self._waiters[request_id]
+            for request_id in missing:
+                listed = waiters.get(request_id)  # None once its result came
+                if listed is not None and countdown in listed:
+                    listed.remove(countdown)
+                    if not listed:
+                        del waiters[request_id]
 
     def results_after(self, cursor: int) -> Iterator[StoredResult]:
         """Stored results with a cursor greater than `cursor`, oldest first (for stream resume)."""

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -174,7 +174,9 @@ class RolloutState:
         self._history: dict[str, list[HistoryEntry]] = {}
         self._seen: dict[str, set[bytes]] = {}  # per model: the entries in its history, as sent
         # request id -> (submitted_at, model, version chosen or None)
-        self._routed: dict[str, tuple[float, str, str | None]] = {}
+        # Ordered so the oldest is found at once: a plain dict's first key is found by skipping
+        # every slot its popped results left behind.
+        self._routed: OrderedDict[str, tuple[float, str, str | None]] = OrderedDict()
         self._samples: dict[tuple[str, str], deque[tuple[float, bool, float]]] = {}
 
     # --- weights and history -----------------------------------------------------------------

@@ -360,6 +360,16 @@ class Worker:
                     if ready and not answer.done():
                         failed += await self._results.publish_ready(ready)
                         ready = []
+                    if answer.done() and not answer.cancelled() and answer.exception() is None:
+                        # Computed: its result joins `ready` here, without a coroutine per request
+                        # (a failure to build it takes the guarded path below, which logs it).
+                        try:
+                            outgoing = self._results.completed(message, request, answer.result())
+                        except Exception:
+                            pass
+                        else:
+                            ready.append(Ready(message, outgoing, "completed"))
+                            continue
                     work = self._finish(message, request, answer, ready)
                 else:
                     work = self._refuse(message, request)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -16,9 +17,12 @@ from aiokafka.conn import CloseReason, create_conn
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
+    ProducerClosed,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.structs import TopicPartition
 
 from messaging._base import (
     Outgoing,
@@ -32,6 +36,7 @@ from messaging._url import BrokerURL
 from messaging.errors import BrokerUnavailable, MessagingError
 from messaging.kafka._logs import quiet_client_logs
 from messaging.kafka._options import KafkaOptions, _bootstrap
+from messaging.kafka._partitioner import Murmur2Partitioner
 from messaging.kafka._subscription import KafkaSubscription
 
 logger = logging.getLogger("messaging.kafka")
@@ -61,6 +66,7 @@ class KafkaPubSub(PubSub):
             idempotence if self.options.idempotence is None else self.options.idempotence
         )
         self.partitions = partitions if self.options.partitions is None else self.options.partitions
+        self._partitioner = Murmur2Partitioner()
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._replication_factor = 1
@@ -86,6 +92,7 @@ class KafkaPubSub(PubSub):
             max_batch_size=options.max_batch_bytes,
             max_request_size=options.max_message_bytes,
             request_timeout_ms=options.request_timeout_ms,
+            partitioner=self._partitioner,
             **options.security.client_kwargs(),
         )
         self._watch(producer.client)
@@ -296,9 +303,11 @@ class KafkaPubSub(PubSub):
     async def publish_many(
         self, topic: str, items: Iterable[OutgoingItem], *, timeout_s: float | None = None
     ) -> list[Exception | None]:
-        """`PubSub.publish_many`, with every record handed to the producer in turn and their
-        acknowledgements awaited together: the producer batches them all the same, without a task
-        per message (the gateway's batch endpoint and the worker publish hundreds at a time)."""
+        """`PubSub.publish_many`, with the records appended to the producer's batches directly
+        and one acknowledgement awaited per batch: not a future, a coroutine and a partition lookup
+        per record as `send` makes (the gateway's batch endpoint and the worker publish hundreds
+        at a time). Each record goes to the partition `send` would choose (its keys hashed
+        together); a record too big to share a batch is sent alone, through `send`."""
         if self._state != "connected":
             self._require_connected()
         self._check_topic(topic)
@@ -314,24 +323,32 @@ class KafkaPubSub(PubSub):
                 outcomes.append(exc)
         if not checked:
             return outcomes
-        deliveries: list[tuple[int, int, asyncio.Future[Any]]] = []  # index, bytes, ack
-        handed = 0
-        late: TimeoutError | None = None
+        deliveries: list[_Delivery] = []
         try:
             async with asyncio.timeout(timeout_s):
                 producer = await self._producer_for(topic)
-                for index, message in checked:
+                alone, by_partition = self._by_partition(producer, topic, checked)
+                for index, message in alone:
                     try:
-                        delivery = await self._send(
+                        acked = await self._send(
                             producer, topic, message.data, message.key or None, message.attributes
                         )
                     except Exception as exc:
                         outcomes[index] = self._send_error(exc, topic, len(message.data))
                     else:
-                        deliveries.append((index, len(message.data), delivery))
-                    handed += 1
+                        deliveries.append(_Delivery([index], len(message.data), acked))
+                for partition, records in by_partition.items():
+                    before = len(deliveries)
+                    try:
+                        await self._send_batches(producer, topic, partition, records, deliveries)
+                    except Exception as exc:  # no batch would take them (the producer closed)
+                        refusal = self._send_error(exc, topic, 0)
+                        taken = {i for delivery in deliveries[before:] for i in delivery.indexes}
+                        for index, _ in records:
+                            if index not in taken:
+                                outcomes[index] = refusal
                 if deliveries:
-                    await asyncio.wait([delivery for *_, delivery in deliveries])
+                    await asyncio.wait([delivery.acked for delivery in deliveries])
         except BrokerUnavailable as exc:  # before any send: the link is down
             for index, _ in checked:
                 outcomes[index] = exc
@@ -339,15 +356,107 @@ class KafkaPubSub(PubSub):
         except TimeoutError:
             assert timeout_s is not None  # only the deadline raises it here
             late = TimeoutError(f"not accepted by the broker within {timeout_s:g} s")
-            for index, _ in checked[handed:]:
-                outcomes[index] = late
-        for index, size, delivery in deliveries:
-            if not delivery.done():
-                delivery.cancel()
-                outcomes[index] = late
-            elif (error := delivery.exception()) is not None:
-                outcomes[index] = self._send_error(error, topic, size)
+            handed = {index for delivery in deliveries for index in delivery.indexes}
+            for index, _ in checked:
+                if index not in handed and outcomes[index] is None:
+                    outcomes[index] = late
+            for delivery in deliveries:
+                if not delivery.acked.done():
+                    delivery.acked.cancel()
+                    for index in delivery.indexes:
+                        outcomes[index] = late
+        for delivery in deliveries:
+            if delivery.acked.cancelled():
+                continue
+            if (error := delivery.acked.exception()) is not None:
+                failure = self._send_error(error, topic, delivery.size)
+                for index in delivery.indexes:
+                    outcomes[index] = failure
         return outcomes
+
+    def _by_partition(
+        self, producer: AIOKafkaProducer, topic: str, checked: list[tuple[int, Outgoing]]
+    ) -> tuple[list[tuple[int, Outgoing]], dict[int, list[tuple[int, Outgoing]]]]:
+        """The records to send alone (too big to share a batch), and the others by partition,
+        chosen as `send` chooses: murmur2 of the key over the topic's partitions."""
+        cluster = producer.client.cluster
+        all_partitions = list(cluster.partitions_for_topic(topic) or ())
+        available = list(cluster.available_partitions_for_topic(topic) or ())
+        # Room for the record's framing and headers under the batch's size bound.
+        shared_limit = self.options.max_batch_bytes // 2
+        alone = [record for record in checked if len(record[1].data) > shared_limit]
+        shared = [record for record in checked if len(record[1].data) <= shared_limit]
+        keys = [message.key.encode() if message.key else None for _, message in shared]
+        partitions = self._partitioner.partitions(keys, all_partitions, available)
+        by_partition: dict[int, list[tuple[int, Outgoing]]] = {}
+        for record, partition in zip(shared, partitions, strict=True):
+            by_partition.setdefault(partition, []).append(record)
+        return alone, by_partition
+
+    async def _send_batches(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        partition: int,
+        records: list[tuple[int, Outgoing]],
+        deliveries: list[_Delivery],
+    ) -> None:
+        """Append `records` to the partition's open batch in the producer, as `send` does (so that
+        concurrent publishes share batches and requests), opening the next batch when one is full;
+        each batch's acknowledgement joins `deliveries` with the positions of its records here.
+
+        Records go into the batch itself, without the future, coroutine and metadata `send` makes
+        for each (aiokafka 0.14's accumulator: `_batches`, `_append_batch`, as `send_batch` uses)."""
+        accumulator = producer._message_accumulator
+        if accumulator._exception is not None:
+            raise copy.copy(accumulator._exception)
+        tp = TopicPartition(topic, partition)
+        queued = None if producer._closed else accumulator._batches.get(tp)
+        batch = queued[-1] if queued else None
+        indexes: list[int] = []
+        size = 0
+        for index, message in records:
+            key = message.key.encode() if message.key else None
+            attributes = message.attributes
+            headers = (
+                [(name, value.encode()) for name, value in attributes.items()] if attributes else []
+            )
+            while (
+                batch is None
+                or batch._builder.append(
+                    timestamp=None, key=key, value=message.data, headers=headers
+                )
+                is None
+            ):
+                if batch is not None:  # full: its records are handed over, the next batch opens
+                    if indexes:
+                        deliveries.append(_Delivery(indexes, size, asyncio.shield(batch.future)))
+                        indexes, size = [], 0
+                    # At most one batch per partition waits for the sender, as with `send`.
+                    await self._drained(batch)
+                batch = self._open_batch(producer, tp)
+            indexes.append(index)
+            size += len(message.data)
+        if indexes and batch is not None:
+            deliveries.append(_Delivery(indexes, size, asyncio.shield(batch.future)))
+
+    @staticmethod
+    def _open_batch(producer: AIOKafkaProducer, tp: TopicPartition) -> Any:
+        """A new batch queued for `tp` in the producer (the sender takes it when it is ready);
+        ProducerClosed once the producer is closed or retired, whose sender would never take it."""
+        accumulator = producer._message_accumulator
+        if accumulator._closed or producer._closed:
+            raise ProducerClosed()
+        return accumulator._append_batch(producer.create_batch(), tp)
+
+    async def _drained(self, batch: Any) -> None:
+        """Wait until the sender took `batch`; KafkaTimeoutError after `request_timeout_ms`."""
+        deadline = time.monotonic() + self.options.request_timeout_ms / 1000
+        while not batch._drain_waiter.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise KafkaTimeoutError()
+            await batch.wait_drain(remaining)
 
     async def _producer_for(self, topic: str) -> AIOKafkaProducer:
         """The producer, once the link is up and `topic` exists and its partitions are known."""
@@ -477,6 +586,15 @@ class KafkaPubSub(PubSub):
         admin = self._admin
         assert admin is not None
         await admin.describe_cluster()
+
+
+class _Delivery(NamedTuple):
+    """Records handed to the producer together: their positions in the call, their payload bytes
+    (for the error of a record too big) and the acknowledgement they share."""
+
+    indexes: list[int]
+    size: int
+    acked: asyncio.Future[Any]
 
 
 async def _retire_producer(producer: AIOKafkaProducer) -> None:

@@ -97,6 +97,33 @@ async def test_wait_for_all_returns_when_every_result_is_in() -> None:
     await asyncio.wait_for(waiter, 1)
 
 
+async def test_wait_for_all_wakes_each_caller_when_its_own_ids_are_in() -> None:
+    """Two callers waiting on overlapping ids: each returns once its own ids have results."""
+    store = ResultStore(max_results=10, ttl_s=60)
+    first = asyncio.create_task(store.wait_for_all(["a", "b"], 5))
+    second = asyncio.create_task(store.wait_for_all(["b", "c", "c"], 5))
+    await asyncio.sleep(0)
+    store.add_result(result("b"))
+    store.add_result(result("a"))
+    await asyncio.wait_for(first, 1)
+    await asyncio.sleep(0)
+    assert not second.done()
+    store.add_result(result("c"))
+    await asyncio.wait_for(second, 1)
+
+
+async def test_wait_for_all_leaves_no_waiter_behind() -> None:
+    """After a wait that timed out, and after one that was answered, no id keeps a waiter."""
+    store = ResultStore(max_results=10, ttl_s=60)
+    await store.wait_for_all(["a", "never"], 0.01)
+    waiter = asyncio.create_task(store.wait_for_all(["a", "b"], 5))
+    await asyncio.sleep(0)
+    store.add_result(result("a"))
+    store.add_result(result("b"))
+    await asyncio.wait_for(waiter, 1)
+    assert store._waiters == {}
+
+
 def test_idempotency_key_is_scoped_per_owner() -> None:
     """The same key from two owners binds two requests; the same owner gets the first one back."""
     store = ResultStore(max_results=10, ttl_s=60)

@@ -452,15 +452,16 @@ async def test_publish_many_fails_what_is_not_accepted_within_its_timeout(
             await publish(*args)  # type: ignore[arg-type]
 
         monkeypatch.setattr(pubsub, "_publish", stuck_on_slow)
-        if isinstance(pubsub, KafkaPubSub):  # its publish_many hands records over without _publish
-            send = pubsub._send
+        if isinstance(pubsub, KafkaPubSub):  # its publish_many hands batches over without _publish
+            send_batches = pubsub._send_batches
 
+            # Keys "fast" and "slow" hash to different partitions (of 4), so to different batches.
             async def send_stuck_on_slow(*args: Any) -> Any:
-                if args[3] == "slow":
+                if any(index == 1 for index, _ in args[3]):  # the second item's ("slow")
                     await asyncio.sleep(30)
-                return await send(*args)
+                return await send_batches(*args)
 
-            monkeypatch.setattr(pubsub, "_send", send_stuck_on_slow)
+            monkeypatch.setattr(pubsub, "_send_batches", send_stuck_on_slow)
         started = time.monotonic()
         outcomes = await pubsub.publish_many(
             topic, [(b"fast", "fast", None), (b"slow", "slow", None)], timeout_s=0.5

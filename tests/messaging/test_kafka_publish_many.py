@@ -40,3 +40,34 @@ async def test_publish_many_creates_no_task_per_message(kafka_url: str) -> None:
             loop.set_task_factory(None)
     assert outcomes == [None] * 200
     assert len(started) < 10, started[:5]
+
+
+async def test_concurrent_publish_many_calls_share_the_partitions_batch(kafka_url: str) -> None:
+    """Two publish_many calls at once on a 1-partition topic fill one batch, and all arrive."""
+    topic = unique_name("shared")
+    # A linger keeps the first call's batch open in the producer while the second call appends.
+    url = f"{kafka_url}{'&' if '?' in kafka_url else '?'}linger_ms=200"
+    options = {**connect_options(kafka_url), "kafka_partitions": 1}
+    async with messaging.connect(url, **options) as pubsub:
+        await pubsub.ensure_topics(topic)
+        await pubsub.publish(topic, b"warm-up")
+        accumulator = pubsub._producer._message_accumulator  # type: ignore[attr-defined]
+        append_batch = accumulator._append_batch
+        opened: list[object] = []
+
+        def counting_append_batch(builder: object, tp: object) -> object:
+            opened.append(tp)
+            return append_batch(builder, tp)
+
+        accumulator._append_batch = counting_append_batch
+        first, second = await asyncio.gather(
+            pubsub.publish_many(topic, [(b"a%d" % i, f"a{i}", None) for i in range(30)]),
+            pubsub.publish_many(topic, [(b"b%d" % i, f"b{i}", None) for i in range(30)]),
+        )
+        async with pubsub.subscribe(topic, group=unique_name("g"), start="earliest") as messages:
+            received = [await anext(messages) for _ in range(61)]
+    assert first == [None] * 30 and second == [None] * 30
+    assert len(opened) == 1
+    assert sorted(m.data for m in received) == sorted(
+        [b"warm-up"] + [b"a%d" % i for i in range(30)] + [b"b%d" % i for i in range(30)]
+    )

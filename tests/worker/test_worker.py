@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -297,6 +298,43 @@ async def test_failed_publishes_log_one_line_per_chunk_not_per_request(
     lines = [r.getMessage() for r in caplog.records if "event=publish_failed" in r.getMessage()]
     assert 1 <= len(lines) < total
     assert sum(int(line.split("count=")[1].split()[0]) for line in lines) == total
+
+
+async def test_a_crash_building_one_result_gives_back_that_request_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A result that fails to build is logged and its request given back; the others are published."""
+    monkeypatch.setattr(worker_module, "_PUBLISH_FAILURE_BACKOFF_S", 0.01)
+    settings = worker_settings("memory://", max_batch_size=8, batch_fill_wait_ms=200.0)
+    completed = worker_module.ResultPublisher.completed
+
+    def completed_crashing_on_r1(
+        self: object, message: object, request: Any, prediction: object
+    ) -> object:
+        if request.request_id == "r1":
+            raise RuntimeError("a bug building the result")
+        return completed(self, message, request, prediction)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module.ResultPublisher, "completed", completed_crashing_on_r1)
+    async with open_broker("memory://") as pubsub:
+        await pubsub.ensure_topics(
+            model_topic(settings), settings.results_topic, settings.deadletter_topic
+        )
+        async with (
+            pubsub.subscribe(settings.results_topic, group="observer") as results,
+            Worker(settings, pubsub, TinyClassifier()) as worker,
+        ):
+            await asyncio.gather(
+                *(publish_request(pubsub, settings, f"r{i}", image(seed=i)) for i in range(4))
+            )
+            answers = await take_results(results, 3)
+            assert worker.outcomes["nacked"] >= 1
+            assert worker.outcomes["completed"] == 3
+    assert sorted(answer.request_id for answer in answers) == ["r0", "r2", "r3"]
+    assert any(
+        "event=handler_crashed" in r.getMessage() and "request_id=r1" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_drain_answers_in_flight_requests_and_leaves_the_rest_to_the_next_worker() -> None:
