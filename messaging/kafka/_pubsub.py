@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -17,12 +16,9 @@ from aiokafka.conn import CloseReason, create_conn
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
-    KafkaTimeoutError,
     MessageSizeTooLargeError,
-    ProducerClosed,
     UnsupportedSaslMechanismError,
 )
-from aiokafka.structs import TopicPartition
 
 from messaging._base import (
     Outgoing,
@@ -34,6 +30,7 @@ from messaging._base import (
 )
 from messaging._url import BrokerURL
 from messaging.errors import BrokerUnavailable, MessagingError
+from messaging.kafka._batches import BatchAppender, Delivery
 from messaging.kafka._logs import quiet_client_logs
 from messaging.kafka._options import KafkaOptions, _bootstrap
 from messaging.kafka._partitioner import Murmur2Partitioner
@@ -45,7 +42,7 @@ _TOPIC_ALREADY_EXISTS = 36
 _RECOVERY_MAX_BACKOFF_S = 1.0
 
 
-class KafkaPubSub(PubSub):
+class KafkaPubSub(BatchAppender, PubSub):
     """`kafka://host:port[,host:port]` through aiokafka."""
 
     def __init__(
@@ -323,20 +320,12 @@ class KafkaPubSub(PubSub):
                 outcomes.append(exc)
         if not checked:
             return outcomes
-        deliveries: list[_Delivery] = []
+        deliveries: list[Delivery] = []
         try:
             async with asyncio.timeout(timeout_s):
                 producer = await self._producer_for(topic)
                 alone, by_partition = self._by_partition(producer, topic, checked)
-                for index, message in alone:
-                    try:
-                        acked = await self._send(
-                            producer, topic, message.data, message.key or None, message.attributes
-                        )
-                    except Exception as exc:
-                        outcomes[index] = self._send_error(exc, topic, len(message.data))
-                    else:
-                        deliveries.append(_Delivery([index], len(message.data), acked))
+                await self._send_alone(producer, topic, alone, deliveries, outcomes)
                 for partition, records in by_partition.items():
                     before = len(deliveries)
                     try:
@@ -365,6 +354,32 @@ class KafkaPubSub(PubSub):
                     delivery.acked.cancel()
                     for index in delivery.indexes:
                         outcomes[index] = late
+        self._failed_deliveries(topic, deliveries, outcomes)
+        return outcomes
+
+    async def _send_alone(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        records: list[tuple[int, Outgoing]],
+        deliveries: list[Delivery],
+        outcomes: list[Exception | None],
+    ) -> None:
+        """Records too big to share a batch, each through `send`."""
+        for index, message in records:
+            try:
+                acked = await self._send(
+                    producer, topic, message.data, message.key or None, message.attributes
+                )
+            except Exception as exc:
+                outcomes[index] = self._send_error(exc, topic, len(message.data))
+            else:
+                deliveries.append(Delivery([index], len(message.data), acked))
+
+    def _failed_deliveries(
+        self, topic: str, deliveries: list[Delivery], outcomes: list[Exception | None]
+    ) -> None:
+        """Each record of an acknowledgement that failed gets that failure as its outcome."""
         for delivery in deliveries:
             if delivery.acked.cancelled():
                 continue
@@ -372,91 +387,6 @@ class KafkaPubSub(PubSub):
                 failure = self._send_error(error, topic, delivery.size)
                 for index in delivery.indexes:
                     outcomes[index] = failure
-        return outcomes
-
-    def _by_partition(
-        self, producer: AIOKafkaProducer, topic: str, checked: list[tuple[int, Outgoing]]
-    ) -> tuple[list[tuple[int, Outgoing]], dict[int, list[tuple[int, Outgoing]]]]:
-        """The records to send alone (too big to share a batch), and the others by partition,
-        chosen as `send` chooses: murmur2 of the key over the topic's partitions."""
-        cluster = producer.client.cluster
-        all_partitions = list(cluster.partitions_for_topic(topic) or ())
-        available = list(cluster.available_partitions_for_topic(topic) or ())
-        # Room for the record's framing and headers under the batch's size bound.
-        shared_limit = self.options.max_batch_bytes // 2
-        alone = [record for record in checked if len(record[1].data) > shared_limit]
-        shared = [record for record in checked if len(record[1].data) <= shared_limit]
-        keys = [message.key.encode() if message.key else None for _, message in shared]
-        partitions = self._partitioner.partitions(keys, all_partitions, available)
-        by_partition: dict[int, list[tuple[int, Outgoing]]] = {}
-        for record, partition in zip(shared, partitions, strict=True):
-            by_partition.setdefault(partition, []).append(record)
-        return alone, by_partition
-
-    async def _send_batches(
-        self,
-        producer: AIOKafkaProducer,
-        topic: str,
-        partition: int,
-        records: list[tuple[int, Outgoing]],
-        deliveries: list[_Delivery],
-    ) -> None:
-        """Append `records` to the partition's open batch in the producer, as `send` does (so that
-        concurrent publishes share batches and requests), opening the next batch when one is full;
-        each batch's acknowledgement joins `deliveries` with the positions of its records here.
-
-        Records go into the batch itself, without the future, coroutine and metadata `send` makes
-        for each (aiokafka 0.14's accumulator: `_batches`, `_append_batch`, as `send_batch` uses)."""
-        accumulator = producer._message_accumulator
-        if accumulator._exception is not None:
-            raise copy.copy(accumulator._exception)
-        tp = TopicPartition(topic, partition)
-        queued = None if producer._closed else accumulator._batches.get(tp)
-        batch = queued[-1] if queued else None
-        indexes: list[int] = []
-        size = 0
-        for index, message in records:
-            key = message.key.encode() if message.key else None
-            attributes = message.attributes
-            headers = (
-                [(name, value.encode()) for name, value in attributes.items()] if attributes else []
-            )
-            while (
-                batch is None
-                or batch._builder.append(
-                    timestamp=None, key=key, value=message.data, headers=headers
-                )
-                is None
-            ):
-                if batch is not None:  # full: its records are handed over, the next batch opens
-                    if indexes:
-                        deliveries.append(_Delivery(indexes, size, asyncio.shield(batch.future)))
-                        indexes, size = [], 0
-                    # At most one batch per partition waits for the sender, as with `send`.
-                    await self._drained(batch)
-                batch = self._open_batch(producer, tp)
-            indexes.append(index)
-            size += len(message.data)
-        if indexes and batch is not None:
-            deliveries.append(_Delivery(indexes, size, asyncio.shield(batch.future)))
-
-    @staticmethod
-    def _open_batch(producer: AIOKafkaProducer, tp: TopicPartition) -> Any:
-        """A new batch queued for `tp` in the producer (the sender takes it when it is ready);
-        ProducerClosed once the producer is closed or retired, whose sender would never take it."""
-        accumulator = producer._message_accumulator
-        if accumulator._closed or producer._closed:
-            raise ProducerClosed()
-        return accumulator._append_batch(producer.create_batch(), tp)
-
-    async def _drained(self, batch: Any) -> None:
-        """Wait until the sender took `batch`; KafkaTimeoutError after `request_timeout_ms`."""
-        deadline = time.monotonic() + self.options.request_timeout_ms / 1000
-        while not batch._drain_waiter.done():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise KafkaTimeoutError()
-            await batch.wait_drain(remaining)
 
     async def _producer_for(self, topic: str) -> AIOKafkaProducer:
         """The producer, once the link is up and `topic` exists and its partitions are known."""
@@ -586,15 +516,6 @@ class KafkaPubSub(PubSub):
         admin = self._admin
         assert admin is not None
         await admin.describe_cluster()
-
-
-class _Delivery(NamedTuple):
-    """Records handed to the producer together: their positions in the call, their payload bytes
-    (for the error of a record too big) and the acknowledgement they share."""
-
-    indexes: list[int]
-    size: int
-    acked: asyncio.Future[Any]
 
 
 async def _retire_producer(producer: AIOKafkaProducer) -> None:
