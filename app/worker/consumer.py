@@ -42,6 +42,7 @@ from app import protocol
 from app.logs import kv
 from app.protocol import ModelAnnouncement, requests_topic_for, worker_group_for
 from app.settings import Settings
+from app.worker.announcing import announce, heartbeat
 from app.worker.decoding import (
     Request,
     UndecodableRequest,
@@ -285,21 +286,12 @@ class Worker:
     # --- announcing -----------------------------------------------------------------------------
 
     async def _announce(self, status: str) -> None:
-        announcement = self.announcement
-        assert announcement is not None
-        message = announcement.model_copy(update={"status": status, "sent_at": time.time()})
-        await self.pubsub.publish(
-            self.settings.control_topic, message.to_bytes(), key=announcement.name
-        )
+        assert self.announcement is not None
+        await announce(self.pubsub, self.settings, self.announcement, status)
 
     async def _beat(self) -> None:
-        """Announce the model every heartbeat interval; a failed announcement is retried at the next."""
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            try:
-                await self._announce("live")
-            except MessagingError as exc:
-                logger.warning(kv("heartbeat_failed", worker_id=self.worker_id, error=exc))
+        assert self.announcement is not None
+        await heartbeat(self.pubsub, self.settings, self.announcement, self.worker_id)
 
     async def _announce_leaving(self) -> None:
         try:

@@ -32,7 +32,6 @@ import orjson
 from app import protocol
 from app.logs import kv
 from app.protocol import (
-    ErrorInfo,
     ModelAnnouncement,
     ResultMessage,
     TrafficWeights,
@@ -40,7 +39,9 @@ from app.protocol import (
     shadow_group_for,
 )
 from app.settings import Settings
+from app.worker.announcing import announce, heartbeat
 from app.worker.inference import announcement_of, load_served_model, start_runner
+from app.worker.results import ResultPublisher
 from messaging import Message, MessagingError, Outgoing, PubSub, Subscription
 from ml.runner import ModelRunner, Overloaded, Prediction, RunnerError
 
@@ -114,6 +115,8 @@ class ShadowWorker:
         self._ended = asyncio.Event()  # reading stopped: drained, or a task ended by itself
         self._failure: BaseException | None = None
         self.outcomes: Counter[str] = Counter()
+        # Builds failed results only: shadow results are published by this class, to their own topic.
+        self._failures = ResultPublisher(settings, pubsub, self.worker_id, self.outcomes)
         """Requests handled, by outcome: completed, failed, nacked."""
 
     async def __aenter__(self) -> ShadowWorker:
@@ -334,20 +337,12 @@ class ShadowWorker:
     # --- announcing -----------------------------------------------------------------------------
 
     async def _announce(self, status: str) -> None:
-        announcement = self.announcement
-        assert announcement is not None
-        message = announcement.model_copy(update={"status": status, "sent_at": time.time()})
-        await self.pubsub.publish(
-            self.settings.control_topic, message.to_bytes(), key=announcement.name
-        )
+        assert self.announcement is not None
+        await announce(self.pubsub, self.settings, self.announcement, status)
 
     async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            try:
-                await self._announce("live")
-            except MessagingError as exc:
-                logger.warning(kv("heartbeat_failed", worker_id=self.worker_id, error=exc))
+        assert self.announcement is not None
+        await heartbeat(self.pubsub, self.settings, self.announcement, self.worker_id)
 
     # --- answering ------------------------------------------------------------------------------
 
@@ -447,22 +442,10 @@ class ShadowWorker:
     def _failed(
         self, message: Message, request_id: str, metadata: dict[str, str], code: str, text: str
     ) -> Outgoing:
-        now = time.time()
-        result = ResultMessage(
-            request_id=request_id,
-            status="failed",
-            model=self.model_name,
-            model_version=self.model_version,
-            worker_id=self.worker_id,
-            completed_at=now,
-            owner=message.attributes.get(protocol.OWNER_ATTR, ""),
-            metadata=metadata,
-            error=ErrorInfo(code=code, message=text),
-        )
-        logger.info(kv("shadow_request_failed", request_id=request_id, code=code, error=text))
-        return Outgoing(
-            result.to_bytes(), request_id, protocol.result_attributes(message.attributes, now)
-        )
+        """A failed shadow result, built as a live worker builds its failures."""
+        self._failures.model_name = self.model_name
+        self._failures.model_version = self.model_version
+        return self._failures.failure(message, request_id, metadata, code, text)
 
 
 def _seconds(text: str | None) -> float | None:
