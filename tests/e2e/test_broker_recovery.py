@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -54,6 +55,11 @@ def test_gateway_answers_503_until_the_broker_appears_then_serves_without_restar
         broker.start().wait_for_port(port, timeout=20)
         gateway.wait_for_http(f"{url}/readyz", timeout=60)
         stack.start_worker("late-worker")
+        # A worker is ready once consuming; the gateway learns its model from the control topic a moment later.
+        deadline = time.monotonic() + 30
+        while not httpx.get(f"{url}/v1/models", timeout=5).json().get("models"):
+            assert time.monotonic() < deadline, "the gateway never learned the late worker's model"
+            time.sleep(0.1)
         served = httpx.post(
             f"{url}/v1/predictions?wait=20",
             content=image,
