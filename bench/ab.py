@@ -56,9 +56,9 @@ def parse_configuration(text: str) -> dict[str, str]:
     settings = {}
     for item in text.split():
         name, sep, value = item.partition("=")
-        if not sep or not (name.startswith("FMNIST_") or name in (KAFKA_OPTIONS, TREE)):
+        if not sep or not (name.startswith("FMNIST_") or name in (KAFKA_OPTIONS, TREE, WORKERS)):
             raise SystemExit(
-                f"expected FMNIST_NAME=value, {KAFKA_OPTIONS}=query or {TREE}=dir, got {item!r}"
+                f"expected FMNIST_NAME=value, {KAFKA_OPTIONS}=query, {TREE}=dir or {WORKERS}=n, got {item!r}"
             )
         settings[name] = value
     return settings
@@ -66,22 +66,25 @@ def parse_configuration(text: str) -> dict[str, str]:
 
 KAFKA_OPTIONS = "KAFKA_OPTIONS"
 TREE = "TREE"
+WORKERS = "WORKERS"  # worker processes on Kafka (default 1)
 
 
 def server_for(
     broker: str, checkpoint: Path, log_dir: Path, settings: dict[str, str]
 ) -> AbstractContextManager[Server]:
     """A fresh server of `broker` with `settings` (and, on Kafka, its URL query)."""
-    env = {k: v for k, v in settings.items() if k not in (KAFKA_OPTIONS, TREE)}
+    env = {k: v for k, v in settings.items() if k not in (KAFKA_OPTIONS, TREE, WORKERS)}
     if TREE in settings:
         # Import app, ml and messaging from that checkout: its root on the path, the working
         # directory (this checkout) off it.
         env |= {"PYTHONPATH": str(Path(settings[TREE]).resolve()), "PYTHONSAFEPATH": "1"}
     if broker == "kafka":
         options = settings.get(KAFKA_OPTIONS, "")
-        return ours_kafka(checkpoint, log_dir, options=options, **env)  # type: ignore[arg-type]
-    if KAFKA_OPTIONS in settings:
-        raise SystemExit(f"{KAFKA_OPTIONS} needs --broker kafka")
+        workers = int(settings.get(WORKERS, "1"))
+        return ours_kafka(checkpoint, log_dir, options=options, workers=workers, **env)  # type: ignore[arg-type]
+    for kafka_only in (KAFKA_OPTIONS, WORKERS):
+        if kafka_only in settings:
+            raise SystemExit(f"{kafka_only} needs --broker kafka")
     return ours_memory(checkpoint, log_dir, **env)
 
 

@@ -119,8 +119,7 @@ class ResultsFeed:
             if self.shared is not None:
                 await self._share_results(messages)
             else:
-                for message in messages:
-                    await self._take_result(message, live_since, progress)
+                await self._take_results(messages, live_since, progress)
             if progress.replaying and time.monotonic() > replay_deadline:
                 progress.replaying = False
             self._check_caught_up(progress, live_since, on_caught_up)
@@ -143,39 +142,55 @@ class ResultsFeed:
             )
         )
 
-    async def _take_result(self, message: Message, live_since: float, progress: _ReadBack) -> None:
-        """Store one message of the results topic (a result, or an accepted marker), then ack it."""
-        if message.attributes.get(MARKER_KIND_ATTR) == ACCEPTED_KIND:
-            progress.restored += self._restore_pending(message.data, live_since)
+    async def _take_results(
+        self, messages: Sequence[Message], live_since: float, progress: _ReadBack
+    ) -> None:
+        """Store a chunk of the results topic (results and accepted markers), count what was stored
+        in one go, then ack the chunk."""
+        stored_results: list[ResultMessage] = []
+        duplicates = 0
+        for message in messages:
+            if message.attributes.get(MARKER_KIND_ATTR) == ACCEPTED_KIND:
+                progress.restored += self._restore_pending(message.data, live_since)
+                continue
+            result = self._decode_logged(message)
+            if result is None:
+                continue
+            read_back = result.completed_at < live_since
+            if read_back:
+                progress.replayed += 1
+            else:
+                progress.replaying = False
+            stored = self.store.add_result(
+                result, completed_at=result.completed_at, read_back=read_back
+            )
+            if stored is not None:
+                stored_results.append(result)
+            elif not progress.replaying:  # during the read-back, known results are expected again
+                duplicates += 1
+        self.results_decoded.inc(len(messages))
+        if duplicates:
+            self.metrics.duplicate_results.inc(duplicates)
+        self._record_many(stored_results)
+        for message in messages:
             await message.ack()
-            return
-        result = await self._decode(message)
-        if result is None:
-            return
-        read_back = result.completed_at < live_since
-        if read_back:
-            progress.replayed += 1
-        else:
-            progress.replaying = False
-        stored = self.store.add_result(
-            result, completed_at=result.completed_at, read_back=read_back
-        )
-        if stored is not None:
-            self._record(result)
-        elif not progress.replaying:  # during the read-back, known results are expected again
-            self.metrics.duplicate_results.inc()
-        await message.ack()
 
     async def _decode(self, message: Message) -> ResultMessage | None:
         """The result in a results-topic message, counted; None (and the message acked) if malformed."""
         self.results_decoded.inc()
+        result = self._decode_logged(message)
+        if result is None:
+            await message.ack()
+        return result
+
+    def _decode_logged(self, message: Message) -> ResultMessage | None:
+        """The result in a results-topic message; None (logged, counted) if malformed."""
         try:
             return ResultMessage.from_bytes(message.data)
         except ValueError as exc:
             # A malformed result can never become valid: drop it, loudly.
             log.warning(kv("malformed_result", key=message.key, error=exc))
             self.metrics.errors.labels("malformed_result").inc()
-            await message.ack()
             return None
 
     def _restore_pending(self, data: bytes, live_since: float) -> int:
@@ -250,10 +265,19 @@ class ResultsFeed:
 
     def _record(self, result: ResultMessage) -> None:
         """Count a result stored here, and hand it to the listeners."""
-        self.metrics.record_result(result)
-        self.rollout.record_result(result)
-        for listener in self.result_listeners:
-            listener(result)
+        self._record_many((result,))
+
+    def _record_many(self, results: Sequence[ResultMessage]) -> None:
+        """Count results stored here, and hand each to the listeners."""
+        if not results:
+            return
+        self.metrics.record_results(results)
+        record = self.rollout.record_result
+        listeners = self.result_listeners
+        for result in results:
+            record(result)
+            for listener in listeners:
+                listener(result)
 
     def _unparsable(self, request_id: str, exc: ValueError) -> ResultMessage | None:
         """A failed result in place of a worker's result that cannot be parsed, for a request

@@ -6,9 +6,10 @@ import math
 import time
 from collections import Counter as TallyCounter
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -36,12 +37,13 @@ _LATENCY_BUCKETS = (
     30.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_FEW = 16  # values below which `observe_many` observes one by one
 _SAMPLE_WINDOW = 2048  # recent results kept for percentiles
 _RATE_WINDOW_S = 10  # throughput is averaged over this many whole seconds
 
 
 class GatewayMetrics:
-    """Everything the gateway counts. `record_result` is O(1); snapshots do the sorting."""
+    """Everything the gateway counts. `record_results` is O(results); snapshots do the sorting."""
 
     def __init__(
         self, in_flight: Callable[[], int], clock: Callable[[], float] = time.monotonic
@@ -174,20 +176,73 @@ class GatewayMetrics:
             self.inference_seconds.observe(result.inference_ms / 1000)
         if result.batch_size is not None:
             self.batch_size.observe(result.batch_size)
-            batch_id = result.batch_id
-            # Every result of a batch carries its size: count each batch once for the distribution.
-            if batch_id is None or batch_id not in self._recent_batch_set:
-                self._batches[result.batch_size] += 1
-                if batch_id is not None:
-                    if len(self._recent_batch_ids) == self._recent_batch_ids.maxlen:
-                        self._recent_batch_set.discard(self._recent_batch_ids[0])
-                    self._recent_batch_ids.append(batch_id)
-                    self._recent_batch_set.add(batch_id)
+            self._count_batch(result.batch_id, result.batch_size)
+        self._count_second(1)
+
+    def record_results(self, results: Sequence[ResultMessage]) -> None:
+        """Count stored (first) results: one increment per series for the whole chunk, not one per
+        result, because the batch path stores thousands a second."""
+        if len(results) < _FEW:
+            for result in results:
+                self.record_result(result)
+            return
+        by_key: TallyCounter[tuple[str, str, str]] = TallyCounter()
+        failed_codes: TallyCounter[str] = TallyCounter()
+        queue_s: list[float] = []
+        inference_s: list[float] = []
+        batch_sizes: list[int] = []
+        for result in results:
+            by_key[(result.model or "", result.model_version or "", result.status)] += 1
+            if result.status != "completed" and result.error is not None:
+                failed_codes[result.error.code] += 1
+            if result.queue_ms is not None:
+                queue_s.append(result.queue_ms / 1000)
+            if result.inference_ms is not None:
+                inference_s.append(result.inference_ms / 1000)
+            if result.batch_size is not None:
+                batch_sizes.append(result.batch_size)
+                self._count_batch(result.batch_id, result.batch_size)
+        completed = 0
+        for key, count in by_key.items():
+            child = self._model_children.get(key)
+            if child is None:
+                child = self._model_children[key] = self.model_results.labels(*key)
+            child.inc(count)
+            if key[2] == "completed":
+                completed += count
+        failed = len(results) - completed
+        if completed:
+            self.completed += completed
+            self._completed.inc(completed)
+        if failed:
+            self.failed += failed
+            self._failed.inc(failed)
+        for code, count in failed_codes.items():
+            self.errors.labels(code).inc(count)
+        self._queue_ms.extend(value * 1000 for value in queue_s)
+        self._inference_ms.extend(value * 1000 for value in inference_s)
+        observe_many(self.queue_seconds, queue_s)
+        observe_many(self.inference_seconds, inference_s)
+        observe_many(self.batch_size, batch_sizes)
+        self._count_second(len(results))
+
+    def _count_second(self, count: int) -> None:
         second = int(self._clock())
         if self._per_second and self._per_second[-1][0] == second:
-            self._per_second[-1][1] += 1
+            self._per_second[-1][1] += count
         else:
-            self._per_second.append([second, 1])
+            self._per_second.append([second, count])
+
+    def _count_batch(self, batch_id: str | None, batch_size: int) -> None:
+        """Every result of a batch carries its size: count each batch once for the distribution."""
+        if batch_id is not None and batch_id in self._recent_batch_set:
+            return
+        self._batches[batch_size] += 1
+        if batch_id is not None:
+            if len(self._recent_batch_ids) == self._recent_batch_ids.maxlen:
+                self._recent_batch_set.discard(self._recent_batch_ids[0])
+            self._recent_batch_ids.append(batch_id)
+            self._recent_batch_set.add(batch_id)
 
     def record_shadow_pair(
         self, model: str, candidate: str, class_names: tuple[str, ...], pair: JoinedPair
@@ -236,6 +291,28 @@ class GatewayMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for each of `values`, with one increment per bucket: prometheus_client
+    finds each value's bucket in a Python loop and takes a lock per call, which cost more than the
+    rest of a result's bookkeeping. Falls back to `observe` on a client without these internals."""
+    if not values:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    # The first bound >= value, as `Histogram.observe` picks it (`value <= bound`).
+    indices = np.searchsorted(bounds, values, side="left")
+    # A NaN belongs to no bucket (it is <= no bound), as with `observe`.
+    counts = np.bincount(indices, minlength=len(bounds))[: len(bounds)]
+    for index in np.flatnonzero(counts):
+        buckets[index].inc(int(counts[index]))
+    total.inc(math.fsum(values))
 
 
 def _class_name(class_names: tuple[str, ...], label: int) -> str:

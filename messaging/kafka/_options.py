@@ -27,9 +27,11 @@ class KafkaOptions:
     # Brokers that answer a waiting fetch late (Tansu does) add up to this to every hop at low load;
     # it applies while the topic is idle (no record for a second), so it bounds idle polling.
     fetch_max_wait_ms: int = 100
-    # The fetch wait while records flow, so a broker that answers late costs little per hop; an
-    # idle consumer goes back to fetch_max_wait_ms. 0 (or >= fetch_max_wait_ms) keeps one wait.
-    fetch_busy_wait_ms: int = 5
+    # The fetch wait while records flow, so a broker that answers late (Tansu polls its log through
+    # the wait) costs little per hop; an idle consumer goes back to fetch_max_wait_ms. 0 (or >=
+    # fetch_max_wait_ms) keeps one wait: right for Apache Kafka, which answers when a record
+    # arrives, so the short wait only adds empty fetches there.
+    fetch_busy_wait_ms: int = 2
     rebalance_timeout_ms: int = 0  # 0: aiokafka's default (the session timeout)
     replication_factor: int = 0  # 0: min(3, number of brokers)
     client_id: str = "fmnist"
