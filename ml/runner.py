@@ -177,8 +177,13 @@ class ModelRunner:
         if self._loop_task is not None:
             raise RuntimeError("ModelRunner already started; use one `async with` per runner")
         if self._executor is None:
+            # Each pass thread takes this thread's torch thread count: a compiled (AOTInductor)
+            # program's OpenMP regions read the calling thread's own, which new threads do not inherit.
             self._executor = ThreadPoolExecutor(
-                max_workers=self.concurrency, thread_name_prefix="fmnist-runner"
+                max_workers=self.concurrency,
+                thread_name_prefix="fmnist-runner",
+                initializer=torch.set_num_threads,
+                initargs=(torch.get_num_threads(),),
             )
         self._loop_task = asyncio.get_running_loop().create_task(
             self._batching_loop(), name="fmnist-model-runner"

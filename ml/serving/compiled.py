@@ -1,5 +1,6 @@
 """The CPU runtime of every form: the whole pass exported (`torch.export`) and compiled ahead of time by
-AOTInductor into a shared library, cached on disk, run as one call that does not take the GIL back.
+AOTInductor into a shared library, cached on disk, run as one call that lets go of the GIL
+(`ml.serving.gil_free`: the package loader's own binding keeps it for the whole call).
 
 Why: an eager pass takes the GIL back between every op, so in a worker whose event loop keeps the GIL
 busy each batch waits on the loop many times over. The frozen TorchScript graph that avoided this is
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ml.serving import gil_free
+from ml.serving.gil_free import GilFreeProgram, gil_free_program
 from ml.serving.served import content_version
 
 __all__ = ["RUNTIMES", "aot_compiled", "default_cache_dir"]
@@ -85,33 +88,41 @@ def aot_compiled(
             verified.touch()
         from torch._inductor.package import load_package
 
-        program = load_package(str(package), num_runners=max(1, runners))
+        program: Forward = load_package(str(package), num_runners=max(1, runners))
         with torch.inference_mode():
             program(example)
+        program = gil_free_program(package, runners, example) or program
     except Exception as exc:  # no compiler, an op AOTInductor cannot lower, a damaged cache file
         logger.warning("event=aoti_unavailable error=%r action=eager", exc)
         return whole_pass, "eager"
     logger.info(
-        "event=aoti_ready package=%s cached=%s seconds=%.1f",
+        "event=aoti_ready package=%s cached=%s gil_free=%s seconds=%.1f",
         package,
         cached,
+        isinstance(program, GilFreeProgram),
         time.perf_counter() - started,
     )
     return program, "aoti"
 
 
-# Loads a package and runs it once on zeros of the example's shape: exits 0 when it works.
-_VERIFY = """
+# Loads a package and runs it once on zeros of the example's shape ("loaded" once it worked), then
+# checks the GIL-free call (`ml.serving.gil_free.CHECK`): one child process for both checks.
+_VERIFY = (
+    """
 import sys, torch
 from torch._inductor.package import load_package
 shape = tuple(int(d) for d in sys.argv[2].split(","))
 with torch.inference_mode():
     load_package(sys.argv[1])(torch.zeros(shape, dtype=getattr(torch, sys.argv[3])))
+print("loaded", flush=True)
 """
+    + gil_free.CHECK
+)
 
 
 def _verify_in_child(package: Path, example: torch.Tensor) -> None:
-    """Load and run `package` in a child process first; a crash there is a RuntimeError here."""
+    """Load and run `package` in a child process first; a crash there is a RuntimeError here. The
+    child's verdict on the GIL-free call is remembered beside the package (`.gilfree`)."""
     shape = ",".join(str(d) for d in example.shape)
     dtype = str(example.dtype).removeprefix("torch.")
     result = subprocess.run(
@@ -120,14 +131,17 @@ def _verify_in_child(package: Path, example: torch.Tensor) -> None:
         text=True,
         timeout=300,
         check=False,
+        env=gil_free.child_environment(),
     )
-    if result.returncode != 0:
+    if "loaded" not in result.stdout.splitlines():
         package.unlink(missing_ok=True)
         tail = result.stderr.strip().splitlines()[-1:] or [""]
         raise RuntimeError(
             f"the compiled program failed its trial run in a child process "
             f"(exit status {result.returncode}): {tail[0]}"
         )
+    verdict = gil_free.verdict_of(result.stdout, result.returncode, result.stderr)
+    package.with_suffix(".gilfree").write_text(verdict)
 
 
 def _compile(whole_pass: torch.nn.Module, example: torch.Tensor, package: Path) -> None:

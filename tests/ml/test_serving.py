@@ -160,7 +160,7 @@ def test_on_the_cpu_a_checkpoint_runs_as_a_cached_aoti_program(
     images = torch.randint(0, 256, (7, 3, 12, 16), dtype=torch.uint8)
     compiled = load_model(checkpoint, device="cpu", precision="fp32", cache_dir=tmp_path)
     assert compiled.description.runtime == "aoti"
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".pt2", ".verified"]
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".gilfree", ".pt2", ".so", ".verified"]
     eager = load_model(checkpoint, device="cpu", precision="fp32", runtime="eager")
     torch.testing.assert_close(compiled.predict(images), eager.predict(images))
     again = load_model(checkpoint, device="cpu", precision="fp32", cache_dir=tmp_path)
