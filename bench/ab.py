@@ -10,7 +10,8 @@ commit) with this one's Python and packages, for a before/after of code.
 
 Each argument is one configuration: space-separated `FMNIST_*=value` settings for the server (`""`
 is the defaults); with `--broker kafka`, `KAFKA_OPTIONS=a=1&b=2` sets the broker URL's query string
-(default: none, the backend's defaults). Every round starts a fresh server per configuration (`fmnist
+(default: none, the backend's defaults) and `WORKERS=n` the number of worker processes (default 1).
+Every round starts a fresh server per configuration (`fmnist
 serve`, or Tansu + `fmnist worker` + `fmnist gateway` processes), in turn, warms it up
 and measures it with wrk: `--mode batch` sends `POST /v1/predictions:batch?wait=30` with 256 real
 test PNGs per request at 4 connections, `--mode single` one PNG per `POST /v1/predictions?wait=10`
