@@ -155,46 +155,22 @@ class GatewayMetrics:
 
     def record_result(self, result: ResultMessage) -> None:
         """Count one stored (first) result."""
-        key = (result.model or "", result.model_version or "", result.status)
-        child = self._model_children.get(key)
-        if child is None:
-            child = self._model_children[key] = self.model_results.labels(*key)
-        child.inc()
-        if result.status == "completed":
-            self.completed += 1
-            self._completed.inc()
-        else:
-            self.failed += 1
-            self._failed.inc()
-            if result.error is not None:
-                self.errors.labels(result.error.code).inc()
-        if result.queue_ms is not None:
-            self._queue_ms.append(result.queue_ms)
-            self.queue_seconds.observe(result.queue_ms / 1000)
-        if result.inference_ms is not None:
-            self._inference_ms.append(result.inference_ms)
-            self.inference_seconds.observe(result.inference_ms / 1000)
-        if result.batch_size is not None:
-            self.batch_size.observe(result.batch_size)
-            self._count_batch(result.batch_id, result.batch_size)
-        self._count_second(1)
+        self.record_results((result,))
 
     def record_results(self, results: Sequence[ResultMessage]) -> None:
         """Count stored (first) results: one increment per series for the whole chunk, not one per
         result, because the batch path stores thousands a second."""
-        if len(results) < _FEW:
-            for result in results:
-                self.record_result(result)
-            return
-        by_key: TallyCounter[tuple[str, str, str]] = TallyCounter()
-        failed_codes: TallyCounter[str] = TallyCounter()
+        by_key: dict[tuple[str, str, str], int] = {}
+        failed_codes: dict[str, int] = {}
         queue_s: list[float] = []
         inference_s: list[float] = []
         batch_sizes: list[int] = []
         for result in results:
-            by_key[(result.model or "", result.model_version or "", result.status)] += 1
+            key = (result.model or "", result.model_version or "", result.status)
+            by_key[key] = by_key.get(key, 0) + 1
             if result.status != "completed" and result.error is not None:
-                failed_codes[result.error.code] += 1
+                code = result.error.code
+                failed_codes[code] = failed_codes.get(code, 0) + 1
             if result.queue_ms is not None:
                 queue_s.append(result.queue_ms / 1000)
             if result.inference_ms is not None:
@@ -203,12 +179,12 @@ class GatewayMetrics:
                 batch_sizes.append(result.batch_size)
                 self._count_batch(result.batch_id, result.batch_size)
         completed = 0
-        for key, count in by_key.items():
-            child = self._model_children.get(key)
+        for series, count in by_key.items():
+            child = self._model_children.get(series)
             if child is None:
-                child = self._model_children[key] = self.model_results.labels(*key)
+                child = self._model_children[series] = self.model_results.labels(*series)
             child.inc(count)
-            if key[2] == "completed":
+            if series[2] == "completed":
                 completed += count
         failed = len(results) - completed
         if completed:
@@ -224,14 +200,8 @@ class GatewayMetrics:
         observe_many(self.queue_seconds, queue_s)
         observe_many(self.inference_seconds, inference_s)
         observe_many(self.batch_size, batch_sizes)
-        self._count_second(len(results))
-
-    def _count_second(self, count: int) -> None:
-        second = int(self._clock())
-        if self._per_second and self._per_second[-1][0] == second:
-            self._per_second[-1][1] += count
-        else:
-            self._per_second.append([second, count])
+        if results:
+            self._count_second(len(results))
 
     def _count_batch(self, batch_id: str | None, batch_size: int) -> None:
         """Every result of a batch carries its size: count each batch once for the distribution."""
@@ -243,6 +213,13 @@ class GatewayMetrics:
                 self._recent_batch_set.discard(self._recent_batch_ids[0])
             self._recent_batch_ids.append(batch_id)
             self._recent_batch_set.add(batch_id)
+
+    def _count_second(self, count: int) -> None:
+        second = int(self._clock())
+        if self._per_second and self._per_second[-1][0] == second:
+            self._per_second[-1][1] += count
+        else:
+            self._per_second.append([second, count])
 
     def record_shadow_pair(
         self, model: str, candidate: str, class_names: tuple[str, ...], pair: JoinedPair
@@ -302,7 +279,13 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+    if (
+        len(values) < _FEW  # numpy's fixed cost pays for a chunk, not for a few values
+        or bounds is None
+        or buckets is None
+        or total is None
+        or len(bounds) != len(buckets)
+    ):
         for value in values:
             histogram.observe(value)
         return

@@ -338,8 +338,8 @@ class Gateway:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
             expired = self.store.expire()
+            self.metrics.record_results([stored.result for stored in expired])
             for stored in expired:
-                self.metrics.record_result(stored.result)
                 self.rollout.record_result(stored.result)
             if expired and self.shared is not None:
                 # Other gateways answer these ids too; a real result already there still wins.

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -123,25 +121,14 @@ print("loaded", flush=True)
 def _verify_in_child(package: Path, example: torch.Tensor) -> None:
     """Load and run `package` in a child process first; a crash there is a RuntimeError here. The
     child's verdict on the GIL-free call is remembered beside the package (`.gilfree`)."""
-    shape = ",".join(str(d) for d in example.shape)
-    dtype = str(example.dtype).removeprefix("torch.")
-    result = subprocess.run(
-        [sys.executable, "-c", _VERIFY, str(package), shape, dtype],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=gil_free.child_environment(),
-    )
+    result = gil_free.trial_run(_VERIFY, package, example)
     if "loaded" not in result.stdout.splitlines():
         package.unlink(missing_ok=True)
-        tail = result.stderr.strip().splitlines()[-1:] or [""]
         raise RuntimeError(
             f"the compiled program failed its trial run in a child process "
-            f"(exit status {result.returncode}): {tail[0]}"
+            f"(exit status {result.returncode}): {gil_free.last_line(result.stderr)}"
         )
-    verdict = gil_free.verdict_of(result.stdout, result.returncode, result.stderr)
-    package.with_suffix(".gilfree").write_text(verdict)
+    package.with_suffix(".gilfree").write_text(gil_free.verdict_of(result))
 
 
 def _compile(whole_pass: torch.nn.Module, example: torch.Tensor, package: Path) -> None:

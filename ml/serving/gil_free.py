@@ -134,7 +134,8 @@ def gil_free_program(package: Path, runners: int, example: torch.Tensor) -> GilF
     marker = package.with_suffix(".gilfree")
     try:
         if not marker.is_file():
-            marker.write_text(_check_in_child(package, example) or "ok")  # a package cached earlier
+            # A package cached before this check: one child for it now.
+            marker.write_text(verdict_of(trial_run(CHECK, package, example)))
         verdict = marker.read_text().strip()
         if verdict != "ok":
             logger.info("event=aoti_gil_free_unavailable reason=%r remembered=%s", verdict, marker)
@@ -172,33 +173,34 @@ print("gil-free:", answers_as_the_loader(Path(sys.argv[1]), shape, dtype) or "ok
 """
 
 
-def child_environment() -> dict[str, str]:
-    """This process's environment, with this checkout importable (a child runs `CHECK`)."""
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path}
-
-
-def verdict_of(output: str, returncode: int, errors: str) -> str:
-    """The marker's text from a child that ran `CHECK`: "ok", the reason it gave, or how it died."""
-    for line in output.splitlines():
-        if line.startswith("gil-free:"):
-            return line.removeprefix("gil-free:").strip()
-    tail = errors.strip().splitlines()[-1:] or [""]
-    return f"exit status {returncode}: {tail[0]}"
-
-
-def _check_in_child(package: Path, example: torch.Tensor) -> str | None:
-    """None when the C interface answers as the loader does in a child process; else why not."""
+def trial_run(
+    script: str, package: Path, example: torch.Tensor
+) -> subprocess.CompletedProcess[str]:
+    """Run `script` in a child process with the package, the example's shape and dtype in argv
+    (this checkout importable); its output, whatever became of it."""
     shape = ",".join(str(d) for d in example.shape)
     dtype = str(example.dtype).removeprefix("torch.")
-    result = subprocess.run(
-        [sys.executable, "-c", CHECK, str(package), shape, dtype],
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", script, str(package), shape, dtype],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
-        env=child_environment(),
+        env={**os.environ, "PYTHONPATH": path},
     )
-    verdict = verdict_of(result.stdout, result.returncode, result.stderr)
-    return None if verdict == "ok" else verdict
+
+
+def last_line(text: str) -> str:
+    """The last line of a child's stderr: what it died of."""
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def verdict_of(result: subprocess.CompletedProcess[str]) -> str:
+    """The marker's text from a child that ran `CHECK`: "ok", the reason it gave, or how it died."""
+    for line in result.stdout.splitlines():
+        if line.startswith("gil-free:"):
+            return line.removeprefix("gil-free:").strip()
+    return f"exit status {result.returncode}: {last_line(result.stderr)}"
