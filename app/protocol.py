@@ -1,13 +1,13 @@
 """The wire format between gateway and workers: request attributes and the result message.
 
-Requests (`<requests_topic>.<model>`, e.g. `fmnist.requests.fmnist`, key = request id; see
+Requests (`<requests_topic>.<model>`, e.g. `fmnist.requests.fmnist`, no key; see
 `requests_topic_for`): the payload is the image as raw uint8 pixels,
 C×H×W, row-major, already normalised to the model's input by the gateway. Attributes carry
 everything else (all values are strings, as every broker allows):
 
 | attribute      | meaning                                                         |
 | -------------- | --------------------------------------------------------------- |
-| `request_id`   | the id the client polls; results are keyed by it                |
+| `request_id`   | the id the client polls; its result carries it too              |
 | `shape`        | `C,H,W` of the payload, e.g. `1,28,28`                          |
 | `submitted_at` | unix seconds (float) when the gateway accepted the request      |
 | `deadline`     | unix seconds after which a worker drops the request as expired  |
@@ -19,10 +19,15 @@ everything else (all values are strings, as every broker allows):
 | `model_version`| the version the request was pinned to (only on pinned requests) |
 | `gateway`      | id of the gateway that accepted it (only with shared state)     |
 
-Results (`fmnist.results`, key = request id): one JSON `ResultMessage` per request. A worker may
+Results (`fmnist.results`, no key): one JSON `ResultMessage` per request. A worker may
 publish the same request id twice after a redelivery; consumers keep the first. Attributes repeat
-what a gateway needs to route a result without decoding it: `owner`, `completed_at` (unix seconds)
-and `gateway` when the request carried one.
+what a gateway needs to route a result without decoding it: `request_id`, `owner`, `completed_at`
+(unix seconds) and `gateway` when the request carried one.
+
+Neither carries a key: a key is an ordering key, and a request id orders nothing. Without one the
+Kafka backend puts a burst of records in one partition's batch (the sticky partitioner) instead of
+one small batch per partition. Messages from before (the id as the key) still read the same:
+`request_id_from` falls back to the key.
 Each model has its own requests topic and worker group, so it scales and shows its backlog on its
 own; a request pinned to a version goes to that version's topic (`<requests_topic>.<model>.v-<version>`), which only workers of that version read, in their own group: no
 worker ever holds a request it cannot answer, so nothing is handed back and forth.
@@ -220,9 +225,18 @@ class RolloutEvent(BaseModel):
         return cls.model_validate_json(data)
 
 
-def result_attributes(request: Mapping[str, str], completed_at: float) -> dict[str, str]:
+def request_id_from(attributes: Mapping[str, str], key: str | None) -> str:
+    """The request id of a request or result message: its `request_id` attribute, else its key
+    (where messages published before the id moved out of the key carry it)."""
+    return attributes.get(REQUEST_ID_ATTR) or key or ""
+
+
+def result_attributes(
+    request: Mapping[str, str], completed_at: float, request_id: str
+) -> dict[str, str]:
     """A result's attributes, from its request's: what a gateway routes it by without decoding it."""
     attributes = {
+        REQUEST_ID_ATTR: request_id,
         OWNER_ATTR: request.get(OWNER_ATTR, ""),
         COMPLETED_AT_ATTR: repr(completed_at),
     }

@@ -25,7 +25,7 @@ from app.cli.replay_engine import (
     run_candidate,
 )
 from app.gateway.replay_api import LoadedVersion, ReplayBusy, ReplayFindings
-from app.protocol import requests_topic_for
+from app.protocol import request_id_from, requests_topic_for
 from app.rollout.compare import Comparison
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class EmbeddedReplay:
         for message in self.pubsub.retained(
             self.settings.results_topic, since=window[0].submitted_at
         ):
-            if message.key in wanted:
+            if request_id_from(message.attributes, message.key) in wanted:
                 live.take(message)
         live_versions = join_live(comparison, window, live)
         return ReplayFindings(

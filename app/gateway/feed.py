@@ -37,6 +37,7 @@ from app.protocol import (
     OWNER_ATTR,
     ErrorInfo,
     ResultMessage,
+    request_id_from,
 )
 from app.settings import Settings
 from messaging import Message, Subscription
@@ -389,12 +390,13 @@ def _plain_id(request_id: str) -> bool:
 
 
 def _routing(message: Message) -> tuple[str, str, float, str] | None:
-    """(request id, owner, completed_at, accepting gateway or "") from a result's key and
-    attributes, without decoding it; None when a worker did not add them."""
+    """(request id, owner, completed_at, accepting gateway or "") from a result's attributes
+    (its key for the request id, from workers before it moved there), without decoding it; None
+    when a worker did not add them."""
     attributes = message.attributes
     owner = attributes.get(OWNER_ATTR)
     completed_at = attributes.get(COMPLETED_AT_ATTR)
-    request_id = message.key or ""
+    request_id = request_id_from(attributes, message.key)
     if owner is None or completed_at is None or not _plain_id(request_id):
         return None
     try:

@@ -202,7 +202,7 @@ class Publisher:
             ):  # pinned, or chosen by the split: the worker treats it as pinned
                 attributes[MODEL_VERSION_ATTR] = version
             topic = requests_topic_for(self.settings.requests_topic, model.name, version)
-            outgoing.append((topic, Outgoing(image.payload, image.request_id, attributes)))
+            outgoing.append((topic, Outgoing(image.payload, None, attributes)))
         sends = publish_by_topic(pubsub, outgoing, timeout_s=self.settings.publish_timeout_s)
         # No marker where pending ids live in Redis, or where the broker's log dies with this process.
         if self.shared is not None or not pubsub.durable:
@@ -231,7 +231,9 @@ class Publisher:
         )
         (error,) = await pubsub.publish_many(
             self.settings.results_topic,
-            [Outgoing(marker.to_bytes(), self.gateway_id, {MARKER_KIND_ATTR: ACCEPTED_KIND})],
+            # No key: the gateway's id is in the marker, and a key would put every marker of this
+            # gateway in one partition's small batches instead of the results' sticky one.
+            [Outgoing(marker.to_bytes(), None, {MARKER_KIND_ATTR: ACCEPTED_KIND})],
             timeout_s=self.settings.publish_timeout_s,
         )
         if error is not None:

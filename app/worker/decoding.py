@@ -29,7 +29,7 @@ class Request(NamedTuple):
 
 def request_id_of(message: Message) -> str:
     """The request id a message carries (attribute, else key); "" when it has none."""
-    return message.attributes.get(protocol.REQUEST_ID_ATTR) or message.key or ""
+    return protocol.request_id_from(message.attributes, message.key)
 
 
 def decode_request(message: Message) -> tuple[str, np.ndarray]:

@@ -91,8 +91,8 @@ class ResultPublisher:
             "metadata": request.metadata,
             "error": None,
         }
-        attributes = protocol.result_attributes(message.attributes, now)
-        return Outgoing(orjson.dumps(result), request.request_id, attributes)
+        attributes = protocol.result_attributes(message.attributes, now, request.request_id)
+        return Outgoing(orjson.dumps(result), None, attributes)
 
     def failure(
         self, message: Message, request_id: str, metadata: dict[str, str], code: str, text: str
@@ -111,8 +111,8 @@ class ResultPublisher:
             error=ErrorInfo(code=code, message=text),
         )
         logger.info(kv("request_failed", request_id=request_id, code=code, error=text))
-        attributes = protocol.result_attributes(message.attributes, completed_at)
-        return Outgoing(result.to_bytes(), request_id, attributes)
+        attributes = protocol.result_attributes(message.attributes, completed_at, request_id)
+        return Outgoing(result.to_bytes(), None, attributes)
 
     async def publish_failure(
         self, message: Message, request_id: str, metadata: dict[str, str], code: str, text: str

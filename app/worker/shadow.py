@@ -385,7 +385,7 @@ class ShadowWorker:
         from app.worker.consumer import decode_request
 
         attributes = message.attributes
-        request_id = attributes.get(protocol.REQUEST_ID_ATTR) or message.key or ""
+        request_id = protocol.request_id_from(attributes, message.key)
         if not request_id:
             return None
         try:
@@ -435,8 +435,8 @@ class ShadowWorker:
         )
         return Outgoing(
             orjson.dumps(result.model_dump()),
-            request_id,
-            protocol.result_attributes(message.attributes, now),
+            None,
+            protocol.result_attributes(message.attributes, now, request_id),
         )
 
     def _failed(

@@ -2,7 +2,10 @@
 
 * Producer: `acks=all`, idempotent by default (`?idempotence=`, else `kafka_idempotence`; brokers
   that refuse `InitProducerId`, such as Tansu, need `?idempotence=false`). `publish()` returns when
-  the broker acknowledged the record; concurrent publishes share batches (`linger_ms`).
+  the broker acknowledged the record; concurrent publishes share batches (`linger_ms`). A record
+  with a key goes to its key's partition (murmur2, as the Java client); records without one go to
+  the topic's sticky partition (KIP-480, the Java client's default since Kafka 2.4): the same one
+  until its batch goes to the broker, then another at random.
 * Topics are created on first use (or by `ensure_topics`) with `?partitions=` (else `kafka_partitions`) partitions and
   `max.message.bytes = max_message_bytes`; the producer's request size and the consumer's fetch
   sizes are raised to the same bound, so 1 MB images fit by default.

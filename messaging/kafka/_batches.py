@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import random
 import time
 from typing import Any, NamedTuple
 
@@ -16,6 +17,11 @@ from aiokafka.structs import TopicPartition
 from messaging._base import Outgoing
 from messaging.kafka._options import KafkaOptions
 from messaging.kafka._partitioner import Murmur2Partitioner
+
+# One publish_many's keyless records move to another partition after this many payload bytes
+# (KIP-794: the Java client moves after batch.size, 16 KiB by default), so that a big burst still
+# spreads over the partitions, and over the workers reading them, in runs of a few passes' worth.
+STICKY_RUN_BYTES = 64 * 1024
 
 
 class Delivery(NamedTuple):
@@ -33,12 +39,14 @@ class BatchAppender:
 
     options: KafkaOptions
     _partitioner: Murmur2Partitioner
+    _sticky: dict[str, int]  # topic -> the partition its keyless records go to now
 
     def _by_partition(
         self, producer: AIOKafkaProducer, topic: str, checked: list[tuple[int, Outgoing]]
     ) -> tuple[list[tuple[int, Outgoing]], dict[int, list[tuple[int, Outgoing]]]]:
-        """The records to send alone (too big to share a batch), and the others by partition,
-        chosen as `send` chooses: murmur2 of the key over the topic's partitions."""
+        """The records to send alone (too big to share a batch), and the others by partition:
+        murmur2 of the key over the topic's partitions as `send` chooses, and the topic's sticky
+        partition for records without a key (`sticky_partition`)."""
         cluster = producer.client.cluster
         all_partitions = list(cluster.partitions_for_topic(topic) or ())
         available = list(cluster.available_partitions_for_topic(topic) or ())
@@ -48,10 +56,47 @@ class BatchAppender:
         shared = [record for record in checked if len(record[1].data) <= shared_limit]
         keys = [message.key.encode() if message.key else None for _, message in shared]
         partitions = self._partitioner.partitions(keys, all_partitions, available)
+        if None in keys:
+            sticky = self.sticky_partition(producer, topic, all_partitions, available)
+            run = 0  # payload bytes of this call given to the sticky partition so far
+            for position, (key, (_, message)) in enumerate(zip(keys, shared, strict=True)):
+                if key is not None:
+                    continue
+                if run and run + len(message.data) > STICKY_RUN_BYTES:
+                    sticky, run = self._move_sticky(topic, available or all_partitions), 0
+                partitions[position] = sticky
+                run += len(message.data)
         by_partition: dict[int, list[tuple[int, Outgoing]]] = {}
         for record, partition in zip(shared, partitions, strict=True):
             by_partition.setdefault(partition, []).append(record)
         return alone, by_partition
+
+    def sticky_partition(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        all_partitions: list[int],
+        available: list[int],
+    ) -> int:
+        """The partition for `topic`'s records without a key, as the Java client chooses it since
+        Kafka 2.4 (KIP-480, the sticky partitioner): the same one while its batch waits for the
+        sender, so that keyless records published meanwhile share one batch and one request rather
+        than one batch per partition; another one at random once that batch went out."""
+        current = self._sticky.get(topic)
+        pool = available or all_partitions
+        if current in pool:
+            queued = producer._message_accumulator._batches.get(TopicPartition(topic, current))
+            if queued:
+                return current
+        return self._move_sticky(topic, pool)
+
+    def _move_sticky(self, topic: str, pool: list[int]) -> int:
+        """Another partition of `pool` at random becomes `topic`'s sticky one."""
+        current = self._sticky.get(topic)
+        others = [partition for partition in pool if partition != current] or pool
+        chosen = random.choice(others)
+        self._sticky[topic] = chosen
+        return chosen
 
     async def _send_batches(
         self,

@@ -75,7 +75,8 @@ def murmur2_same_length(keys: Sequence[bytes]) -> list[int]:
 
 class Murmur2Partitioner:
     """aiokafka's `DefaultPartitioner` with the faster `murmur2`: a key goes to the same partition
-    as with the Java client and aiokafka; a record without a key to a random available partition."""
+    as with the Java client and aiokafka; a record without a key to a random available partition
+    (`publish_many` and `publish` give those the topic's sticky partition instead)."""
 
     def __call__(
         self, key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]

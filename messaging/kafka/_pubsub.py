@@ -64,6 +64,7 @@ class KafkaPubSub(BatchAppender, PubSub):
         )
         self.partitions = partitions if self.options.partitions is None else self.options.partitions
         self._partitioner = Murmur2Partitioner()
+        self._sticky = {}
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._replication_factor = 1
@@ -293,7 +294,11 @@ class KafkaPubSub(BatchAppender, PubSub):
     ) -> None:
         producer = await self._producer_for(topic)
         try:
-            await (await self._send(producer, topic, data, key, attributes))
+            await (
+                await self._send(
+                    producer, topic, data, key, attributes, self._keyless(producer, topic, key)
+                )
+            )
         except Exception as exc:
             raise self._send_error(exc, topic, len(data)) from exc
 
@@ -368,8 +373,10 @@ class KafkaPubSub(BatchAppender, PubSub):
         """Records too big to share a batch, each through `send`."""
         for index, message in records:
             try:
+                key = message.key or None
+                partition = self._keyless(producer, topic, key)
                 acked = await self._send(
-                    producer, topic, message.data, message.key or None, message.attributes
+                    producer, topic, message.data, key, message.attributes, partition
                 )
             except Exception as exc:
                 outcomes[index] = self._send_error(exc, topic, len(message.data))
@@ -411,6 +418,18 @@ class KafkaPubSub(BatchAppender, PubSub):
                 raise self._send_error(exc, topic, 0) from exc
         return producer
 
+    def _keyless(self, producer: AIOKafkaProducer, topic: str, key: str | None) -> int | None:
+        """The sticky partition for a record without a key; None (murmur2 of the key) for one with."""
+        if key is not None:
+            return None
+        cluster = producer.client.cluster
+        return self.sticky_partition(
+            producer,
+            topic,
+            list(cluster.partitions_for_topic(topic) or ()),
+            list(cluster.available_partitions_for_topic(topic) or ()),
+        )
+
     @staticmethod
     async def _send(
         producer: AIOKafkaProducer,
@@ -418,11 +437,14 @@ class KafkaPubSub(BatchAppender, PubSub):
         data: bytes,
         key: str | None,
         attributes: Mapping[str, str] | None,
+        partition: int | None = None,
     ) -> asyncio.Future[Any]:
-        """Hand one record to the producer; the future of its acknowledgement."""
+        """Hand one record to the producer (to `partition`, else its key's); the future of its
+        acknowledgement."""
         delivery: asyncio.Future[Any] = await producer.send(
             topic,
             data,
+            partition=partition,
             key=key.encode() if key is not None else None,
             headers=[(name, value.encode()) for name, value in attributes.items()]
             if attributes

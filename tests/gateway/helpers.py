@@ -211,8 +211,9 @@ async def stand_in_worker(
                 await pubsub.publish(
                     settings.results_topic,
                     result.to_bytes(),
-                    key=result.request_id,
-                    attributes=result_attributes(attributes, result.completed_at)
+                    # An older worker put the request id in the key instead of the attributes.
+                    key=None if routing_attributes else result.request_id,
+                    attributes=result_attributes(attributes, result.completed_at, result.request_id)
                     if routing_attributes
                     else None,
                 )

@@ -1,16 +1,26 @@
-"""The gateway's submit path (`app.gateway.publishing`): what a partly refused publish answers and logs."""
+"""The gateway's submit path (`app.gateway.publishing`): what a partly refused publish answers and
+logs, and what a published request carries."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 
 import pytest
 
 import messaging
+from app.protocol import REQUEST_ID_ATTR, requests_topic_for
 from app.settings import Settings
 from messaging import BrokerUnavailable, PubSub
-from tests.gateway.helpers import fashion_like, gateway_settings, png_bytes, running_gateway
+from tests.brokers import unique_name
+from tests.gateway.helpers import (
+    STAND_IN_MODEL,
+    fashion_like,
+    gateway_settings,
+    png_bytes,
+    running_gateway,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -60,3 +70,25 @@ async def test_a_batch_refused_after_its_first_image_logs_the_refusal_not_the_fi
     ]
     assert len(lines) == 1 and "count=1" in lines[0], lines
     assert "did not accept" in lines[0] and "test outage" in lines[0], lines[0]
+
+
+async def test_requests_carry_their_id_as_an_attribute_and_no_key() -> None:
+    """A published request names its id in the `request_id` attribute and has no key (a request id
+    orders nothing, and keyless records share the Kafka backend's sticky batch)."""
+    settings = gateway_settings()
+    topic = requests_topic_for(settings.requests_topic, STAND_IN_MODEL)
+    async with running_gateway(settings) as (_, client):
+        pubsub = messaging.connect(settings.broker_url)
+        async with pubsub:
+            await pubsub.ensure_topics(topic)
+            async with pubsub.subscribe(topic, group=unique_name("observer")) as requests:
+                answer = await client.post(
+                    "/v1/predictions",
+                    content=png_bytes(fashion_like()),
+                    headers={"Content-Type": "image/png"},
+                )
+                async with asyncio.timeout(10):
+                    published = await anext(requests)
+    assert answer.status_code == 202, answer.text
+    assert published.key is None
+    assert published.attributes[REQUEST_ID_ATTR] == answer.json()["request_id"]

@@ -259,8 +259,9 @@ async def stand_in_shadow(settings: Settings) -> None:
                 await pubsub.publish(
                     settings.shadow_results_topic,
                     answer.to_bytes(),
-                    key=answer.request_id,
-                    attributes=result_attributes(attributes, answer.completed_at),
+                    attributes=result_attributes(
+                        attributes, answer.completed_at, answer.request_id
+                    ),
                 )
                 await message.ack()
 

@@ -203,9 +203,10 @@ async def test_a_malformed_result_fails_its_request_on_every_gateway(redis_addre
             await pubsub.publish(
                 settings.results_topic,
                 b'{"request_id": "' + request_id.encode() + b'", "status": ',
-                key=request_id,
                 attributes=result_attributes(
-                    {OWNER_ATTR: "", GATEWAY_ATTR: app_a.state.gateway.gateway_id}, time.time()
+                    {OWNER_ATTR: "", GATEWAY_ATTR: app_a.state.gateway.gateway_id},
+                    time.time(),
+                    request_id,
                 ),
             )
         on_a = await poll(a, request_id)

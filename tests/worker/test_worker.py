@@ -156,7 +156,8 @@ async def test_an_expired_request_is_answered_deadline_exceeded_without_compute(
 
 
 async def test_results_carry_the_attributes_a_gateway_routes_them_by() -> None:
-    """A result's attributes repeat its owner, completed_at and (when the request had one) its gateway."""
+    """A result's attributes repeat its request id, owner, completed_at and (when the request had
+    one) its gateway; it carries no key (a request id orders nothing)."""
     settings = worker_settings("memory://")
     async with open_broker("memory://") as pubsub:
         await pubsub.ensure_topics(
@@ -176,8 +177,10 @@ async def test_results_carry_the_attributes_a_gateway_routes_them_by() -> None:
                 },
             )
             await publish_request(pubsub, settings, "late", image(2), deadline_in_s=-1.0)
-            taken = {message.key: message for message in await take(results, 2)}
+            taken_messages = await take(results, 2)
+            taken = {m.attributes[protocol.REQUEST_ID_ATTR]: m for m in taken_messages}
     routed, late = taken["routed"], taken["late"]
+    assert [m.key for m in taken_messages] == [None, None]
     assert routed.attributes[protocol.OWNER_ATTR] == "k1"
     assert routed.attributes[protocol.GATEWAY_ATTR] == "gw-a"
     assert float(routed.attributes[protocol.COMPLETED_AT_ATTR]) == (
