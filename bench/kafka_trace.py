@@ -4,6 +4,8 @@
     .venv/bin/python -m bench.kafka_trace roundtrip --options "" "fetch_max_wait_ms=5" --requests 200
     .venv/bin/python -m bench.kafka_trace roundtrip --options "" "FMNIST_BATCH_FILL_WHEN_IDLE=true"
     .venv/bin/python -m bench.kafka_trace many --rounds 4
+    .venv/bin/python -m bench.kafka_trace decay --options "TREE=/work/wt/before" ""
+    .venv/bin/python -m bench.kafka_trace broker-log
 
 `hop` starts Tansu and sends one message at a time (every `--interval-ms`, so the consumer is idle
 in between) through our `messaging` Kafka backend, with each URL query in turn, and reports per
@@ -21,6 +23,15 @@ its requests ran (20 ms apart, so polling between requests counts: what a fetch 
 A roundtrip configuration may also set the servers' `FMNIST_*` settings (space-separated from the
 URL query). Configurations alternate request by request in rounds (`--rounds`), so drift hits all alike.
 
+`decay` starts Tansu + `fmnist worker` + `fmnist gateway` per configuration (`TREE=DIR` serves
+another checkout, as in `bench/ab.py`) and measures single-image images/s at 64 connections in
+consecutive windows of one server's life: Tansu's memory storage lists every stored batch of a
+partition on each fetch, so what a run measures depends on how long its broker has been taking
+records (docs/benchmarks.md, "Tansu lists the whole log on every fetch").
+
+`broker-log` publishes and fetches one record at a time on a bare Tansu while its partition's log
+grows, and reports Tansu's CPU per round at each log length.
+
 `many` publishes `--per-call` request-like records per `publish_many` through the base class's path
 (a task per message) and through the Kafka backend's own (records handed to the producer in turn),
 alternating on one Tansu, and reports messages per second and per CPU-second of the publisher.
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -47,7 +59,10 @@ from bench.http_single import (
     Server,
     group_cpu_seconds,
     machine_context,
+    multipart_body,
     ours_kafka,
+    run_wrk,
+    write_bodies,
 )
 from messaging import connect
 from tests.brokers import start_tansu
@@ -202,16 +217,96 @@ def round_trips(server: Server, pngs: Sequence[bytes], count: int) -> Iterator[d
 
 
 def split_configuration(text: str) -> tuple[str, dict[str, str]]:
-    """A configuration as (URL query, FMNIST_* settings): `FMNIST_X=1 linger_ms=0&a=b`."""
+    """A configuration as (URL query, the servers' environment): `FMNIST_X=1 linger_ms=0&a=b`;
+    `TREE=DIR` serves another checkout's code, as in `bench/ab.py`."""
     query: list[str] = []
     settings: dict[str, str] = {}
     for item in text.split():
         name, _, value = item.partition("=")
         if name.startswith("FMNIST_"):
             settings[name] = value
+        elif name == "TREE":
+            settings |= {"PYTHONPATH": str(Path(value).resolve()), "PYTHONSAFEPATH": "1"}
         else:
             query.append(item)
     return "&".join(query), settings
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) one process used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def broker_log(sizes: Sequence[int], round_s: float) -> None:
+    """Tansu's CPU per publish-and-fetch of one record as its partition's log grows to `sizes`."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    log_dir = Path(tempfile.mkdtemp(prefix="fmnist-broker-log-"))
+    broker = start_tansu(log_dir)
+    bootstrap = f"127.0.0.1:{broker.port}"
+    tp = TopicPartition("log", 0)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=2)
+    try:
+        await producer.start()
+        await producer.send_and_wait(tp.topic, b"first", partition=0)
+        await consumer.start()
+        consumer.assign([tp])
+        written = 1
+        print("| records in the partition | publish + fetch rounds | Tansu CPU µs per round |")
+        print("| ---: | ---: | ---: |")
+        for size in sizes:
+            while written < size:  # 500 at a time: the producer makes batches of them
+                sent = [await producer.send(tp.topic, b"x" * 1200, partition=0) for _ in range(500)]
+                await asyncio.gather(*sent)
+                written += 500
+            await consumer.seek_to_end(tp)
+            rounds = 0
+            cpu_before = _cpu_seconds(broker.process.pid)
+            deadline = time.monotonic() + round_s
+            while time.monotonic() < deadline:
+                await producer.send_and_wait(tp.topic, b"x" * 1200, partition=0)
+                await consumer.getmany(tp, timeout_ms=100)
+                rounds += 1
+            cpu_s = _cpu_seconds(broker.process.pid) - cpu_before
+            written += rounds
+            print(f"| {written:,} | {rounds:,} | {cpu_s * 1e6 / rounds:,.0f} |")
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        broker.stop()
+
+
+def run_decay(
+    configurations: Sequence[str], windows: int, window_s: float, partitions: int, checkpoint: Path
+) -> None:
+    """Per configuration, one fresh Tansu + worker + gateway under single-image load at 64
+    connections, measured in consecutive windows: how images/s moves as the broker's log grows."""
+    log_dir = Path(tempfile.mkdtemp(prefix="fmnist-decay-"))
+    pngs, _ = load_test_pngs(DATA_DIR, 256)
+    bodies = write_bodies(log_dir / "single", [multipart_body([png], "file") for png in pngs])
+    print(
+        f"| configuration | {' | '.join(f'{(i + 1) * window_s:.0f} s' for i in range(windows))} |"
+    )
+    print("| --- |" + " ---: |" * windows)
+    for configuration in configurations:
+        options, settings = split_configuration(configuration)
+        server = ours_kafka(checkpoint, log_dir, options=options, partitions=partitions, **settings)
+        rates = []
+        with server as running:
+            for _ in range(windows):
+                summary, _ = run_wrk(
+                    running.url,
+                    running.path,
+                    bodies,
+                    len(pngs),
+                    connections=64,
+                    duration_s=window_s,
+                )
+                rates.append(summary["completed"] / (summary["duration_us"] / 1e6))
+        print(f"| {configuration or '(defaults)'} | {' | '.join(f'{r:,.0f}' for r in rates)} |")
 
 
 def run_roundtrip(configurations: Sequence[str], count: int, rounds: int, checkpoint: Path) -> None:
@@ -248,7 +343,7 @@ def run_roundtrip(configurations: Sequence[str], count: int, rounds: int, checkp
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["hop", "roundtrip", "many"])
+    parser.add_argument("what", choices=["hop", "roundtrip", "many", "decay", "broker-log"])
     parser.add_argument(
         "--options",
         nargs="+",
@@ -264,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="alternations (roundtrip, many)")
     parser.add_argument("--per-call", type=int, default=256, help="records per publish_many (many)")
     parser.add_argument("--calls", type=int, default=20, help="publish_many calls per round (many)")
+    parser.add_argument("--windows", type=int, default=6, help="consecutive windows (decay)")
+    parser.add_argument("--window-s", type=float, default=6.0, help="seconds per window (decay)")
+    parser.add_argument("--partitions", type=int, default=4, help="topic partitions (decay)")
     parser.add_argument(
         "--checkpoint", type=Path, default=REPO_ROOT / "models" / "fmnist.safetensors"
     )
@@ -273,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_hop(args.options, args.count, args.interval_ms)
     elif args.what == "many":
         run_many(args.rounds, args.per_call, args.calls)
+    elif args.what == "broker-log":
+        asyncio.run(broker_log([1_000, 10_000, 30_000, 60_000], round_s=3.0))
+    elif args.what == "decay":
+        run_decay(args.options, args.windows, args.window_s, args.partitions, args.checkpoint)
     else:
         run_roundtrip(args.options, args.requests, args.rounds, args.checkpoint)
     return 0
