@@ -28,6 +28,7 @@ Neither carries a key: a key is an ordering key, and a request id orders nothing
 Kafka backend puts a burst of records in one partition's batch (the sticky partitioner) instead of
 one small batch per partition. Messages from before (the id as the key) still read the same:
 `request_id_from` falls back to the key.
+
 Each model has its own requests topic and worker group, so it scales and shows its backlog on its
 own; a request pinned to a version goes to that version's topic (`<requests_topic>.<model>.v-<version>`), which only workers of that version read, in their own group: no
 worker ever holds a request it cannot answer, so nothing is handed back and forth.
