@@ -46,7 +46,7 @@ class BatchAppender:
     ) -> tuple[list[tuple[int, Outgoing]], dict[int, list[tuple[int, Outgoing]]]]:
         """The records to send alone (too big to share a batch), and the others by partition:
         murmur2 of the key over the topic's partitions as `send` chooses, and the topic's sticky
-        partition for records without a key (`sticky_partition`)."""
+        partition for records without a key (`_sticky_partition`)."""
         cluster = producer.client.cluster
         all_partitions = list(cluster.partitions_for_topic(topic) or ())
         available = list(cluster.available_partitions_for_topic(topic) or ())
@@ -55,9 +55,15 @@ class BatchAppender:
         alone = [record for record in checked if len(record[1].data) > shared_limit]
         shared = [record for record in checked if len(record[1].data) <= shared_limit]
         keys = [message.key.encode() if message.key else None for _, message in shared]
-        partitions = self._partitioner.partitions(keys, all_partitions, available)
+        keyed = any(key is not None for key in keys)
+        # Keyless positions are filled below; only keyed records need the partitioner.
+        partitions = (
+            self._partitioner.partitions(keys, all_partitions, available)
+            if keyed
+            else [0] * len(keys)
+        )
         if None in keys:
-            sticky = self.sticky_partition(producer, topic, all_partitions, available)
+            sticky = self._sticky_partition(producer, topic, all_partitions, available)
             run = 0  # payload bytes of this call given to the sticky partition so far
             for position, (key, (_, message)) in enumerate(zip(keys, shared, strict=True)):
                 if key is not None:
@@ -71,7 +77,7 @@ class BatchAppender:
             by_partition.setdefault(partition, []).append(record)
         return alone, by_partition
 
-    def sticky_partition(
+    def _sticky_partition(
         self,
         producer: AIOKafkaProducer,
         topic: str,

@@ -423,7 +423,7 @@ class KafkaPubSub(BatchAppender, PubSub):
         if key is not None:
             return None
         cluster = producer.client.cluster
-        return self.sticky_partition(
+        return self._sticky_partition(
             producer,
             topic,
             list(cluster.partitions_for_topic(topic) or ()),

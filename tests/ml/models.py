@@ -1,4 +1,4 @@
-"""Small real torch classifiers for runner and worker tests, plus fault-injecting variants."""
+"""Small real torch classifiers for runner, worker and model tests, plus fault-injecting variants."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ import time
 
 import torch
 
+from ml import ImageClassifier
+
 CLASS_NAMES = [f"class{i}" for i in range(10)]
+
+
+def small_classifier(**kwargs: object) -> ImageClassifier:
+    """An `ImageClassifier` of two narrow stages on the CPU (fast to build, train and compile);
+    `kwargs` set or override its other options."""
+    options: dict[str, object] = {"widths": (8, 16), "convs_per_stage": (1, 1), "device": "cpu"}
+    options.update(kwargs)
+    return ImageClassifier(**options)  # type: ignore[arg-type]
 
 
 class TinyClassifier:

@@ -18,6 +18,7 @@ from ml import (
     load_fashion_mnist,
 )
 from ml.checkpoint import write_checkpoint
+from tests.ml.models import small_classifier
 
 
 class QuadrantDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -36,12 +37,6 @@ class QuadrantDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
-
-
-def small_classifier(**kwargs: object) -> ImageClassifier:
-    options: dict[str, object] = {"widths": (8, 16), "convs_per_stage": (1, 1), "device": "cpu"}
-    options.update(kwargs)
-    return ImageClassifier(**options)  # type: ignore[arg-type]
 
 
 def test_predict_takes_uint8_and_float_and_returns_probabilities() -> None:

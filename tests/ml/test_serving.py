@@ -17,6 +17,7 @@ from ml.serving import (
     resolve_precision,
 )
 from ml.serving import device as device_module
+from tests.ml.models import small_classifier
 from tests.ml.serving_contract import (
     Gated,
     check_batches,
@@ -31,14 +32,11 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small 3-channel 12×16, 4-class checkpoint with a fitted-looking temperature."""
-    classifier = ImageClassifier(
+    classifier = small_classifier(
         num_channels=3,
         num_classes=4,
         image_size=(12, 16),
         class_names=["red", "green", "blue", "grey"],
-        widths=(8, 16),
-        convs_per_stage=(1, 1),
-        device="cpu",
     )
     classifier.temperature = 1.5
     path = tmp_path_factory.mktemp("checkpoint") / "colours.safetensors"

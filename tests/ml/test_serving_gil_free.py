@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml import ImageClassifier
 from ml.serving import load_model
 from ml.serving.gil_free import GilFreeProgram, gil_free_program
+from tests.ml.models import small_classifier
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -20,14 +20,7 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache holding one compiled package of a small 1-channel 28×28 checkpoint."""
-    classifier = ImageClassifier(
-        num_channels=1,
-        num_classes=3,
-        image_size=(28, 28),
-        widths=(8, 16),
-        convs_per_stage=(1, 1),
-        device="cpu",
-    )
+    classifier = small_classifier(num_channels=1, num_classes=3, image_size=(28, 28))
     directory = tmp_path_factory.mktemp("aoti")
     classifier.save(directory / "small.safetensors")
     served = load_model(directory / "small.safetensors", device="cpu", cache_dir=directory)
